@@ -1,0 +1,203 @@
+"""Reading corpora and turning them into padded batches of token ids.
+
+Sources: a `.jsonl` file (rows with `text` or `input_ids`), a `.txt` file (one
+document), a directory of such files, or a `datasets` name/path (streamed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+
+class DataError(ValueError):
+    """A corpus that cannot be read as documented (bad line, missing field, empty)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One document of a corpus.
+
+    Attributes:
+        text: the document text, or None when the row gives token ids.
+        input_ids: token ids given by the row, or None for a text row.
+        source: the file (or dataset) it came from.
+        index: the row number in that source (0-based; the JSONL line number minus 1).
+    """
+
+    text: str | None
+    input_ids: list[int] | None
+    source: str
+    index: int
+
+
+def _records_from_jsonl(path: Path, text_field: str) -> Iterator[Record]:
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            yield _record_from_row(row, str(path), line_no - 1, f"{path}:{line_no}", text_field)
+
+
+def _record_from_row(row: Any, source: str, index: int, where: str, text_field: str) -> Record:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "input_ids" in row:
+        ids = row["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise DataError(f"{where}: 'input_ids' must be a list of integers")
+        return Record(text=None, input_ids=ids, source=source, index=index)
+    if text_field in row:
+        if not isinstance(row[text_field], str):
+            raise DataError(f"{where}: '{text_field}' must be a string")
+        return Record(text=row[text_field], input_ids=None, source=source, index=index)
+    raise DataError(f"{where}: row has neither '{text_field}' nor 'input_ids' (keys: {sorted(row)})")
+
+
+def read_records(source: str | Path, *, text_field: str = "text", split: str = "train") -> Iterator[Record]:
+    """Yield the documents of a corpus, lazily.
+
+    Args:
+        source: a `.jsonl` or `.txt` file, a directory holding such files (read in
+            sorted order), or otherwise a `datasets` name or path (streamed; needs
+            the `datasets` package and, for hub names, network access).
+        text_field: the JSON/dataset field holding text.
+        split: the dataset split, for `datasets` sources.
+
+    Returns:
+        An iterator of `Record`.
+
+    Raises:
+        DataError: a malformed JSONL line (with its line number) or a row without text.
+        FileNotFoundError: a path-like source that does not exist.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt"))
+        for file in files:
+            yield from read_records(file, text_field=text_field)
+        return
+    if path.suffix == ".jsonl":
+        yield from _records_from_jsonl(path, text_field)
+        return
+    if path.suffix == ".txt":
+        yield Record(text=path.read_text(encoding="utf-8"), input_ids=None, source=str(path), index=0)
+        return
+    if path.suffix or str(source).startswith((".", "/")):
+        raise FileNotFoundError(f"corpus not found: {source}")
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency
+    except ImportError as err:
+        raise DataError(f"'{source}' is not a file; reading it as a datasets name needs `pip install datasets`") from err
+    stream = datasets.load_dataset(str(source), split=split, streaming=True)
+    for index, row in enumerate(stream):
+        yield _record_from_row(row, str(source), index, f"{source}[{index}]", text_field)
+
+
+def token_sequences(
+    records: Iterable[Record], tokenizer: Any | None, seq_len: int, max_tokens: int | None = None
+) -> Iterator[list[int]]:
+    """Turn documents into model sequences of at most `seq_len` tokens.
+
+    Text documents are tokenized and packed: their tokens are concatenated (an EOS
+    token between documents when the tokenizer has one) and cut into `seq_len`
+    windows; the last window may be shorter. Rows with `input_ids` are used as
+    given, each one its own sequence, cut to `seq_len`, never merged with another.
+
+    Args:
+        records: documents from `read_records`.
+        tokenizer: an HF tokenizer (needed only for text rows).
+        seq_len: maximum sequence length (>= 2: a position needs a next token).
+        max_tokens: stop after this many tokens in total (the sequence that crosses
+            the budget is cut).
+
+    Returns:
+        An iterator of token-id lists.
+
+    Raises:
+        DataError: a text row and no tokenizer, or seq_len < 2.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    budget = max_tokens if max_tokens is not None else float("inf")
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    buffer: list[int] = []
+    emitted = 0
+
+    def take(seq: list[int]) -> list[int]:
+        nonlocal emitted
+        seq = seq[: int(min(len(seq), budget - emitted))]
+        emitted += len(seq)
+        return seq
+
+    for record in records:
+        if emitted >= budget:
+            return
+        if record.input_ids is not None:
+            seq = take(record.input_ids[:seq_len])
+            if seq:
+                yield seq
+            continue
+        if tokenizer is None:
+            raise DataError(f"{record.source}: text rows need a tokenizer (the model has none; give input_ids)")
+        buffer.extend(tokenizer(record.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            buffer.append(eos)
+        while len(buffer) >= seq_len and emitted < budget:
+            seq = take(buffer[:seq_len])
+            buffer = buffer[seq_len:]
+            yield seq
+    if buffer and emitted < budget:
+        seq = take(buffer)
+        if seq:
+            yield seq
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad token sequences into `input_ids` and `attention_mask` tensors (B, T).
+
+    Args:
+        seqs: token-id sequences, possibly of different lengths (none empty).
+        pad_id: the id written at padded positions (masked out either way).
+        padding_side: "right" or "left".
+
+    Returns:
+        {"input_ids": long (B, T), "attention_mask": long (B, T)}.
+
+    Raises:
+        DataError: an empty batch, an empty sequence or an unknown padding side.
+    """
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise DataError("cannot pad an empty batch or an empty sequence")
+    if padding_side not in ("right", "left"):
+        raise DataError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    width = max(len(s) for s in seqs)
+    ids_bt = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask_bt = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(0, len(seq)) if padding_side == "right" else slice(width - len(seq), width)
+        ids_bt[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask_bt[row, span] = 1
+    return {"input_ids": ids_bt, "attention_mask": mask_bt}
+
+
+def batched(items: Iterable[Any], batch_size: int) -> Iterator[list[Any]]:
+    """Group an iterable into lists of `batch_size` (the last may be shorter)."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
