@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and remove verbatim memorization with the curvature of the loss (K-FAC).")
+
+ModelOpt = typer.Option(..., "--model", "-m", help="HF model name or local directory.")
+PresetOpt = typer.Option(None, "--preset", help="Target preset: mlp, mlp-in, mlp-out.")
+TargetsOpt = typer.Option(None, "--targets", "-t", help="Module-name glob (or 're:REGEX'); repeatable.")
+LayersOpt = typer.Option(None, "--layers", help="Layer range, e.g. 23-25 or 0,3,5-7.")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ...")
+
+
+def fail(message: str) -> None:
+    """Print a clear error and exit with status 2 (no traceback)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def target_spec(preset: Optional[str], targets: Optional[list[str]], layers: Optional[str]):
+    """Build a TargetSpec from CLI options; default preset is 'mlp'."""
+    from curvedit.targets import TargetSpec
+
+    if not preset and not targets:
+        preset = "mlp"
+    return TargetSpec(patterns=tuple(targets or ()), preset=preset, layers=layers)
 
 
 @app.callback()
@@ -19,3 +43,89 @@ def version() -> None:
     from curvedit import __version__
 
     typer.echo(__version__)
+
+
+@app.command()
+def collect(
+    model: str = ModelOpt,
+    data: str = typer.Option(..., "--data", "-d", help="JSONL (text or input_ids), .txt, a folder, a datasets name; "
+                                                       "for image models a folder of CLASS/*.png."),
+    out: Path = typer.Option(..., "--out", "-o", help="Factor directory to write."),
+    preset: Optional[str] = PresetOpt,
+    targets: Optional[list[str]] = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
+    labels: str = typer.Option("sampled", "--labels", help="sampled (true Fisher) or gold (empirical Fisher)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Sequence length for packing text / cutting input_ids."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Token budget (LMs) / image count (vision)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the label sampler."),
+    accumulate: str = typer.Option("float32", "--accumulate-dtype", help="float32 or float64 accumulators."),
+    model_dtype: Optional[str] = typer.Option(None, "--model-dtype", help="Load weights as bf16/fp16/float32."),
+    device: str = DeviceOpt,
+    positions: str = typer.Option("cls", "--positions", help="Vision: cls (default) or all token positions."),
+    text_field: str = typer.Option("text", "--text-field"),
+    split: str = typer.Option("train", "--split", help="Split, for datasets sources."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Batches between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing factors in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Collect K-FAC factors (A = E[x x^T], G = E[g g^T]) for the target weights."""
+    from curvedit.collect import CollectError, CollectOptions, collect_factors
+    from curvedit.data import DataError, image_batches, lm_batches, read_records, token_sequences
+    from curvedit.factors import META_FILE, save_factors
+    from curvedit.models import load_model
+    from curvedit.objectives import ImageClassificationObjective
+    from curvedit.targets import TargetError, select_targets
+
+    if (out / META_FILE).exists() and not overwrite:
+        fail(f"{out} already holds factors; pass --overwrite to replace them")
+    try:
+        loaded = load_model(model, device=device, dtype=model_dtype)
+        chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
+        options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
+                                 checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                                 description=str(data))
+        if loaded.kind == "image-classification":
+            batches = image_batches(data, loaded.preprocessor, batch_size, max_images=max_tokens)
+            objective = ImageClassificationObjective(labels, positions)
+            options.extra = {"positions": positions}
+        else:
+            tokenizer = loaded.preprocessor
+            pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+            sequences = token_sequences(read_records(data, text_field=text_field, split=split),
+                                        tokenizer, seq_len, max_tokens)
+            batches = lm_batches(sequences, batch_size, pad_id)
+            objective = None
+            options.total_tokens = max_tokens
+            options.extra = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size}
+        factors = collect_factors(loaded.model, batches, chosen, objective, options, model_name=model)
+    except (CollectError, DataError, TargetError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    save_factors(factors, out)
+    for stale in ("checkpoint.safetensors", "checkpoint.json"):
+        (out / stale).unlink(missing_ok=True)
+    typer.echo(f"wrote factors for {len(factors.targets)} targets to {out} "
+               f"({factors.collection['tokens']} tokens, {next(iter(factors.targets.values())).positions} positions)")
+
+
+@app.command()
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Factor directories collected on disjoint data."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Merge factor directories into their position-weighted mean."""
+    from curvedit.factors import META_FILE, FactorError, load_factors, merge_factors, save_factors
+
+    if (out / META_FILE).exists() and not overwrite:
+        fail(f"{out} already holds factors; pass --overwrite to replace them")
+    if any(out.resolve() == p.resolve() for p in parts):
+        fail("--out must not be one of the inputs")
+    try:
+        merged = merge_factors([load_factors(p) for p in parts])
+    except FactorError as err:
+        fail(str(err))
+    save_factors(merged, out)
+    typer.echo(f"merged {len(parts)} factor sets into {out} "
+               f"({next(iter(merged.targets.values())).positions} positions per target)")

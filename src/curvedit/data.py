@@ -201,3 +201,55 @@ def batched(items: Iterable[Any], batch_size: int) -> Iterator[list[Any]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def lm_batches(
+    sequences: Iterable[list[int]], batch_size: int, pad_id: int, padding_side: str = "right"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded LM batches (`input_ids`, `attention_mask`) from token sequences."""
+    for chunk in batched(sequences, batch_size):
+        yield pad_batch(chunk, pad_id, padding_side)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """List an image folder laid out as `root/CLASS_NAME/*.png` (classes in sorted order).
+
+    Returns:
+        (paths, labels, class names), labels indexing the class names.
+
+    Raises:
+        DataError: no class folders or no images.
+    """
+    base = Path(root)
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        for file in sorted((base / name).iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(file)
+                labels.append(label)
+    if not paths:
+        raise DataError(f"{root}: no images found (expected {root}/CLASS_NAME/*.png)")
+    return paths, labels, classes
+
+
+def image_batches(root: str | Path, processor: Any, batch_size: int, max_images: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of `pixel_values` and `labels` from an image folder, via an HF image processor.
+
+    Raises:
+        DataError: no images, or no image processor to turn them into tensors.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    if processor is None:
+        raise DataError("image data needs the model's image processor (none was found beside the model)")
+    paths, labels, _ = image_folder(root)
+    pairs = list(zip(paths, labels))[:max_images]
+    for chunk in batched(pairs, batch_size):
+        images = [Image.open(p).convert("RGB") for p, _ in chunk]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        yield {"pixel_values": pixels, "labels": torch.tensor([label for _, label in chunk])}

@@ -1,0 +1,235 @@
+"""The factor files: K-FAC factors per target, their identity, load/save/merge/validate.
+
+On disk (format version 1), a directory with:
+- `factors.safetensors`: for each target module name `NAME`, `NAME.A` (`d_in x d_in`) and
+  `NAME.G` (`d_out x d_out`), the *means* of `x x^T` and `g g^T` over the target's counted
+  positions.
+- `factors.json`: `format_version`, `curvedit_version`, `model` (`name`, `config_hash`,
+  `weights_hash`), `collection` (label mode, dtype, seq len, data description, ...), and
+  `targets`: per `NAME`, `d_in`, `d_out`, `positions`, `weight_sha256`, `transposed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from curvedit import __version__
+from curvedit.io import write_json, write_safetensors
+from curvedit.targets import Target
+
+FORMAT_VERSION = 1
+FACTORS_FILE = "factors.safetensors"
+META_FILE = "factors.json"
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
+
+
+class FactorError(ValueError):
+    """Factor files that are missing, malformed or do not belong to the model at hand."""
+
+
+@dataclass
+class TargetFactors:
+    """The K-FAC factors of one target.
+
+    Attributes:
+        A: `(d_in, d_in)` mean of `x x^T` over counted positions.
+        G: `(d_out, d_out)` mean of `g g^T` over counted positions.
+        positions: the number of counted positions.
+        weight_sha256: hash of the target weight (as float32 `(d_out, d_in)`) at collection.
+        transposed: whether the module stores its weight transposed (Conv1D).
+    """
+
+    A: torch.Tensor
+    G: torch.Tensor
+    positions: int
+    weight_sha256: str = ""
+    transposed: bool = False
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.G.shape[0]
+
+
+@dataclass
+class FactorSet:
+    """Factors for a set of targets plus the description of how they were made.
+
+    Attributes:
+        targets: module name -> `TargetFactors`, in module order.
+        model: model identity (`name`, `config_hash`, `weights_hash`).
+        collection: how the factors were collected (label mode, dtype, data, ...).
+    """
+
+    targets: dict[str, TargetFactors]
+    model: dict[str, Any] = field(default_factory=dict)
+    collection: dict[str, Any] = field(default_factory=dict)
+
+
+def weight_sha256(target: Target) -> str:
+    """SHA-256 of a target's weight as contiguous float32 `(d_out, d_in)` bytes.
+
+    Hashing float32 makes a bf16 model and its exact float32 upcast agree.
+    """
+    weight = target.weight_oi().detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+
+
+def config_hash(model: nn.Module) -> str:
+    """SHA-256 of the model config without fields that do not change the function."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return ""
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(model: nn.Module, targets: list[Target], name: str | None = None) -> dict[str, Any]:
+    """Describe a model for the factor files: name, config hash, hash of target weights."""
+    combined = hashlib.sha256()
+    for target in targets:
+        combined.update(target.name.encode())
+        combined.update(weight_sha256(target).encode())
+    if name is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return {"name": name, "config_hash": config_hash(model), "weights_hash": combined.hexdigest()}
+
+
+def save_factors(factors: FactorSet, out_dir: str | Path) -> Path:
+    """Write a factor directory (atomic per file).
+
+    Args:
+        factors: what to write.
+        out_dir: the directory (created if missing).
+
+    Returns:
+        The directory path.
+    """
+    out = Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    targets_meta: dict[str, Any] = {}
+    for name, tf in factors.targets.items():
+        tensors[f"{name}.A"] = tf.A
+        tensors[f"{name}.G"] = tf.G
+        targets_meta[name] = {"d_in": tf.d_in, "d_out": tf.d_out, "positions": int(tf.positions),
+                              "weight_sha256": tf.weight_sha256, "transposed": tf.transposed}
+    write_safetensors(out / FACTORS_FILE, tensors, metadata={"format": "curvedit-factors", "version": str(FORMAT_VERSION)})
+    write_json(out / META_FILE, {
+        "format_version": FORMAT_VERSION,
+        "curvedit_version": __version__,
+        "model": factors.model,
+        "collection": factors.collection,
+        "targets": targets_meta,
+    })
+    return out
+
+
+def load_factors(factor_dir: str | Path, device: str | torch.device = "cpu") -> FactorSet:
+    """Read a factor directory written by `save_factors`.
+
+    Raises:
+        FactorError: missing files, an unknown format version, or tensors that disagree
+            with the JSON description.
+    """
+    root = Path(factor_dir)
+    meta_path, tensor_path = root / META_FILE, root / FACTORS_FILE
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise FactorError(f"{root}: not a factor directory (needs {META_FILE} and {FACTORS_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FactorError(f"{root}: factor format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    tensors = load_file(str(tensor_path), device=str(device))
+    targets: dict[str, TargetFactors] = {}
+    for name, info in meta["targets"].items():
+        try:
+            a_ii, g_oo = tensors[f"{name}.A"], tensors[f"{name}.G"]
+        except KeyError as err:
+            raise FactorError(f"{root}: tensor {err} listed in {META_FILE} is missing") from None
+        if a_ii.shape != (info["d_in"], info["d_in"]) or g_oo.shape != (info["d_out"], info["d_out"]):
+            raise FactorError(f"{root}: {name} tensors have shapes {tuple(a_ii.shape)}, {tuple(g_oo.shape)}, "
+                              f"but {META_FILE} says d_in={info['d_in']}, d_out={info['d_out']}")
+        targets[name] = TargetFactors(A=a_ii, G=g_oo, positions=info["positions"],
+                                      weight_sha256=info.get("weight_sha256", ""),
+                                      transposed=info.get("transposed", False))
+    return FactorSet(targets=targets, model=meta.get("model", {}), collection=meta.get("collection", {}))
+
+
+def check_factors_match(factors: FactorSet, targets: list[Target], *, check_weights: bool = True) -> None:
+    """Refuse factors that do not belong to these targets of the model at hand.
+
+    Args:
+        factors: loaded factors.
+        targets: the model's targets that will be used with them.
+        check_weights: also compare the weight hashes (catches an edited or different
+            checkpoint of the same architecture).
+
+    Raises:
+        FactorError: a target without factors, a shape that differs, or a weight hash that
+            differs; the message names the target and what differs.
+    """
+    problems: list[str] = []
+    for target in targets:
+        tf = factors.targets.get(target.name)
+        if tf is None:
+            problems.append(f"{target.name}: no factors (factor targets: {', '.join(list(factors.targets)[:6])} ...)")
+            continue
+        d_out, d_in = target.shape_oi
+        if (tf.d_out, tf.d_in) != (d_out, d_in):
+            problems.append(f"{target.name}: model weight is (d_out={d_out}, d_in={d_in}), "
+                            f"factors are for (d_out={tf.d_out}, d_in={tf.d_in})")
+        elif check_weights and tf.weight_sha256 and tf.weight_sha256 != weight_sha256(target):
+            problems.append(f"{target.name}: weights differ from those the factors were collected on "
+                            f"(model {factors.model.get('name', '?')!r})")
+    if problems:
+        raise FactorError("factors do not match this model:\n  " + "\n  ".join(problems))
+
+
+def merge_factors(parts: list[FactorSet]) -> FactorSet:
+    """Combine factors collected on disjoint data into their position-weighted mean.
+
+    Args:
+        parts: two or more factor sets for the same model, targets and label mode.
+
+    Returns:
+        One factor set; `positions` are summed, and `collection["merged_from"]` lists the
+        parts' data descriptions.
+
+    Raises:
+        FactorError: fewer than one part, or parts for different models, targets, shapes
+            or label modes.
+    """
+    if not parts:
+        raise FactorError("nothing to merge")
+    first = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        if part.model.get("weights_hash") != first.model.get("weights_hash"):
+            raise FactorError(f"part {index} was collected on different model weights than part 0")
+        if list(part.targets) != list(first.targets):
+            raise FactorError(f"part {index} has targets {list(part.targets)[:4]}..., part 0 has {list(first.targets)[:4]}...")
+        if part.collection.get("label_mode") != first.collection.get("label_mode"):
+            raise FactorError(f"part {index} used label mode {part.collection.get('label_mode')!r}, "
+                              f"part 0 {first.collection.get('label_mode')!r}")
+    merged: dict[str, TargetFactors] = {}
+    for name, tf0 in first.targets.items():
+        counts = [p.targets[name].positions for p in parts]
+        total = sum(counts)
+        if total == 0:
+            raise FactorError(f"{name}: no positions in any part")
+        a_ii = sum(p.targets[name].A.double() * n for p, n in zip(parts, counts)) / total
+        g_oo = sum(p.targets[name].G.double() * n for p, n in zip(parts, counts)) / total
+        merged[name] = TargetFactors(A=a_ii.to(tf0.A.dtype), G=g_oo.to(tf0.G.dtype), positions=total,
+                                     weight_sha256=tf0.weight_sha256, transposed=tf0.transposed)
+    collection = dict(first.collection)
+    collection["merged_from"] = [p.collection.get("data", "") for p in parts]
+    return FactorSet(targets=merged, model=dict(first.model), collection=collection)

@@ -1,0 +1,42 @@
+"""Atomic file writes: write beside the destination, then rename, so a crash never leaves
+a half-written file that looks whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON (indented, sorted keys) atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    _atomic(Path(path), write)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (tensors made contiguous, moved to CPU)."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))

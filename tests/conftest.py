@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-initialised models of the architectures curvedit supports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 11, n_layer: int = 2, dtype=torch.float64):
+    """GPT-2 (Conv1D weights) with a small vocabulary, in float64, eval mode."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=vocab, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tiny_olmo2(seed: int = 0, vocab: int = 13, dtype=torch.float64):
+    """OLMo-2 (nn.Linear gate/up/down, no biases) in float64, eval mode.
+
+    SDPA attention: transformers' eager OLMo-2 attention yields NaN on left-padded float64
+    batches (fully masked padding rows), which then leak into real positions.
+    """
+    torch.manual_seed(seed)
+    config = transformers.Olmo2Config(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    return transformers.Olmo2ForCausalLM(config).to(dtype).eval()
+
+
+def tiny_vit(seed: int = 0, labels: int = 5, dtype=torch.float64):
+    """ViT for 8x8 images with 4x4 patches (5 tokens: CLS + 4 patches), in float64."""
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=24, num_labels=labels,
+                                    attn_implementation="eager")
+    return transformers.ViTForImageClassification(config).to(dtype).eval()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def olmo2():
+    return tiny_olmo2()
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
