@@ -52,3 +52,30 @@ def olmo2():
 @pytest.fixture
 def vit():
     return tiny_vit()
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+@pytest.fixture
+def lm_dir(tmp_path):
+    """A tiny GPT-2 with a character tokenizer, saved as an HF model directory."""
+    from curvedit.chartok import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = tiny_gpt2(vocab=len(tokenizer), dtype=torch.float32)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_jsonl(tmp_path):
+    """A small JSONL corpus of text rows."""
+    import json
+
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"text": "the quick brown fox jumps over the lazy dog. " * 3}, {"text": "hello world, again and again."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
