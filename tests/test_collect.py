@@ -248,3 +248,14 @@ def test_nan_gradient_is_reported_with_the_target_name():
     with pytest.raises(CollectError, match="non-finite output gradients at lin"):
         collect_factors(model, [{"x": torch.randn(5, 4, dtype=torch.float64)}], [target],
                         one_layer_objective("sampled"), CollectOptions(progress=False))
+
+
+def test_inverse_cdf_sampler_draws_from_the_given_distribution():
+    from curvedit.objectives import sample_categorical
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 1e-9])
+    logp = probs.log().expand(100_000, 5)
+    draws = sample_categorical(logp, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    torch.testing.assert_close(freq, probs.double(), atol=0.006, rtol=0)
+    assert freq[1] == 0

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LABEL_MODES = ("sampled", "gold")
@@ -58,18 +57,27 @@ def summed_nll(logits: torch.Tensor, gold: torch.Tensor | None, label_mode: str,
     Raises:
         ObjectiveError: an unknown label mode or gold labels missing.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     if label_mode == "sampled":
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        labels = sample_categorical(logp.detach(), generator)
     elif label_mode == "gold":
         if gold is None:
             raise ObjectiveError("label mode 'gold' needs labels in the batch")
         labels = gold
     else:
         raise ObjectiveError(f"unknown label mode {label_mode!r}; choose one of {LABEL_MODES}")
-    return F.cross_entropy(logits, labels, reduction="sum")
+    return -logp.gather(-1, labels[:, None]).sum()
+
+
+def sample_categorical(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one label per row of log-probabilities `(N, V)` by inverting the CDF.
+
+    One uniform draw per row and a binary search: several times faster than
+    `torch.multinomial`, which draws V exponentials per row.
+    """
+    cdf = logp.exp().cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 @dataclass
