@@ -1,0 +1,274 @@
+"""The curvature eigenbasis of a weight and the selection of components by curvature mass.
+
+For factors `G = U_G diag(lam) U_G^T` and `A = U_A diag(mu) U_A^T` (eigenvalues sorted
+descending, round-off negatives clamped to 0), component `(i, j)` of a weight has mass
+`lam_i * mu_j`. Sorted products form, in every row `i`, a non-increasing sequence in `j`;
+so any prefix of the descending order of all products is a *staircase*: row `i` keeps
+the columns `j < kept[i]`. Selection finds that staircase with a threshold search over
+product values (exact float comparisons, vectorised over rows), never a loop over pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from curvedit.factors import FACTORS_FILE, TargetFactors
+from curvedit.io import write_safetensors
+
+EIGEN_FILE = "eigenbasis.safetensors"
+
+
+class SelectionError(ValueError):
+    """A selection request that makes no sense (rho outside (0, 1], negative spectra)."""
+
+
+@dataclass
+class Eigenbasis:
+    """Eigendecompositions of a target's factors, float64, eigenvalues descending.
+
+    Attributes:
+        lam: `(d_out,)` eigenvalues of G.
+        U_G: `(d_out, d_out)` eigenvectors of G (columns).
+        mu: `(d_in,)` eigenvalues of A.
+        U_A: `(d_in, d_in)` eigenvectors of A (columns).
+    """
+
+    lam: torch.Tensor
+    U_G: torch.Tensor
+    mu: torch.Tensor
+    U_A: torch.Tensor
+
+
+def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix in float64: symmetrised, sorted
+    descending, negative round-off clamped to 0.
+
+    Args:
+        matrix: `(d, d)` symmetric matrix (any float dtype).
+        device: where to run `eigh` (default: the matrix's device).
+
+    Returns:
+        (eigenvalues `(d,)`, eigenvectors `(d, d)` as columns), float64, on `device`.
+    """
+    mat = matrix.to(device=device or matrix.device, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh((mat + mat.T) / 2)
+    return evals.flip(0).clamp_(min=0), evecs.flip(1)
+
+
+def eigenbasis(factors: TargetFactors, device: str | torch.device | None = None) -> Eigenbasis:
+    """Eigendecompose both factors of a target (see `sym_eigh`)."""
+    lam, u_g = sym_eigh(factors.G, device)
+    mu, u_a = sym_eigh(factors.A, device)
+    return Eigenbasis(lam=lam, U_G=u_g, mu=mu, U_A=u_a)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors], names: list[str],
+                      device: str | torch.device | None = None) -> dict[str, Eigenbasis]:
+    """Eigenbases for `names`, read from `factor_dir/eigenbasis.safetensors` when it was
+    made from the current factor file, computed (and the cache rewritten) otherwise.
+
+    The cache records the SHA-256 of `factors.safetensors`; any change to the factors
+    invalidates it. A read-only factor directory just skips writing the cache.
+
+    Returns:
+        name -> `Eigenbasis` (float64, on `device`, default CPU).
+    """
+    root = Path(factor_dir)
+    cache_path = root / EIGEN_FILE
+    factors_sha = _file_sha256(root / FACTORS_FILE)
+    cached: dict[str, torch.Tensor] = {}
+    if cache_path.is_file():
+        with safe_open(str(cache_path), framework="pt") as handle:
+            valid = (handle.metadata() or {}).get("factors_sha256") == factors_sha
+        if valid:
+            cached = load_file(str(cache_path))
+    bases: dict[str, Eigenbasis] = {}
+    computed = False
+    for name in names:
+        keys = [f"{name}.{k}" for k in ("lam", "U_G", "mu", "U_A")]
+        if all(k in cached for k in keys):
+            bases[name] = Eigenbasis(*(cached[k].to(device or "cpu") for k in keys))
+        else:
+            bases[name] = eigenbasis(factors[name], device)
+            computed = True
+    if computed:
+        merged = dict(cached)
+        for name, basis in bases.items():
+            for key in ("lam", "U_G", "mu", "U_A"):
+                merged[f"{name}.{key}"] = getattr(basis, key)
+        try:
+            write_safetensors(cache_path, merged, metadata={"factors_sha256": factors_sha})
+        except OSError:
+            pass  # a read-only factor directory: the cache is an optimisation only
+    return bases
+
+
+def _row_counts(lam: torch.Tensor, mu: torch.Tensor, t: float, strict: bool) -> torch.Tensor:
+    """Per row i, the number of j with `lam_i * mu_j >= t` (or `> t` if strict).
+
+    Exact: a vectorised binary search over j that compares float products directly
+    (products in a row are non-increasing because mu is sorted descending).
+    """
+    n = mu.shape[0]
+    lo = torch.zeros_like(lam, dtype=torch.long)
+    hi = torch.full_like(lo, n)
+    for _ in range(max(1, math.ceil(math.log2(n + 1))) + 1):
+        mid = (lo + hi) // 2
+        prod = lam * mu[mid.clamp(max=n - 1)]
+        inside = (prod > t) if strict else (prod >= t)
+        inside &= mid < n
+        lo = torch.where(inside, mid + 1, lo)
+        hi = torch.where(inside, hi, mid)
+    return lo
+
+
+def _measure(lam: torch.Tensor, cum_mu: torch.Tensor, counts: torch.Tensor, by: str) -> float:
+    if by == "count":
+        return float(counts.sum())
+    return float((lam * cum_mu[counts]).sum())
+
+
+def _float_bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
+
+
+def _bits_float(b: int) -> float:
+    return float(torch.tensor(b, dtype=torch.int64).view(torch.float64))
+
+
+def staircase(lam: torch.Tensor, mu: torch.Tensor, need: float, by: str) -> torch.Tensor:
+    """The shortest prefix of all products in descending order (ties in row-major order)
+    whose mass (`by="mass"`) or count (`by="count"`) reaches `need`.
+
+    Args:
+        lam: `(m,)` non-negative, sorted descending.
+        mu: `(n,)` non-negative, sorted descending.
+        need: the mass or count to reach (at most the total).
+        by: "mass" or "count".
+
+    Returns:
+        `(m,)` long: row i keeps columns `j < kept[i]`.
+    """
+    lam, mu = lam.double(), mu.double()
+    cum_mu = torch.cat([mu.new_zeros(1), mu.cumsum(0)])
+    if need <= 0:
+        return torch.zeros_like(lam, dtype=torch.long)
+    # Largest threshold t (a product value) whose set {p >= t} still reaches `need`:
+    # bisection over the bit patterns of non-negative float64 (monotone in value).
+    lo, hi = 0, _float_bits(float(lam[0] * mu[0])) + 1  # reach(lo) holds, reach(hi) fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _measure(lam, cum_mu, _row_counts(lam, mu, _bits_float(mid), strict=False), by) >= need:
+            lo = mid
+        else:
+            hi = mid
+    t_star = _bits_float(lo)
+    k_gt = _row_counts(lam, mu, t_star, strict=True)
+    k_ge = _row_counts(lam, mu, t_star, strict=False)
+    have = _measure(lam, cum_mu, k_gt, by)
+    ties = k_ge - k_gt
+    unit = 1.0 if by == "count" else t_star
+    extra = max(0, math.ceil((need - have) / unit)) if unit > 0 else int(ties.sum())
+    while extra > 0 and have + (extra - 1) * unit >= need:  # undo round-off in the division
+        extra -= 1
+    while have + extra * unit < need and extra < int(ties.sum()):
+        extra += 1
+    before = ties.cumsum(0) - ties
+    take = (extra - before).clamp(min=0).minimum(ties)
+    return k_gt + take
+
+
+def staircase_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """`(m, n)` bool mask of a staircase (row i keeps columns `j < kept[i]`)."""
+    return torch.arange(n, device=kept.device)[None, :] < kept[:, None]
+
+
+def _check_spectra(lam: torch.Tensor, mu: torch.Tensor) -> None:
+    if (lam < 0).any() or (mu < 0).any():
+        raise SelectionError("eigenvalues must be non-negative (clamp round-off first)")
+    if (lam[1:] > lam[:-1]).any() or (mu[1:] > mu[:-1]).any():
+        raise SelectionError("eigenvalues must be sorted descending")
+
+
+def select_by_mass(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:
+    """Keep the fewest components, in descending mass `lam_i * mu_j`, whose mass reaches
+    `rho * sum(lam) * sum(mu)`; ties in row-major order. `rho = 1` keeps every component
+    (zero-mass ones too), so the edit is the identity.
+
+    Args:
+        lam: `(m,)` eigenvalues of G, sorted descending, non-negative.
+        mu: `(n,)` eigenvalues of A, sorted descending, non-negative.
+        rho: the fraction of curvature mass to keep, in (0, 1].
+
+    Returns:
+        `(m, n)` bool mask of kept components.
+
+    Raises:
+        SelectionError: rho outside (0, 1], or unsorted/negative spectra.
+    """
+    if not 0 < rho <= 1:
+        raise SelectionError(f"rho must be in (0, 1], got {rho}")
+    _check_spectra(lam, mu)
+    if rho == 1:
+        return torch.ones(lam.shape[0], mu.shape[0], dtype=torch.bool, device=lam.device)
+    need = rho * float(lam.double().sum()) * float(mu.double().sum())
+    return staircase_mask(staircase(lam, mu, need, "mass"), mu.shape[0])
+
+
+def select_by_count(lam: torch.Tensor, mu: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Keep `round(keep_fraction * m * n)` components of highest mass (ties row-major).
+
+    Raises:
+        SelectionError: keep_fraction outside (0, 1], or unsorted/negative spectra.
+    """
+    if not 0 < keep_fraction <= 1:
+        raise SelectionError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+    _check_spectra(lam, mu)
+    total = lam.shape[0] * mu.shape[0]
+    return staircase_mask(staircase(lam, mu, round(keep_fraction * total), "count"), mu.shape[0])
+
+
+def mass_fraction(lam: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the total curvature mass held by the components in `mask`."""
+    total = float(lam.double().sum() * mu.double().sum())
+    if total == 0:
+        return 0.0
+    return float((lam.double()[:, None] * mu.double()[None, :])[mask].sum()) / total
+
+
+def mass_curve(lam: torch.Tensor, mu: torch.Tensor, points: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative mass curve of the sorted products, sampled at `points` thresholds.
+
+    Returns:
+        (fraction of components kept, fraction of mass kept), both increasing, float64.
+    """
+    lam, mu = lam.double(), mu.double()
+    cum_mu = torch.cat([mu.new_zeros(1), mu.cumsum(0)])
+    total_mass = float(lam.sum() * mu.sum()) or 1.0
+    top = float(lam[0] * mu[0])
+    low = float(lam[lam > 0].min() * mu[mu > 0].min()) if top > 0 else 0.0
+    if top == 0:
+        return torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64)
+    thresholds = torch.logspace(math.log10(top), math.log10(low), points, dtype=torch.float64)
+    thresholds[0], thresholds[-1] = top, low  # exact ends despite log/exp round-off
+    fracs, masses = [], []
+    for t in thresholds.tolist():
+        counts = _row_counts(lam, mu, t, strict=False)
+        fracs.append(float(counts.sum()) / (lam.numel() * mu.numel()))
+        masses.append(_measure(lam, cum_mu, counts, "mass") / total_mass)
+    return torch.tensor(fracs, dtype=torch.float64), torch.tensor(masses, dtype=torch.float64)
