@@ -1,0 +1,335 @@
+"""The edit: express each target weight in its curvature eigenbasis, keep a selection of
+components, write it back; plus the controls that share the same plan shape.
+
+Methods:
+- "kfac": keep the components of highest curvature mass (`rho` of the mass, or a
+  `keep_fraction` of the components by count): `W' = U_G ((U_G^T W U_A) * M) U_A^T`.
+- "lowest": keep as many components as "kfac" would, but those of *lowest* mass.
+- "random": keep as many components as "kfac" would, chosen uniformly at random (seeded).
+- "svd": data-free truncation of W: keep the top singular values, `rho` of the squared
+  singular-value energy or a `keep_fraction` of their count.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvedit.spectrum import (Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
+                               staircase, staircase_mask)
+from curvedit.targets import Target
+
+METHODS = ("kfac", "svd", "random", "lowest")
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class EditError(ValueError):
+    """An edit that cannot be made as asked (no rule for a target, bad method, ...)."""
+
+
+@dataclass(frozen=True)
+class EditRule:
+    """How much to keep for the targets whose name matches `pattern`.
+
+    Attributes:
+        pattern: glob on target names (or `re:REGEX`, searched); "*" matches all.
+        rho: fraction of curvature mass (kfac/lowest/random) or of squared singular-value
+            energy (svd) to keep, in (0, 1].
+        keep_fraction: fraction of components (or singular values) to keep by count, in
+            (0, 1]; used instead of rho when set.
+    """
+
+    pattern: str = "*"
+    rho: float | None = None
+    keep_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rho is None) == (self.keep_fraction is None):
+            raise EditError(f"rule {self.pattern!r}: give exactly one of rho and keep_fraction")
+        value = self.rho if self.rho is not None else self.keep_fraction
+        if not 0 < value <= 1:
+            raise EditError(f"rule {self.pattern!r}: {'rho' if self.rho is not None else 'keep_fraction'} "
+                            f"must be in (0, 1], got {value}")
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.search(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass
+class EditPlan:
+    """Which method, and per target pattern how much to keep (first matching rule wins).
+
+    Attributes:
+        rules: the rules, in priority order.
+        method: one of `METHODS`.
+        seed: seed of the "random" control.
+        compute_dtype: "float64" (default) or "float32" for the basis change.
+    """
+
+    rules: list[EditRule]
+    method: str = "kfac"
+    seed: int = 0
+    compute_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise EditError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise EditError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
+        if not self.rules:
+            raise EditError("an edit plan needs at least one rule")
+
+    def rule_for(self, name: str) -> EditRule:
+        """The first rule matching `name`.
+
+        Raises:
+            EditError: no rule matches.
+        """
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule
+        raise EditError(f"no rule of the plan matches target {name} (patterns: {[r.pattern for r in self.rules]})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "seed": self.seed, "compute_dtype": self.compute_dtype,
+                "rules": [asdict(r) for r in self.rules]}
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> "EditPlan":
+        """Read a plan: `{"rules": [{"pattern": "*.up_proj", "rho": 0.6}, ...], "method": ...}`
+        or the short form `{"*.up_proj": 0.6, "*.gate_proj": 0.6}` (pattern -> rho)."""
+        data = json.loads(Path(path).read_text())
+        if "rules" not in data:
+            data = {"rules": [{"pattern": k, "rho": v} for k, v in data.items()]}
+        rules = [EditRule(**r) for r in data.pop("rules")]
+        return cls(rules=rules, **{**data, **overrides})
+
+
+@dataclass
+class TargetEditStats:
+    """What the edit did to one target.
+
+    Attributes:
+        name: target name.
+        kept: components (singular values for svd) kept.
+        total: components in all.
+        mass_kept: share of curvature mass kept (svd: share of squared singular-value energy).
+        rel_change: `||W' - W||_F / ||W||_F`.
+        rule: the rule applied.
+    """
+
+    name: str
+    kept: int
+    total: int
+    mass_kept: float
+    rel_change: float
+    rule: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AppliedEdit:
+    """An edit applied in memory, with what is needed to undo it exactly.
+
+    Attributes:
+        plan: the plan applied.
+        stats: per-target statistics, in target order.
+        originals: target name -> the original weight tensor (a clone, stored layout/dtype).
+    """
+
+    plan: EditPlan
+    stats: list[TargetEditStats]
+    originals: dict[str, torch.Tensor]
+    targets: list[Target]
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Restore every edited weight bit for bit."""
+        for target in self.targets:
+            target.module.weight.copy_(self.originals[target.name])
+
+
+def change_basis_and_mask(weight_oi: torch.Tensor, basis: Eigenbasis, mask: torch.Tensor) -> torch.Tensor:
+    """`U_G ((U_G^T W U_A) * M) U_A^T` in the basis' dtype/device.
+
+    Args:
+        weight_oi: `(d_out, d_in)` weight.
+        basis: eigenbasis of the target's factors.
+        mask: `(d_out, d_in)` bool, True = keep component (i, j).
+
+    Returns:
+        The edited `(d_out, d_in)` weight.
+    """
+    u_g, u_a = basis.U_G, basis.U_A
+    coeffs = u_g.T @ weight_oi.to(u_g) @ u_a
+    return u_g @ (coeffs * mask) @ u_a.T
+
+
+def kfac_mask(basis: Eigenbasis, rule: EditRule) -> torch.Tensor:
+    """The K-FAC selection for a rule: top mass (`rho`) or top count (`keep_fraction`)."""
+    if rule.rho is not None:
+        return select_by_mass(basis.lam, basis.mu, rule.rho)
+    return select_by_count(basis.lam, basis.mu, rule.keep_fraction)
+
+
+def control_mask(basis: Eigenbasis, kept: int, method: str, generator: torch.Generator) -> torch.Tensor:
+    """A control selection with `kept` components: "lowest" mass, or "random"."""
+    m, n = basis.lam.shape[0], basis.mu.shape[0]
+    if method == "lowest":
+        return ~staircase_mask(staircase(basis.lam, basis.mu, m * n - kept, "count"), n)
+    chosen = torch.randperm(m * n, generator=generator)[:kept]
+    mask = torch.zeros(m * n, dtype=torch.bool)
+    mask[chosen] = True
+    return mask.view(m, n).to(basis.lam.device)
+
+
+def svd_truncate(weight_oi: torch.Tensor, rule: EditRule) -> tuple[torch.Tensor, int, int, float]:
+    """Keep the top singular values of W: `rho` of the energy `sum s^2`, or a count fraction.
+
+    Returns:
+        (edited weight, kept, total, energy share kept).
+    """
+    u, s, vh = torch.linalg.svd(weight_oi, full_matrices=False)
+    energy = s.double() ** 2
+    total = s.numel()
+    if rule.rho is not None:
+        cum = energy.cumsum(0)
+        kept = total if rule.rho == 1 else int((cum < rule.rho * float(energy.sum())).sum()) + 1
+    else:
+        kept = round(rule.keep_fraction * total)
+    kept = min(kept, total)
+    edited = (u[:, :kept] * s[:kept]) @ vh[:kept]
+    return edited, kept, total, float(energy[:kept].sum() / energy.sum()) if energy.sum() > 0 else 0.0
+
+
+@torch.no_grad()
+def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasis] | None = None,
+               device: str | torch.device | None = None) -> AppliedEdit:
+    """Edit the target weights in place, per the plan; returns what undoes it.
+
+    Args:
+        targets: the weights to edit (from `select_targets`).
+        plan: method and per-pattern amounts.
+        bases: name -> eigenbasis (from `cached_eigenbases`); needed for every method but svd.
+        device: where to do the linear algebra (default: the weight's device).
+
+    Returns:
+        An `AppliedEdit` with per-target stats and the originals.
+
+    Raises:
+        EditError: a target without eigenbasis, or no matching rule.
+        SelectionError: an invalid rho/keep fraction.
+    """
+    dtype = COMPUTE_DTYPES[plan.compute_dtype]
+    generator = torch.Generator().manual_seed(plan.seed)
+    originals: dict[str, torch.Tensor] = {}
+    stats: list[TargetEditStats] = []
+    done: list[Target] = []
+    try:
+        for target in targets:
+            rule = plan.rule_for(target.name)
+            weight = target.weight_oi().to(device=device or target.module.weight.device, dtype=dtype)
+            if plan.method == "svd":
+                edited, kept, total, mass = svd_truncate(weight, rule)
+            else:
+                if bases is None or target.name not in bases:
+                    raise EditError(f"{target.name}: no eigenbasis (factors) for method {plan.method!r}")
+                basis = bases[target.name]
+                basis = Eigenbasis(*(getattr(basis, k).to(device=weight.device, dtype=dtype)
+                                     for k in ("lam", "U_G", "mu", "U_A")))
+                mask = kfac_mask(basis, rule)
+                if plan.method != "kfac":
+                    mask = control_mask(basis, int(mask.sum()), plan.method, generator)
+                edited = change_basis_and_mask(weight, basis, mask)
+                kept, total, mass = int(mask.sum()), mask.numel(), mass_fraction(basis.lam, basis.mu, mask)
+            rel = float(torch.linalg.norm(edited - weight) / torch.linalg.norm(weight).clamp(min=1e-30))
+            originals[target.name] = target.module.weight.detach().clone()
+            target.set_weight_oi(edited)
+            done.append(target)
+            stats.append(TargetEditStats(name=target.name, kept=kept, total=total, mass_kept=mass,
+                                         rel_change=rel, rule=asdict(rule)))
+    except (EditError, SelectionError):
+        AppliedEdit(plan, stats, originals, done).undo()
+        raise
+    return AppliedEdit(plan=plan, stats=stats, originals=originals, targets=done)
+
+
+MANIFEST_FILE = "curvedit-edit.json"
+
+
+def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_dir: str | Path | None = None,
+               device: str | torch.device | None = None) -> AppliedEdit:
+    """Check the factors against the model, get the (cached) eigenbases, apply the plan.
+
+    Args:
+        model: the unedited model (factors must come from these weights).
+        targets: the weights to edit; each needs factors in `factor_dir` (unless svd).
+        plan: the edit plan.
+        factor_dir: the factor directory (not needed for svd).
+        device: where to run eigh and the basis change.
+
+    Returns:
+        The `AppliedEdit` (call `.undo()` to restore the model).
+
+    Raises:
+        FactorError: factors of another model, or missing for a target.
+        EditError: factors missing for a method that needs them.
+    """
+    from curvedit.factors import check_factors_match, load_factors  # noqa: PLC0415
+    from curvedit.spectrum import cached_eigenbases  # noqa: PLC0415
+
+    bases = None
+    if plan.method != "svd":
+        if factor_dir is None:
+            raise EditError(f"method {plan.method!r} needs a factor directory")
+        factors = load_factors(factor_dir)
+        check_factors_match(factors, targets)
+        bases = cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device)
+    return apply_edit(targets, plan, bases, device)
+
+
+def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None) -> dict[str, Any]:
+    """The JSON description of an edit: plan, factor identity, per-target statistics."""
+    from curvedit import __version__  # noqa: PLC0415
+
+    factors_info: dict[str, Any] | None = None
+    if factor_dir is not None and (Path(factor_dir) / "factors.json").is_file():
+        meta = json.loads((Path(factor_dir) / "factors.json").read_text())
+        factors_info = {"path": str(factor_dir), "model": meta.get("model"), "collection": meta.get("collection")}
+    return {
+        "curvedit_version": __version__,
+        "model": model_name,
+        "plan": applied.plan.to_dict(),
+        "factors": factors_info,
+        "targets": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in applied.stats},
+    }
+
+
+def save_edited_model(model: nn.Module, preprocessor: Any | None, out: str | Path, manifest: dict[str, Any],
+                      source: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write a complete HF model directory (weights, config, tokenizer/processor) plus
+    `curvedit-edit.json`.
+
+    Raises:
+        EditError: `out` is the source model's directory, or exists and `overwrite` is False.
+    """
+    from curvedit.io import write_json  # noqa: PLC0415
+
+    out_path = Path(out)
+    if source is not None and Path(source).exists() and out_path.resolve() == Path(source).resolve():
+        raise EditError(f"refusing to write the edited model into the input model's directory {source}")
+    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise EditError(f"{out_path} exists and is not empty; pass --overwrite to replace it")
+    model.save_pretrained(out_path)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(out_path)
+    write_json(out_path / MANIFEST_FILE, manifest)
+    return out_path
