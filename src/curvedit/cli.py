@@ -129,3 +129,86 @@ def merge(
     save_factors(merged, out)
     typer.echo(f"merged {len(parts)} factor sets into {out} "
                f"({next(iter(merged.targets.values())).positions} positions per target)")
+
+
+@app.command()
+def edit(
+    model: str = ModelOpt,
+    factors: Optional[Path] = typer.Option(None, "--factors", "-f", help="Factor directory (not needed for svd)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the edited HF model."),
+    preset: Optional[str] = PresetOpt,
+    targets: Optional[list[str]] = TargetsOpt,
+    layers: Optional[str] = LayersOpt,
+    rho: Optional[float] = typer.Option(None, "--rho", help="Fraction of curvature mass to keep, in (0, 1]."),
+    keep_fraction: Optional[float] = typer.Option(None, "--keep-fraction", help="Fraction of components to keep."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="JSON plan: {pattern: rho} or {rules: [...]}."),
+    method: str = typer.Option("kfac", "--method", help="kfac, svd, random or lowest."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random control."),
+    device: str = DeviceOpt,
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Edit target weights (keep the top curvature mass) and save a normal HF model."""
+    from curvedit.edit import EditError, EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
+    from curvedit.factors import FactorError
+    from curvedit.models import load_model
+    from curvedit.spectrum import SelectionError
+    from curvedit.targets import TargetError, select_targets
+
+    if out.exists() and Path(model).exists() and out.resolve() == Path(model).resolve():
+        fail(f"refusing to write the edited model into the input model's directory {model}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        fail(f"{out} exists and is not empty; pass --overwrite to replace it")
+    try:
+        if plan_file is not None:
+            plan = EditPlan.from_json(plan_file, method=method, seed=seed)
+        elif (rho is None) == (keep_fraction is None):
+            fail("give one of --rho, --keep-fraction or --plan")
+        else:
+            plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method, seed=seed)
+        loaded = load_model(model, device=device)
+        chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
+        applied = edit_model(loaded.model, chosen, plan, factors, device)
+        save_edited_model(loaded.model, loaded.preprocessor, out, edit_manifest(applied, model, factors),
+                          source=model, overwrite=overwrite)
+    except (EditError, FactorError, SelectionError, TargetError) as err:
+        fail(str(err))
+    typer.echo(f"{'target':<48} {'kept':>12} {'of':>12} {'mass kept':>10} {'|dW|/|W|':>9}")
+    for s in applied.stats:
+        typer.echo(f"{s.name:<48} {s.kept:>12} {s.total:>12} {s.mass_kept:>10.4f} {s.rel_change:>9.4f}")
+    typer.echo(f"wrote edited model to {out}")
+
+
+@app.command()
+def spectrum(
+    factors: Path = typer.Argument(..., help="Factor directory."),
+    rho: Optional[float] = typer.Option(0.6, "--rho", help="Mark this mass fraction on the curves."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for PNGs (default FACTORS/spectrum)."),
+) -> None:
+    """Plot factor spectra and cumulative curvature mass per target; print a table."""
+    from curvedit.factors import FactorError, load_factors
+    from curvedit.plots import plot_spectrum
+    from curvedit.spectrum import SelectionError, cached_eigenbases, mass_curve, select_by_count, select_by_mass
+
+    try:
+        loaded = load_factors(factors)
+        bases = cached_eigenbases(factors, loaded.targets, list(loaded.targets))
+        if rho is not None and not 0 < rho <= 1:
+            raise SelectionError(f"rho must be in (0, 1], got {rho}")
+    except (FactorError, SelectionError) as err:
+        fail(str(err))
+    folder = out or factors / "spectrum"
+    typer.echo(f"{'target':<48} {'d_out':>6} {'d_in':>6} {'positions':>10} {'kept@rho':>9} {'top1% mass':>10}")
+    for name, basis in bases.items():
+        kept = float(select_by_mass(basis.lam, basis.mu, rho).float().mean()) if rho is not None else None
+        top = float(select_by_count(basis.lam, basis.mu, 0.01).double().mul(
+            basis.lam[:, None] * basis.mu[None, :]).sum() / (basis.lam.sum() * basis.mu.sum()))
+        plot_spectrum(name, basis.lam, basis.mu, mass_curve(basis.lam, basis.mu), rho, kept,
+                      folder / f"{name}.png")
+        kept_text = f"{100 * kept:8.2f}%" if kept is not None else "-"
+        typer.echo(f"{name:<48} {len(basis.lam):>6} {len(basis.mu):>6} {loaded.targets[name].positions:>10} "
+                   f"{kept_text:>9} {100 * top:>9.1f}%")
+    typer.echo(f"plots in {folder}")
+
+
+from curvedit.evaluate.cli import register as _register_evaluate
+_register_evaluate(app)
