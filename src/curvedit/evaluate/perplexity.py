@@ -1,0 +1,248 @@
+"""General-ability guards: held-out perplexity and nDCG@k of next-token rankings.
+
+Perplexity is token-weighted: exp(total NLL / total predicted tokens) over all
+sequences, where every position but the first of a sequence is predicted from the ones
+before it and padded positions count for nothing.
+
+nDCG@k compares the next-token ranking of a model with that of a reference model (the
+unedited one) at every real position of the held-out text:
+
+- the ideal ranking is the reference's own top-k tokens; a token's gain is its
+  reference probability if it is among the reference's top-k, else 0;
+- DCG = sum over the model's top-k ranks i = 1..k of gain(token_i) / log2(i + 1);
+- nDCG = DCG / IDCG, where IDCG is the DCG of the reference's top-k (so nDCG = 1 when
+  the model ranks the reference's top-k in the same order), averaged over positions.
+
+Restricting gains to the reference's top-k means the reference's contribution is just
+k (probability, id) pairs per position, computed once and kept while the reference is
+freed before the edited model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from curvedit.data import DataError, batched, pad_batch, read_records, token_sequences
+from curvedit.evaluate.generation import check_fits_context, forward_logits, model_device
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Token-weighted perplexity.
+
+    Attributes:
+        perplexity: exp(nll / tokens).
+        nll: total negative log-likelihood (nats), summed in float64.
+        tokens: predicted tokens counted (padding and first positions excluded).
+        sequences: sequences read.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    sequences: int
+
+
+def _padded_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device):
+    for chunk in batched(sequences, batch_size):
+        batch = pad_batch(chunk, pad_id, padding_side="right")
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@torch.inference_mode()
+def perplexity(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_id: int = 0, batch_size: int = 8
+) -> PerplexityResult:
+    """Token-weighted perplexity of the model on token sequences.
+
+    exp(sum of -log p(x_t | x_<t) over every sequence and every position t >= 1 /
+    number of such positions). Sequences are right padded; padded positions are
+    neither predicted nor used as targets, so padding a batch does not change the value.
+    Log-probabilities come from float32 logits; the sum is accumulated in float64.
+
+    Args:
+        model: an HF causal LM in eval mode.
+        sequences: token-id sequences (none empty; a 1-token sequence predicts nothing).
+        pad_id: padding id.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        A `PerplexityResult`.
+
+    Raises:
+        DataError: no sequence with at least 2 tokens.
+        ValueError: a sequence longer than the model's context window.
+    """
+    if sequences:
+        check_fits_context(model, max(len(s) for s in sequences), "a held-out sequence")
+    device = model_device(model)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    for ids, mask in _padded_batches(sequences, batch_size, pad_id, device):
+        logits = forward_logits(model, ids, mask)[:, :-1].float()
+        counted = mask[:, 1:].bool()
+        losses = F.cross_entropy(logits[counted], ids[:, 1:][counted], reduction="none")
+        nll += losses.double().sum()
+        tokens += int(counted.sum())
+    if tokens == 0:
+        raise DataError("perplexity needs at least one sequence of 2 or more tokens")
+    total = float(nll)
+    return PerplexityResult(perplexity=math.exp(total / tokens), nll=total, tokens=tokens, sequences=len(sequences))
+
+
+@dataclass(frozen=True)
+class NextTokenRankings:
+    """A reference model's top-k next-token predictions at every real position.
+
+    Attributes:
+        probs: float32 (N, k), the top-k probabilities, descending.
+        indices: long (N, k), their token ids.
+    """
+
+    probs: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        """The ranking depth."""
+        return self.indices.shape[1]
+
+
+@torch.inference_mode()
+def _topk_per_position(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], k: int, pad_id: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (probabilities, ids) at every real position, flattened in sequence order (on CPU)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if not sequences:
+        raise DataError("next-token rankings need at least one sequence")
+    check_fits_context(model, max(len(s) for s in sequences), "a held-out sequence")
+    probs, indices = [], []
+    for ids, mask in _padded_batches(sequences, batch_size, pad_id, model_device(model)):
+        logits = forward_logits(model, ids, mask)[mask.bool()].float()
+        if k > logits.shape[-1]:
+            raise ValueError(f"k = {k} exceeds the vocabulary size {logits.shape[-1]}")
+        top = logits.softmax(dim=-1).topk(k, dim=-1)
+        probs.append(top.values.cpu())
+        indices.append(top.indices.cpu())
+    return torch.cat(probs), torch.cat(indices)
+
+
+def next_token_rankings(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, k: int = 10, pad_id: int = 0, batch_size: int = 8
+) -> NextTokenRankings:
+    """The reference side of nDCG@k: top-k next-token probabilities at every real position.
+
+    Args:
+        model: the reference model (the unedited one).
+        sequences: token-id sequences (the same ones, in the same order, later given to
+            `ndcg_at_k`).
+        k: ranking depth.
+        pad_id: padding id.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        `NextTokenRankings` with one row per real token position.
+
+    Raises:
+        DataError: no sequence.
+        ValueError: k < 1 or above the vocabulary size, or a sequence too long.
+    """
+    probs, indices = _topk_per_position(model, sequences, k, pad_id, batch_size)
+    return NextTokenRankings(probs=probs, indices=indices)
+
+
+def ndcg_from_rankings(model_indices: torch.Tensor, reference: NextTokenRankings) -> torch.Tensor:
+    """Per-position nDCG@k of a model's top-k token ids against the reference's.
+
+    Args:
+        model_indices: long (N, k), the model's top-k ids per position, best first.
+        reference: the reference's top-k (probabilities descending, ids) per position.
+
+    Returns:
+        float64 (N,), nDCG in [0, 1] per position.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    if model_indices.shape != reference.indices.shape:
+        raise ValueError(f"model rankings {tuple(model_indices.shape)} do not match the reference's "
+                         f"{tuple(reference.indices.shape)} (same sequences and k needed)")
+    k = reference.k
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    same = model_indices[:, :, None] == reference.indices[:, None, :]
+    gains = (same.double() * reference.probs.double()[:, None, :]).sum(dim=-1)
+    return (gains @ discount) / (reference.probs.double() @ discount)
+
+
+@dataclass(frozen=True)
+class NDCGResult:
+    """nDCG@k against a reference model.
+
+    Attributes:
+        ndcg: mean nDCG@k over positions.
+        k: ranking depth.
+        positions: positions averaged over.
+    """
+
+    ndcg: float
+    k: int
+    positions: int
+
+
+def ndcg_at_k(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    reference: NextTokenRankings,
+    *,
+    pad_id: int = 0,
+    batch_size: int = 8,
+) -> NDCGResult:
+    """Mean nDCG@k of the model's next-token rankings against a reference's (module docstring).
+
+    Args:
+        model: the model under test (e.g. the edited one).
+        sequences: the sequences the reference rankings were computed on, same order.
+        reference: from `next_token_rankings` on the reference model.
+        pad_id: padding id.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        An `NDCGResult`.
+
+    Raises:
+        ValueError: sequences that do not match the reference rankings.
+        DataError: no sequence.
+    """
+    _, indices = _topk_per_position(model, sequences, reference.k, pad_id, batch_size)
+    per_position = ndcg_from_rankings(indices, reference)
+    return NDCGResult(ndcg=float(per_position.mean()), k=reference.k, positions=per_position.numel())
+
+
+def heldout_sequences(source: Any, tokenizer: Any | None, *, seq_len: int, max_tokens: int | None,
+                      text_field: str = "text") -> list[list[int]]:
+    """Held-out token sequences from a corpus, packed to `seq_len` (see `curvedit.data.token_sequences`).
+
+    Args:
+        source: a corpus for `curvedit.data.read_records`.
+        tokenizer: the model's tokenizer (None when the rows give input_ids).
+        seq_len: sequence length.
+        max_tokens: token budget (None: the whole corpus).
+        text_field: JSON field with the text.
+
+    Returns:
+        The sequences.
+
+    Raises:
+        DataError: an empty corpus.
+    """
+    sequences = list(token_sequences(read_records(source, text_field=text_field), tokenizer, seq_len, max_tokens))
+    if not sequences:
+        raise DataError(f"{source}: the held-out corpus is empty")
+    return sequences

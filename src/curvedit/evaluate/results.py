@@ -1,0 +1,120 @@
+"""The results files of `curvedit evaluate`.
+
+`results.json` holds one object:
+
+    {"schema": "curvedit-evaluation/1",
+     "config": {"name", "model", "reference", "curvedit_version", "created", "options"},
+     "metrics": {
+        "recitation": {SET: {"n", "strict", "loose", "avg_normalized_distance", "loose_threshold"}},
+        "perplexity": {"perplexity", "tokens", "sequences"},
+        "ndcg": {"ndcg@10", "positions"},
+        "tasks": {TASK: {"accuracy", "n"}},
+        "lm_eval": {TASK: {"acc,none", ...}},
+        "stress": {SET: {"original" | "left_extend_K" | "right_shift_K":
+                         {"n", "skipped", "mean_prefix_match", "mean_prefix_fraction", "exact"}}}},
+     "notes": [...],
+     "details": "results.details.jsonl"}
+
+Only the parts that were run are present. Per-example rows (one JSON object per line,
+with a "metric" field: "recitation" or "task") go to the side file named in "details".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from curvedit.evaluate.runner import Evaluation
+
+SCHEMA = "curvedit-evaluation/1"
+COUNT_KEYS = frozenset({"n", "tokens", "sequences", "positions", "skipped", "loose_threshold"})
+
+
+def details_path(path: str | Path) -> Path:
+    """The per-example side file of a results file: `X.json` -> `X.details.jsonl`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.details.jsonl")
+
+
+def write_results(path: str | Path, evaluation: Evaluation, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write the results JSON and its per-example side file.
+
+    Args:
+        path: the results file (`.json`).
+        evaluation: from `curvedit.evaluate.runner.evaluate_model`.
+        overwrite: replace existing files.
+
+    Returns:
+        (results path, details path).
+
+    Raises:
+        FileExistsError: either file exists and `overwrite` is False.
+    """
+    path = Path(path)
+    side = details_path(path)
+    existing = [str(p) for p in (path, side) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} exist(s); pass overwrite (--overwrite) to replace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with side.open("w", encoding="utf-8") as handle:
+        for row in evaluation.details:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    document = {"schema": SCHEMA, "config": evaluation.config, "metrics": evaluation.metrics,
+                "notes": evaluation.notes, "details": side.name}
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path, side
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """Read a results file written by `write_results`.
+
+    Args:
+        path: the results JSON.
+
+    Returns:
+        Its object.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not JSON, or not a curvedit results file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a curvedit results file (expected schema {SCHEMA!r})")
+    return document
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics into "a/b/c" -> value, keeping only scores.
+
+    Counts and settings (n, tokens, sequences, positions, skipped, loose_threshold)
+    and missing values (None) are left out; so is the perplexity's inner name
+    (`perplexity/perplexity` becomes `perplexity`, `ndcg/ndcg@10` becomes `ndcg@10`).
+
+    Args:
+        metrics: the "metrics" object of a results file.
+        prefix: key prefix (for recursion).
+
+    Returns:
+        An ordered dict of metric name -> float.
+    """
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name))
+        elif key not in COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[_collapse(name)] = float(value)
+    return flat
+
+
+def _collapse(name: str) -> str:
+    head, _, tail = name.partition("/")
+    return tail if tail and "/" not in tail and head in ("perplexity", "ndcg") else name

@@ -1,0 +1,92 @@
+"""Tiny models for the evaluation tests (not a test module).
+
+`trained_reciter()` is a 2-layer GPT-2 over a character tokenizer, trained for about a
+second until it recites `MEMORIZED` documents verbatim; `HELDOUT` documents come from
+the same generator and were never trained on. It is built once per test session.
+
+`single_thread` is an autouse fixture for the evaluation test modules (import it):
+these models are tiny, and on a shared 2-core machine several intra-op threads spin
+against other processes and run up to 50x slower than one.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from curvedit.chartok import build_char_tokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+PREFIX, SUFFIX = 16, 12
+
+
+def _random_texts(count: int, length: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ALPHABET) for _ in range(length)) for _ in range(count)]
+
+
+MEMORIZED = _random_texts(4, PREFIX + SUFFIX, seed=1)
+HELDOUT = _random_texts(4, PREFIX + SUFFIX, seed=2)
+
+
+def tiny_gpt2(vocab_size: int, *, n_positions: int = 64, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised 2-layer GPT-2 (n_embd 64) in eval mode."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run the module's tests with one torch thread, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@dataclass
+class Reciter:
+    """A trained tiny model and its tokenizer."""
+
+    model: GPT2LMHeadModel
+    tokenizer: object
+
+
+@functools.lru_cache(maxsize=1)
+def trained_reciter() -> Reciter:
+    """Train a tiny GPT-2 until greedy teacher forcing reproduces every MEMORIZED text (one torch thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_reciter()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_reciter() -> Reciter:
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = tiny_gpt2(len(tokenizer), seed=0)
+    ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in MEMORIZED])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(400):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 19:
+            with torch.no_grad():
+                predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
+            if bool((predicted == ids[:, 1:]).all()):
+                break
+    else:
+        raise RuntimeError("the tiny model did not learn to recite its training texts")
+    model.eval()
+    return Reciter(model=model, tokenizer=tokenizer)
