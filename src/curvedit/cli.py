@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find and remove verbatim memorization with the curvature of the loss (K-FAC).")
 
 ModelOpt = typer.Option(..., "--model", "-m", help="HF model name or local directory.")
@@ -210,5 +210,31 @@ def spectrum(
     typer.echo(f"plots in {folder}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the report and results."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the demo model even if a matching one exists."),
+    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run on a tiny world (checks the plumbing)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run the paper end to end on a synthetic world: train, find, collect, sweep, edit, report."""
+    from curvedit.demo.pipeline import DemoOptions, run_demo, smoke_options
+    from curvedit.demo.report import family_table, memorization_table
+
+    options = smoke_options(out) if smoke else DemoOptions(out=out)
+    options.retrain, options.progress = retrain, progress and not smoke
+    results = run_demo(options)
+    typer.echo(memorization_table(results))
+    typer.echo("")
+    typer.echo(family_table(results))
+    typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  "
+               f"total {sum(results['timings_s'].values()):.0f} s")
+
+
 from curvedit.evaluate.cli import register as _register_evaluate
 _register_evaluate(app)
+
+from curvedit.baselines.cli import register as _register_baselines
+from curvedit.analysis_cli import register as _register_analysis
+_register_baselines(app)
+_register_analysis(app)

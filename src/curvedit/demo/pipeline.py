@@ -1,0 +1,293 @@
+"""`curvedit demo`: the whole method on the synthetic world, end to end.
+
+train (or load) -> find the memorized windows -> collect factors on general text ->
+choose layers and amount on the tune half under a perplexity budget -> edit ->
+measure every family -> the same for the controls -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from curvedit.collect import CollectOptions, collect_factors
+from curvedit.data import Record, lm_batches
+from curvedit.demo.measure import FAMILIES, WorldProbe, heldout_sequences, measure, quote_windows, string_windows
+from curvedit.demo.train import TRAIN_META, TrainConfig, train_demo_model
+from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
+from curvedit.edit import EditPlan, EditRule, apply_edit
+from curvedit.evaluate.memorization import FindOptions, find_memorized
+from curvedit.factors import load_factors, save_factors
+from curvedit.io import write_json
+from curvedit.spectrum import cached_eigenbases
+from curvedit.targets import TargetSpec, select_targets
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
+
+
+@dataclass
+class DemoOptions:
+    """Settings of the demo run.
+
+    Attributes:
+        out: output folder (report, results.json, factors, model cache).
+        train: the demo model and its world.
+        retrain: train even when a shipped or cached model matches `train`.
+        prefix_chars: prompt length of memorized-string windows (the rest is the suffix).
+        factor_tokens: tokens of general text for the factors.
+        factor_memorized_share: share of factor tokens drawn from memorized strings and
+            quotes (a real corpus holds any one memorized text at a vanishing share).
+        layer_grid: layer groups tried on the tune half.
+        matrices: target preset edited ("mlp": gate, up and down).
+        keep_grid: fractions of components kept (by count) tried.
+        rho_grid: fractions of curvature mass kept tried.
+        ppl_budget: the chosen edit may raise perplexity to at most this times unedited.
+        tests_per_family: fresh test items per reasoning family.
+        heldout_lines: lines of fresh general text for perplexity.
+        seed: evaluation and control seed.
+        progress: show progress bars.
+        all_candidates: measure recitation on every candidate window, memorized or not
+            (for plumbing checks on models that memorized nothing).
+    """
+
+    out: Path = Path("demo-out")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrain: bool = False
+    prefix_chars: int = 32
+    factor_tokens: int = 300_000
+    factor_memorized_share: float = 0.01
+    layer_grid: tuple[str, ...] = ("2-3", "1-3", "0-3")
+    matrices: str = "mlp"
+    keep_grid: tuple[float, ...] = (0.3, 0.5, 0.7)
+    rho_grid: tuple[float, ...] = (0.99,)
+    ppl_budget: float = 1.05
+    tests_per_family: int = 300
+    heldout_lines: int = 3000
+    seed: int = 0
+    progress: bool = True
+    all_candidates: bool = False
+
+
+def smoke_options(out: Path) -> DemoOptions:
+    """A configuration small enough for a test (seconds): every stage runs, nothing is learned."""
+    world = WorldConfig(memorized=8, memorized_len=24, repetition_tiers=(4,), quotes=4, quote_repetitions=4,
+                        facts_common=4, facts_rare=4, common_repetitions=4, rare_repetitions=2, general_lines=400)
+    train = TrainConfig(world=world, hidden=32, layers=2, heads=2, intermediate=64, epochs=1, batch_size=16,
+                        warmup_steps=5)
+    return DemoOptions(out=out, train=train, prefix_chars=16, factor_tokens=4000, layer_grid=("1", "0-1"),
+                       keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
+                       heldout_lines=100, progress=False, all_candidates=True)
+
+
+def demo_model_dir(options: DemoOptions) -> Path:
+    """The shipped checkpoint when it matches the config, else a cached or new training."""
+    wanted = options.train.config_hash()
+    if not options.retrain:
+        for candidate in (SHIPPED_CHECKPOINT, options.out / "model-cache" / wanted):
+            meta = candidate / TRAIN_META
+            if meta.is_file() and json.loads(meta.read_text()).get("config_hash") == wanted:
+                return candidate
+    return train_demo_model(options.train, options.out / "model-cache" / wanted, progress=options.progress)
+
+
+def factor_corpus(world: World, options: DemoOptions, rng: random.Random) -> list[str]:
+    """General text for the factors: fresh reasoning lines, every fact once, and memorized
+    strings/quotes at `factor_memorized_share` of the characters."""
+    lines = general_lines(world, rng, options.factor_tokens // 12)
+    lines += [fact_line(e, a) for e, a, _ in world.facts]
+    budget = options.factor_memorized_share * sum(len(x) + 1 for x in lines)
+    memorized_pool = world.memorized + world.quotes
+    used = 0.0
+    while used < budget:
+        pick = rng.choice(memorized_pool)
+        lines.append(pick)
+        used += len(pick) + 1
+    rng.shuffle(lines)
+    return lines
+
+
+class Timer:
+    """Wall-clock seconds per stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 1)
+
+
+def build_probe(world: World, tokenizer: Any, options: DemoOptions, memorized: dict[str, list]) -> WorldProbe:
+    """Windows of the memorized sets, held-out text, and fresh test items."""
+    return WorldProbe(tune=memorized["tune"], heldout=memorized["heldout"], quotes=memorized["quotes"],
+                      text=heldout_sequences(world, tokenizer, options.heldout_lines, options.train.seq_len,
+                                             options.seed + 1),
+                      tests=evaluation_examples(world, options.tests_per_family, options.seed + 2))
+
+
+def find_world_memorized(model, tokenizer, world: World, options: DemoOptions) -> dict[str, list]:
+    """Run `find_memorized` on each memorized set; keep the windows the model recites."""
+    def records(strings: list[str]) -> list[Record]:
+        return [Record(text=None, input_ids=tokenizer(s, add_special_tokens=False)["input_ids"], source="world",
+                       index=i) for i, s in enumerate(strings)]
+
+    length = options.train.world.memorized_len
+    windows = FindOptions(prefix_len=options.prefix_chars, suffix_len=length - options.prefix_chars,
+                          progress=False, batch_size=64)
+    quotes = FindOptions(mode="quotes", suffix_len=1, progress=False, batch_size=64)
+    found = {}
+    for name, strings in (("tune", world.tune), ("heldout", world.heldout)):
+        found[name] = [f.window for f in find_memorized(model, tokenizer, records(strings), windows).found]
+    # quotes: the suffix is the speaker's name, whose length varies; find per length
+    by_len: dict[int, list[str]] = {}
+    for quote in world.quotes:
+        by_len.setdefault(len(quote_windows([quote], tokenizer)[0].suffix_ids), []).append(quote)
+    found["quotes"] = []
+    for suffix_len, group in sorted(by_len.items()):
+        found["quotes"] += [f.window for f in find_memorized(
+            model, tokenizer, records(group), replace(quotes, suffix_len=suffix_len)).found]
+    return found
+
+
+def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets) -> Path:
+    """Factors (sampled labels) on the world's general text; written to `out/factors`."""
+    rng = random.Random(options.seed + 3)
+    windows = list(pack(factor_corpus(world, options, rng), options.train.seq_len))
+    sequences, total = [], 0
+    for window in windows:
+        ids = tokenizer(window, add_special_tokens=False)["input_ids"]
+        sequences.append(ids)
+        total += len(ids)
+        if total >= options.factor_tokens:
+            break
+    factors = collect_factors(model, lm_batches(sequences, 32, 0), targets, options=CollectOptions(
+        seed=options.seed, progress=options.progress, total_tokens=total,
+        description=f"demo world general text, {options.factor_memorized_share:.1%} memorized strings/quotes",
+        extra={"seq_len": options.train.seq_len, "memorized_share": options.factor_memorized_share}))
+    return save_factors(factors, options.out / "factors")
+
+
+def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl: float, bases, seed: int,
+                     tolerance: float = 0.02, steps: int = 10) -> tuple[float, float]:
+    """Bisect the keep fraction of a control so its perplexity matches `target_ppl`.
+
+    Returns:
+        (keep fraction, perplexity reached): the first within `tolerance`, else the closest.
+    """
+    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
+
+    lo, hi = 0.0, 1.0
+    best = (1.0, float("inf"))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=mid)], method=method, seed=seed), bases)
+        ppl = perplexity(model, probe.text, batch_size=64).perplexity
+        applied.undo()
+        if abs(ppl / target_ppl - 1) < abs(best[1] / target_ppl - 1):
+            best = (mid, ppl)
+        if abs(ppl / target_ppl - 1) <= tolerance:
+            break
+        lo, hi = (mid, hi) if ppl > target_ppl else (lo, mid)
+    return best
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """Run the whole demo and write `results.json`, `report.md` and figures to `options.out`.
+
+    Returns:
+        The results: `{"variants": {name: metrics + settings + timings_s}, "world": ...,
+        "settings": ..., "timings_s": ...}`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from curvedit.demo.report import write_report  # noqa: PLC0415
+    from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    model_dir = timer.stage("train_or_load", lambda: demo_model_dir(options))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    world = build_world(options.train.world)
+
+    memorized = timer.stage("find_memorized", lambda: find_world_memorized(model, tokenizer, world, options))
+    found = {k: len(v) for k, v in memorized.items()}
+    if options.all_candidates:
+        memorized = {"tune": string_windows(world.tune, tokenizer, options.prefix_chars, "tune"),
+                     "heldout": string_windows(world.heldout, tokenizer, options.prefix_chars, "heldout"),
+                     "quotes": quote_windows(world.quotes, tokenizer)}
+    elif not memorized["tune"] or not memorized["heldout"]:
+        raise RuntimeError(f"the demo model recites {len(memorized['tune'])} tune and {len(memorized['heldout'])} "
+                           "held-out strings; nothing to remove (train longer or with more repetitions)")
+    probe = build_probe(world, tokenizer, options, memorized)
+    all_targets = select_targets(model, TargetSpec(preset=options.matrices))
+    factor_dir = timer.stage("collect", lambda: collect_world_factors(model, tokenizer, world, options, all_targets))
+    bases = cached_eigenbases(factor_dir, load_factors(factor_dir).targets, [t.name for t in all_targets])
+
+    unedited = timer.stage("measure_unedited", lambda: measure(model, tokenizer, probe))
+    grid = SweepGrid(layers=options.layer_grid, matrices=(options.matrices,), rho=options.rho_grid,
+                     keep_fraction=options.keep_grid)
+    sweep = timer.stage("sweep", lambda: run_sweep(model, tokenizer, factor_dir, grid, probe.tune, probe.text,
+                                                   SweepOptions(ppl_budget=options.ppl_budget, batch_size=64,
+                                                                progress=options.progress)))
+    sweep.write(options.out / "sweep")
+    if sweep.chosen is None:
+        raise RuntimeError(f"no sweep point stays within {options.ppl_budget}x the unedited perplexity; "
+                           f"see {options.out / 'sweep'}")
+    chosen = sweep.points[sweep.chosen]
+    targets = select_targets(model, matrices_spec(chosen.matrices, chosen.layers))
+    rule = EditRule(**{chosen.amount_kind: chosen.amount})
+
+    variants: dict[str, dict[str, Any]] = {"unedited": {**unedited, "settings": {}}}
+
+    def run_variant(name: str, plan: EditPlan, extra: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        applied = apply_edit(targets, plan, bases)
+        metrics = measure(model, tokenizer, probe)
+        applied.undo()
+        kept = sum(s.kept for s in applied.stats)
+        total = sum(s.total for s in applied.stats)
+        variants[name] = {**metrics, "settings": {"layers": chosen.layers, "matrices": chosen.matrices,
+                                                  "plan": plan.to_dict(), "kept_components": kept,
+                                                  "total_components": total, **extra},
+                          "timings_s": round(time.perf_counter() - start, 1)}
+
+    timer.stage("kfac", lambda: run_variant("kfac", EditPlan([rule]), {}))
+    timer.stage("random", lambda: run_variant("random", EditPlan([rule], method="random", seed=options.seed),
+                                              {"note": "same number of components as kfac, chosen at random"}))
+    kfac_ppl = variants["kfac"]["perplexity"]
+    for name, method in (("random_ppl", "random"), ("svd", "svd")):
+        keep, reached = timer.stage(f"{name}_match", lambda m=method: match_perplexity(
+            model, probe, targets, m, kfac_ppl, bases, options.seed))
+        timer.stage(name, lambda n=name, m=method, k=keep, r=reached: run_variant(
+            n, EditPlan([EditRule(keep_fraction=k)], method=m, seed=options.seed),
+            {"note": f"keep fraction chosen so perplexity matches kfac's ({r:.4f} vs {kfac_ppl:.4f})"}))
+
+    results = {
+        "variants": variants,
+        "world": asdict(options.train.world),
+        "memorized_found": found,
+        "memorized_candidates": {"tune": len(world.tune), "heldout": len(world.heldout), "quotes": len(world.quotes)},
+        "settings": {"model_dir": str(model_dir), "train": asdict(options.train), "factor_tokens": options.factor_tokens,
+                     "factor_memorized_share": options.factor_memorized_share, "ppl_budget": options.ppl_budget,
+                     "chosen": {"layers": chosen.layers, "matrices": chosen.matrices,
+                                "amount_kind": chosen.amount_kind, "amount": chosen.amount,
+                                "tune_loose": chosen.loose, "perplexity": chosen.perplexity},
+                     "prefix_chars": options.prefix_chars},
+        "timings_s": timer.seconds,
+    }
+    write_json(options.out / "results.json", results)
+    timer.stage("report", lambda: write_report(results, options.out))
+    results["timings_s"] = timer.seconds
+    write_json(options.out / "results.json", results)
+    return results

@@ -1,0 +1,116 @@
+"""The demo report: a Markdown table like the paper's, a retention-by-family chart like its
+Figure 3, the chosen settings and the timings of each stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from curvedit.demo.measure import FAMILIES
+from curvedit.plots import _pyplot
+
+VARIANT_ORDER = ("unedited", "kfac", "svd", "random", "random_ppl", "bsn")
+MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune loose"),
+                  ("memorized_heldout_strict", "held-out strict"), ("memorized_heldout_loose", "held-out loose"),
+                  ("memorized_heldout_lev", "held-out lev"), ("quotes_strict", "quotes strict"),
+                  ("quotes_loose", "quotes loose"))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _variants(results: dict[str, Any]) -> list[str]:
+    return [v for v in VARIANT_ORDER if v in results["variants"]]
+
+
+def memorization_table(results: dict[str, Any]) -> str:
+    """Markdown: recitation (%; lev = average normalized Levenshtein distance) and perplexity."""
+    header = ["variant", *[label for _, label in MEMORY_COLUMNS], "perplexity"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in _variants(results):
+        row = results["variants"][name]
+        cells = [(_pct(row[k]) if not k.endswith("lev") else f"{row[k]:.3f}") for k, _ in MEMORY_COLUMNS]
+        lines.append("| " + " | ".join([name, *cells, f"{row['perplexity']:.4f}"]) + " |")
+    return "\n".join(lines)
+
+
+def family_table(results: dict[str, Any]) -> str:
+    """Markdown: accuracy per family (%) and retention relative to unedited."""
+    base = results["variants"]["unedited"]
+    header = ["variant", *FAMILIES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in _variants(results):
+        row = results["variants"][name]
+        cells = []
+        for family in FAMILIES:
+            retention = f" ({100 * row[family] / base[family]:.0f}%)" if name != "unedited" and base[family] else ""
+            cells.append(_pct(row[family]) + retention)
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def retention_chart(results: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: accuracy retained (share of unedited) per family, per edited variant."""
+    plt = _pyplot()
+    base = results["variants"]["unedited"]
+    variants = [v for v in _variants(results) if v != "unedited"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / max(1, len(variants))
+    for k, name in enumerate(variants):
+        values = [100 * results["variants"][name][f] / base[f] if base[f] else 0 for f in FAMILIES]
+        ax.bar([i + k * width for i in range(len(FAMILIES))], values, width, label=name)
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(FAMILIES))], FAMILIES)
+    ax.set_ylabel("% of unedited accuracy")
+    ax.set_title("retention by family after the edit")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write `report.md` and `retention.png` into `out`; returns the report path."""
+    retention_chart(results, out / "retention.png")
+    chosen = results["settings"]["chosen"]
+    found, candidates = results["memorized_found"], results["memorized_candidates"]
+    notes = "\n".join(f"- **{name}**: {results['variants'][name]['settings'].get('note', '')}"
+                      for name in _variants(results) if results["variants"][name]["settings"].get("note"))
+    timings = "\n".join(f"| {stage} | {seconds} |" for stage, seconds in results["timings_s"].items())
+    text = f"""# curvedit demo report
+
+Memorized windows found by `find_memorized` (recited verbatim by the unedited model):
+tune {found['tune']}/{candidates['tune']}, held-out {found['heldout']}/{candidates['heldout']},
+quotes {found['quotes']}/{candidates['quotes']}. Metrics on memorized sets are over those windows.
+
+## Recitation (%) and perplexity
+
+{memorization_table(results)}
+
+Chosen on the tune half only (lowest tune loose accuracy with perplexity at most
+{results['settings']['ppl_budget']}x unedited): layers `{chosen['layers']}`, matrices `{chosen['matrices']}`,
+{chosen['amount_kind']} = {chosen['amount']}.
+Factors: {results['settings']['factor_tokens']} tokens of general text, sampled labels,
+{100 * results['settings']['factor_memorized_share']:.1f}% of them memorized strings/quotes.
+
+{notes}
+
+## Accuracy by family (%; retention vs unedited in parentheses)
+
+{family_table(results)}
+
+![retention by family](retention.png)
+
+![sweep on the tune half](sweep/sweep.png)
+
+## Timings (s)
+
+| stage | seconds |
+|---|---|
+{timings}
+"""
+    path = out / "report.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,450 @@
+"""Sweep edit settings, find the memorization / perplexity Pareto front, pick a point.
+
+A grid is the product of layer groups ("23-25", "0,3"), matrix selections (a preset such
+as "mlp-in" or a glob / `re:` pattern on module names) and amounts (`rho` values and/or
+`keep_fraction` values). Every point is applied in memory (`curvedit.edit.apply_edit`),
+evaluated, and undone bit for bit: nothing is written to disk and the model is never
+reloaded. Eigenbases are computed (or read from the factor directory's cache) once per
+target for the whole grid.
+
+Per point the sweep records the recitation metrics on a memorized set (strict, loose,
+average normalized Levenshtein distance) and the held-out perplexity, plus what the edit
+kept. The *memorization value* that the front and the choice minimise is, by `metric`:
+"strict" or "loose" accuracy, or "similarity" = 1 - average normalized distance.
+
+Pareto front: a point is on it when no other point is at least as good on both
+memorization and perplexity and strictly better on one; points with identical values do
+not dominate each other (both stay on the front). The chosen point is the one of lowest
+memorization among those whose perplexity is at most `budget` times the unedited one,
+ties going to the lower perplexity, then to grid order; it is always on the front.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
+from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation
+from curvedit.evaluate.perplexity import perplexity
+from curvedit.spectrum import Eigenbasis
+from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
+
+METRICS = ("strict", "loose", "similarity")
+SWEEP_JSON = "sweep.json"
+SWEEP_PNG = "sweep.png"
+
+
+class SweepError(ValueError):
+    """A grid or sweep request that cannot be run as asked."""
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The settings to try: the product of layer groups, matrix selections and amounts.
+
+    Attributes:
+        layers: layer groups, each like "23-25" or "0,3" (one edit touches all its layers).
+        matrices: matrix selections: a preset ("mlp", "mlp-in", "mlp-out") or a module-name
+            glob / `re:REGEX` pattern.
+        rho: curvature-mass fractions to keep, each in (0, 1].
+        keep_fraction: component-count fractions to keep, each in (0, 1].
+        method: the edit method (`curvedit.edit.METHODS`; "kfac" by default).
+    """
+
+    layers: tuple[str, ...]
+    matrices: tuple[str, ...] = ("mlp-in",)
+    rho: tuple[float, ...] = ()
+    keep_fraction: tuple[float, ...] = ()
+    method: str = "kfac"
+
+    def validate(self) -> None:
+        """Check the grid.
+
+        Raises:
+            SweepError: an empty axis, an amount outside (0, 1], an unknown method.
+            curvedit.targets.TargetError: a malformed layer group.
+        """
+        if not self.layers:
+            raise SweepError("the grid needs at least one layer group")
+        if not self.matrices:
+            raise SweepError("the grid needs at least one matrix selection")
+        if not self.rho and not self.keep_fraction:
+            raise SweepError("the grid needs at least one rho or keep-fraction value")
+        for name, values in (("rho", self.rho), ("keep_fraction", self.keep_fraction)):
+            bad = [v for v in values if not 0 < v <= 1]
+            if bad:
+                raise SweepError(f"{name} values must be in (0, 1], got {bad}")
+        if self.method not in METHODS:
+            raise SweepError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        for group in self.layers:
+            parse_layers(group)
+
+    def settings(self) -> list[tuple[str, str, str, float]]:
+        """Every point of the grid as (layers, matrices, amount kind, amount), in grid order
+        (layers outermost, then matrices, then rho values, then keep fractions)."""
+        amounts = [("rho", v) for v in self.rho] + [("keep_fraction", v) for v in self.keep_fraction]
+        return [(layers, matrices, kind, value)
+                for layers, matrices, (kind, value) in itertools.product(self.layers, self.matrices, amounts)]
+
+
+def matrices_spec(matrices: str, layers: str | None) -> TargetSpec:
+    """The `TargetSpec` of a matrix selection: a preset name or one glob / `re:` pattern."""
+    if matrices in PRESETS:
+        return TargetSpec(preset=matrices, layers=layers)
+    return TargetSpec(patterns=(matrices,), layers=layers)
+
+
+@dataclass
+class SweepOptions:
+    """How the sweep evaluates and chooses.
+
+    Attributes:
+        metric: the memorization value to minimise: "strict", "loose" or "similarity"
+            (1 - average normalized Levenshtein distance).
+        ppl_budget: the chosen point's perplexity is at most this times the unedited one
+            (1.1 = 10% above); None chooses nothing.
+        loose_threshold: loose accuracy counts 1 - d/L >= this.
+        batch_size: sequences per forward pass / decoding batch.
+        seed: seed of the "random" control method.
+        compute_dtype: "float64" or "float32" for the basis change.
+        device: where to do the edit's linear algebra (default: the weights' device).
+        progress: show a progress bar over the points.
+    """
+
+    metric: str = "loose"
+    ppl_budget: float | None = 1.1
+    loose_threshold: float = 0.75
+    batch_size: int = 16
+    seed: int = 0
+    compute_dtype: str = "float64"
+    device: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises: SweepError: an unknown metric or a non-positive budget."""
+        if self.metric not in METRICS:
+            raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
+        if self.ppl_budget is not None and not self.ppl_budget > 0:
+            raise SweepError(f"the perplexity budget must be positive, got {self.ppl_budget}")
+
+
+@dataclass
+class SweepPoint:
+    """One evaluated setting (or the unedited model, with empty setting fields).
+
+    Attributes:
+        layers: the layer group.
+        matrices: the matrix selection.
+        amount_kind: "rho" or "keep_fraction" ("" for the unedited model).
+        amount: the value.
+        method: the edit method.
+        strict: strict recitation accuracy on the memorized set.
+        loose: loose recitation accuracy.
+        avg_normalized_distance: mean d / L (higher = less memorization).
+        perplexity: held-out perplexity.
+        kept: components kept, summed over the point's targets.
+        total: components in all, summed over the point's targets.
+        targets: target name -> its edit statistics (kept, total, mass_kept, rel_change).
+    """
+
+    layers: str = ""
+    matrices: str = ""
+    amount_kind: str = ""
+    amount: float = 1.0
+    method: str = ""
+    strict: float = 0.0
+    loose: float = 0.0
+    avg_normalized_distance: float = 0.0
+    perplexity: float = 0.0
+    kept: int = 0
+    total: int = 0
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """A short description, e.g. "layers 2-3 mlp-in rho=0.9"."""
+        if not self.amount_kind:
+            return "unedited"
+        return f"layers {self.layers} {self.matrices} {self.amount_kind}={self.amount:g}"
+
+
+def memorization_value(point: SweepPoint, metric: str = "loose") -> float:
+    """The memorization a point leaves (lower = less memorization).
+
+    Args:
+        point: an evaluated point.
+        metric: "strict", "loose" or "similarity" (1 - average normalized distance).
+
+    Returns:
+        The value in [0, 1].
+
+    Raises:
+        SweepError: an unknown metric.
+    """
+    if metric == "strict":
+        return point.strict
+    if metric == "loose":
+        return point.loose
+    if metric == "similarity":
+        return 1.0 - point.avg_normalized_distance
+    raise SweepError(f"unknown metric {metric!r}; choose one of {METRICS}")
+
+
+def _objectives(points: Sequence[SweepPoint], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(memorization, perplexity) arrays; a NaN counts as the worst value (+inf)."""
+    mem = np.array([memorization_value(p, metric) for p in points], dtype=np.float64)
+    ppl = np.array([p.perplexity for p in points], dtype=np.float64)
+    return np.nan_to_num(mem, nan=np.inf), np.nan_to_num(ppl, nan=np.inf)
+
+
+def pareto_front(points: Sequence[SweepPoint], metric: str = "loose") -> list[int]:
+    """Indices of the points no other point dominates on (memorization, perplexity).
+
+    q dominates p when q is no worse on both and strictly better on at least one; equal
+    points do not dominate each other. NaN values count as +inf.
+
+    Args:
+        points: evaluated points.
+        metric: which memorization value to minimise (see `memorization_value`).
+
+    Returns:
+        Indices into `points`, by increasing perplexity (ties: increasing memorization,
+        then index).
+    """
+    if not points:
+        return []
+    mem, ppl = _objectives(points, metric)
+    no_worse = (mem[None, :] <= mem[:, None]) & (ppl[None, :] <= ppl[:, None])  # [p, q]: q no worse than p
+    better = (mem[None, :] < mem[:, None]) | (ppl[None, :] < ppl[:, None])
+    dominated = (no_worse & better).any(axis=1)
+    front = np.flatnonzero(~dominated)
+    return sorted(front.tolist(), key=lambda i: (ppl[i], mem[i], i))
+
+
+def choose_point(points: Sequence[SweepPoint], baseline_ppl: float, budget: float, metric: str = "loose") -> int | None:
+    """The point of least memorization whose perplexity is within the budget.
+
+    Args:
+        points: evaluated points.
+        baseline_ppl: the unedited model's perplexity.
+        budget: allowed perplexity ratio (1.1: at most 10% above `baseline_ppl`).
+        metric: which memorization value to minimise.
+
+    Returns:
+        The index of the chosen point (ties: lower perplexity, then earlier index), or
+        None when no point is within the budget.
+
+    Raises:
+        SweepError: a non-positive budget or baseline perplexity.
+    """
+    if not budget > 0 or not baseline_ppl > 0:
+        raise SweepError(f"budget and baseline perplexity must be positive, got {budget} and {baseline_ppl}")
+    mem, ppl = _objectives(points, metric)
+    allowed = [i for i in range(len(points)) if ppl[i] <= budget * baseline_ppl]
+    if not allowed:
+        return None
+    return min(allowed, key=lambda i: (mem[i], ppl[i], i))
+
+
+@dataclass
+class SweepResult:
+    """All points of a sweep, the unedited baseline, the front and the chosen point.
+
+    Attributes:
+        grid: the grid swept.
+        options: the options used.
+        baseline: the unedited model's metrics.
+        points: evaluated points, in grid order.
+        front: indices of the Pareto-front points (by increasing perplexity).
+        chosen: index of the chosen point, or None (no budget, or nothing within it).
+    """
+
+    grid: SweepGrid
+    options: SweepOptions
+    baseline: SweepPoint
+    points: list[SweepPoint]
+    front: list[int]
+    chosen: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: grid, options, baseline, and every point with `on_front`, `chosen`,
+        its memorization value and perplexity ratio to the baseline."""
+        front = set(self.front)
+
+        def row(point: SweepPoint, index: int | None) -> dict[str, Any]:
+            return {**asdict(point), "label": point.label,
+                    "memorization": memorization_value(point, self.options.metric),
+                    "ppl_ratio": point.perplexity / self.baseline.perplexity,
+                    **({"on_front": index in front, "chosen": index == self.chosen} if index is not None else {})}
+
+        return {"grid": asdict(self.grid), "options": asdict(self.options), "baseline": row(self.baseline, None),
+                "points": [row(p, i) for i, p in enumerate(self.points)], "front": self.front, "chosen": self.chosen}
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write `sweep.json` and `sweep.png` into `out_dir` (created if missing).
+
+        Returns:
+            (JSON path, PNG path).
+        """
+        from curvedit.io import write_json  # noqa: PLC0415
+
+        out = Path(out_dir)
+        write_json(out / SWEEP_JSON, self.to_dict())
+        return out / SWEEP_JSON, plot_sweep(self, out / SWEEP_PNG)
+
+
+def load_bases(targets: Sequence[Target], factor_dir: str | Path, device: str | torch.device | None = None
+               ) -> dict[str, Eigenbasis]:
+    """Eigenbases of the targets' factors, checked against the model and cached on disk.
+
+    Args:
+        targets: the targets (their factors must be in `factor_dir`).
+        factor_dir: the factor directory.
+        device: where to run `eigh` (default CPU).
+
+    Returns:
+        Target name -> `Eigenbasis` (computed once, then read from the cache).
+
+    Raises:
+        curvedit.factors.FactorError: factors missing, of another model, or wrong shapes.
+    """
+    from curvedit.factors import check_factors_match, load_factors  # noqa: PLC0415
+    from curvedit.spectrum import cached_eigenbases  # noqa: PLC0415
+
+    factors = load_factors(factor_dir)
+    check_factors_match(factors, list(targets))
+    return cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device)
+
+
+def _evaluate(model: nn.Module, windows: Sequence[Window], heldout: Sequence[Sequence[int]], pad_id: int,
+              options: SweepOptions) -> dict[str, float]:
+    recitation, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=options.batch_size,
+                                        loose_threshold=options.loose_threshold)
+    ppl = perplexity(model, heldout, pad_id=pad_id, batch_size=options.batch_size)
+    return {"strict": recitation.strict, "loose": recitation.loose,
+            "avg_normalized_distance": recitation.avg_normalized_distance, "perplexity": ppl.perplexity}
+
+
+def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | None, grid: SweepGrid,
+              memorized_windows: Sequence[Window], heldout_sequences: Sequence[Sequence[int]],
+              options: SweepOptions | None = None) -> SweepResult:
+    """Evaluate every grid point in memory (edit, evaluate, undo) and mark front and choice.
+
+    The model is left exactly as it was (every edit is undone bit for bit, also when an
+    evaluation fails).
+
+    Args:
+        model: the unedited HF causal LM (the factors must come from these weights).
+        tokenizer: its tokenizer (for the padding id); may be None.
+        factor_dir: the factor directory (may be None only for method "svd").
+        grid: the settings to try.
+        memorized_windows: prefix/suffix windows the model recites (e.g. from
+            `curvedit.evaluate.memorization.read_memorized`).
+        heldout_sequences: held-out token sequences for perplexity.
+        options: `SweepOptions`.
+
+    Returns:
+        A `SweepResult` (call `.write(out_dir)` for JSON + PNG).
+
+    Raises:
+        SweepError: an invalid grid or options, no memorized window, no held-out sequence,
+            or a grid point that selects no target.
+        curvedit.factors.FactorError: factors that do not match the model.
+    """
+    options = options or SweepOptions()
+    options.validate()
+    grid.validate()
+    if not memorized_windows:
+        raise SweepError("the sweep needs at least one memorized window")
+    if not heldout_sequences:
+        raise SweepError("the sweep needs held-out sequences for perplexity")
+    point_targets: dict[tuple[str, str], list[Target]] = {}
+    for layers, matrices in itertools.product(grid.layers, grid.matrices):
+        try:
+            point_targets[layers, matrices] = select_targets(model, matrices_spec(matrices, layers))
+        except TargetError as err:
+            raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
+    union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
+    bases = None
+    if grid.method != "svd":
+        if factor_dir is None:
+            raise SweepError(f"method {grid.method!r} needs a factor directory")
+        bases = load_bases(union, factor_dir)
+    pad_id = default_pad_id(tokenizer)
+    baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options))
+    points: list[SweepPoint] = []
+    settings = grid.settings()
+    bar = tqdm(settings, unit="point", desc="sweep", disable=not options.progress)
+    for layers, matrices, kind, value in bar:
+        plan = EditPlan([EditRule("*", **{kind: value})], method=grid.method, seed=options.seed,
+                        compute_dtype=options.compute_dtype)
+        applied = apply_edit(point_targets[layers, matrices], plan, bases, options.device)
+        try:
+            metrics = _evaluate(model, memorized_windows, heldout_sequences, pad_id, options)
+        finally:
+            applied.undo()
+        stats = {s.name: {"kept": s.kept, "total": s.total, "mass_kept": s.mass_kept, "rel_change": s.rel_change}
+                 for s in applied.stats}
+        points.append(SweepPoint(layers=layers, matrices=matrices, amount_kind=kind, amount=value, method=grid.method,
+                                 kept=sum(s.kept for s in applied.stats), total=sum(s.total for s in applied.stats),
+                                 targets=stats, **metrics))
+        bar.set_postfix(**{options.metric: f"{memorization_value(points[-1], options.metric):.3f}",
+                           "ppl": f"{metrics['perplexity']:.3f}"})
+    front = pareto_front(points, options.metric)
+    chosen = (choose_point(points, baseline.perplexity, options.ppl_budget, options.metric)
+              if options.ppl_budget is not None else None)
+    return SweepResult(grid=grid, options=options, baseline=baseline, points=points, front=front, chosen=chosen)
+
+
+def plot_sweep(result: SweepResult, out: str | Path) -> Path:
+    """Memorization vs perplexity: every point, the front (line), the chosen point (star),
+    the unedited model (cross) and the perplexity budget (dashed line). Writes a PNG.
+
+    Returns:
+        The PNG path.
+    """
+    from curvedit.plots import _pyplot  # noqa: PLC0415
+
+    plt = _pyplot()
+    metric = result.options.metric
+    mem = [100 * memorization_value(p, metric) for p in result.points]
+    ppl = [p.perplexity for p in result.points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.scatter(ppl, mem, s=22, color="0.65", label="grid points", zorder=2)
+    front_x = [ppl[i] for i in result.front]
+    front_y = [mem[i] for i in result.front]
+    ax.plot(front_x, front_y, "-o", color="tab:blue", ms=5, lw=1.2, label="Pareto front", zorder=3)
+    base = result.baseline
+    ax.scatter([base.perplexity], [100 * memorization_value(base, metric)], marker="X", s=80, color="k",
+               label="unedited", zorder=4)
+    if result.options.ppl_budget is not None:
+        limit = result.options.ppl_budget * base.perplexity
+        ax.axvline(limit, color="tab:red", ls="--", lw=1, label=f"budget x{result.options.ppl_budget:g}")
+    if result.chosen is not None:
+        chosen = result.points[result.chosen]
+        ax.scatter([ppl[result.chosen]], [mem[result.chosen]], marker="*", s=220, color="tab:orange",
+                   edgecolor="k", label=f"chosen: {chosen.label}", zorder=5)
+    finite = [v for v in ppl + [base.perplexity] if math.isfinite(v)]
+    if finite and max(finite) / min(finite) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("held-out perplexity")
+    ax.set_ylabel(f"memorization ({metric}, %)")
+    ax.set_title(f"{result.grid.method} sweep: {len(result.points)} points, {len(result.front)} on the front",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
