@@ -9,6 +9,16 @@ import transformers
 transformers.logging.set_verbosity_error()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread: the tests' tensors are tiny, and on a shared 2-core machine two
+    spinning OpenMP threads made small loops up to 70x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def tiny_gpt2(seed: int = 0, vocab: int = 11, n_layer: int = 2, dtype=torch.float64):
     """GPT-2 (Conv1D weights) with a small vocabulary, in float64, eval mode."""
     torch.manual_seed(seed)

@@ -3,10 +3,6 @@
 `trained_reciter()` is a 2-layer GPT-2 over a character tokenizer, trained for about a
 second until it recites `MEMORIZED` documents verbatim; `HELDOUT` documents come from
 the same generator and were never trained on. It is built once per test session.
-
-`single_thread` is an autouse fixture for the evaluation test modules (import it):
-these models are tiny, and on a shared 2-core machine several intra-op threads spin
-against other processes and run up to 50x slower than one.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ import functools
 import random
 from dataclasses import dataclass
 
-import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -42,14 +37,6 @@ def tiny_gpt2(vocab_size: int, *, n_positions: int = 64, seed: int = 0) -> GPT2L
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run the module's tests with one torch thread, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @dataclass
 class Reciter:
@@ -62,12 +49,7 @@ class Reciter:
 @functools.lru_cache(maxsize=1)
 def trained_reciter() -> Reciter:
     """Train a tiny GPT-2 until greedy teacher forcing reproduces every MEMORIZED text (one torch thread)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_reciter()
-    finally:
-        torch.set_num_threads(previous)
+    return _train_reciter()
 
 
 def _train_reciter() -> Reciter:

@@ -1,16 +1,14 @@
 """The edit: closed-form properties and an independent float64 recomputation."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from curvedit.edit import (METHODS, EditError, EditPlan, EditRule, apply_edit, change_basis_and_mask, edit_model,
                            svd_truncate)
 from curvedit.factors import FactorError, TargetFactors
-from curvedit.spectrum import SelectionError, eigenbasis, select_by_mass
+from curvedit.spectrum import eigenbasis, select_by_mass
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
 

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from curvedit.cli import app
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
-from evaluate_helpers import single_thread  # noqa: F401 - autouse: one torch thread
 
 runner = CliRunner()
 

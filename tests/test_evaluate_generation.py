@@ -7,7 +7,6 @@ import torch
 
 from curvedit.evaluate.generation import context_window, greedy_generate
 from evaluate_helpers import tiny_gpt2
-from evaluate_helpers import single_thread  # noqa: F401 - autouse: one torch thread
 
 
 def one_by_one(model, prompt, steps):

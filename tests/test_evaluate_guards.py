@@ -10,7 +10,6 @@ import torch
 from curvedit.data import DataError
 from curvedit.evaluate.perplexity import ndcg_at_k, next_token_rankings, perplexity
 from evaluate_helpers import tiny_gpt2
-from evaluate_helpers import single_thread  # noqa: F401 - autouse: one torch thread
 
 VOCAB = 40
 

@@ -13,7 +13,6 @@ from curvedit.evaluate.memorization import (
     FindOptions, Window, evaluate_recitation, find_memorized, found_to_row, read_memorized, teacher_forced_match,
     write_jsonl)
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
-from evaluate_helpers import single_thread  # noqa: F401 - autouse: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import pytest
 from curvedit.evaluate.memorization import Window
 from curvedit.evaluate.stress import StressOptions, score_continuations, stress_test
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
-from evaluate_helpers import single_thread  # noqa: F401 - autouse: one torch thread
 
 
 @pytest.fixture(scope="module")

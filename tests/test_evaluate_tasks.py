@@ -11,7 +11,6 @@ from curvedit.evaluate.tasks import (
     ChoiceItem, GenerateItem, TaskFormatError, TaskOptions, choice_scores, load_tasks, parse_task_file,
     run_lm_eval, run_tasks)
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, trained_reciter
-from evaluate_helpers import single_thread  # noqa: F401 - autouse: one torch thread
 
 
 def write_lines(path, *rows):

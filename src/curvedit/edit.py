@@ -283,16 +283,13 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         FactorError: factors of another model, or missing for a target.
         EditError: factors missing for a method that needs them.
     """
-    from curvedit.factors import check_factors_match, load_factors  # noqa: PLC0415
-    from curvedit.spectrum import cached_eigenbases  # noqa: PLC0415
+    from curvedit.spectrum import load_bases  # noqa: PLC0415
 
     bases = None
     if plan.method != "svd":
         if factor_dir is None:
             raise EditError(f"method {plan.method!r} needs a factor directory")
-        factors = load_factors(factor_dir)
-        check_factors_match(factors, targets)
-        bases = cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device)
+        bases = load_bases(targets, factor_dir, device)
     return apply_edit(targets, plan, bases, device)
 
 

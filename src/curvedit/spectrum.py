@@ -19,8 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from curvedit.factors import FACTORS_FILE, TargetFactors
+from curvedit.factors import FACTORS_FILE, TargetFactors, check_factors_match, load_factors
 from curvedit.io import write_safetensors
+from curvedit.targets import Target
 
 EIGEN_FILE = "eigenbasis.safetensors"
 
@@ -116,6 +117,26 @@ def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors],
         except OSError:
             pass  # a read-only factor directory: the cache is an optimisation only
     return bases
+
+
+def load_bases(targets: list[Target], factor_dir: str | Path, device: str | torch.device | None = None
+               ) -> dict[str, Eigenbasis]:
+    """Eigenbases of the targets' factors, checked against the model and cached on disk.
+
+    Args:
+        targets: the targets (their factors must be in `factor_dir`).
+        factor_dir: the factor directory.
+        device: where to run `eigh` (default CPU).
+
+    Returns:
+        Target name -> `Eigenbasis` (computed once, then read from the cache).
+
+    Raises:
+        curvedit.factors.FactorError: factors missing, of another model, or wrong shapes.
+    """
+    factors = load_factors(factor_dir)
+    check_factors_match(factors, targets)
+    return cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device)
 
 
 def _row_counts(lam: torch.Tensor, mu: torch.Tensor, t: float, strict: bool) -> torch.Tensor:

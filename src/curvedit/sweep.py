@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
 from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import Eigenbasis
+from curvedit.spectrum import load_bases
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 
 METRICS = ("strict", "loose", "similarity")
@@ -300,29 +299,6 @@ class SweepResult:
         out = Path(out_dir)
         write_json(out / SWEEP_JSON, self.to_dict())
         return out / SWEEP_JSON, plot_sweep(self, out / SWEEP_PNG)
-
-
-def load_bases(targets: Sequence[Target], factor_dir: str | Path, device: str | torch.device | None = None
-               ) -> dict[str, Eigenbasis]:
-    """Eigenbases of the targets' factors, checked against the model and cached on disk.
-
-    Args:
-        targets: the targets (their factors must be in `factor_dir`).
-        factor_dir: the factor directory.
-        device: where to run `eigh` (default CPU).
-
-    Returns:
-        Target name -> `Eigenbasis` (computed once, then read from the cache).
-
-    Raises:
-        curvedit.factors.FactorError: factors missing, of another model, or wrong shapes.
-    """
-    from curvedit.factors import check_factors_match, load_factors  # noqa: PLC0415
-    from curvedit.spectrum import cached_eigenbases  # noqa: PLC0415
-
-    factors = load_factors(factor_dir)
-    check_factors_match(factors, list(targets))
-    return cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device)
 
 
 def _evaluate(model: nn.Module, windows: Sequence[Window], heldout: Sequence[Sequence[int]], pad_id: int,

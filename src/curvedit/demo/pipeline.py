@@ -14,12 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from tqdm.auto import tqdm
 
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches
-from curvedit.demo.measure import FAMILIES, WorldProbe, heldout_sequences, measure, quote_windows, string_windows
+from curvedit.demo.measure import WorldProbe, heldout_sequences, measure, quote_windows, string_windows
 from curvedit.demo.train import TRAIN_META, TrainConfig, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
 from curvedit.edit import EditPlan, EditRule, apply_edit

@@ -1,0 +1,192 @@
+"""The `sweep` and `analyze` commands (thin layers over `curvedit.sweep` and `curvedit.analysis`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _floats(text: Optional[str], option: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _groups(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(";") if part.strip())
+
+
+def _factor_targets(model, factor_dir: Path, preset: Optional[str], targets: Optional[List[str]],
+                    layers: Optional[str]):
+    """The targets to analyse: those of the spec when one is given, else every target of the factors."""
+    from curvedit.cli import target_spec  # noqa: PLC0415
+    from curvedit.factors import load_factors  # noqa: PLC0415
+    from curvedit.targets import TargetError, TargetSpec, select_targets  # noqa: PLC0415
+
+    if preset or targets or layers:
+        return select_targets(model, target_spec(preset, targets, layers))
+    names = set(load_factors(factor_dir).targets)
+    chosen = [t for t in select_targets(model, TargetSpec()) if t.name in names]
+    if not chosen:
+        shown = ", ".join(sorted(names)[:4])
+        raise TargetError(f"{factor_dir}: no factor target ({shown}, ...) is a module of this model")
+    return chosen
+
+
+def sweep_command(
+    model: str = typer.Option(..., "--model", "-m", help="HF model name or local directory (unedited)."),
+    factors: Optional[Path] = typer.Option(None, "--factors", "-f", help="Factor directory (not needed for svd)."),
+    layers_grid: str = typer.Option(..., "--layers-grid", help="Layer groups separated by ';', e.g. '1-2;2-3;3'."),
+    matrices: str = typer.Option("mlp-in", "--matrices", help="Presets or patterns separated by ';' "
+                                                              "(mlp-in, mlp, mlp-out, '*.up_proj', ...)."),
+    rho_grid: Optional[str] = typer.Option(None, "--rho-grid", help="Mass fractions to keep, e.g. 0.6,0.75,0.9."),
+    keep_grid: Optional[str] = typer.Option(None, "--keep-grid", help="Component fractions to keep, e.g. 0.3,0.5."),
+    method: str = typer.Option("kfac", "--method", help="kfac, svd, random or lowest."),
+    memorized: Path = typer.Option(..., "--memorized", help="Memorized-windows JSONL (find-memorized)."),
+    heldout: str = typer.Option(..., "--heldout", help="Held-out corpus for perplexity."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for sweep.json and sweep.png."),
+    ppl_budget: float = typer.Option(1.1, "--ppl-budget", help="Chosen point: perplexity at most this x unedited."),
+    metric: str = typer.Option("loose", "--metric", help="Memorization to minimise: loose, strict or similarity."),
+    heldout_seq_len: int = typer.Option(512, "--heldout-seq-len"),
+    heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens"),
+    loose_threshold: float = typer.Option(0.75, "--loose-threshold"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random control."),
+    text_field: str = typer.Option("text", "--text-field"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Load weights as bf16/fp16/float32."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Sweep layers x matrices x amounts in memory; write all points, the Pareto front and the chosen point."""
+    from curvedit.cli import fail  # noqa: PLC0415
+    from curvedit.data import DataError  # noqa: PLC0415
+    from curvedit.edit import EditError  # noqa: PLC0415
+    from curvedit.evaluate.memorization import read_memorized  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import heldout_sequences  # noqa: PLC0415
+    from curvedit.factors import FactorError  # noqa: PLC0415
+    from curvedit.models import load_model  # noqa: PLC0415
+    from curvedit.spectrum import SelectionError  # noqa: PLC0415
+    from curvedit.sweep import SWEEP_JSON, SweepError, SweepGrid, SweepOptions, run_sweep  # noqa: PLC0415
+    from curvedit.targets import TargetError  # noqa: PLC0415
+
+    if (out / SWEEP_JSON).exists() and not overwrite:
+        fail(f"{out / SWEEP_JSON} exists; pass --overwrite to replace it")
+    grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=_floats(rho_grid, "--rho-grid"),
+                     keep_fraction=_floats(keep_grid, "--keep-grid"), method=method)
+    options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
+                           batch_size=batch_size, seed=seed, device=device, progress=progress)
+    try:
+        grid.validate()
+        options.validate()
+        loaded = load_model(model, device=device, dtype=dtype)
+        windows = read_memorized(memorized, loaded.preprocessor)
+        heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
+                                         max_tokens=heldout_max_tokens, text_field=text_field)
+        result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options)
+    except (SweepError, FactorError, EditError, SelectionError, TargetError, DataError, FileNotFoundError,
+            ValueError) as err:
+        fail(str(err))
+    paths = result.write(out)
+    base = result.baseline
+    typer.echo(f"{'point':<44} {'strict':>7} {'loose':>7} {'dist':>7} {'ppl':>9} {'kept':>7}  front")
+    typer.echo(f"{'unedited':<44} {base.strict:>7.3f} {base.loose:>7.3f} {base.avg_normalized_distance:>7.3f} "
+               f"{base.perplexity:>9.3f} {'':>7}")
+    front = set(result.front)
+    for index, p in enumerate(result.points):
+        mark = ("*" if index in front else "") + (" chosen" if index == result.chosen else "")
+        typer.echo(f"{p.label:<44} {p.strict:>7.3f} {p.loose:>7.3f} {p.avg_normalized_distance:>7.3f} "
+                   f"{p.perplexity:>9.3f} {p.kept / max(p.total, 1):>7.3f}  {mark}")
+    if result.chosen is None:
+        typer.echo(f"no point within the perplexity budget x{ppl_budget:g} ({ppl_budget * base.perplexity:.3f})")
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
+def analyze_command(
+    model: str = typer.Option(..., "--model", "-m", help="HF model name or local directory (unedited)."),
+    factors: Path = typer.Option(..., "--factors", "-f", help="Factor directory."),
+    memorized: Path = typer.Option(..., "--memorized", help="Memorized-windows JSONL (find-memorized)."),
+    clean: str = typer.Option(..., "--clean", help="Clean corpus (text / input_ids JSONL, .txt, folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for bands.json and the per-layer PNGs."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Target preset [default: every factor target]."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Module-name glob or 're:REGEX'."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layer range, e.g. 22 or 20-23."),
+    bands: str = typer.Option("0.1,0.25,0.5", "--bands", help="Band edges as fractions of the ordered basis."),
+    positions: str = typer.Option("suffix", "--positions", help="Memorized positions counted: suffix or all."),
+    clean_seq_len: int = typer.Option(512, "--clean-seq-len", help="Sequence length for packing the clean corpus."),
+    clean_max_tokens: Optional[int] = typer.Option(100_000, "--clean-max-tokens"),
+    family: Optional[List[str]] = typer.Option(None, "--family", help="Task family NAME=prompts.jsonl (repeatable)."),
+    drops: Optional[Path] = typer.Option(None, "--drops", help="JSON {family: accuracy drop after the edit}."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    text_field: str = typer.Option("text", "--text-field"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Load weights as bf16/fp16/float32."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Mean |v^T x| per curvature band, memorized vs clean, in the K-FAC and the SVD basis."""
+    from curvedit.analysis import (BANDS_JSON, AnalysisError, BandOptions, band_analysis, read_drops,  # noqa: PLC0415
+                                   read_prompts, task_family_shares, write_task_families)
+    from curvedit.cli import fail  # noqa: PLC0415
+    from curvedit.data import DataError  # noqa: PLC0415
+    from curvedit.evaluate.memorization import default_pad_id, read_memorized  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import heldout_sequences  # noqa: PLC0415
+    from curvedit.factors import FactorError  # noqa: PLC0415
+    from curvedit.models import load_model  # noqa: PLC0415
+    from curvedit.spectrum import load_bases  # noqa: PLC0415
+    from curvedit.targets import TargetError  # noqa: PLC0415
+
+    if (out / BANDS_JSON).exists() and not overwrite:
+        fail(f"{out / BANDS_JSON} exists; pass --overwrite to replace it")
+    families: dict[str, Path] = {}
+    for item in family or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            fail(f"--family expects NAME=FILE, got {item!r}")
+        families[name] = Path(path)
+    if drops is not None and not families:
+        fail("--drops needs at least one --family")
+    options = BandOptions(edges=_floats(bands, "--bands"), positions=positions, batch_size=batch_size,
+                          progress=progress)
+    try:
+        options.validate()
+        loaded = load_model(model, device=device, dtype=dtype)
+        tokenizer = loaded.preprocessor
+        chosen = _factor_targets(loaded.model, factors, preset, targets, layers)
+        bases = load_bases(chosen, factors)
+        windows = read_memorized(memorized, tokenizer)
+        clean_seqs = heldout_sequences(clean, tokenizer, seq_len=clean_seq_len, max_tokens=clean_max_tokens,
+                                       text_field=text_field)
+        pad_id = default_pad_id(tokenizer)
+        analysis = band_analysis(loaded.model, chosen, bases, windows, clean_seqs, options, pad_id=pad_id)
+        written = analysis.write(out)
+        if families:
+            prompts = {name: read_prompts(path, tokenizer, text_field=text_field) for name, path in families.items()}
+            shares = task_family_shares(loaded.model, chosen, bases, prompts,
+                                        read_drops(drops) if drops is not None else None, options, pad_id=pad_id)
+            written += write_task_families(shares, out)
+    except (AnalysisError, FactorError, TargetError, DataError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    labels = [b.band for b in analysis.targets[0].kfac]
+    typer.echo(f"memorized/clean ratio per band ({analysis.memorized_positions} memorized, "
+               f"{analysis.clean_positions} clean positions)")
+    typer.echo(f"{'target':<40} {'basis':<5} " + " ".join(f"{label:>8}" for label in labels))
+    for target in analysis.targets:
+        for basis, rows in (("kfac", target.kfac), ("svd", target.svd)):
+            typer.echo(f"{target.name:<40} {basis:<5} " + " ".join(f"{b.ratio:>8.3f}" for b in rows))
+    typer.echo(f"wrote {len(written)} files to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `sweep` and `analyze` commands to the `curvedit` app.
+
+    Args:
+        app: the typer application.
+    """
+    app.command("sweep")(sweep_command)
+    app.command("analyze")(analyze_command)

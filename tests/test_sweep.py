@@ -1,0 +1,153 @@
+"""The sweep: grid points evaluated in memory, the Pareto front, the choice under a budget."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import curvedit.spectrum
+from curvedit.cli import app
+from curvedit.collect import CollectOptions, collect_factors
+from curvedit.data import lm_batches
+from curvedit.edit import EditPlan, EditRule, apply_edit
+from curvedit.evaluate.memorization import Window, evaluate_recitation
+from curvedit.evaluate.perplexity import perplexity
+from curvedit.factors import save_factors
+from curvedit.spectrum import load_bases
+from curvedit.sweep import (SweepError, SweepGrid, SweepOptions, SweepPoint, choose_point, pareto_front,
+                            run_sweep)
+from curvedit.targets import TargetSpec, select_targets
+from tests.conftest import tiny_gpt2
+
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A tiny GPT-2 (float64), its factors on disk, windows to recite and held-out text."""
+    model = tiny_gpt2()
+    ids = torch.randint(1, 11, (10, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    factors = collect_factors(model, lm_batches(ids[:6], 3, 0), select_targets(model, TargetSpec(preset="mlp")),
+                              options=CollectOptions(progress=False))
+    save_factors(factors, tmp_path / "factors")
+    windows = [Window(s[:6], s[6:]) for s in ids[6:8]]
+    return model, tmp_path / "factors", windows, ids[8:]
+
+
+def quiet(**kwargs):
+    return SweepOptions(progress=False, **kwargs)
+
+
+def test_a_two_by_two_grid_gives_four_points_and_leaves_the_model_bit_identical(world, monkeypatch):
+    model, factors, windows, heldout = world
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real_eigenbasis = curvedit.spectrum.eigenbasis
+    monkeypatch.setattr(curvedit.spectrum, "eigenbasis", lambda f, d=None: calls.append(1) or real_eigenbasis(f, d))
+    grid = SweepGrid(layers=("0", "1"), matrices=("mlp-in",), rho=(0.5, 0.9))
+    result = run_sweep(model, None, factors, grid, windows, heldout, quiet(ppl_budget=1.5))
+
+    assert [(p.layers, p.amount_kind, p.amount) for p in result.points] == [
+        ("0", "rho", 0.5), ("0", "rho", 0.9), ("1", "rho", 0.5), ("1", "rho", 0.9)]
+    assert list(result.points[2].targets) == ["transformer.h.1.mlp.c_fc"]
+    assert all(0 < p.kept < p.total == 64 * 16 for p in result.points)
+    assert len(calls) == 2  # one eigendecomposition per target for the whole grid
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    applied = apply_edit(select_targets(model, TargetSpec(preset="mlp-in", layers="1")),
+                         EditPlan([EditRule(rho=0.5)]), load_bases(select_targets(model, TargetSpec(preset="mlp-in")),
+                                                                   factors))
+    recitation, _ = evaluate_recitation(model, windows)
+    direct = perplexity(model, heldout).perplexity
+    applied.undo()
+    assert result.points[2].loose == recitation.loose and result.points[2].perplexity == direct
+    assert result.baseline.perplexity == perplexity(model, heldout).perplexity
+
+    calls.clear()
+    run_sweep(model, None, factors, grid, windows, heldout, quiet())
+    assert calls == []  # the second sweep reads the cached eigenbases
+
+
+def test_the_chosen_point_respects_the_budget_and_the_outputs_are_written(world, tmp_path):
+    model, factors, windows, heldout = world
+    grid = SweepGrid(layers=("0-1",), matrices=("mlp-in", "mlp"), rho=(0.3,), keep_fraction=(0.5, 0.95))
+    result = run_sweep(model, None, factors, grid, windows, heldout, quiet(ppl_budget=1.05, metric="similarity"))
+    assert len(result.points) == 6
+    assert result.chosen is not None
+    assert result.points[result.chosen].perplexity <= 1.05 * result.baseline.perplexity
+    assert result.chosen in result.front
+    json_path, png_path = result.write(tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert [p["on_front"] for p in data["points"]] == [i in result.front for i in range(6)]
+    assert [p["chosen"] for p in data["points"]] == [i == result.chosen for i in range(6)]
+    assert data["baseline"]["label"] == "unedited" and data["baseline"]["ppl_ratio"] == 1.0
+    assert png_path.stat().st_size > 0
+
+
+def point(loose, ppl, distance=0.0):
+    return SweepPoint(layers="1", matrices="mlp-in", amount_kind="rho", amount=0.9, method="kfac", strict=loose,
+                      loose=loose, avg_normalized_distance=distance, perplexity=ppl)
+
+
+# index:      0            1            2            3            4            5             6            7
+HAND = [point(0.9, 10), point(0.5, 11), point(0.5, 12), point(0.2, 15), point(0.2, 15), point(0.6, 11.5),
+        point(0.0, 30), point(0.9, 10)]
+
+
+def test_the_pareto_front_keeps_ties_and_drops_dominated_points():
+    # 2 (same memorization, worse perplexity than 1) and 5 (worse on both than 1) are dominated;
+    # the identical pairs 0/7 and 3/4 do not dominate each other.
+    assert pareto_front(HAND) == [0, 7, 1, 3, 4, 6]
+    assert pareto_front([]) == []
+    assert pareto_front([point(0.4, float("nan")), point(0.4, 20)]) == [1]  # NaN counts as worst
+
+
+def test_the_front_can_be_taken_on_the_distance_metric():
+    points = [point(1.0, 10, distance=0.1), point(1.0, 12, distance=0.6), point(1.0, 11, distance=0.05)]
+    assert pareto_front(points, metric="loose") == [0]
+    assert pareto_front(points, metric="similarity") == [0, 1]  # higher distance = less memorization
+
+
+def test_the_choice_is_the_least_memorization_within_the_budget():
+    assert choose_point(HAND, baseline_ppl=10, budget=1.2) == 1  # ties 1/2 on memorization: lower perplexity
+    assert choose_point(HAND, baseline_ppl=10, budget=1.5) == 3  # exact tie 3/4: the earlier point
+    assert choose_point(HAND, baseline_ppl=10, budget=3.0) == 6
+    assert choose_point(HAND, baseline_ppl=10, budget=0.5) is None
+    for budget in (1.0, 1.2, 1.5, 3.0):
+        chosen = choose_point(HAND, 10, budget)
+        assert HAND[chosen].perplexity <= budget * 10 and chosen in pareto_front(HAND)
+    with pytest.raises(SweepError, match="positive"):
+        choose_point(HAND, baseline_ppl=10, budget=0)
+
+
+def test_bad_grids_are_refused_with_the_reason(world):
+    model, factors, windows, heldout = world
+    with pytest.raises(SweepError, match="at least one rho or keep-fraction"):
+        run_sweep(model, None, factors, SweepGrid(layers=("0",)), windows, heldout, quiet())
+    with pytest.raises(SweepError, match=r"layers='7'"):
+        run_sweep(model, None, factors, SweepGrid(layers=("7",), rho=(0.5,)), windows, heldout, quiet())
+    with pytest.raises(SweepError, match=r"in \(0, 1\]"):
+        run_sweep(model, None, factors, SweepGrid(layers=("0",), rho=(1.5,)), windows, heldout, quiet())
+    with pytest.raises(SweepError, match="memorized window"):
+        run_sweep(model, None, factors, SweepGrid(layers=("0",), rho=(0.5,)), [], heldout, quiet())
+
+
+def test_cli_sweep(tmp_path, lm_dir, text_jsonl):
+    runner = CliRunner()
+    factors = tmp_path / "factors"
+    assert runner.invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out", str(factors),
+                               "--seq-len", "16", "--no-progress"]).exit_code == 0
+    memorized = tmp_path / "tune.jsonl"
+    memorized.write_text(json.dumps({"prefix": "the quick brown", "suffix": " fox jumps"}) + "\n")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(lm_dir), "--factors", str(factors), "--layers-grid", "0;0-1",
+            "--matrices", "mlp-in", "--rho-grid", "0.9", "--keep-grid", "0.5", "--memorized", str(memorized),
+            "--heldout", str(text_jsonl), "--heldout-seq-len", "16", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["points"]) == 4 and data["grid"]["layers"] == ["0", "0-1"]
+    assert (out / "sweep.png").is_file() and "unedited" in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
