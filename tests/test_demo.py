@@ -31,7 +31,8 @@ def test_generated_answers_are_right():
         ex = open_book_example(rng)
         pairs = dict(p.split("=") for p in ex.prompt.split(" ?")[0].split())
         assert pairs[ex.prompt.split("?")[1][:-1]] == ex.answer
-    assert arithmetic_example(37, 48).answer == "580" and arithmetic_example(10, 30).answer == "040"
+    assert arithmetic_example(74, 404).prompt == "074+404=" and arithmetic_example(74, 404).answer == "8740"
+    assert arithmetic_example(999, 1).answer == "0001"
     assert quote_split('"a b" - name') == ('"a b" - ', "name")
 
 
@@ -43,6 +44,7 @@ def test_world_is_reproducible_and_its_splits_are_disjoint():
     lines = training_lines(one, random.Random(0))
     train_pairs = {tuple(map(int, line.split("=")[0].split("+"))) for line in lines
                    if "+" in line and line[0].isdigit()}
+    assert len(train_pairs) > 100 and any(a < 10 and b < 10 for a, b in train_pairs)
     assert train_pairs and not train_pairs & one.arithmetic_test_pairs
     tests = evaluation_examples(one, 50, seed=1)
     assert all(tuple(map(int, e.prompt[:-1].split("+"))) in one.arithmetic_test_pairs for e in tests["arithmetic"])
@@ -76,7 +78,7 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["variants"]) == {"unedited", "kfac", "svd", "random", "random_ppl"}
+    assert set(results["variants"]) == {"unedited", "kfac", "svd", "random", "random_ppl", "bsn"}
     for name, row in results["variants"].items():
         assert SCHEMA <= set(row) and "settings" in row, name
         assert all(0 <= row[k] <= 1 for k in SCHEMA - {"perplexity"})
@@ -84,3 +86,5 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| kfac |" in report and (tmp_path / "demo" / "retention.png").is_file()
     assert (tmp_path / "demo" / "sweep" / "sweep.json").is_file()
+    assert (tmp_path / "demo" / "analysis" / "bands.json").is_file()
+    assert (tmp_path / "demo" / "analysis" / "families.png").is_file()

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches
-from curvedit.demo.measure import WorldProbe, heldout_sequences, measure, quote_windows, string_windows
+from curvedit.demo.measure import FAMILIES, WorldProbe, heldout_sequences, measure, quote_windows, string_windows
 from curvedit.demo.train import TRAIN_META, TrainConfig, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
 from curvedit.edit import EditPlan, EditRule, apply_edit
@@ -49,6 +51,9 @@ class DemoOptions:
         ppl_budget: the chosen edit may raise perplexity to at most this times unedited.
         tests_per_family: fresh test items per reasoning family.
         heldout_lines: lines of fresh general text for perplexity.
+        bsn_ratios: BalancedSubnet mask ratios tried (trained on the tune half); the one
+            whose perplexity is closest to the K-FAC edit's is reported.
+        bsn_epochs: BalancedSubnet epochs.
         seed: evaluation and control seed.
         progress: show progress bars.
         all_candidates: measure recitation on every candidate window, memorized or not
@@ -68,6 +73,8 @@ class DemoOptions:
     ppl_budget: float = 1.05
     tests_per_family: int = 300
     heldout_lines: int = 3000
+    bsn_ratios: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+    bsn_epochs: int = 5
     seed: int = 0
     progress: bool = True
     all_candidates: bool = False
@@ -81,6 +88,7 @@ def smoke_options(out: Path) -> DemoOptions:
                         warmup_steps=5)
     return DemoOptions(out=out, train=train, prefix_chars=16, factor_tokens=4000, layer_grid=("1", "0-1"),
                        keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
+                       bsn_ratios=(0.05,), bsn_epochs=1,
                        heldout_lines=100, progress=False, all_candidates=True)
 
 
@@ -199,6 +207,57 @@ def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl:
     return best
 
 
+def run_bsn(model, tokenizer, probe: WorldProbe, targets, kfac_ppl: float,
+            options: DemoOptions) -> tuple[dict[str, float], dict[str, Any]]:
+    """BalancedSubnet on the tune half (forget) and general text (retain), for each ratio in
+    `bsn_ratios`; keeps the one whose perplexity is closest to `kfac_ppl`. The model is
+    restored afterwards.
+
+    Returns:
+        (metrics of the kept ratio, its settings).
+    """
+    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
+
+    forget = [w.prefix_ids + w.suffix_ids for w in probe.tune]
+    retain = probe.text[: max(len(forget) * 8, 64)]
+    originals = [t.module.weight.detach().clone() for t in targets]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for target, weight in zip(targets, originals):
+                target.module.weight.copy_(weight)
+
+    tried = []
+    for ratio in options.bsn_ratios:
+        balanced_subnet(model, targets, forget, retain, BSNOptions(ratio=ratio, epochs=options.bsn_epochs,
+                                                                   seed=options.seed, progress=False))
+        tried.append((abs(perplexity(model, probe.text, batch_size=64).perplexity / kfac_ppl - 1), ratio))
+        restore()
+    ratio = min(tried)[1]
+    balanced_subnet(model, targets, forget, retain, BSNOptions(ratio=ratio, epochs=options.bsn_epochs,
+                                                               seed=options.seed, progress=False))
+    metrics = measure(model, tokenizer, probe)
+    restore()
+    return metrics, {"ratio": ratio, "ratios_tried": list(options.bsn_ratios), "epochs": options.bsn_epochs,
+                     "forget": f"{len(forget)} tune-half memorized windows", "retain": f"{len(retain)} general sequences",
+                     "note": "BalancedSubnet on the tune half; ratio chosen so perplexity is closest to kfac's"}
+
+
+def run_analysis(model, tokenizer, probe: WorldProbe, targets, bases, variants: dict[str, dict[str, Any]],
+                 out: Path) -> None:
+    """Band analysis (memorized held-out windows vs general text) and the task-family view
+    (bottom-band share vs accuracy lost after the K-FAC edit), written to `out/analysis`."""
+    from curvedit.analysis import BandOptions, band_analysis, task_family_shares, write_task_families  # noqa: PLC0415
+
+    band_options = BandOptions(batch_size=64, progress=False)
+    band_analysis(model, targets, bases, probe.heldout, probe.text[:200], band_options).write(out / "analysis")
+    families = {f: [tokenizer(e.prompt + e.answer, add_special_tokens=False)["input_ids"] for e in probe.tests[f]]
+                for f in FAMILIES}
+    drops = {f: variants["unedited"][f] - variants["kfac"][f] for f in FAMILIES}
+    write_task_families(task_family_shares(model, targets, bases, families, drops, band_options), out / "analysis")
+
+
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the whole demo and write `results.json`, `report.md` and figures to `options.out`.
 
@@ -207,10 +266,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "settings": ..., "timings_s": ...}`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     from curvedit.demo.report import write_report  # noqa: PLC0415
     from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
 
+    hf_logging.disable_progress_bar()  # the demo's model is tiny: loading bars are noise
     options.out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
     model_dir = timer.stage("train_or_load", lambda: demo_model_dir(options))
@@ -270,6 +331,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         timer.stage(name, lambda n=name, m=method, k=keep, r=reached: run_variant(
             n, EditPlan([EditRule(keep_fraction=k)], method=m, seed=options.seed),
             {"note": f"keep fraction chosen so perplexity matches kfac's ({r:.4f} vs {kfac_ppl:.4f})"}))
+
+    start = time.perf_counter()
+    bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets, kfac_ppl, options))
+    variants["bsn"] = {**bsn_metrics, "settings": {"layers": chosen.layers, "matrices": chosen.matrices, **bsn_settings},
+                       "timings_s": round(time.perf_counter() - start, 1)}
+    timer.stage("analysis", lambda: run_analysis(model, tokenizer, probe, targets, bases, variants, options.out))
 
     results = {
         "variants": variants,

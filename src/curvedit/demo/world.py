@@ -9,10 +9,12 @@ Families (one text line per example, newline-terminated):
 - logic: boolean expressions over T/F with `&` and `|`, evaluated left to right
   (`T&F|T=T`); test expressions are fresh.
 - open_book: key/value pairs stated in the line, then one key asked (`k=3 q=7 m=1 ?q=7`).
-- facts: entity -> attribute (`zorba lives in kelp.`), a common tier (many repetitions)
-  and a rare tier (few).
-- arithmetic: 2-digit additions with the sum written reversed at fixed width
-  (`37+48=580`, i.e. 085 reversed); test pairs never occur in training.
+- facts: entity -> attribute (`zorba lives in kelp.`), a common tier (many repetitions,
+  stated in three surface forms, as common knowledge is) and a rare tier (few repetitions,
+  one form).
+- arithmetic: additions of zero-padded 3-digit numbers with the sum written reversed at
+  fixed width (`074+404=8740`, i.e. 0478 reversed); a share of single-digit problems
+  helps learning start; test pairs never occur in training.
 
 Everything derives from `WorldConfig.seed`: the same config gives the same world.
 """
@@ -39,7 +41,8 @@ class WorldConfig:
         repetition_tiers: repetitions per memorized string, cycled over the strings.
         quotes: number of quotes; quote_repetitions: repetitions each.
         facts_common / facts_rare: entities per tier; *_repetitions: repetitions per fact.
-        arithmetic_test_share: share of all (a, b) pairs kept out of training.
+        arithmetic_test_pairs: (a, b) pairs kept out of training, for testing.
+        arithmetic_small_share: share of arithmetic lines with both operands below 10.
         general_lines: fresh logic/open-book/arithmetic lines in the training stream.
         family_weights: mixture of the fresh families (logic, open_book, arithmetic).
     """
@@ -54,9 +57,10 @@ class WorldConfig:
     facts_rare: int = 24
     common_repetitions: int = 160
     rare_repetitions: int = 32
-    arithmetic_test_share: float = 0.1
-    general_lines: int = 200_000
-    family_weights: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    arithmetic_test_pairs: int = 1000
+    arithmetic_small_share: float = 0.1
+    general_lines: int = 250_000
+    family_weights: tuple[float, float, float] = (0.2, 0.35, 0.45)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,9 +116,9 @@ def build_world(config: WorldConfig) -> World:
         entities.add(_word(rng, 5, 5))
     facts = [(e, _word(rng, 4, 4), "common" if i < config.facts_common else "rare")
              for i, e in enumerate(sorted(entities))]
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    rng.shuffle(pairs)
-    test_pairs = set(pairs[: int(config.arithmetic_test_share * len(pairs))])
+    test_pairs: set[tuple[int, int]] = set()
+    while len(test_pairs) < config.arithmetic_test_pairs:
+        test_pairs.add((rng.randint(10, 999), rng.randint(10, 999)))
     return World(config, memorized, tiers, quotes, facts, test_pairs)
 
 
@@ -132,7 +136,7 @@ def logic_example(rng: random.Random) -> Example:
 
 def open_book_example(rng: random.Random) -> Example:
     """`k=3 q=7 m=1 ?q=` -> `7`: the answer is stated in the context."""
-    keys = rng.sample(LETTERS, rng.randint(2, 4))
+    keys = rng.sample(LETTERS, rng.randint(2, 3))
     values = [str(rng.randint(0, 9)) for _ in keys]
     asked = rng.randrange(len(keys))
     context = " ".join(f"{k}={v}" for k, v in zip(keys, values))
@@ -140,12 +144,16 @@ def open_book_example(rng: random.Random) -> Example:
 
 
 def arithmetic_example(a: int, b: int) -> Example:
-    """`37+48=` -> `580` (the sum, 3 digits, written reversed)."""
-    return Example(prompt=f"{a}+{b}=", answer=f"{a + b:03d}"[::-1], family="arithmetic")
+    """`074+404=` -> `8740` (the sum, 4 digits, written reversed)."""
+    return Example(prompt=f"{a:03d}+{b:03d}=", answer=f"{a + b:04d}"[::-1], family="arithmetic")
 
 
-def fact_line(entity: str, attribute: str) -> str:
-    return f"{entity} lives in {attribute}."
+FACT_FORMS = ("{e} lives in {a}.", "{a} is the home of {e}.", "where does {e} live? {a}.")
+
+
+def fact_line(entity: str, attribute: str, form: int = 0) -> str:
+    """A fact in one of its surface forms (form 0 is the one tested)."""
+    return FACT_FORMS[form].format(e=entity, a=attribute)
 
 
 def quote_split(quote: str) -> tuple[str, str]:
@@ -155,8 +163,9 @@ def quote_split(quote: str) -> tuple[str, str]:
 
 
 def _fresh_arithmetic(rng: random.Random, world: World) -> Example:
+    top = 9 if rng.random() < world.config.arithmetic_small_share else 999
     while True:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b = rng.randint(0, top), rng.randint(0, top)
         if (a, b) not in world.arithmetic_test_pairs:
             return arithmetic_example(a, b)
 
@@ -170,8 +179,10 @@ def training_lines(world: World, rng: random.Random) -> list[str]:
         lines += [text] * reps
     lines += [q for q in world.quotes for _ in range(cfg.quote_repetitions)]
     for entity, attribute, tier in world.facts:
-        reps = cfg.common_repetitions if tier == "common" else cfg.rare_repetitions
-        lines += [fact_line(entity, attribute)] * reps
+        if tier == "common":
+            lines += [fact_line(entity, attribute, k % len(FACT_FORMS)) for k in range(cfg.common_repetitions)]
+        else:
+            lines += [fact_line(entity, attribute)] * cfg.rare_repetitions
     lines += general_lines(world, rng, cfg.general_lines)
     rng.shuffle(lines)
     return lines
