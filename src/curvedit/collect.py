@@ -9,7 +9,6 @@ formed or stored.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ class CollectOptions:
         checkpoint_dir: where to write checkpoints; None for no checkpoints.
         checkpoint_every: write a checkpoint every this many batches.
         resume: continue from the checkpoint in `checkpoint_dir` (skips the batches it
-            covered and restores the sampler state).
+            covered; labels are drawn per batch from (seed, batch index), so they match).
         progress: show a progress bar (tokens/s, ETA when `total_tokens` is known).
         total_tokens: expected number of tokens, for the progress bar's ETA.
         description: a description of the data, stored with the factors.
@@ -98,7 +97,7 @@ def _fingerprint(targets: list[Target], options: CollectOptions) -> dict[str, An
             "accumulate_dtype": options.accumulate_dtype, "seed": options.seed}
 
 
-def _save_checkpoint(sums: _Sums, generator: torch.Generator, options: CollectOptions, targets: list[Target]) -> None:
+def _save_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target]) -> None:
     root = Path(options.checkpoint_dir)
     tensors = {f"{n}.A_sum": t for n, t in sums.a_sum.items()} | {f"{n}.G_sum": t for n, t in sums.g_sum.items()}
     write_safetensors(root / CHECKPOINT_TENSORS, tensors)
@@ -107,11 +106,10 @@ def _save_checkpoint(sums: _Sums, generator: torch.Generator, options: CollectOp
         "positions": sums.positions,
         "batches_done": sums.batches_done,
         "tokens_seen": sums.tokens_seen,
-        "rng_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode(),
     })
 
 
-def _load_checkpoint(sums: _Sums, generator: torch.Generator, options: CollectOptions, targets: list[Target]) -> None:
+def _load_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target]) -> None:
     root = Path(options.checkpoint_dir)
     meta_path = root / CHECKPOINT_META
     if not meta_path.is_file():
@@ -127,8 +125,12 @@ def _load_checkpoint(sums: _Sums, generator: torch.Generator, options: CollectOp
     sums.positions = {k: int(v) for k, v in meta["positions"].items()}
     sums.batches_done = meta["batches_done"]
     sums.tokens_seen = meta["tokens_seen"]
-    state = torch.frombuffer(bytearray(base64.b64decode(meta["rng_state"])), dtype=torch.uint8)
-    generator.set_state(state)
+
+
+def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
+    """The label sampler of one batch, seeded by (seed, batch index): sampled labels do not
+    depend on what ran before, so a resumed or sharded run draws the same labels."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
 
 
 def _batch_tokens(batch: dict) -> int:
@@ -192,9 +194,8 @@ def collect_factors(
         g_sum={t.name: torch.zeros(t.shape_oi[0], t.shape_oi[0], dtype=acc_dtype, device=device) for t in targets},
         positions={t.name: 0 for t in targets},
     )
-    generator = torch.Generator(device=device).manual_seed(options.seed)
     if options.resume:
-        _load_checkpoint(sums, generator, options, targets)
+        _load_checkpoint(sums, options, targets)
 
     captured: list[tuple[Target, torch.Tensor, torch.Tensor]] = []
 
@@ -213,7 +214,7 @@ def collect_factors(
                     continue  # covered by the checkpoint we resumed from
                 captured.clear()
                 batch = _to_device(batch, device)
-                out = objective(model, batch, generator)
+                out = objective(model, batch, batch_generator(options.seed, index, device))
                 if not torch.isfinite(out.loss):
                     raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
                 mask = out.positions_mask
@@ -229,7 +230,7 @@ def collect_factors(
                 sums.tokens_seen += tokens
                 bar.update(tokens)
                 if options.checkpoint_dir is not None and sums.batches_done % options.checkpoint_every == 0:
-                    _save_checkpoint(sums, generator, options, targets)
+                    _save_checkpoint(sums, options, targets)
     finally:
         bar.close()
         for handle in handles:
