@@ -387,9 +387,9 @@ def plot_bands(analysis: BandAnalysis, out_dir: str | Path) -> list[Path]:
     Returns:
         The PNG paths (`bands_layer{L}.png`; `bands_{target}.png` for targets without layer).
     """
-    from curvedit.plots import _pyplot  # noqa: PLC0415
+    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
 
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[str, list[TargetBands]] = defaultdict(list)
     for target in analysis.targets:
         groups[f"layer{target.layer}" if target.layer is not None else _safe(target.name)].append(target)
@@ -415,11 +415,7 @@ def plot_bands(analysis: BandAnalysis, out_dir: str | Path) -> list[Path]:
                 ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
         fig.suptitle("memorized vs clean activation per band (top of the order on the left)", fontsize=10)
         fig.tight_layout()
-        path = Path(out_dir) / f"bands_{key}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, Path(out_dir) / f"bands_{key}.png"))
     return paths
 
 
@@ -506,12 +502,12 @@ def plot_task_families(shares: Sequence[FamilyShare], out: str | Path) -> Path:
     Raises:
         AnalysisError: no family has an accuracy drop.
     """
-    from curvedit.plots import _pyplot  # noqa: PLC0415
+    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
 
     points = [s for s in shares if s.accuracy_drop is not None]
     if not points:
         raise AnalysisError("no family has an accuracy drop to plot against")
-    plt = _pyplot()
+    plt = pyplot()
     x = torch.tensor([s.bottom_share for s in points], dtype=torch.float64)
     y = torch.tensor([s.accuracy_drop for s in points], dtype=torch.float64)
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
@@ -528,11 +524,7 @@ def plot_task_families(shares: Sequence[FamilyShare], out: str | Path) -> Path:
     ax.set_ylabel("accuracy drop after the edit")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out)
 
 
 def write_task_families(shares: Sequence[FamilyShare], out_dir: str | Path) -> list[Path]:

@@ -35,16 +35,29 @@ class Record:
     index: int
 
 
-def _records_from_jsonl(path: Path, text_field: str) -> Iterator[Record]:
+def iter_jsonl(path: Path, error: type[DataError] = DataError) -> Iterator[tuple[int, str, dict]]:
+    """Yield `(line number, "path:line", row)` for each non-blank line of a JSONL file.
+
+    Raises:
+        DataError (or `error`): a line that is not valid JSON or not a JSON object.
+    """
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            yield _record_from_row(row, str(path), line_no - 1, f"{path}:{line_no}", text_field)
+                raise error(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield line_no, where, row
+
+
+def _records_from_jsonl(path: Path, text_field: str) -> Iterator[Record]:
+    for line_no, where, row in iter_jsonl(path):
+        yield _record_from_row(row, str(path), line_no - 1, where, text_field)
 
 
 def _record_from_row(row: Any, source: str, index: int, where: str, text_field: str) -> Record:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
+def pyplot():
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -16,11 +16,21 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, out: str | Path) -> Path:
+    """Save a matplotlib figure as PNG (parent folders created) and close it."""
+    plt = pyplot()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_spectrum(name: str, lam: torch.Tensor, mu: torch.Tensor, curve: tuple[torch.Tensor, torch.Tensor],
                   rho: float | None, kept_fraction: float | None, out: str | Path) -> Path:
     """Eigenvalues of A and G (log scale) and the cumulative curvature-mass curve, with the
     `rho` cut marked, for one target. Writes a PNG and returns its path."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_eig, ax_mass) = plt.subplots(1, 2, figsize=(10, 3.8))
     for values, label in ((lam, "G (output side)"), (mu, "A (input side)")):
         positive = values[values > 0]
@@ -42,8 +52,4 @@ def plot_spectrum(name: str, lam: torch.Tensor, mu: torch.Tensor, curve: tuple[t
     ax_mass.set_title("cumulative mass")
     fig.suptitle(name, fontsize=10)
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out)

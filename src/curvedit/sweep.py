@@ -388,9 +388,9 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
     Returns:
         The PNG path.
     """
-    from curvedit.plots import _pyplot  # noqa: PLC0415
+    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
 
-    plt = _pyplot()
+    plt = pyplot()
     metric = result.options.metric
     mem = [100 * memorization_value(p, metric) for p in result.points]
     ppl = [p.perplexity for p in result.points]
@@ -419,8 +419,4 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from curvedit.demo.measure import FAMILIES
-from curvedit.plots import _pyplot
+from curvedit.plots import pyplot, save_figure
 
 VARIANT_ORDER = ("unedited", "kfac", "svd", "random", "random_ppl", "bsn")
 MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune loose"),
@@ -52,7 +52,7 @@ def family_table(results: dict[str, Any]) -> str:
 
 def retention_chart(results: dict[str, Any], path: Path) -> Path:
     """Grouped bars: accuracy retained (share of unedited) per family, per edited variant."""
-    plt = _pyplot()
+    plt = pyplot()
     base = results["variants"]["unedited"]
     variants = [v for v in _variants(results) if v != "unedited"]
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -66,9 +66,7 @@ def retention_chart(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("retention by family after the edit")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict[str, Any], out: Path) -> Path:

@@ -11,16 +11,18 @@ import typer
 from curvedit.data import DataError
 
 
-def _fail(message: str) -> typer.Exit:
-    """Print a clear error; the caller raises the returned Exit (status 2, like the other commands)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
+def _fail(message: str) -> None:
+    """Print a clear error and exit with status 2 (`curvedit.cli.fail`, imported late:
+    `curvedit.cli` imports this module)."""
+    from curvedit.cli import fail  # noqa: PLC0415
+
+    fail(message)
 
 
 def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise _fail(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        _fail(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -66,7 +68,7 @@ def find_memorized_command(
         result = find_memorized(loaded.model, loaded.preprocessor, data, options)
         write_jsonl((found_to_row(f, loaded.preprocessor) for f in result.found), out, overwrite=overwrite)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
-        raise _fail(str(err)) from None
+        _fail(str(err))
     kept = sum(f.memorized for f in result.found)
     typer.echo(f"{result.windows} windows examined, {result.prefiltered} passed the pre-filter, "
                f"{result.memorized} memorized, {result.duplicates} near duplicates dropped; "
@@ -135,7 +137,7 @@ def evaluate_command(
         evaluation = evaluate_model(loaded, options, reference=rankings, reference_name=reference, name=name)
         paths = write_results(out, evaluation, overwrite=overwrite)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        raise _fail(str(err)) from None
+        _fail(str(err))
     for note in evaluation.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {paths[0]} and {paths[1]}")
@@ -153,7 +155,7 @@ def report_command(
     try:
         written = build_report(results, out, ReportOptions(reference_name=reference_name, overwrite=overwrite))
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise _fail(str(err)) from None
+        _fail(str(err))
     typer.echo(f"wrote {len(written)} files to {out}")
 
 

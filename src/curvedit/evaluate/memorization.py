@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from curvedit.data import DataError, Record, batched, pad_batch, read_records
+from curvedit.data import DataError, Record, batched, iter_jsonl, pad_batch, read_records
 from curvedit.evaluate.generation import check_fits_context, forward_logits, greedy_generate, model_device
 
 
@@ -465,22 +465,12 @@ def read_memorized(path: str | Path, tokenizer: Any | None = None, *, only_memor
     if not path.is_file():
         raise FileNotFoundError(f"memorized-windows file not found: {path}")
     windows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if only_memorized and row.get("memorized") is False:
-                continue
-            prefix, suffix = (_ids_field(row, part, tokenizer, where) for part in ("prefix", "suffix"))
-            windows.append(Window(prefix, suffix, str(row.get("source", path)), int(row.get("document", line_no - 1)),
-                                  int(row.get("offset", 0))))
+    for line_no, where, row in iter_jsonl(path):
+        if only_memorized and row.get("memorized") is False:
+            continue
+        prefix, suffix = (_ids_field(row, part, tokenizer, where) for part in ("prefix", "suffix"))
+        windows.append(Window(prefix, suffix, str(row.get("source", path)), int(row.get("document", line_no - 1)),
+                              int(row.get("offset", 0))))
     if not windows:
         raise DataError(f"{path}: no memorized window in the file")
     return windows

@@ -123,10 +123,9 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _bar_chart(path: Path, family: str, metrics: list[str], runs: Sequence[Run]) -> None:
     """One subplot per metric (each on its own scale), one bar per run."""
-    import matplotlib  # noqa: PLC0415 - heavy, only for reports
+    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415 - matplotlib is heavy, only for reports
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     cols = min(len(metrics), 4)
     rows = (len(metrics) + cols - 1) // cols
@@ -146,8 +145,7 @@ def _bar_chart(path: Path, family: str, metrics: list[str], runs: Sequence[Run])
         ax.set_visible(False)
     fig.suptitle(family)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_report(paths: Sequence[str | Path], out_dir: str | Path, options: ReportOptions | None = None) -> list[Path]:

@@ -20,7 +20,6 @@ values are the defaults of every item of the file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from curvedit.data import DataError, batched, pad_batch
+from curvedit.data import DataError, batched, iter_jsonl, pad_batch
 from curvedit.evaluate.generation import check_fits_context, forward_logits, greedy_generate, model_device
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -156,24 +155,15 @@ def parse_task_file(path: str | Path) -> Task:
     defaults: dict[str, Any] = {}
     items: list[GenerateItem | ChoiceItem] = []
     first = True
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{where}: not valid JSON ({err.msg})") from None
-            _check(isinstance(row, dict), where, f"expected a JSON object, got {type(row).__name__}")
-            if row.get("type") == "header":
-                _check(first, where, "a header must be the first line of the file")
-                unknown = sorted(set(row) - _HEADER_KEYS)
-                _check(not unknown, where, f"unknown header field(s) {unknown} (allowed: {sorted(_HEADER_KEYS)})")
-                defaults = row
-            else:
-                items.append(_parse_item(row, defaults, where, line_no))
-            first = False
+    for line_no, where, row in iter_jsonl(path, TaskFormatError):
+        if row.get("type") == "header":
+            _check(first, where, "a header must be the first line of the file")
+            unknown = sorted(set(row) - _HEADER_KEYS)
+            _check(not unknown, where, f"unknown header field(s) {unknown} (allowed: {sorted(_HEADER_KEYS)})")
+            defaults = row
+        else:
+            items.append(_parse_item(row, defaults, where, line_no))
+        first = False
     _check(bool(items), str(path), "the task file has no items")
     return Task(name=path.stem, path=path, items=tuple(items))
 
