@@ -69,11 +69,24 @@ def collect(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing factors in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    layers_per_pass: Optional[int] = typer.Option(
+        None, "--layers-per-pass", help="Hook the targets of at most this many blocks per pass over the data (one "
+                                        "pass per group; the data is read once per pass). Default: one pass."),
+    memory_check: bool = typer.Option(
+        True, "--memory-check/--no-memory-check", help="Refuse to start when the memory plan (printed first) "
+                                                      "says the run will not fit in the device's free memory."),
 ) -> None:
-    """Collect K-FAC factors (A = E[x x^T], G = E[g g^T]) for the target weights."""
+    """Collect K-FAC factors (A = E[x x^T], G = E[g g^T]) for the target weights.
+
+    Data parallel: `torchrun --nproc-per-node N $(which curvedit) collect ...` runs N
+    processes (gloo on CPU; NCCL with --device cuda, rank r on cuda:LOCAL_RANK); each
+    processes every N-th batch, the sums are all-reduced, and rank 0 alone writes.
+    """
     from curvedit.collect import CollectError, CollectOptions, collect_factors
     from curvedit.data import DataError, image_batches, lm_batches, read_records, token_sequences
+    from curvedit.distributed import DistributedError, all_agree, barrier, destroy, init_from_env
     from curvedit.factors import META_FILE, save_factors
+    from curvedit.memory import plan_memory
     from curvedit.models import load_model
     from curvedit.objectives import ImageClassificationObjective
     from curvedit.targets import TargetError, select_targets
@@ -81,32 +94,54 @@ def collect(
     if (out / META_FILE).exists() and not overwrite:
         fail(f"{out} already holds factors; pass --overwrite to replace them")
     try:
-        loaded = load_model(model, device=device, dtype=model_dtype)
-        chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
-        options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
-                                 checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                                 description=str(data))
-        if loaded.kind == "image-classification":
-            batches = image_batches(data, loaded.preprocessor, batch_size, max_images=max_tokens)
-            objective = ImageClassificationObjective(labels, positions)
-            options.extra = {"positions": positions}
-        else:
-            tokenizer = loaded.preprocessor
-            pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-            sequences = token_sequences(read_records(data, text_field=text_field, split=split),
-                                        tokenizer, seq_len, max_tokens)
-            batches = lm_batches(sequences, batch_size, pad_id)
-            objective = None
-            options.total_tokens = max_tokens
-            options.extra = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size}
-        factors = collect_factors(loaded.model, batches, chosen, objective, options, model_name=model)
-    except (CollectError, DataError, TargetError, ValueError, FileNotFoundError) as err:
+        ctx, device = init_from_env(device)
+    except DistributedError as err:
         fail(str(err))
-    save_factors(factors, out)
-    for stale in ("checkpoint.safetensors", "checkpoint.json"):
-        (out / stale).unlink(missing_ok=True)
-    typer.echo(f"wrote factors for {len(factors.targets)} targets to {out} "
-               f"({factors.collection['tokens']} tokens, {next(iter(factors.targets.values())).positions} positions)")
+    try:
+        try:
+            loaded = load_model(model, device=device, dtype=model_dtype)
+            chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
+            plan = plan_memory(loaded.model, chosen, batch_size, seq_len, accumulate, layers_per_pass, device,
+                               ranks_sharing_memory=ctx.local_world_size if device == "cpu" else 1)
+            if ctx.is_main:
+                typer.echo(plan.table(), err=True)
+            if memory_check and not all_agree(plan.fits, ctx):
+                reason = (f"needs about {plan.needed_bytes / 2**30:.1f} GiB, {plan.available_bytes / 2**30:.1f} GiB "
+                          f"free on {device}; {plan.suggestion}" if not plan.fits else "another rank's plan does not fit")
+                fail(f"the memory plan says this run will not fit: {reason} (--no-memory-check runs it anyway)")
+            options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
+                                     checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                                     description=str(data), layers_per_pass=layers_per_pass)
+            if loaded.kind == "image-classification":
+                def batches():
+                    return image_batches(data, loaded.preprocessor, batch_size, max_images=max_tokens)
+                objective = ImageClassificationObjective(labels, positions)
+                options.extra = {"positions": positions}
+            else:
+                tokenizer = loaded.preprocessor
+                pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+                def batches():
+                    sequences = token_sequences(read_records(data, text_field=text_field, split=split),
+                                                tokenizer, seq_len, max_tokens)
+                    return lm_batches(sequences, batch_size, pad_id)
+                objective = None
+                options.total_tokens = max_tokens
+                options.extra = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size}
+            factors = collect_factors(loaded.model, batches, chosen, objective, options, model_name=model)
+        except (CollectError, DataError, DistributedError, TargetError, ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        if ctx.is_main:
+            save_factors(factors, out)
+            for stale in ("checkpoint.safetensors", "checkpoint.json"):
+                (out / stale).unlink(missing_ok=True)
+            typer.echo(f"wrote factors for {len(factors.targets)} targets to {out} "
+                       f"({factors.collection['tokens']} tokens, "
+                       f"{next(iter(factors.targets.values())).positions} positions"
+                       + (f", {ctx.world_size} processes)" if ctx.distributed else ")"))
+        barrier(ctx)
+    finally:
+        destroy()
 
 
 @app.command()
@@ -212,15 +247,35 @@ def spectrum(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the report and results."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the report and results "
+                                                                  "(default demo-out, with --vision demo-out/vision)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the demo model even if a matching one exists."),
     smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run on a tiny world (checks the plumbing)."),
+    vision: bool = typer.Option(False, "--vision", help="Instead: a ViT that memorizes noisy labels on "
+                                                        "scikit-learn's digits, and the edit that undoes it."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Run the paper end to end on a synthetic world: train, find, collect, sweep, edit, report."""
+    if vision:
+        from curvedit.data import DataError
+        from curvedit.demo.vision import VisionDemoOptions, run_vision_demo, smoke_vision_options
+        from curvedit.demo.vision_report import vision_table
+
+        out = out or Path("demo-out/vision")
+        vision_options = smoke_vision_options(out) if smoke else VisionDemoOptions(out=out)
+        vision_options.retrain, vision_options.progress = retrain, progress and not smoke
+        try:
+            results = run_vision_demo(vision_options)
+        except (DataError, RuntimeError, ValueError) as err:
+            fail(str(err))
+        typer.echo(vision_table(results))
+        typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  "
+                   f"total {sum(results['timings_s'].values()):.0f} s")
+        return
     from curvedit.demo.pipeline import DemoOptions, run_demo, smoke_options
     from curvedit.demo.report import family_table, memorization_table
 
+    out = out or Path("demo-out")
     options = smoke_options(out) if smoke else DemoOptions(out=out)
     options.retrain, options.progress = retrain, progress and not smoke
     results = run_demo(options)

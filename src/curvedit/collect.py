@@ -5,21 +5,33 @@ For each target `y = W x`, one pass over the data accumulates
 gradient of the summed loss with respect to the target's output. Only those output
 gradients are computed (`torch.autograd.grad` on the outputs): no parameter gradient is
 formed or stored.
+
+Two ways to scale (both give the factors of the plain run, to round-off):
+- Layer-group passes (`CollectOptions.layers_per_pass = K`): one pass over the data per
+  group of K blocks, hooking only that group's targets, so that only its accumulators
+  live on the device (finished groups are moved to CPU). The batch source must then be
+  re-iterable: a list (or another re-iterable collection) or a callable returning a fresh
+  iterable of the same batches on each call.
+- Data parallel (`torch.distributed` initialised, e.g. under `torchrun`): batch `i` is
+  processed by rank `i % world_size`, the sums are all-reduced at checkpoints and at the
+  end of each pass, only rank 0 writes checkpoints; see `curvedit.distributed`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator as IteratorABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from curvedit.distributed import DistContext, current_context, reduce_sums, sharded
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
 from curvedit.io import write_json, write_safetensors
 from curvedit.objectives import LABEL_MODES, CausalLMObjective, Objective
@@ -28,6 +40,9 @@ from curvedit.targets import Target
 ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_META = "checkpoint.json"
+
+BatchSource = Union[Iterable[dict], Callable[[], Iterable[dict]]]
+"""Batches: an iterable of batch dicts, or a callable returning a fresh such iterable."""
 
 
 class CollectError(RuntimeError):
@@ -50,6 +65,10 @@ class CollectOptions:
         total_tokens: expected number of tokens, for the progress bar's ETA.
         description: a description of the data, stored with the factors.
         extra: more fields stored in the factors' `collection` metadata.
+        layers_per_pass: hook the targets of at most this many blocks per pass over the
+            data (one pass per group of blocks, in module order; targets without a block
+            index form one block). None: every target in one pass. More than one pass
+            needs a re-iterable batch source (see `collect_factors`).
     """
 
     label_mode: str = "sampled"
@@ -62,15 +81,26 @@ class CollectOptions:
     total_tokens: int | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    layers_per_pass: int | None = None
 
 
 @dataclass
 class _Sums:
+    """Running sums of a collection.
+
+    `a_sum`/`g_sum` hold the targets of finished passes (on CPU when there are several
+    passes) and of the current pass (on the model's device); `batches_done` counts the
+    batches of the current pass walked so far (every rank walks every batch);
+    `tokens_seen` counts tokens of the first pass only.
+    """
+
     a_sum: dict[str, torch.Tensor]
     g_sum: dict[str, torch.Tensor]
     positions: dict[str, int]
     batches_done: int = 0
     tokens_seen: int = 0
+    pass_index: int = 0
+    batches_per_pass: int | None = None
 
 
 @contextlib.contextmanager
@@ -92,39 +122,96 @@ def _only_targets_require_grad(model: nn.Module, targets: list[Target]) -> Itera
         model.train(was_training)
 
 
-def _fingerprint(targets: list[Target], options: CollectOptions) -> dict[str, Any]:
-    return {"targets": [t.name for t in targets], "label_mode": options.label_mode,
-            "accumulate_dtype": options.accumulate_dtype, "seed": options.seed}
+def layer_groups(targets: list[Target], layers_per_pass: int | None) -> list[list[Target]]:
+    """Split targets into the groups hooked by successive passes over the data.
+
+    Blocks are taken in the order of their first target (module order) and cut into runs
+    of `layers_per_pass` blocks; targets without a block index (`layer` None) count as one
+    block. Within a group, targets keep module order.
+
+    Args:
+        targets: from `select_targets`.
+        layers_per_pass: blocks per pass; None for one pass over all targets.
+
+    Returns:
+        The non-empty groups, in pass order.
+
+    Raises:
+        ValueError: `layers_per_pass` below 1.
+    """
+    if layers_per_pass is None:
+        return [list(targets)]
+    if layers_per_pass < 1:
+        raise ValueError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
+    blocks = list(dict.fromkeys(t.layer for t in targets))
+    chunks = [set(blocks[i:i + layers_per_pass]) for i in range(0, len(blocks), layers_per_pass)]
+    return [[t for t in targets if t.layer in chunk] for chunk in chunks]
 
 
-def _save_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target]) -> None:
+def _batch_factory(batches: BatchSource, passes: int) -> Callable[[], Iterable[dict]]:
+    if callable(batches):
+        return batches
+    if passes > 1 and isinstance(batches, IteratorABC):
+        raise ValueError(f"{passes} layer-group passes read the data once per pass, but `batches` is a one-shot "
+                         "iterator; pass a list or a callable that returns a fresh iterable of the same batches")
+    return lambda: batches
+
+
+def _fingerprint(targets: list[Target], options: CollectOptions, passes: int) -> dict[str, Any]:
+    fingerprint = {"targets": [t.name for t in targets], "label_mode": options.label_mode,
+                   "accumulate_dtype": options.accumulate_dtype, "seed": options.seed}
+    if passes > 1:
+        fingerprint["layers_per_pass"] = options.layers_per_pass
+    return fingerprint
+
+
+def _save_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target], passes: int, ctx: DistContext) -> None:
     root = Path(options.checkpoint_dir)
     tensors = {f"{n}.A_sum": t for n, t in sums.a_sum.items()} | {f"{n}.G_sum": t for n, t in sums.g_sum.items()}
     write_safetensors(root / CHECKPOINT_TENSORS, tensors)
     write_json(root / CHECKPOINT_META, {
-        "fingerprint": _fingerprint(targets, options),
+        "fingerprint": _fingerprint(targets, options, passes),
         "positions": sums.positions,
         "batches_done": sums.batches_done,
         "tokens_seen": sums.tokens_seen,
+        "pass_index": sums.pass_index,
+        "batches_per_pass": sums.batches_per_pass,
+        "world_size": ctx.world_size,
     })
 
 
-def _load_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target]) -> None:
+def _load_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target], groups: list[list[Target]],
+                     ctx: DistContext, device: torch.device, acc_dtype: torch.dtype) -> None:
+    """Restore the sums of a checkpoint. It holds totals over all ranks, so rank 0 takes the
+    current pass's partial sums and the other ranks start that pass from zero; any world
+    size may resume any checkpoint (batch ownership follows the global batch index)."""
     root = Path(options.checkpoint_dir)
     meta_path = root / CHECKPOINT_META
     if not meta_path.is_file():
         raise CollectError(f"--resume: no checkpoint in {root}")
     meta = json.loads(meta_path.read_text())
-    if meta["fingerprint"] != _fingerprint(targets, options):
+    if meta["fingerprint"] != _fingerprint(targets, options, len(groups)):
         raise CollectError(f"--resume: the checkpoint in {root} was made with other settings: "
-                           f"{meta['fingerprint']} vs {_fingerprint(targets, options)}")
+                           f"{meta['fingerprint']} vs {_fingerprint(targets, options, len(groups))}")
     tensors = load_file(str(root / CHECKPOINT_TENSORS))
-    for name in sums.a_sum:
-        sums.a_sum[name].copy_(tensors[f"{name}.A_sum"])
-        sums.g_sum[name].copy_(tensors[f"{name}.G_sum"])
-    sums.positions = {k: int(v) for k, v in meta["positions"].items()}
+    sums.pass_index = meta.get("pass_index", 0)
     sums.batches_done = meta["batches_done"]
-    sums.tokens_seen = meta["tokens_seen"]
+    sums.batches_per_pass = meta.get("batches_per_pass")
+    for index, group in enumerate(groups[:sums.pass_index + 1]):
+        finished = index < sums.pass_index
+        if not (finished or ctx.is_main):
+            continue
+        where = torch.device("cpu") if finished and len(groups) > 1 else device
+        for target in group:
+            a_key, g_key = f"{target.name}.A_sum", f"{target.name}.G_sum"
+            if a_key not in tensors or g_key not in tensors:
+                if finished or sums.batches_done > 0:
+                    raise CollectError(f"--resume: the checkpoint in {root} lacks the sums of {target.name}")
+                continue
+            sums.a_sum[target.name] = tensors[a_key].to(device=where, dtype=acc_dtype)
+            sums.g_sum[target.name] = tensors[g_key].to(device=where, dtype=acc_dtype)
+            sums.positions[target.name] = int(meta["positions"][target.name])
+    sums.tokens_seen = meta["tokens_seen"] if (sums.pass_index > 0 or ctx.is_main) else 0
 
 
 def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
@@ -154,7 +241,7 @@ def _rows(tensor: torch.Tensor, mask: torch.Tensor, name: str, what: str) -> tor
 
 def collect_factors(
     model: nn.Module,
-    batches: Iterable[dict],
+    batches: BatchSource,
     targets: list[Target],
     objective: Objective | None = None,
     options: CollectOptions | None = None,
@@ -162,11 +249,18 @@ def collect_factors(
 ) -> FactorSet:
     """Collect K-FAC factors `A = mean x x^T`, `G = mean g g^T` for each target.
 
+    Under an initialised `torch.distributed` process group every rank must call this with
+    the same model, targets, options and batch source; each processes the batches it owns
+    (index `i` on rank `i % world_size`), and every rank returns the same factors (only
+    rank 0 writes checkpoints).
+
     Args:
         model: the model (any dtype/device; its weights are not changed).
         batches: dicts of tensors the objective understands (`input_ids` and
-            `attention_mask` for LMs, `pixel_values` for images). Must be deterministic
-            across runs for `resume` to continue where it stopped.
+            `attention_mask` for LMs, `pixel_values` for images), or a callable that
+            returns a fresh iterable of them. Must be deterministic across runs for
+            `resume`, across ranks for a distributed run, and across calls (or, for a
+            list, iterations) when `options.layers_per_pass` makes several passes.
         targets: from `select_targets`.
         objective: how a batch becomes a summed loss and a positions mask; default
             `CausalLMObjective(options.label_mode)`.
@@ -174,29 +268,49 @@ def collect_factors(
         model_name: the name stored in the factor metadata.
 
     Returns:
-        A `FactorSet` of means, with metadata.
+        A `FactorSet` of means (on CPU), with metadata.
 
     Raises:
         CollectError: no batches, a target without counted positions, NaN/inf in the loss,
-            inputs or gradients (naming the batch and target), or a bad resume.
-        ValueError: an unknown label mode or accumulate dtype.
+            inputs or gradients (naming the batch and target), a bad resume, or a batch
+            source that gives a different number of batches in a later pass.
+        curvedit.distributed.DistributedError: ranks that walked different numbers of
+            batches.
+        ValueError: an unknown label mode or accumulate dtype, `checkpoint_every` or
+            `layers_per_pass` below 1, or a one-shot iterator with several passes.
     """
     options = options or CollectOptions()
     if options.label_mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {options.label_mode!r}; choose one of {LABEL_MODES}")
     if options.accumulate_dtype not in ACCUMULATE_DTYPES:
         raise ValueError(f"accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}")
+    if options.checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, got {options.checkpoint_every}")
+    groups = layer_groups(targets, options.layers_per_pass)
+    make_batches = _batch_factory(batches, len(groups))
     objective = objective or CausalLMObjective(options.label_mode)
     acc_dtype = ACCUMULATE_DTYPES[options.accumulate_dtype]
     device = next(model.parameters()).device
-    sums = _Sums(
-        a_sum={t.name: torch.zeros(t.shape_oi[1], t.shape_oi[1], dtype=acc_dtype, device=device) for t in targets},
-        g_sum={t.name: torch.zeros(t.shape_oi[0], t.shape_oi[0], dtype=acc_dtype, device=device) for t in targets},
-        positions={t.name: 0 for t in targets},
-    )
+    ctx = current_context()
+    sums = _Sums(a_sum={}, g_sum={}, positions={t.name: 0 for t in targets})
     if options.resume:
-        _load_checkpoint(sums, options, targets)
+        _load_checkpoint(sums, options, targets, groups, ctx, device, acc_dtype)
+    for pass_index in range(sums.pass_index, len(groups)):
+        _collect_pass(model, make_batches(), targets, groups, pass_index, objective, options, sums, ctx,
+                      device, acc_dtype)
+    return _finish(model, targets, sums, options, objective, model_name, ctx)
 
+
+def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Target], groups: list[list[Target]],
+                  pass_index: int, objective: Objective, options: CollectOptions, sums: _Sums, ctx: DistContext,
+                  device: torch.device, acc_dtype: torch.dtype) -> None:
+    """One pass over the data hooking `groups[pass_index]`; reduces, checks and offloads its sums."""
+    group = groups[pass_index]
+    for target in group:
+        d_out, d_in = target.shape_oi
+        if target.name not in sums.a_sum:
+            sums.a_sum[target.name] = torch.zeros(d_in, d_in, dtype=acc_dtype, device=device)
+            sums.g_sum[target.name] = torch.zeros(d_out, d_out, dtype=acc_dtype, device=device)
     captured: list[tuple[Target, torch.Tensor, torch.Tensor]] = []
 
     def make_hook(target: Target):
@@ -204,41 +318,74 @@ def collect_factors(
             captured.append((target, inputs[0].detach(), output))
         return hook
 
-    handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
-    bar = tqdm(total=options.total_tokens, initial=sums.tokens_seen, unit="tok", unit_scale=True,
-               desc="collect", disable=not options.progress)
+    first_pass = pass_index == 0
+    handles = [t.module.register_forward_hook(make_hook(t)) for t in group]
+    total = None if options.total_tokens is None else options.total_tokens // ctx.world_size
+    desc = "collect" if len(groups) == 1 else f"collect pass {pass_index + 1}/{len(groups)}"
+    bar = tqdm(total=total, initial=sums.tokens_seen if first_pass else 0, unit="tok", unit_scale=True,
+               desc=desc, disable=not (options.progress and ctx.is_main))
     try:
-        with _only_targets_require_grad(model, targets), _no_tf32():
-            for index, batch in enumerate(batches):
+        with _only_targets_require_grad(model, group), _no_tf32():
+            for index, batch in sharded(batches, ctx):
                 if index < sums.batches_done:
                     continue  # covered by the checkpoint we resumed from
-                captured.clear()
-                batch = _to_device(batch, device)
-                out = objective(model, batch, batch_generator(options.seed, index, device))
-                if not torch.isfinite(out.loss):
-                    raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
-                mask = out.positions_mask
-                counted = int(mask.sum())
-                if counted:
-                    grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
-                    _accumulate(sums, captured, grads, mask, acc_dtype, index)
-                    for target, _, _ in captured:
-                        sums.positions[target.name] += counted
-                captured.clear()
+                if batch is not None:
+                    captured.clear()
+                    batch = _to_device(batch, device)
+                    out = objective(model, batch, batch_generator(options.seed, index, device))
+                    if not torch.isfinite(out.loss):
+                        raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
+                    mask = out.positions_mask
+                    counted = int(mask.sum())
+                    if counted:
+                        grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
+                        _accumulate(sums, captured, grads, mask, acc_dtype, index)
+                        for target, _, _ in captured:
+                            sums.positions[target.name] += counted
+                    captured.clear()
+                    tokens = _batch_tokens(batch)
+                    if first_pass:
+                        sums.tokens_seen += tokens
+                    bar.update(tokens)
                 sums.batches_done = index + 1
-                tokens = _batch_tokens(batch)
-                sums.tokens_seen += tokens
-                bar.update(tokens)
                 if options.checkpoint_dir is not None and sums.batches_done % options.checkpoint_every == 0:
-                    _save_checkpoint(sums, options, targets)
+                    _reduce_pass(sums, group, first_pass, ctx, keep_on_all=False)
+                    if ctx.is_main:
+                        _save_checkpoint(sums, options, targets, len(groups), ctx)
     finally:
         bar.close()
         for handle in handles:
             handle.remove()
 
+    _reduce_pass(sums, group, first_pass, ctx, keep_on_all=True)
     if sums.batches_done == 0:
         raise CollectError("no data: the batch iterator was empty")
-    return _finish(model, targets, sums, options, objective, model_name)
+    if first_pass:
+        sums.batches_per_pass = sums.batches_done
+    elif sums.batches_done != sums.batches_per_pass:
+        raise CollectError(f"pass {pass_index + 1} read {sums.batches_done} batches, the first pass "
+                           f"{sums.batches_per_pass}: layer-group passes need the same batches on every pass "
+                           "(a list, or a callable returning a fresh iterable of the same data)")
+    if len(groups) > 1:
+        for target in group:  # offload: only the current group's sums need the device
+            sums.a_sum[target.name] = sums.a_sum[target.name].cpu()
+            sums.g_sum[target.name] = sums.g_sum[target.name].cpu()
+    sums.pass_index, sums.batches_done = pass_index + 1, 0
+    if options.checkpoint_dir is not None and sums.pass_index < len(groups) and ctx.is_main:
+        _save_checkpoint(sums, options, targets, len(groups), ctx)
+
+
+def _reduce_pass(sums: _Sums, group: list[Target], first_pass: bool, ctx: DistContext, *, keep_on_all: bool) -> None:
+    """All-reduce the current group's sums and counts (tokens only in the first pass: later
+    passes walk the same tokens, and the first pass already reduced them)."""
+    names = [t.name for t in group]
+    counts = [sums.positions[n] for n in names] + ([sums.tokens_seen] if first_pass else [])
+    tensors = [sums.a_sum[n] for n in names] + [sums.g_sum[n] for n in names]
+    reduced = reduce_sums(tensors, counts, sums.batches_done, ctx, keep_on_all=keep_on_all)
+    for name, count in zip(names, reduced):
+        sums.positions[name] = count
+    if first_pass:
+        sums.tokens_seen = reduced[-1]
 
 
 def _accumulate(sums: _Sums, captured, grads, mask: torch.Tensor, acc_dtype: torch.dtype, index: int) -> None:
@@ -267,15 +414,16 @@ def _no_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _finish(model, targets, sums: _Sums, options: CollectOptions, objective, model_name) -> FactorSet:
+def _finish(model, targets, sums: _Sums, options: CollectOptions, objective, model_name, ctx: DistContext) -> FactorSet:
     factors: dict[str, TargetFactors] = {}
     for target in targets:
         n = sums.positions[target.name]
         if n == 0:
             raise CollectError(f"{target.name}: no counted positions (every sequence shorter than 2 tokens, "
                                "all padding, or the module never ran)")
+        # In place: the means replace the sums, so the peak does not hold both.
         factors[target.name] = TargetFactors(
-            A=(sums.a_sum[target.name] / n).cpu(), G=(sums.g_sum[target.name] / n).cpu(), positions=n,
+            A=sums.a_sum.pop(target.name).div_(n).cpu(), G=sums.g_sum.pop(target.name).div_(n).cpu(), positions=n,
             weight_sha256=weight_sha256(target), transposed=target.transposed)
     collection = {
         "label_mode": options.label_mode,
@@ -284,9 +432,11 @@ def _finish(model, targets, sums: _Sums, options: CollectOptions, objective, mod
         "objective": {"type": type(objective).__name__,
                       **{k: v for k, v in getattr(objective, "__dict__", {}).items() if isinstance(v, (str, int, float))}},
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "batches": sums.batches_done,
+        "batches": sums.batches_per_pass,
         "tokens": sums.tokens_seen,
         "data": options.description,
+        "world_size": ctx.world_size,
+        "layers_per_pass": options.layers_per_pass,
         **options.extra,
     }
     return FactorSet(targets=factors, model=model_identity(model, targets, model_name), collection=collection)
