@@ -44,7 +44,7 @@ class TrainConfig:
     layers: int = 4
     heads: int = 4
     intermediate: int = 512
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.1
