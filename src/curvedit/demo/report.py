@@ -55,7 +55,7 @@ def retention_chart(results: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     base = results["variants"]["unedited"]
     variants = [v for v in _variants(results) if v != "unedited"]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / max(1, len(variants))
     for k, name in enumerate(variants):
         values = [100 * results["variants"][name][f] / base[f] if base[f] else 0 for f in FAMILIES]
@@ -64,7 +64,7 @@ def retention_chart(results: dict[str, Any], path: Path) -> Path:
     ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(FAMILIES))], FAMILIES)
     ax.set_ylabel("% of unedited accuracy")
     ax.set_title("retention by family after the edit")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return save_figure(fig, path)
 
