@@ -67,7 +67,7 @@ class VisionDemoOptions:
     train: VisionTrainConfig = field(default_factory=VisionTrainConfig)
     retrain: bool = False
     positions: str = "cls"
-    label_draws: int = 8
+    label_draws: int = 32
     layer_grid: tuple[str, ...] | None = None
     matrices: str = "mlp"
     rho_grid: tuple[float, ...] = (0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999)
