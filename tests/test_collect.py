@@ -259,3 +259,17 @@ def test_inverse_cdf_sampler_draws_from_the_given_distribution():
     freq = torch.bincount(draws, minlength=5).double() / draws.numel()
     torch.testing.assert_close(freq, probs.double(), atol=0.006, rtol=0)
     assert freq[1] == 0
+
+
+def test_bfloat16_model_accumulates_in_float32_close_to_the_float64_reference():
+    model16 = tiny_gpt2(dtype=torch.bfloat16)
+    targets = select_targets(model16, TargetSpec(preset="mlp"))
+    f16 = collect_factors(model16, [pad_batch(SEQS, 0)], targets,
+                          options=CollectOptions(label_mode="gold", progress=False)).targets
+    model64 = tiny_gpt2()
+    f64 = collect_factors(model64, [pad_batch(SEQS, 0)], select_targets(model64, TargetSpec(preset="mlp")),
+                          options=gold()).targets
+    for name in f16:
+        assert f16[name].A.dtype == torch.float32 and f16[name].G.dtype == torch.float32
+        for ours, ref in ((f16[name].A, f64[name].A), (f16[name].G, f64[name].G)):
+            assert float(torch.linalg.norm(ours.double() - ref) / torch.linalg.norm(ref)) < 0.05
