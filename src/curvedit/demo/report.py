@@ -69,6 +69,12 @@ def retention_chart(results: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def timings_table(timings: dict[str, float]) -> str:
+    """Markdown table of seconds per stage."""
+    rows = "\n".join(f"| {stage} | {seconds} |" for stage, seconds in timings.items())
+    return f"| stage | seconds |\n|---|---|\n{rows}"
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write `report.md` and `retention.png` into `out`; returns the report path."""
     retention_chart(results, out / "retention.png")
@@ -76,7 +82,6 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     found, candidates = results["memorized_found"], results["memorized_candidates"]
     notes = "\n".join(f"- **{name}**: {results['variants'][name]['settings'].get('note', '')}"
                       for name in _variants(results) if results["variants"][name]["settings"].get("note"))
-    timings = "\n".join(f"| {stage} | {seconds} |" for stage, seconds in results["timings_s"].items())
     text = f"""# curvedit demo report
 
 Memorized windows found by `find_memorized` (recited verbatim by the unedited model):
@@ -105,9 +110,7 @@ Factors: {results['settings']['factor_tokens']} tokens of general text, sampled 
 
 ## Timings (s)
 
-| stage | seconds |
-|---|---|
-{timings}
+{timings_table(results["timings_s"])}
 """
     path = out / "report.md"
     path.write_text(text)

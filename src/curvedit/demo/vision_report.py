@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from curvedit.demo.report import timings_table
 from curvedit.plots import pyplot, save_figure
 
 VARIANT_ORDER = ("unedited", "kfac", "svd", "random")
@@ -94,7 +95,6 @@ def write_vision_report(results: dict[str, Any], out: Path) -> Path:
     if base["noisy_memorized"] < 0.5:
         warning = (f"\n**Note:** the unedited model predicts only {_pct(base['noisy_memorized'])}% of the noisy "
                    "labels: it has little memorization to remove (train longer for a real run).\n")
-    timings = "\n".join(f"| {stage} | {seconds} |" for stage, seconds in results["timings_s"].items())
     training = settings["training"]
     text = f"""# curvedit vision demo report
 
@@ -132,9 +132,7 @@ position(s), {settings['label_draws']} label draws per training image.
 
 ## Timings (s)
 
-| stage | seconds |
-|---|---|
-{timings}
+{timings_table(results["timings_s"])}
 """
     path = out / "report.md"
     path.write_text(text)
