@@ -31,7 +31,7 @@ def test_generated_answers_are_right():
         ex = open_book_example(rng)
         pairs = dict(p.split("=") for p in ex.prompt.split(" ?")[0].split())
         assert pairs[ex.prompt.split("?")[1][:-1]] == ex.answer
-    assert arithmetic_example(74, 404).prompt == "074+404=" and arithmetic_example(74, 404).answer == "8740"
+    assert arithmetic_example(74, 404).prompt == "074+404:" and arithmetic_example(74, 404).answer == "8740"
     assert arithmetic_example(999, 1).answer == "0001"
     assert quote_split('"a b" - name') == ('"a b" - ', "name")
 
@@ -42,7 +42,7 @@ def test_world_is_reproducible_and_its_splits_are_disjoint():
     assert one.memorized == two.memorized and one.facts == two.facts
     assert not set(one.tune) & set(one.heldout) and len(one.tune) == len(one.heldout) == config.memorized // 2
     lines = training_lines(one, random.Random(0))
-    train_pairs = {tuple(map(int, line.split("=")[0].split("+"))) for line in lines
+    train_pairs = {tuple(map(int, line.split(":")[0].split("+"))) for line in lines
                    if "+" in line and line[0].isdigit()}
     assert len(train_pairs) > 100 and any(a < 10 and b < 10 for a, b in train_pairs)
     assert train_pairs and not train_pairs & one.arithmetic_test_pairs

@@ -13,8 +13,10 @@ Families (one text line per example, newline-terminated):
   stated in three surface forms, as common knowledge is) and a rare tier (few repetitions,
   one form).
 - arithmetic: additions of zero-padded 3-digit numbers with the sum written reversed at
-  fixed width (`074+404=8740`, i.e. 0478 reversed); a share of single-digit problems
-  helps learning start; test pairs never occur in training.
+  fixed width (`074+404:8740`, i.e. 0478 reversed); a share of single-digit problems
+  helps learning start; test pairs never occur in training. (With `=` as separator, which
+  open-book lines also use before the answer, the model never learned the first answer
+  digit: it stayed at chance while the other three were 90-99% right.)
 
 Everything derives from `WorldConfig.seed`: the same config gives the same world.
 """
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 LETTERS = string.ascii_lowercase
-ALPHABET = LETTERS + "0123456789 =+&|?TF.\"-\n"
+ALPHABET = LETTERS + "0123456789 =+:&|?TF.\"-\n"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class WorldConfig:
     """The world's size and mixture.
 
     Attributes:
+        format: version of the line formats; bumped whenever a generator changes, so models
+            cached or shipped for an older world are not reused.
         seed: everything is derived from it.
         memorized: number of memorized strings (half tune, half held-out).
         memorized_len: characters per memorized string.
@@ -47,6 +51,7 @@ class WorldConfig:
         family_weights: mixture of the fresh families (logic, open_book, arithmetic).
     """
 
+    format: int = 2
     seed: int = 0
     memorized: int = 48
     memorized_len: int = 48
@@ -144,8 +149,8 @@ def open_book_example(rng: random.Random) -> Example:
 
 
 def arithmetic_example(a: int, b: int) -> Example:
-    """`074+404=` -> `8740` (the sum, 4 digits, written reversed)."""
-    return Example(prompt=f"{a:03d}+{b:03d}=", answer=f"{a + b:04d}"[::-1], family="arithmetic")
+    """`074+404:` -> `8740` (the sum, 4 digits, written reversed)."""
+    return Example(prompt=f"{a:03d}+{b:03d}:", answer=f"{a + b:04d}"[::-1], family="arithmetic")
 
 
 FACT_FORMS = ("{e} lives in {a}.", "{a} is the home of {e}.", "where does {e} live? {a}.")
