@@ -79,6 +79,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write `report.md` and `retention.png` into `out`; returns the report path."""
     retention_chart(results, out / "retention.png")
     chosen = results["settings"]["chosen"]
+    bands = "\n\n".join(f"![bands]({p.relative_to(out)})" for p in sorted((out / "analysis").glob("bands_layer*.png")))
     found, candidates = results["memorized_found"], results["memorized_candidates"]
     notes = "\n".join(f"- **{name}**: {results['variants'][name]['settings'].get('note', '')}"
                       for name in _variants(results) if results["variants"][name]["settings"].get("note"))
@@ -107,6 +108,15 @@ Factors: {results['settings']['factor_tokens']} tokens of general text, sampled 
 ![retention by family](retention.png)
 
 ![sweep on the tune half](sweep/sweep.png)
+
+## Curvature bands (paper's Figures 2 and 4)
+
+Mean |v^T x| of each target's inputs on memorized (held-out half, suffix positions) vs general
+text, per band of the K-FAC order and of the SVD order; `analysis/bands.json` holds the numbers.
+
+{bands}
+
+![bottom-band share vs accuracy drop per family](analysis/families.png)
 
 ## Timings (s)
 
