@@ -24,9 +24,9 @@ from curvedit.demo.train import TRAIN_META, TrainConfig, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.evaluate.memorization import FindOptions, find_memorized
-from curvedit.factors import load_factors, save_factors
+from curvedit.factors import save_factors
 from curvedit.io import write_json
-from curvedit.spectrum import cached_eigenbases
+from curvedit.spectrum import load_bases
 from curvedit.targets import TargetSpec, select_targets
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
@@ -305,7 +305,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     probe = build_probe(world, tokenizer, options, memorized)
     all_targets = select_targets(model, TargetSpec(preset=options.matrices))
     factor_dir = timer.stage("collect", lambda: collect_world_factors(model, tokenizer, world, options, all_targets))
-    bases = cached_eigenbases(factor_dir, load_factors(factor_dir).targets, [t.name for t in all_targets])
+    bases = load_bases(all_targets, factor_dir)
 
     unedited = timer.stage("measure_unedited", lambda: measure(model, tokenizer, probe))
     grid = SweepGrid(layers=options.layer_grid, matrices=(options.matrices,), rho=options.rho_grid,
