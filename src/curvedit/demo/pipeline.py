@@ -7,7 +7,6 @@ measure every family -> the same for the controls -> report.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +19,7 @@ import torch
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches
 from curvedit.demo.measure import FAMILIES, WorldProbe, heldout_sequences, measure, quote_windows, string_windows
-from curvedit.demo.train import TRAIN_META, TrainConfig, train_demo_model
+from curvedit.demo.train import TrainConfig, cached_model_dir, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.evaluate.memorization import FindOptions, find_memorized
@@ -99,12 +98,9 @@ def smoke_options(out: Path) -> DemoOptions:
 def demo_model_dir(options: DemoOptions) -> Path:
     """The shipped checkpoint when it matches the config, else a cached or new training."""
     wanted = options.train.config_hash()
-    if not options.retrain:
-        for candidate in (SHIPPED_CHECKPOINT, options.out / "model-cache" / wanted):
-            meta = candidate / TRAIN_META
-            if meta.is_file() and json.loads(meta.read_text()).get("config_hash") == wanted:
-                return candidate
-    return train_demo_model(options.train, options.out / "model-cache" / wanted, progress=options.progress)
+    found = None if options.retrain else cached_model_dir(wanted, (SHIPPED_CHECKPOINT,
+                                                                   options.out / "model-cache" / wanted))
+    return found or train_demo_model(options.train, options.out / "model-cache" / wanted, progress=options.progress)
 
 
 def factor_corpus(world: World, options: DemoOptions, rng: random.Random) -> list[str]:

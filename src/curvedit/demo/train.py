@@ -56,6 +56,25 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def cached_model_dir(wanted_hash: str, candidates: tuple[Path, ...]) -> Path | None:
+    """The first candidate model directory whose `curvedit-train.json` records `wanted_hash`."""
+    for candidate in candidates:
+        meta = candidate / TRAIN_META
+        if meta.is_file() and json.loads(meta.read_text()).get("config_hash") == wanted_hash:
+            return candidate
+    return None
+
+
 def build_model(config: TrainConfig, vocab_size: int):
     """A randomly initialised LlamaForCausalLM of the configured shape."""
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
@@ -101,13 +120,7 @@ def train_demo_model(config: TrainConfig, out_dir: str | Path, progress: bool = 
     steps = sum(len(w) // config.batch_size for w in epoch_windows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
-
-    def schedule(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, steps - config.warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="train demo LM", unit="step", disable=not progress)

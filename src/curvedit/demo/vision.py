@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.demo.pipeline import Timer
 from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConfig, load_images, split_and_corrupt
-from curvedit.demo.vision_train import TRAIN_META, VisionTrainConfig, predict, train_vision_model
+from curvedit.demo.train import TRAIN_META, cached_model_dir
+from curvedit.demo.vision_train import VisionTrainConfig, predict, train_vision_model
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.factors import save_factors
 from curvedit.io import write_json
@@ -117,13 +118,10 @@ def vision_model_dir(options: VisionDemoOptions, images: LabelledImages, split: 
         The HF model directory.
     """
     wanted = options.train.config_hash(images.fingerprint)
-    if not options.retrain:
-        for candidate in (SHIPPED_CHECKPOINT, options.out / "model-cache" / wanted):
-            meta = candidate / TRAIN_META
-            if meta.is_file() and json.loads(meta.read_text()).get("config_hash") == wanted:
-                return candidate
-    return train_vision_model(options.train, images, split, options.out / "model-cache" / wanted,
-                              progress=options.progress)
+    found = None if options.retrain else cached_model_dir(wanted, (SHIPPED_CHECKPOINT,
+                                                                   options.out / "model-cache" / wanted))
+    return found or train_vision_model(options.train, images, split, options.out / "model-cache" / wanted,
+                                       progress=options.progress)
 
 
 @dataclass

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from curvedit.demo.train import TRAIN_META, warmup_cosine
 from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConfig, image_processor
 from curvedit.io import write_json
 
-TRAIN_META = "curvedit-train.json"
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,7 @@ def train_vision_model(config: VisionTrainConfig, images: LabelledImages, split:
     steps_per_epoch = math.ceil(len(pixels) / config.batch_size)
     steps = config.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def schedule(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, steps - config.warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, steps)
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="train demo ViT", unit="step", disable=not progress)
