@@ -86,3 +86,17 @@ def test_spectrum_plots_every_target_and_prints_a_table(tmp_path, lm_dir, text_j
     assert "transformer.h.1.mlp.c_proj" in result.output
     pngs = sorted(p.name for p in (factors / "spectrum").glob("*.png"))
     assert pngs == sorted(f"transformer.h.{i}.mlp.{m}.png" for i in (0, 1) for m in ("c_fc", "c_proj"))
+
+
+def test_edit_in_float32_is_close_to_float64_and_bad_precisions_are_refused(tmp_path, lm_dir, text_jsonl):
+    factors = factors_for(tmp_path, lm_dir, text_jsonl)
+    common = ("edit", "--model", lm_dir, "--factors", factors, "--layers", "1", "--keep-fraction", 0.5)
+    assert run(*common, "--out", tmp_path / "f64").exit_code == 0
+    result = run(*common, "--out", tmp_path / "f32", "--eigh-precision", "float32", "--compute-dtype", "float32")
+    assert result.exit_code == 0, result.output
+    f64 = AutoModelForCausalLM.from_pretrained(tmp_path / "f64").state_dict()
+    f32 = AutoModelForCausalLM.from_pretrained(tmp_path / "f32").state_dict()
+    for name in ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"):
+        torch.testing.assert_close(f32[name], f64[name], rtol=0, atol=1e-4)
+    bad = run(*common, "--out", tmp_path / "bad", "--eigh-precision", "half")
+    assert bad.exit_code != 0 and "--eigh-precision must be one of float64, float32" in bad.output

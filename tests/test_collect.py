@@ -201,6 +201,38 @@ def test_no_parameter_gradient_is_left_and_flags_are_restored(gpt2):
     assert all(p.requires_grad for p in gpt2.parameters())
 
 
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_olmo2])
+def test_gradient_checkpointing_gives_the_same_factors_with_dropout_still_off(make_model):
+    model = make_model()
+    if hasattr(model.config, "resid_pdrop"):  # dropout that would change the factors if it were on
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.5
+    targets = select_targets(model, TargetSpec(preset="mlp"))
+    batches = [pad_batch(SEQS[:2], 0), pad_batch(SEQS[2:], 0)]
+    plain = collect_factors(model, batches, targets, options=CollectOptions(seed=3, accumulate_dtype="float64",
+                                                                            progress=False))
+    recomputed = collect_factors(model, batches, targets, options=CollectOptions(
+        seed=3, accumulate_dtype="float64", progress=False, gradient_checkpointing=True))
+    for target in targets:
+        ours, ref = recomputed.targets[target.name], plain.targets[target.name]
+        assert ours.positions == ref.positions
+        torch.testing.assert_close(ours.A, ref.A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ours.G, ref.G, rtol=1e-12, atol=1e-14)
+    blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert blocks and not any(m.training or m.gradient_checkpointing for m in blocks)
+
+
+def test_gradient_checkpointing_needs_transformers_blocks():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    targets = select_targets(model, TargetSpec(patterns=("0",)))
+    batch = {"x": torch.randn(5, 3)}
+    objective = CustomObjective(lambda m, b: (m(b["x"]), torch.ones(5, dtype=torch.bool)))
+    with pytest.raises(CollectError, match="GradientCheckpointingLayer"):
+        collect_factors(model, [batch], targets, objective=objective,
+                        options=CollectOptions(progress=False, gradient_checkpointing=True))
+
+
 def test_float32_model_accumulates_in_float32_and_matches_float64_reference():
     model32 = tiny_gpt2(dtype=torch.float32)
     targets = select_targets(model32, TargetSpec(preset="mlp"))

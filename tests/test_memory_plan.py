@@ -131,3 +131,15 @@ def test_gpt2_conv1d_targets_are_planned_as_d_out_by_d_in():
     targets = select_targets(model, TargetSpec(preset="mlp-in"))
     plan = plan_memory(model, targets, 1, 4, "float32", None, "cpu")
     assert plan.accumulators_bytes == 2 * (16 ** 2 + 64 ** 2) * 4
+
+
+def test_gradient_checkpointing_shrinks_activations_and_is_suggested_when_it_is_enough():
+    model, targets = olmo()
+    plan = lambda ckpt, free=None: plan_memory(model, targets, 8, 16, "float32", None, "cpu",  # noqa: E731
+                                               available_bytes=free, gradient_checkpointing=ckpt)
+    full, recomputed = plan(False), plan(True)
+    assert recomputed.activations_bytes < full.activations_bytes
+    between = (full.needed_bytes + recomputed.needed_bytes) // 2
+    refused = plan(False, between)
+    assert not refused.fits and "--gradient-checkpointing" in refused.suggestion
+    assert plan(True, between).fits

@@ -72,6 +72,9 @@ def collect(
     layers_per_pass: Optional[int] = typer.Option(
         None, "--layers-per-pass", help="Hook the targets of at most this many blocks per pass over the data (one "
                                         "pass per group; the data is read once per pass). Default: one pass."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Recompute each block's activations in the backward pass: less "
+                                                "activation memory, about one more forward pass of compute."),
     memory_check: bool = typer.Option(
         True, "--memory-check/--no-memory-check", help="Refuse to start when the memory plan (printed first) "
                                                       "says the run will not fit in the device's free memory."),
@@ -102,7 +105,8 @@ def collect(
             loaded = load_model(model, device=device, dtype=model_dtype)
             chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
             plan = plan_memory(loaded.model, chosen, batch_size, seq_len, accumulate, layers_per_pass, device,
-                               ranks_sharing_memory=ctx.local_world_size if device == "cpu" else 1)
+                               ranks_sharing_memory=ctx.local_world_size if device == "cpu" else 1,
+                               gradient_checkpointing=gradient_checkpointing)
             if ctx.is_main:
                 typer.echo(plan.table(), err=True)
             if memory_check and not all_agree(plan.fits, ctx):
@@ -111,7 +115,8 @@ def collect(
                 fail(f"the memory plan says this run will not fit: {reason} (--no-memory-check runs it anyway)")
             options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
                                      checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                                     description=str(data), layers_per_pass=layers_per_pass)
+                                     description=str(data), layers_per_pass=layers_per_pass,
+                                     gradient_checkpointing=gradient_checkpointing)
             if loaded.kind == "image-classification":
                 def batches():
                     return image_batches(data, loaded.preprocessor, batch_size, max_images=max_tokens)
@@ -180,32 +185,41 @@ def edit(
     method: str = typer.Option("kfac", "--method", help="kfac, svd, random or lowest."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random control."),
     device: str = DeviceOpt,
+    eigh_precision: str = typer.Option("float64", "--eigh-precision",
+                                       help="float64, or float32 (faster on GPUs) checked by its residual, "
+                                            "falling back to float64."),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
+                                                help="float64 (default) or float32 for the edit's matrix products."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Edit target weights (keep the top curvature mass) and save a normal HF model."""
     from curvedit.edit import EditError, EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
     from curvedit.factors import FactorError
     from curvedit.models import load_model
-    from curvedit.spectrum import SelectionError
+    from curvedit.spectrum import EIGH_PRECISIONS, EighError, SelectionError
     from curvedit.targets import TargetError, select_targets
 
+    if eigh_precision not in EIGH_PRECISIONS:
+        fail(f"--eigh-precision must be one of {', '.join(EIGH_PRECISIONS)}, got {eigh_precision!r}")
     if out.exists() and Path(model).exists() and out.resolve() == Path(model).resolve():
         fail(f"refusing to write the edited model into the input model's directory {model}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         fail(f"{out} exists and is not empty; pass --overwrite to replace it")
     try:
         if plan_file is not None:
-            plan = EditPlan.from_json(plan_file, method=method, seed=seed)
+            plan = EditPlan.from_json(plan_file, method=method, seed=seed,
+                                      **({"compute_dtype": compute_dtype} if compute_dtype else {}))
         elif (rho is None) == (keep_fraction is None):
             fail("give one of --rho, --keep-fraction or --plan")
         else:
-            plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method, seed=seed)
+            plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method, seed=seed,
+                            compute_dtype=compute_dtype or "float64")
         loaded = load_model(model, device=device)
         chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
-        applied = edit_model(loaded.model, chosen, plan, factors, device)
+        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision)
         save_edited_model(loaded.model, loaded.preprocessor, out, edit_manifest(applied, model, factors),
                           source=model, overwrite=overwrite)
-    except (EditError, FactorError, SelectionError, TargetError) as err:
+    except (EditError, EighError, FactorError, SelectionError, TargetError) as err:
         fail(str(err))
     typer.echo(f"{'target':<48} {'kept':>12} {'of':>12} {'mass kept':>10} {'|dW|/|W|':>9}")
     for s in applied.stats:

@@ -69,6 +69,10 @@ class CollectOptions:
             data (one pass per group of blocks, in module order; targets without a block
             index form one block). None: every target in one pass. More than one pass
             needs a re-iterable batch source (see `collect_factors`).
+        gradient_checkpointing: keep only each transformer block's input in the forward
+            pass and recompute the block in the backward pass (non-reentrant
+            `torch.utils.checkpoint` on the model's `GradientCheckpointingLayer` blocks):
+            less activation memory for about one more forward pass; the same factors.
     """
 
     label_mode: str = "sampled"
@@ -82,6 +86,7 @@ class CollectOptions:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     layers_per_pass: int | None = None
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -120,6 +125,38 @@ def _only_targets_require_grad(model: nn.Module, targets: list[Target]) -> Itera
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(model: nn.Module, enable: bool) -> Iterator[None]:
+    """Within the block, transformers blocks recompute their activations in the backward
+    pass. Only the blocks' own `training` flag is set (transformers checkpoints in training
+    mode only); their submodules stay in eval mode, so dropout stays off."""
+    if not enable:
+        yield
+        return
+    from functools import partial  # noqa: PLC0415
+
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+    from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise CollectError(f"gradient checkpointing needs transformers blocks (GradientCheckpointingLayer); "
+                           f"{type(model).__name__} has none")
+    saved = [(m.training, m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None)) for m in blocks]
+    try:
+        for block in blocks:
+            block.training, block.gradient_checkpointing = True, True
+            block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        yield
+    finally:
+        for block, (training, flag, func) in zip(blocks, saved):
+            block.training, block.gradient_checkpointing = training, flag
+            if func is None:
+                del block._gradient_checkpointing_func
+            else:
+                block._gradient_checkpointing_func = func
 
 
 def layer_groups(targets: list[Target], layers_per_pass: int | None) -> list[list[Target]]:
@@ -228,7 +265,20 @@ def _batch_tokens(batch: dict) -> int:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Move a batch's tensors to `device`; to a GPU through pinned memory, asynchronously."""
+    def move(v: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and v.device.type == "cpu":
+            return (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+        return v.to(device)
+    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _offload(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of an accumulator; from a GPU into pinned memory (the caller synchronises)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _rows(tensor: torch.Tensor, mask: torch.Tensor, name: str, what: str) -> torch.Tensor:
@@ -312,10 +362,12 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
             sums.a_sum[target.name] = torch.zeros(d_in, d_in, dtype=acc_dtype, device=device)
             sums.g_sum[target.name] = torch.zeros(d_out, d_out, dtype=acc_dtype, device=device)
     captured: list[tuple[Target, torch.Tensor, torch.Tensor]] = []
+    recording = [False]  # hooks record during the forward pass only, not a checkpoint's recomputation
 
     def make_hook(target: Target):
         def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            captured.append((target, inputs[0].detach(), output))
+            if recording[0]:
+                captured.append((target, inputs[0].detach(), output))
         return hook
 
     first_pass = pass_index == 0
@@ -325,14 +377,19 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     bar = tqdm(total=total, initial=sums.tokens_seen if first_pass else 0, unit="tok", unit_scale=True,
                desc=desc, disable=not (options.progress and ctx.is_main))
     try:
-        with _only_targets_require_grad(model, group), _no_tf32():
+        with _only_targets_require_grad(model, group), _no_tf32(), \
+                _checkpointed_blocks(model, options.gradient_checkpointing):
             for index, batch in sharded(batches, ctx):
                 if index < sums.batches_done:
                     continue  # covered by the checkpoint we resumed from
                 if batch is not None:
                     captured.clear()
                     batch = _to_device(batch, device)
-                    out = objective(model, batch, batch_generator(options.seed, index, device))
+                    recording[0] = True
+                    try:
+                        out = objective(model, batch, batch_generator(options.seed, index, device))
+                    finally:
+                        recording[0] = False
                     if not torch.isfinite(out.loss):
                         raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
                     mask = out.positions_mask
@@ -368,8 +425,10 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
                            "(a list, or a callable returning a fresh iterable of the same data)")
     if len(groups) > 1:
         for target in group:  # offload: only the current group's sums need the device
-            sums.a_sum[target.name] = sums.a_sum[target.name].cpu()
-            sums.g_sum[target.name] = sums.g_sum[target.name].cpu()
+            sums.a_sum[target.name] = _offload(sums.a_sum[target.name])
+            sums.g_sum[target.name] = _offload(sums.g_sum[target.name])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     sums.pass_index, sums.batches_done = pass_index + 1, 0
     if options.checkpoint_dir is not None and sums.pass_index < len(groups) and ctx.is_main:
         _save_checkpoint(sums, options, targets, len(groups), ctx)

@@ -266,7 +266,7 @@ MANIFEST_FILE = "curvedit-edit.json"
 
 
 def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_dir: str | Path | None = None,
-               device: str | torch.device | None = None) -> AppliedEdit:
+               device: str | torch.device | None = None, eigh_precision: str = "float64") -> AppliedEdit:
     """Check the factors against the model, get the (cached) eigenbases, apply the plan.
 
     Args:
@@ -275,6 +275,8 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         plan: the edit plan.
         factor_dir: the factor directory (not needed for svd).
         device: where to run eigh and the basis change.
+        eigh_precision: "float64", or "float32" with a residual check and float64
+            fallback (see `curvedit.spectrum.sym_eigh`).
 
     Returns:
         The `AppliedEdit` (call `.undo()` to restore the model).
@@ -289,7 +291,7 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
     if plan.method != "svd":
         if factor_dir is None:
             raise EditError(f"method {plan.method!r} needs a factor directory")
-        bases = load_bases(targets, factor_dir, device)
+        bases = load_bases(targets, factor_dir, device, eigh_precision)
     return apply_edit(targets, plan, bases, device)
 
 

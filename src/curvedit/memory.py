@@ -206,8 +206,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _estimate(arch: _Arch, targets: list[Target], batch_size: int, seq_len: int, model_bytes: int, acc_bytes: int,
-              layers_per_pass: int | None, on_cuda: bool) -> tuple[int, int, int, int]:
-    """(activations, device accumulators, host accumulators, passes) for one configuration."""
+              layers_per_pass: int | None, on_cuda: bool, checkpointing: bool) -> tuple[int, int, int, int]:
+    """(activations, device accumulators, host accumulators, passes) for one configuration.
+    With gradient checkpointing the graph keeps each block's input and one block's
+    activations (recomputed in the backward pass) instead of every block's."""
     tokens = batch_size * seq_len
     acc_of = lambda group: sum((t.shape_oi[0] ** 2 + t.shape_oi[1] ** 2) * acc_bytes for t in group)  # noqa: E731
     groups = layer_groups(targets, layers_per_pass)
@@ -216,7 +218,11 @@ def _estimate(arch: _Arch, targets: list[Target], batch_size: int, seq_len: int,
     for group in groups:
         layers = [t.layer for t in group]
         first = 0 if None in layers else min(layers)
-        graph = tokens * max(1, arch.layers - first) * per_block * model_bytes
+        blocks_in_graph = max(1, arch.layers - first)
+        if checkpointing:
+            graph = tokens * (blocks_in_graph * arch.hidden + per_block) * model_bytes
+        else:
+            graph = tokens * blocks_in_graph * per_block * model_bytes
         out_grads = tokens * sum(t.shape_oi[0] for t in group) * model_bytes
         rows = tokens * max(sum(t.shape_oi) for t in group) * (model_bytes + acc_bytes)
         worst = max(worst, graph + out_grads + rows)
@@ -288,6 +294,7 @@ def plan_memory(
     ranks_sharing_memory: int = 1,
     available_bytes: int | None = None,
     host_available_bytes: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> MemoryPlan:
     """Estimate the memory of a collection run and say what to change if it will not fit.
 
@@ -304,6 +311,8 @@ def plan_memory(
             (on CPU, the processes per host; on CUDA each rank has its own GPU: 1).
         available_bytes: free device memory; measured (`available_memory`) when None.
         host_available_bytes: available host RAM for CUDA runs; measured when None.
+        gradient_checkpointing: whether blocks recompute their activations in the backward
+            pass (`CollectOptions.gradient_checkpointing`).
 
     Returns:
         A `MemoryPlan`; `plan.fits` says whether it fits, `plan.suggestion` what to change
@@ -328,7 +337,8 @@ def plan_memory(
     model_bytes = next(model.parameters()).element_size()
     acc_bytes = torch.empty((), dtype=ACCUMULATE_DTYPES[accumulate_dtype]).element_size()
     weights, resident = _weights_bytes(model, dev)
-    estimate = lambda b, k: _estimate(arch, targets, b, seq_len, model_bytes, acc_bytes, k, on_cuda)  # noqa: E731
+    estimate = lambda b, k, ckpt=gradient_checkpointing: _estimate(  # noqa: E731
+        arch, targets, b, seq_len, model_bytes, acc_bytes, k, on_cuda, ckpt)
     activations, accumulators, host, passes = estimate(batch_size, layers_per_pass)
     largest = max(max(t.shape_oi) for t in targets)
     plan = MemoryPlan(
@@ -342,15 +352,16 @@ def plan_memory(
         ranks_sharing_memory=ranks_sharing_memory,
     )
     if not plan.fits:
-        plan.suggestion = _suggest(plan, estimate, len(layer_groups(targets, 1)))
+        plan.suggestion = _suggest(plan, estimate, len(layer_groups(targets, 1)), gradient_checkpointing)
     return plan
 
 
-def _suggest(plan: MemoryPlan, estimate, blocks: int) -> str:
-    """The smallest change (fewer blocks per pass, or a smaller batch) that fits."""
+def _suggest(plan: MemoryPlan, estimate, blocks: int, checkpointing: bool) -> str:
+    """The smallest change (fewer blocks per pass, gradient checkpointing, or a smaller
+    batch) that fits."""
 
-    def fits(batch_size: int, layers_per_pass: int) -> bool:
-        activations, accumulators, host, _ = estimate(batch_size, layers_per_pass)
+    def fits(batch_size: int, layers_per_pass: int, ckpt: bool = checkpointing) -> bool:
+        activations, accumulators, host, _ = estimate(batch_size, layers_per_pass, ckpt)
         trial = MemoryPlan(**{**plan.__dict__, "activations_bytes": activations, "accumulators_bytes": accumulators,
                               "host_bytes": host, "suggestion": ""})
         return trial.fits
@@ -360,9 +371,9 @@ def _suggest(plan: MemoryPlan, estimate, blocks: int) -> str:
             plan.host_bytes * plan.ranks_sharing_memory > HEADROOM * plan.host_available_bytes:
         return (f"the factors of all targets need {_size(plan.host_bytes)} of host RAM per process "
                 f"({_size(plan.host_available_bytes)} available): collect fewer targets per run (--layers)")
-    if not fits(1, 1):
-        activations, accumulators, _, _ = estimate(1, 1)
-        return (f"even --batch-size 1 --layers-per-pass 1 needs about {_size(plan.weights_bytes + activations + accumulators)}"
+    if not fits(1, 1, True):
+        activations, accumulators, _, _ = estimate(1, 1, True)
+        return (f"even --batch-size 1 --layers-per-pass 1 --gradient-checkpointing needs about {_size(plan.weights_bytes + activations + accumulators)}"
                 f" per process (weights {_size(plan.weights_bytes)}); sharding the weights across devices (FSDP) is "
                 "not implemented: use a smaller --model-dtype (bf16), fewer targets (--layers), a shorter --seq-len, "
                 "fewer processes per host, or a device with more memory")
@@ -370,11 +381,15 @@ def _suggest(plan: MemoryPlan, estimate, blocks: int) -> str:
     smaller_k = next((k for k in range(current - 1, 0, -1) if fits(plan.batch_size, k)), None)
     if smaller_k is not None:
         options.append(f"--layers-per-pass {smaller_k}")
+    if not checkpointing and fits(plan.batch_size, current, True):
+        options.append("--gradient-checkpointing")
     batch = _largest_fitting(lambda b: fits(b, current), plan.batch_size - 1)
     if batch is not None:
         options.append(f"--batch-size {batch}")
     if not options:
-        options.append(f"--layers-per-pass 1 --batch-size {_largest_fitting(lambda b: fits(b, 1), plan.batch_size)}")
+        ckpt = checkpointing or not fits(1, 1)
+        batch = _largest_fitting(lambda b: fits(b, 1, ckpt), plan.batch_size)
+        options.append(f"--layers-per-pass 1 --batch-size {batch}" + (" --gradient-checkpointing" * (ckpt and not checkpointing)))
     return "try " + " or ".join(options)
 
 

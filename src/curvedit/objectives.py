@@ -102,7 +102,8 @@ class CausalLMObjective:
         counted_bt = torch.zeros_like(real_bt)
         counted_bt[:, :-1] = real_bt[:, :-1] & real_bt[:, 1:]
         position_ids = (attn_bt.long().cumsum(-1) - 1).clamp(min=0)
-        logits_btv = model(input_ids=ids_bt, attention_mask=attn_bt, position_ids=position_ids).logits
+        logits_btv = model(input_ids=ids_bt, attention_mask=attn_bt, position_ids=position_ids,
+                          use_cache=False).logits
         gold_bt = torch.roll(ids_bt, shifts=-1, dims=1)
         loss = summed_nll(logits_btv[counted_bt], gold_bt[counted_bt], self.label_mode, generator)
         return ObjectiveOutput(loss=loss, positions_mask=counted_bt)

@@ -47,26 +47,66 @@ class Eigenbasis:
     U_A: torch.Tensor
 
 
-def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix in float64: symmetrised, sorted
-    descending, negative round-off clamped to 0.
+EIGH_PRECISIONS = ("float64", "float32")
+EIGH_RESIDUAL_TOL = 1e-4
+
+
+class EighError(RuntimeError):
+    """An eigendecomposition that produced non-finite values."""
+
+
+def _eigh_residual(mat64: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> float:
+    """Backward error of an eigendecomposition, measured in float64:
+    `max(||M V - V diag(w)||_F / ||M||_F, ||V^T V - I||_F / sqrt(d))`."""
+    v64, w64 = evecs.double(), evals.double()
+    scale = float(torch.linalg.matrix_norm(mat64)) or 1.0
+    residual = float(torch.linalg.matrix_norm(mat64 @ v64 - v64 * w64)) / scale
+    eye = torch.eye(v64.shape[0], dtype=torch.float64, device=v64.device)
+    orthogonality = float(torch.linalg.matrix_norm(v64.T @ v64 - eye)) / math.sqrt(v64.shape[0])
+    return max(residual, orthogonality)
+
+
+def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, precision: str = "float64"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix: symmetrised, sorted descending,
+    negative round-off clamped to 0, returned in float64.
+
+    `precision="float32"` runs `eigh` in float32 (several times faster on GPUs) and keeps
+    the result only when its backward error, measured in float64 (`M V - V diag(w)` and
+    `V^T V - I`, relative), is at most `EIGH_RESIDUAL_TOL`; otherwise it recomputes in
+    float64.
 
     Args:
         matrix: `(d, d)` symmetric matrix (any float dtype).
         device: where to run `eigh` (default: the matrix's device).
+        precision: "float64" or "float32" (with the residual check and fallback).
 
     Returns:
         (eigenvalues `(d,)`, eigenvectors `(d, d)` as columns), float64, on `device`.
+
+    Raises:
+        ValueError: an unknown precision.
+        EighError: the matrix holds NaN or inf.
     """
+    if precision not in EIGH_PRECISIONS:
+        raise ValueError(f"eigh precision must be one of {EIGH_PRECISIONS}, got {precision!r}")
     mat = matrix.to(device=device or matrix.device, dtype=torch.float64)
-    evals, evecs = torch.linalg.eigh((mat + mat.T) / 2)
+    mat = (mat + mat.T) / 2
+    if not bool(torch.isfinite(mat).all()):
+        raise EighError(f"cannot eigendecompose a {tuple(mat.shape)} matrix holding NaN or inf")
+    if precision == "float32":
+        evals, evecs = torch.linalg.eigh(mat.float())
+        if bool(torch.isfinite(evecs).all()) and _eigh_residual(mat, evals, evecs) <= EIGH_RESIDUAL_TOL:
+            return evals.double().flip(0).clamp_(min=0), evecs.double().flip(1)
+    evals, evecs = torch.linalg.eigh(mat)
     return evals.flip(0).clamp_(min=0), evecs.flip(1)
 
 
-def eigenbasis(factors: TargetFactors, device: str | torch.device | None = None) -> Eigenbasis:
+def eigenbasis(factors: TargetFactors, device: str | torch.device | None = None, precision: str = "float64"
+               ) -> Eigenbasis:
     """Eigendecompose both factors of a target (see `sym_eigh`)."""
-    lam, u_g = sym_eigh(factors.G, device)
-    mu, u_a = sym_eigh(factors.A, device)
+    lam, u_g = sym_eigh(factors.G, device, precision)
+    mu, u_a = sym_eigh(factors.A, device, precision)
     return Eigenbasis(lam=lam, U_G=u_g, mu=mu, U_A=u_a)
 
 
@@ -79,12 +119,15 @@ def _file_sha256(path: Path) -> str:
 
 
 def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors], names: list[str],
-                      device: str | torch.device | None = None) -> dict[str, Eigenbasis]:
+                      device: str | torch.device | None = None, precision: str = "float64"
+                      ) -> dict[str, Eigenbasis]:
     """Eigenbases for `names`, read from `factor_dir/eigenbasis.safetensors` when it was
     made from the current factor file, computed (and the cache rewritten) otherwise.
 
     The cache records the SHA-256 of `factors.safetensors`; any change to the factors
-    invalidates it. A read-only factor directory just skips writing the cache.
+    invalidates it. A cache made in float64 serves any request; one made with
+    `precision="float32"` serves only float32 requests. A read-only factor directory just
+    skips writing the cache.
 
     Returns:
         name -> `Eigenbasis` (float64, on `device`, default CPU).
@@ -93,11 +136,12 @@ def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors],
     cache_path = root / EIGEN_FILE
     factors_sha = _file_sha256(root / FACTORS_FILE)
     cached: dict[str, torch.Tensor] = {}
+    cached_precision = "float64"
     if cache_path.is_file():
         with safe_open(str(cache_path), framework="pt") as handle:
-            valid = (handle.metadata() or {}).get("factors_sha256") == factors_sha
-        if valid:
-            cached = load_file(str(cache_path))
+            meta = handle.metadata() or {}
+        if meta.get("factors_sha256") == factors_sha and meta.get("precision", "float64") in ("float64", precision):
+            cached, cached_precision = load_file(str(cache_path)), meta.get("precision", "float64")
     bases: dict[str, Eigenbasis] = {}
     computed = False
     for name in names:
@@ -105,28 +149,31 @@ def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors],
         if all(k in cached for k in keys):
             bases[name] = Eigenbasis(*(cached[k].to(device or "cpu") for k in keys))
         else:
-            bases[name] = eigenbasis(factors[name], device)
+            bases[name] = eigenbasis(factors[name], device, precision)
             computed = True
     if computed:
         merged = dict(cached)
         for name, basis in bases.items():
             for key in ("lam", "U_G", "mu", "U_A"):
                 merged[f"{name}.{key}"] = getattr(basis, key)
+        merged_precision = "float64" if precision == cached_precision == "float64" else "float32"
         try:
-            write_safetensors(cache_path, merged, metadata={"factors_sha256": factors_sha})
+            write_safetensors(cache_path, merged, metadata={"factors_sha256": factors_sha,
+                                                            "precision": merged_precision})
         except OSError:
             pass  # a read-only factor directory: the cache is an optimisation only
     return bases
 
 
-def load_bases(targets: list[Target], factor_dir: str | Path, device: str | torch.device | None = None
-               ) -> dict[str, Eigenbasis]:
+def load_bases(targets: list[Target], factor_dir: str | Path, device: str | torch.device | None = None,
+               precision: str = "float64") -> dict[str, Eigenbasis]:
     """Eigenbases of the targets' factors, checked against the model and cached on disk.
 
     Args:
         targets: the targets (their factors must be in `factor_dir`).
         factor_dir: the factor directory.
         device: where to run `eigh` (default CPU).
+        precision: "float64", or "float32" with a residual check (see `sym_eigh`).
 
     Returns:
         Target name -> `Eigenbasis` (computed once, then read from the cache).
@@ -136,7 +183,7 @@ def load_bases(targets: list[Target], factor_dir: str | Path, device: str | torc
     """
     factors = load_factors(factor_dir)
     check_factors_match(factors, targets)
-    return cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device)
+    return cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device, precision)
 
 
 def _row_counts(lam: torch.Tensor, mu: torch.Tensor, t: float, strict: bool) -> torch.Tensor:
