@@ -7,6 +7,11 @@ from `(seed, i)` with the *global* index `i` exactly as one process would draw t
 running sums and position counts are all-reduced (SUM) at checkpoints and at the end of
 each pass; only rank 0 writes files.
 
+Evaluation shards the same way: `map_batches` cuts a list of work items into the
+batches one process would form, runs batch `c` on rank `c % world_size` and gathers the
+results to every rank in order, so each batch is computed exactly as one process would
+compute it and every rank returns the single-process result.
+
 The backend is the one the process group was created with: gloo for CPU tensors, NCCL
 for CUDA tensors (each rank on its own GPU). `init_from_env` creates the group from the
 variables `torchrun` sets (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`,
@@ -16,14 +21,19 @@ the whole model, its activations and the accumulators of one pass.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+# True while this process runs its share of a `map_batches`: nested calls run locally.
+_INSIDE_SHARD = contextvars.ContextVar("curvedit_inside_shard", default=False)
 
 
 class DistributedError(RuntimeError):
@@ -216,3 +226,56 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op when not distributed); e.g. until rank 0 has written."""
     if ctx.distributed:
         dist.barrier()
+
+
+def map_batches(items: Sequence[T], batch_size: int, fn: Callable[[list[T]], list[R]],
+                ctx: DistContext | None = None) -> list[R]:
+    """`fn` over consecutive batches of `items`, concatenated; sharded over the ranks.
+
+    Batch `c` (items `c * batch_size` ...) runs on rank `c % world_size`; the results
+    are gathered (`all_gather_object`) so that every rank returns the whole list, in
+    batch order: the same batches, hence the same numbers, as one process. Calls made
+    by `fn` itself run locally (a nested `map_batches` does not shard again).
+
+    Args:
+        items: the work items, identical on every rank.
+        batch_size: items per call of `fn`.
+        fn: maps one batch to one result per item (or any list; lists are concatenated).
+        ctx: this rank's context (default: the current process group's).
+
+    Returns:
+        The concatenated results of all batches.
+
+    Raises:
+        ValueError: batch_size below 1.
+        DistributedError: `fn` failed on another rank (the failing rank re-raises its own
+            error), so that no rank waits forever.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ctx = ctx or current_context()
+    chunks = [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+    if not ctx.distributed or _INSIDE_SHARD.get():
+        return [result for chunk in chunks for result in fn(chunk)]
+    token = _INSIDE_SHARD.set(True)
+    mine: dict[int, list[R]] = {}
+    failure: BaseException | None = None
+    try:
+        for index, chunk in enumerate(chunks):
+            if ctx.owns(index):
+                mine[index] = fn(chunk)
+    except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        failure = err
+    finally:
+        _INSIDE_SHARD.reset(token)
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, {"error": f"{type(failure).__name__}: {failure}"} if failure else mine)
+    if failure is not None:
+        raise failure
+    for rank, part in enumerate(gathered):
+        if "error" in part:
+            raise DistributedError(f"rank {rank} failed: {part['error']}")
+    merged: dict[int, list[R]] = {}
+    for part in gathered:
+        merged.update(part)
+    return [result for index in range(len(chunks)) for result in merged[index]]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
 from curvedit.data import DataError
+from curvedit.distributed import DistContext, DistributedError, barrier, destroy, init_from_env
+
+if TYPE_CHECKING:
+    from curvedit.evaluate.runner import EvaluateOptions, Evaluation
+    from curvedit.evaluate.stress import StressOptions
 
 
 def _fail(message: str) -> None:
@@ -23,6 +30,21 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
         _fail(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[tuple[DistContext, str]]:
+    """The torchrun process group (if launched by torchrun) for the command's duration:
+    (this rank's context, the device it must use)."""
+    try:
+        ctx, device = init_from_env(device)
+    except DistributedError as err:
+        _fail(str(err))
+    try:
+        yield ctx, device
+        barrier(ctx)
+    finally:
+        destroy()
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -53,7 +75,12 @@ def find_memorized_command(
     dtype: Optional[str] = typer.Option(None, help="Weight dtype (bf16, fp16, float32)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
 ) -> None:
-    """Find the windows of a corpus that the model recites verbatim (greedy decoding)."""
+    """Find the windows of a corpus that the model recites verbatim (greedy decoding).
+
+    Under `torchrun --nproc-per-node N`, each rank screens every N-th batch of windows;
+    the results are gathered and rank 0 writes the one output file (the same file as one
+    process writes).
+    """
     from curvedit.evaluate.memorization import FindOptions, find_memorized, found_to_row, write_jsonl  # noqa: PLC0415
     from curvedit.models import load_model  # noqa: PLC0415
 
@@ -62,13 +89,18 @@ def find_memorized_command(
                           max_windows=max_windows, max_memorized=max_memorized, dedup_threshold=dedup,
                           dedup_ngram=dedup_ngram, batch_size=batch_size, keep_all=keep_all, seed=seed,
                           text_field=text_field)
-    try:
-        options.validate()
-        loaded = load_model(model, device=device, dtype=dtype)
-        result = find_memorized(loaded.model, loaded.preprocessor, data, options)
-        write_jsonl((found_to_row(f, loaded.preprocessor) for f in result.found), out, overwrite=overwrite)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(str(err))
+    with _process_group(device) as (ctx, device):
+        try:
+            options.validate()
+            loaded = load_model(model, device=device, dtype=dtype)
+            options = replace(options, progress=ctx.is_main)
+            result = find_memorized(loaded.model, loaded.preprocessor, data, options)
+            if ctx.is_main:
+                write_jsonl((found_to_row(f, loaded.preprocessor) for f in result.found), out, overwrite=overwrite)
+        except (DataError, DistributedError, ValueError, FileNotFoundError, FileExistsError) as err:
+            _fail(str(err))
+    if not ctx.is_main:
+        return
     kept = sum(f.memorized for f in result.found)
     typer.echo(f"{result.windows} windows examined, {result.prefiltered} passed the pre-filter, "
                f"{result.memorized} memorized, {result.duplicates} near duplicates dropped; "
@@ -101,13 +133,15 @@ def evaluate_command(
     dtype: Optional[str] = typer.Option(None, help="Weight dtype (bf16, fp16, float32)."),
     overwrite: bool = typer.Option(False, help="Replace existing results files."),
 ) -> None:
-    """Evaluate memorization (strict/loose recitation), guards (perplexity, nDCG), tasks and the stress test."""
-    from curvedit.evaluate.results import details_path, write_results  # noqa: PLC0415
-    from curvedit.evaluate.runner import EvaluateOptions, evaluate_model, reference_rankings  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    """Evaluate memorization (strict/loose recitation), guards (perplexity, nDCG), tasks and the stress test.
 
+    Under `torchrun --nproc-per-node N`, the batches of every measurement are shared out
+    over the ranks and gathered; rank 0 writes the results (the same numbers as one
+    process). lm-eval tasks need a single process.
+    """
+    from curvedit.evaluate.results import details_path, write_results  # noqa: PLC0415
+    from curvedit.evaluate.runner import EvaluateOptions  # noqa: PLC0415
     from curvedit.evaluate.stress import StressOptions  # noqa: PLC0415
-    from curvedit.models import load_model  # noqa: PLC0415
 
     _refuse_existing([out, details_path(out)], overwrite)
     stress_options = StressOptions(left_extend=_int_list(left_extend), right_shift=_int_list(right_shift),
@@ -119,13 +153,39 @@ def evaluate_command(
         lm_eval_limit=lm_eval_limit, lm_eval_fewshot=lm_eval_fewshot, lm_eval_include=lm_eval_include,
         ndcg_k=ndcg_k, stress=stress_options, loose_threshold=loose_threshold, batch_size=batch_size,
         text_field=text_field)
+    with _process_group(device) as (ctx, device):
+        evaluation = _evaluate(model, reference, options, stress_options, device, dtype, name, ctx)
+        if ctx.is_main:
+            try:
+                paths = write_results(out, evaluation, overwrite=overwrite)
+            except (ValueError, FileExistsError) as err:
+                _fail(str(err))
+    if not ctx.is_main:
+        return
+    for note in evaluation.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
+def _evaluate(model: str, reference: Optional[str], options: "EvaluateOptions",
+              stress_options: "StressOptions | None", device: str, dtype: Optional[str], name: Optional[str],
+              ctx: DistContext) -> "Evaluation":
+    """Load the model (and the reference for nDCG) and run the evaluation; clear errors."""
+    import torch  # noqa: PLC0415
+
+    from curvedit.evaluate.runner import evaluate_model, reference_rankings  # noqa: PLC0415
+    from curvedit.models import load_model  # noqa: PLC0415
+
     try:
         options.validate()
         if stress_options is not None:
             stress_options.validate()
+        if ctx.distributed and options.lm_eval_tasks:
+            raise ValueError("--lm-eval-tasks needs a single process (lm-eval shards with its own launcher); "
+                             "run them without torchrun")
         rankings = None
         if reference is not None:
-            if heldout is None:
+            if options.heldout is None:
                 raise ValueError("--reference is used for nDCG, which needs --heldout")
             ref = load_model(reference, device=device, dtype=dtype)
             rankings = reference_rankings(ref, options)
@@ -134,13 +194,9 @@ def evaluate_command(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         loaded = load_model(model, device=device, dtype=dtype)
-        evaluation = evaluate_model(loaded, options, reference=rankings, reference_name=reference, name=name)
-        paths = write_results(out, evaluation, overwrite=overwrite)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        return evaluate_model(loaded, options, reference=rankings, reference_name=reference, name=name)
+    except (DataError, DistributedError, ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         _fail(str(err))
-    for note in evaluation.notes:
-        typer.echo(f"note: {note}")
-    typer.echo(f"wrote {paths[0]} and {paths[1]}")
 
 
 def report_command(

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from curvedit.data import batched, pad_batch
+from curvedit.data import pad_batch
+from curvedit.distributed import map_batches
 
 _CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
 
@@ -198,12 +199,15 @@ def greedy_generate(
     spec = _ForwardSpec(model)
     stop = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long, device=model_device(model)) if stop_ids else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[int]] = [[] for _ in prompts]
-    for chunk in batched(order, batch_size):
+
+    def decode(chunk: list[int]) -> list[list[int]]:
         tokens = _generate_batch(model, spec, [prompts[i] for i in chunk], max_new_tokens, pad_id, stop)
-        for row, index in enumerate(chunk):
-            results[index] = tokens[row]
         if progress is not None:
             progress.update(len(chunk))
+        return tokens
+
+    results: list[list[int]] = [[] for _ in prompts]
+    for index, tokens in zip(order, map_batches(order, batch_size, decode)):
+        results[index] = tokens
     return results
 

@@ -27,6 +27,7 @@ import torch
 from rapidfuzz.distance import Levenshtein
 
 from curvedit.data import DataError, Record, batched, iter_jsonl, pad_batch, read_records
+from curvedit.distributed import current_context, map_batches
 from curvedit.evaluate.generation import check_fits_context, forward_logits, greedy_generate, model_device
 
 
@@ -323,18 +324,46 @@ def find_memorized(
     result = FindResult()
     bar = tqdm(total=len(windows) if isinstance(windows, list) else None, unit="window",
                desc="find-memorized", disable=not options.progress)
-    for chunk in batched(windows, options.batch_size):
+    world = current_context().world_size
+    for round_chunks in batched(batched(windows, options.batch_size), world):  # one batch per rank
         if options.mode == "quotes":
-            for window in chunk:
+            for window in itertools.chain.from_iterable(round_chunks):
                 check_fits_context(model, len(window.prefix_ids) + len(window.suffix_ids),
                                    f"{window.source} row {window.document}: prefix + suffix")
+        screened = map_batches(round_chunks, 1, lambda one: [_screen(model, one[0], options, pad_id)])
+        if _account(result, round_chunks, screened, dedup, options, bar):
+            break
+    bar.close()
+    if result.windows == 0:
+        raise DataError(_no_window_message(corpus, stats["documents"], options))
+    if options.max_memorized is not None:
+        _truncate_memorized(result, options.max_memorized)
+    return result
+
+
+def _screen(model: torch.nn.Module, chunk: list[Window], options: FindOptions, pad_id: int
+            ) -> tuple[int, list[FoundWindow]]:
+    """Pre-filter (unless `keep_all`) and decode one batch of windows.
+
+    Returns:
+        (windows that passed the pre-filter, the decoded ones).
+    """
+    candidates = chunk
+    if not options.keep_all:
+        passed = teacher_forced_match(model, chunk, pad_id).all(dim=1).tolist()
+        candidates = [w for w, ok in zip(chunk, passed) if ok]
+    return len(candidates), _decode(model, candidates, options, pad_id)
+
+
+def _account(result: FindResult, chunks: list[list[Window]], screened: list[tuple[int, list[FoundWindow]]],
+             dedup: NearDuplicateFilter | None, options: FindOptions, bar: Any) -> bool:
+    """Add screened batches to the result in corpus order (near-duplicate removal is
+    order-dependent); True once `max_memorized` windows are kept (later batches are then
+    not counted, as if they had not been examined)."""
+    for chunk, (passed, decoded) in zip(chunks, screened):
         result.windows += len(chunk)
-        candidates = chunk
-        if not options.keep_all:
-            passed = teacher_forced_match(model, chunk, pad_id).all(dim=1).tolist()
-            candidates = [w for w, ok in zip(chunk, passed) if ok]
-        result.prefiltered += len(candidates)
-        for found in _decode(model, candidates, options, pad_id):
+        result.prefiltered += passed
+        for found in decoded:
             if found.memorized:
                 result.memorized += 1
                 if dedup is not None and not dedup.admit(found.window.prefix_ids + found.window.suffix_ids):
@@ -345,13 +374,8 @@ def find_memorized(
         bar.update(len(chunk))
         bar.set_postfix(memorized=result.memorized - result.duplicates)
         if options.max_memorized is not None and result.memorized - result.duplicates >= options.max_memorized:
-            break
-    bar.close()
-    if result.windows == 0:
-        raise DataError(_no_window_message(corpus, stats["documents"], options))
-    if options.max_memorized is not None:
-        _truncate_memorized(result, options.max_memorized)
-    return result
+            return True
+    return False
 
 
 def _no_window_message(corpus: Any, documents: int, options: FindOptions) -> str:

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from curvedit.data import DataError, batched, pad_batch, read_records, token_sequences
+from curvedit.data import DataError, pad_batch, read_records, token_sequences
+from curvedit.distributed import map_batches
 from curvedit.evaluate.generation import check_fits_context, forward_logits, model_device
 
 
@@ -48,10 +49,10 @@ class PerplexityResult:
     sequences: int
 
 
-def _padded_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device):
-    for chunk in batched(sequences, batch_size):
-        batch = pad_batch(chunk, pad_id, padding_side="right")
-        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def _padded(chunk: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch: (input ids, attention mask) on `device`."""
+    batch = pad_batch(chunk, pad_id, padding_side="right")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 @torch.inference_mode()
@@ -81,17 +82,21 @@ def perplexity(
     if sequences:
         check_fits_context(model, max(len(s) for s in sequences), "a held-out sequence")
     device = model_device(model)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    for ids, mask in _padded_batches(sequences, batch_size, pad_id, device):
+
+    def batch_nll(chunk: list[Sequence[int]]) -> list[tuple[float, int]]:
+        ids, mask = _padded(chunk, pad_id, device)
         logits = forward_logits(model, ids, mask)[:, :-1].float()
         counted = mask[:, 1:].bool()
         losses = F.cross_entropy(logits[counted], ids[:, 1:][counted], reduction="none")
-        nll += losses.double().sum()
-        tokens += int(counted.sum())
+        return [(float(losses.double().sum()), int(counted.sum()))]
+
+    per_batch = map_batches(sequences, batch_size, batch_nll)
+    total = 0.0
+    for nll, _ in per_batch:  # summed in batch order, however the batches were shared out
+        total += nll
+    tokens = sum(count for _, count in per_batch)
     if tokens == 0:
         raise DataError("perplexity needs at least one sequence of 2 or more tokens")
-    total = float(nll)
     return PerplexityResult(perplexity=math.exp(total / tokens), nll=total, tokens=tokens, sequences=len(sequences))
 
 
@@ -123,15 +128,18 @@ def _topk_per_position(
     if not sequences:
         raise DataError("next-token rankings need at least one sequence")
     check_fits_context(model, max(len(s) for s in sequences), "a held-out sequence")
-    probs, indices = [], []
-    for ids, mask in _padded_batches(sequences, batch_size, pad_id, model_device(model)):
+    device = model_device(model)
+
+    def batch_topk(chunk: list[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids, mask = _padded(chunk, pad_id, device)
         logits = forward_logits(model, ids, mask)[mask.bool()].float()
         if k > logits.shape[-1]:
             raise ValueError(f"k = {k} exceeds the vocabulary size {logits.shape[-1]}")
         top = logits.softmax(dim=-1).topk(k, dim=-1)
-        probs.append(top.values.cpu())
-        indices.append(top.indices.cpu())
-    return torch.cat(probs), torch.cat(indices)
+        return [(top.values.cpu(), top.indices.cpu())]
+
+    per_batch = map_batches(sequences, batch_size, batch_topk)
+    return torch.cat([p for p, _ in per_batch]), torch.cat([i for _, i in per_batch])
 
 
 def next_token_rankings(

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from curvedit.data import DataError, batched, iter_jsonl, pad_batch
+from curvedit.data import DataError, iter_jsonl, pad_batch
+from curvedit.distributed import map_batches
 from curvedit.evaluate.generation import check_fits_context, forward_logits, greedy_generate, model_device
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -284,8 +285,8 @@ def choice_scores(
     if pairs:
         check_fits_context(model, max(len(ctx) + len(cont) for ctx, cont in pairs), "a prompt with its choice")
     device = model_device(model)
-    results: list[tuple[float, int]] = []
-    for chunk in batched(pairs, batch_size):
+
+    def batch_scores(chunk: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         batch = pad_batch([ctx + cont for ctx, cont in chunk], pad_id, padding_side="right")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = forward_logits(model, ids, mask)[:, :-1].float()
@@ -295,8 +296,9 @@ def choice_scores(
         target_pos = torch.arange(token_logp.shape[1], device=device)[None, :]
         in_continuation = (target_pos >= starts) & (target_pos < starts + lengths)
         sums = (token_logp * in_continuation).sum(dim=1)
-        results.extend(zip(sums.tolist(), lengths[:, 0].tolist()))
-    return results
+        return list(zip(sums.tolist(), lengths[:, 0].tolist()))
+
+    return map_batches(pairs, batch_size, batch_scores)
 
 
 def _run_choice(model, encoder: _Encoder, items: list[ChoiceItem], pad_id: int, batch_size: int) -> list[dict]:

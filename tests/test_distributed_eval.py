@@ -1,0 +1,111 @@
+"""Sharded find-memorized and evaluate: two gloo processes launched the way torchrun launches
+them (RANK / WORLD_SIZE / MASTER_* in the environment) write what one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from typer.testing import CliRunner
+
+from curvedit.cli import app
+from curvedit.distributed import DistributedError, map_batches
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_args(root: Path, out: Path) -> list[str]:
+    return ["find-memorized", "--model", root / "model", "--data", root / "corpus.jsonl", "--prefix", PREFIX,
+            "--suffix", SUFFIX, "--batch-size", 3, "--keep-all", "--out", out]
+
+
+def evaluate_args(root: Path, mem: Path, out: Path) -> list[str]:
+    return ["evaluate", "--model", root / "model", "--reference", root / "model", "--memorized", mem,
+            "--heldout", root / "heldout.jsonl", "--heldout-seq-len", 12, "--tasks", root / "tasks",
+            "--left-extend", "4", "--right-shift", "3", "--batch-size", 3, "--name", "run", "--out", out]
+
+
+def invoke(args) -> None:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+
+
+def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One torchrun-style rank: the two commands, then `map_batches` checks."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    root = Path(root)
+    invoke(find_args(root, root / "sharded.mem.jsonl"))
+    invoke(evaluate_args(root, root / "single.mem.jsonl", root / "sharded.json"))
+    assert not dist.is_initialized()  # each command tears its process group down
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        seen = []
+        squares = map_batches(list(range(7)), 2, lambda chunk: seen.append(chunk) or [x * x for x in chunk])
+        outcome = {"squares": squares, "mine": seen}
+
+        def fail_on_rank_1(chunk):
+            if rank == 1:
+                raise ValueError("bad item")
+            return chunk
+        try:
+            map_batches(list(range(4)), 1, fail_on_rank_1)
+        except (ValueError, DistributedError) as err:
+            outcome["error"] = f"{type(err).__name__}: {err}"
+        (root / f"map_rank{rank}.json").write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    reciter = trained_reciter()
+    reciter.model.save_pretrained(root / "model")
+    reciter.tokenizer.save_pretrained(root / "model")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMORIZED + HELDOUT))
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT + MEMORIZED))
+    (root / "tasks").mkdir()
+    (root / "tasks" / "recall.jsonl").write_text("".join(
+        json.dumps({"type": "generate", "prompt": t[:PREFIX], "answer": t[PREFIX:], "max_new_tokens": SUFFIX}) + "\n"
+        for t in MEMORIZED + HELDOUT))
+    (root / "tasks" / "pick.jsonl").write_text("".join(
+        json.dumps({"type": "choice", "prompt": t[:PREFIX], "choices": [t[PREFIX:], u[PREFIX:]], "answer": 0}) + "\n"
+        for t, u in zip(MEMORIZED + HELDOUT, HELDOUT + MEMORIZED)))
+    return root
+
+
+def test_two_ranks_write_the_single_process_files_and_share_the_batches(workspace, monkeypatch):
+    root = workspace
+    invoke(find_args(root, root / "single.mem.jsonl"))
+    invoke(evaluate_args(root, root / "single.mem.jsonl", root / "single.json"))
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(_rank_worker, args=(2, free_port(), str(root)), nprocs=2, join=True, start_method="fork")
+
+    single_rows = (root / "single.mem.jsonl").read_text().splitlines()
+    assert len(single_rows) == 8 and sum(json.loads(r)["memorized"] for r in single_rows) == 4
+    assert (root / "sharded.mem.jsonl").read_text().splitlines() == single_rows
+    single, sharded = (json.loads((root / f"{n}.json").read_text()) for n in ("single", "sharded"))
+    assert sharded["metrics"] == single["metrics"]
+    assert {"recitation", "perplexity", "ndcg", "tasks", "stress"} <= set(single["metrics"])
+    assert (root / "sharded.details.jsonl").read_text() == (root / "single.details.jsonl").read_text()
+
+    ranks = [json.loads((root / f"map_rank{r}.json").read_text()) for r in (0, 1)]
+    for outcome in ranks:
+        assert outcome["squares"] == [x * x for x in range(7)]  # every rank gets everything, in order
+    assert ranks[0]["mine"] == [[0, 1], [4, 5]] and ranks[1]["mine"] == [[2, 3], [6]]  # batch c on rank c % 2
+    assert ranks[1]["error"] == "ValueError: bad item"  # the failing rank raises its own error
+    assert ranks[0]["error"] == "DistributedError: rank 1 failed: ValueError: bad item"  # the other one is told
