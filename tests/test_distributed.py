@@ -1,6 +1,7 @@
 """Scale: data-parallel collection (2 gloo processes on 127.0.0.1) and layer-group passes,
 each against one plain single-process run on the same data."""
 
+import copy
 import json
 import os
 import shutil
@@ -14,13 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
 
 from curvedit.cli import app
 from curvedit.collect import CollectError, CollectOptions, collect_factors, layer_groups
 from curvedit.data import pad_batch
-from curvedit.distributed import DistContext, DistributedError, sharded
-from curvedit.factors import load_factors
+from curvedit.distributed import DistContext, DistributedError, shard_model
+from curvedit.factors import load_factors, model_identity
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2, tiny_olmo2
 
@@ -75,16 +77,10 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_shards_are_disjoint_cover_the_data_and_keep_global_indices(world):
-    data = [f"batch{i}" for i in range(10)]
-    owned = [[(i, b) for i, b in sharded(data, DistContext(rank=r, world_size=world)) if b is not None]
-             for r in range(world)]
-    indices = [i for shard in owned for i, _ in shard]
-    assert sorted(indices) == list(range(10)) and len(set(indices)) == 10
-    for rank, shard in enumerate(owned):
-        assert all(i % world == rank and b == data[i] for i, b in shard)
-    walked = [i for i, _ in sharded(data, DistContext(rank=0, world_size=world))]
-    assert walked == list(range(10))  # every rank walks every index (checkpoints stay in step)
+def test_shards_are_disjoint_and_cover_the_data(world):
+    owners = [[r for r in range(world) if DistContext(rank=r, world_size=world).owns(i)] for i in range(10)]
+    assert all(len(o) == 1 for o in owners)  # every batch has exactly one rank
+    assert [o[0] for o in owners] == [i % world for i in range(10)]  # batch i on rank i % world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +102,15 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             "resume": run(model, make_batches(), seed=7, accumulate_dtype="float64", checkpoint_dir=root / "shared",
                           checkpoint_every=2, resume=True),
         }
+        sharded_model = shard_model(copy.deepcopy(model), "cpu")  # FSDP2: each rank keeps half the weights
+        assert isinstance(sharded_model.transformer.h[0].mlp.c_fc.weight, DTensor)
+        results["fsdp"] = run(sharded_model, make_batches(), label_mode="gold", accumulate_dtype="float64")
+        # resumed in the middle of a round (batch 3 of 7), checkpointing on the way
+        results["fsdp_resume"] = run(sharded_model, make_batches(), seed=7, accumulate_dtype="float64",
+                                     checkpoint_dir=root / "shared3", checkpoint_every=3, resume=True)
         out = {name: as_tensors(f) for name, f in results.items()}
         out["meta"] = results["sampled32"].collection
+        out["fsdp_model"] = results["fsdp"].model
         uneven = make_batches()[: 6 if rank == 1 else 7]  # rank 1 reads one batch fewer
         try:
             run(model, uneven, label_mode="gold")
@@ -127,6 +130,11 @@ def test_two_gloo_processes_give_the_factors_of_one_process_and_only_rank_0_writ
                         options=opts(seed=7, accumulate_dtype="float64", checkpoint_dir=tmp_path / "shared",
                                      checkpoint_every=2))
     assert json.loads((tmp_path / "shared" / "checkpoint.json").read_text())["batches_done"] == 4
+    with pytest.raises(Interrupt):
+        collect_factors(model, interrupted(make_batches(), after=4), targets,
+                        options=opts(seed=7, accumulate_dtype="float64", checkpoint_dir=tmp_path / "shared3",
+                                     checkpoint_every=3))
+    assert json.loads((tmp_path / "shared3" / "checkpoint.json").read_text())["batches_done"] == 3
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback interface only
     mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
@@ -140,6 +148,9 @@ def test_two_gloo_processes_give_the_factors_of_one_process_and_only_rank_0_writ
         assert_same(got["sampled32"], sampled32, rtol=1e-5, atol=1e-7)
         assert_same(got["passes"], sampled64, rtol=1e-12, atol=1e-15)
         assert_same(got["resume"], sampled64, rtol=1e-12, atol=1e-15)
+        assert_same(got["fsdp"], gold, rtol=1e-12, atol=1e-15)
+        assert_same(got["fsdp_resume"], sampled64, rtol=1e-12, atol=1e-15)
+        assert got["fsdp_model"]["weights_hash"] == model_identity(model, targets)["weights_hash"]
         assert got["meta"]["world_size"] == 2 and got["meta"]["batches"] == 7
         assert got["meta"]["tokens"] == sum(len(s) for s in SEQS)
         assert "ranks disagree on the data: between 6 and 7 batches" in got["mismatch"]
@@ -231,16 +242,24 @@ def test_cli_layers_per_pass_gives_the_single_pass_factors(tmp_path, lm_dir, tex
         assert torch.equal(passes.targets[name].A, tf.A) and torch.equal(passes.targets[name].G, tf.G)
 
 
+def test_fsdp_needs_several_processes(tmp_path, lm_dir, text_jsonl):
+    result = cli_collect(lm_dir, text_jsonl, tmp_path / "out", "--fsdp")
+    assert result.exit_code == 2 and "torchrun --nproc-per-node N" in result.output
+    with pytest.raises(DistributedError, match="several processes"):
+        shard_model(tiny_gpt2(), "cpu")
+
+
 @pytest.mark.slow  # two fresh interpreters importing torch + transformers: ~15 s on 2 shared cores
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
-def test_torchrun_cli_with_two_processes_equals_one_process(tmp_path, lm_dir, text_jsonl):
+@pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["data-parallel", "fsdp"])
+def test_torchrun_cli_with_two_processes_equals_one_process(tmp_path, lm_dir, text_jsonl, extra):
     assert cli_collect(lm_dir, text_jsonl, tmp_path / "one").exit_code == 0
     bindir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), str(bindir / "curvedit"), "collect", "--model", str(lm_dir),
            "--data", str(text_jsonl), "--out", str(tmp_path / "two"), "--labels", "gold", "--seq-len", "8",
-           "--batch-size", "2", "--no-progress"]
+           "--batch-size", "2", "--no-progress", *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote factors") == 1 and "2 processes" in done.stdout

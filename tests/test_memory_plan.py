@@ -76,11 +76,21 @@ def test_too_many_accumulators_on_a_gpu_suggest_fewer_layers_per_pass():
                        host_available_bytes=GIB).fits
 
 
-def test_weights_that_cannot_fit_say_fsdp_is_not_implemented():
+def test_weights_that_cannot_fit_on_a_gpu_suggest_fsdp():
     model, targets = olmo()
     plan = plan_memory(model, targets, 1, 4, "float32", 1, "cuda", available_bytes=1000, host_available_bytes=GIB)
     assert not plan.fits
-    assert "FSDP" in plan.suggestion and "not implemented" in plan.suggestion and "--model-dtype" in plan.suggestion
+    assert "--fsdp" in plan.suggestion and "--model-dtype" in plan.suggestion
+
+
+def test_fsdp_keeps_a_shard_of_the_weights_and_one_whole_block():
+    model, targets = olmo()
+    whole = plan_memory(model, targets, 1, 4, "float32", None, "cpu")
+    sharded = plan_memory(model, targets, 1, 4, "float32", None, "cpu", weight_shards=4)
+    block = sum(p.numel() * 8 for p in model.model.layers[0].parameters())
+    assert sharded.weights_bytes == -(-whole.weights_bytes // 4) + block
+    assert sharded.activations_bytes == whole.activations_bytes
+    assert "1/4 + one block (FSDP)" in sharded.table()
 
 
 def test_processes_sharing_host_memory_multiply_what_is_needed():

@@ -75,6 +75,9 @@ def collect(
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Recompute each block's activations in the backward pass: less "
                                                 "activation memory, about one more forward pass of compute."),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="Under torchrun: shard the weights over the processes (FSDP2, one unit per block); "
+                              "the model is loaded on the CPU and only its shards move to the device."),
     memory_check: bool = typer.Option(
         True, "--memory-check/--no-memory-check", help="Refuse to start when the memory plan (printed first) "
                                                       "says the run will not fit in the device's free memory."),
@@ -87,7 +90,7 @@ def collect(
     """
     from curvedit.collect import CollectError, CollectOptions, collect_factors
     from curvedit.data import DataError, image_batches, lm_batches, read_records, token_sequences
-    from curvedit.distributed import DistributedError, all_agree, barrier, destroy, init_from_env
+    from curvedit.distributed import DistributedError, all_agree, barrier, destroy, init_from_env, shard_model
     from curvedit.factors import META_FILE, save_factors
     from curvedit.memory import plan_memory
     from curvedit.models import load_model
@@ -102,17 +105,20 @@ def collect(
         fail(str(err))
     try:
         try:
-            loaded = load_model(model, device=device, dtype=model_dtype)
+            loaded = load_model(model, device="cpu" if fsdp else device, dtype=model_dtype)
             chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
             plan = plan_memory(loaded.model, chosen, batch_size, seq_len, accumulate, layers_per_pass, device,
                                ranks_sharing_memory=ctx.local_world_size if device == "cpu" else 1,
-                               gradient_checkpointing=gradient_checkpointing)
+                               gradient_checkpointing=gradient_checkpointing,
+                               weight_shards=ctx.world_size if fsdp else 1)
             if ctx.is_main:
                 typer.echo(plan.table(), err=True)
             if memory_check and not all_agree(plan.fits, ctx):
                 reason = (f"needs about {plan.needed_bytes / 2**30:.1f} GiB, {plan.available_bytes / 2**30:.1f} GiB "
                           f"free on {device}; {plan.suggestion}" if not plan.fits else "another rank's plan does not fit")
                 fail(f"the memory plan says this run will not fit: {reason} (--no-memory-check runs it anyway)")
+            if fsdp:
+                shard_model(loaded.model, device, ctx)
             options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
                                      checkpoint_every=checkpoint_every, resume=resume, progress=progress,
                                      description=str(data), layers_per_pass=layers_per_pass,

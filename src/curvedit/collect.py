@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from curvedit.distributed import DistContext, current_context, reduce_sums, sharded
+from curvedit.distributed import DistContext, current_context, is_sharded_model, reduce_sums, transformer_blocks
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
 from curvedit.io import write_json, write_safetensors
 from curvedit.objectives import LABEL_MODES, CausalLMObjective, Objective
@@ -138,9 +138,8 @@ def _checkpointed_blocks(model: nn.Module, enable: bool) -> Iterator[None]:
     from functools import partial  # noqa: PLC0415
 
     from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
-    from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
 
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = transformer_blocks(model)
     if not blocks:
         raise CollectError(f"gradient checkpointing needs transformers blocks (GradientCheckpointingLayer); "
                            f"{type(model).__name__} has none")
@@ -376,39 +375,65 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     desc = "collect" if len(groups) == 1 else f"collect pass {pass_index + 1}/{len(groups)}"
     bar = tqdm(total=total, initial=sums.tokens_seen if first_pass else 0, unit="tok", unit_scale=True,
                desc=desc, disable=not (options.progress and ctx.is_main))
+    def step(batch: dict, index: int, accumulate: bool) -> None:
+        """Forward and backward of one batch, its rows added to the sums when `accumulate`
+        (a lock-step pass under FSDP runs the same collectives and adds nothing)."""
+        captured.clear()
+        batch = _to_device(batch, device)
+        recording[0] = True
+        try:
+            out = objective(model, batch, batch_generator(options.seed, index, device))
+        finally:
+            recording[0] = False
+        if not torch.isfinite(out.loss):
+            raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
+        mask = out.positions_mask
+        counted = int(mask.sum())
+        if counted:
+            grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
+            if accumulate:
+                _accumulate(sums, captured, grads, mask, acc_dtype, index)
+                for target, _, _ in captured:
+                    sums.positions[target.name] += counted
+        captured.clear()
+        if accumulate:
+            tokens = _batch_tokens(batch)
+            if first_pass:
+                sums.tokens_seen += tokens
+            bar.update(tokens)
+
+    # Under FSDP every rank must run one forward/backward per round of `world_size` batches
+    # (each gathers the blocks' weights from all ranks): a rank whose batch of a round is
+    # missing (the data ended) or already covered (resumed mid-round) runs a lock-step pass,
+    # and checkpoints fall on round ends.
+    lockstep = ctx.distributed and is_sharded_model(model)
+    world = ctx.world_size
+    every = -(-options.checkpoint_every // world) * world if lockstep else options.checkpoint_every
+    start = sums.batches_done  # batches before it are covered by the checkpoint we resumed from
+    covered: dict | None = None  # this rank's covered batch of the round `start` falls in
+    last: dict | None = None
     try:
         with _only_targets_require_grad(model, group), _no_tf32(), \
                 _checkpointed_blocks(model, options.gradient_checkpointing):
-            for index, batch in sharded(batches, ctx):
-                if index < sums.batches_done:
-                    continue  # covered by the checkpoint we resumed from
-                if batch is not None:
-                    captured.clear()
-                    batch = _to_device(batch, device)
-                    recording[0] = True
-                    try:
-                        out = objective(model, batch, batch_generator(options.seed, index, device))
-                    finally:
-                        recording[0] = False
-                    if not torch.isfinite(out.loss):
-                        raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
-                    mask = out.positions_mask
-                    counted = int(mask.sum())
-                    if counted:
-                        grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
-                        _accumulate(sums, captured, grads, mask, acc_dtype, index)
-                        for target, _, _ in captured:
-                            sums.positions[target.name] += counted
-                    captured.clear()
-                    tokens = _batch_tokens(batch)
-                    if first_pass:
-                        sums.tokens_seen += tokens
-                    bar.update(tokens)
+            for index, batch in enumerate(batches):
+                last = batch
+                if index < start:
+                    if lockstep and ctx.owns(index) and index // world == start // world:
+                        covered = batch
+                    continue
+                if covered is not None:
+                    step(covered, index, accumulate=False)
+                    covered = None
+                if ctx.owns(index):
+                    step(batch, index, accumulate=True)
                 sums.batches_done = index + 1
-                if options.checkpoint_dir is not None and sums.batches_done % options.checkpoint_every == 0:
+                if options.checkpoint_dir is not None and sums.batches_done % every == 0:
                     _reduce_pass(sums, group, first_pass, ctx, keep_on_all=False)
                     if ctx.is_main:
                         _save_checkpoint(sums, options, targets, len(groups), ctx)
+            done = sums.batches_done
+            if lockstep and done > start and (done - 1) // world * world + ctx.rank >= done:
+                step(last, done - 1, accumulate=False)  # no batch of the last round is this rank's
     finally:
         bar.close()
         for handle in handles:

@@ -15,8 +15,10 @@ compute it and every rank returns the single-process result.
 The backend is the one the process group was created with: gloo for CPU tensors, NCCL
 for CUDA tensors (each rank on its own GPU). `init_from_env` creates the group from the
 variables `torchrun` sets (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`,
-`MASTER_PORT`). Sharding the *weights* (FSDP) is not implemented: every rank must hold
-the whole model, its activations and the accumulators of one pass.
+`MASTER_PORT`). With `shard_model` the *weights* are sharded too (FSDP2,
+`torch.distributed.fsdp.fully_shard`, one unit per transformer block): each rank keeps
+1/N of them and gathers one block at a time for its forward and backward pass; the
+collection hooks see the same inputs and output gradients, so the factors are the same.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from __future__ import annotations
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,21 +135,6 @@ def destroy() -> None:
     """Destroy the default process group if one exists (the end of a distributed run)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def sharded(batches: Iterable[T], ctx: DistContext) -> Iterator[tuple[int, T | None]]:
-    """Walk a batch source with global indices, keeping only this rank's batches.
-
-    Args:
-        batches: the batch source, identical on every rank.
-        ctx: this rank's context.
-
-    Returns:
-        An iterator of `(global index, batch)` over *every* batch of the source; the batch
-        is None where another rank owns it (index `i` belongs to rank `i % world_size`).
-    """
-    for index, batch in enumerate(batches):
-        yield index, (batch if ctx.owns(index) else None)
 
 
 def _comm_device(tensors: list[torch.Tensor]) -> torch.device:
@@ -279,3 +267,54 @@ def map_batches(items: Sequence[T], batch_size: int, fn: Callable[[list[T]], lis
     for part in gathered:
         merged.update(part)
     return [result for index in range(len(chunks)) for result in merged[index]]
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated transformer blocks (transformers' `GradientCheckpointingLayer`s)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether `shard_model` (FSDP2) sharded this model's weights."""
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, device: str | torch.device, ctx: DistContext | None = None) -> nn.Module:
+    """Shard the model's weights over the ranks with FSDP2, then move the shards to `device`.
+
+    Each transformer block is one FSDP unit (its weights are gathered for its forward
+    pass and again for its backward pass, then freed); the embeddings, final norm and
+    head form the root unit. Load the model on the CPU first: only the shards move to
+    `device`, so a GPU holds about 1/N of the weights.
+
+    Args:
+        model: a transformers model, loaded on the CPU (or already on `device`).
+        device: "cpu" (gloo) or this rank's "cuda:i" (NCCL).
+        ctx: this rank's context (default: the current process group's).
+
+    Returns:
+        The model, sharded in place (its parameters become DTensors).
+
+    Raises:
+        DistributedError: no process group with at least 2 ranks, or no transformer blocks.
+    """
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    ctx = ctx or current_context()
+    if not ctx.distributed:
+        raise DistributedError("sharding the weights (FSDP) needs several processes: launch with "
+                               "torchrun --nproc-per-node N (N >= 2)")
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise DistributedError(f"FSDP shards transformers blocks (GradientCheckpointingLayer); "
+                               f"{type(model).__name__} has none")
+    mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model.to(device)

@@ -80,9 +80,13 @@ class FactorSet:
 def weight_sha256(target: Target) -> str:
     """SHA-256 of a target's weight as contiguous float32 `(d_out, d_in)` bytes.
 
-    Hashing float32 makes a bf16 model and its exact float32 upcast agree.
+    Hashing float32 makes a bf16 model and its exact float32 upcast agree. A weight
+    sharded by FSDP (a DTensor) is gathered first: every rank must call this together.
     """
-    weight = target.weight_oi().detach().to("cpu", torch.float32).contiguous()
+    weight = target.weight_oi().detach()
+    if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor
+        weight = weight.full_tensor()
+    weight = weight.to("cpu", torch.float32).contiguous()
     return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
 
 

@@ -23,8 +23,9 @@ Estimated per process, before the run, from the model config and the targets:
 The check compares what the run still has to allocate (the peak minus weights already on
 the device, times the processes sharing that memory) with 90% of the free memory:
 `torch.cuda.mem_get_info` on CUDA; on CPU, available RAM from psutil when installed, else
-`/proc/meminfo`, capped by a cgroup v2 limit when there is one. Sharding weights across
-processes (FSDP) is not implemented: every data-parallel rank holds everything above.
+`/proc/meminfo`, capped by a cgroup v2 limit when there is one. With FSDP
+(`weight_shards` N > 1) a process holds 1/N of the weights plus one whole block (gathered
+for its forward or backward pass); without it every rank holds all the weights.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from curvedit.collect import ACCUMULATE_DTYPES, layer_groups
+from curvedit.distributed import transformer_blocks
 from curvedit.targets import Target
 
 HEADROOM = 0.9
@@ -73,6 +75,7 @@ class MemoryPlan:
         available_bytes: free memory on `device`, None when unknown.
         host_available_bytes: available host RAM, None when unknown.
         ranks_sharing_memory: processes that share `device`'s memory (CPU data parallel).
+        weight_shards: processes the weights are sharded over (FSDP; 1: not sharded).
         suggestion: what to change when the run does not fit ("" when it fits).
     """
 
@@ -91,6 +94,7 @@ class MemoryPlan:
     available_bytes: int | None
     host_available_bytes: int | None
     ranks_sharing_memory: int = 1
+    weight_shards: int = 1
     suggestion: str = ""
 
     @property
@@ -119,7 +123,9 @@ class MemoryPlan:
         rows = [
             (f"memory plan on {self.device} (per process{shared}): batch {self.batch_size} x {self.seq_len} tokens, "
              f"{passes}, {self.accumulate_dtype} accumulators"),
-            _row("weights", self.weights_bytes, "already on the device" if self.resident_bytes else "to load"),
+            _row("weights", self.weights_bytes,
+                 (f"1/{self.weight_shards} + one block (FSDP); " if self.weight_shards > 1 else "")
+                 + ("already on the device" if self.resident_bytes else "to load")),
             _row("activations (rough)", self.activations_bytes, "per batch, worst pass"),
             _row("accumulators", self.accumulators_bytes,
                  "largest pass" if self.host_bytes else "all passes (stay in RAM)"),
@@ -194,6 +200,12 @@ def _weights_bytes(model: nn.Module, device: torch.device) -> tuple[int, int]:
     total = sum(n for n, _ in seen.values())
     resident = sum(n for n, where in seen.values() if _same_device(where, device))
     return total, resident
+
+
+def _largest_block_bytes(model: nn.Module) -> int:
+    """Parameter bytes of the largest transformer block (what FSDP gathers at once)."""
+    blocks = transformer_blocks(model)
+    return max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -295,6 +307,7 @@ def plan_memory(
     available_bytes: int | None = None,
     host_available_bytes: int | None = None,
     gradient_checkpointing: bool = False,
+    weight_shards: int = 1,
 ) -> MemoryPlan:
     """Estimate the memory of a collection run and say what to change if it will not fit.
 
@@ -313,6 +326,7 @@ def plan_memory(
         host_available_bytes: available host RAM for CUDA runs; measured when None.
         gradient_checkpointing: whether blocks recompute their activations in the backward
             pass (`CollectOptions.gradient_checkpointing`).
+        weight_shards: processes the weights are sharded over (`--fsdp`; 1: none).
 
     Returns:
         A `MemoryPlan`; `plan.fits` says whether it fits, `plan.suggestion` what to change
@@ -337,6 +351,9 @@ def plan_memory(
     model_bytes = next(model.parameters()).element_size()
     acc_bytes = torch.empty((), dtype=ACCUMULATE_DTYPES[accumulate_dtype]).element_size()
     weights, resident = _weights_bytes(model, dev)
+    if weight_shards > 1:
+        weights = -(-weights // weight_shards) + _largest_block_bytes(model)
+        resident = min(resident, weights)
     estimate = lambda b, k, ckpt=gradient_checkpointing: _estimate(  # noqa: E731
         arch, targets, b, seq_len, model_bytes, acc_bytes, k, on_cuda, ckpt)
     activations, accumulators, host, passes = estimate(batch_size, layers_per_pass)
@@ -349,7 +366,7 @@ def plan_memory(
         available_bytes=available_bytes if available_bytes is not None else available_memory(dev),
         host_available_bytes=(host_available_bytes if host_available_bytes is not None
                               else host_available_memory() if on_cuda else None),
-        ranks_sharing_memory=ranks_sharing_memory,
+        ranks_sharing_memory=ranks_sharing_memory, weight_shards=weight_shards,
     )
     if not plan.fits:
         plan.suggestion = _suggest(plan, estimate, len(layer_groups(targets, 1)), gradient_checkpointing)
@@ -367,6 +384,7 @@ def _suggest(plan: MemoryPlan, estimate, blocks: int, checkpointing: bool) -> st
         return trial.fits
 
     current = plan.layers_per_pass or blocks
+    on_gpu = plan.device.startswith("cuda")
     if plan.host_available_bytes is not None and \
             plan.host_bytes * plan.ranks_sharing_memory > HEADROOM * plan.host_available_bytes:
         return (f"the factors of all targets need {_size(plan.host_bytes)} of host RAM per process "
@@ -374,8 +392,9 @@ def _suggest(plan: MemoryPlan, estimate, blocks: int, checkpointing: bool) -> st
     if not fits(1, 1, True):
         activations, accumulators, _, _ = estimate(1, 1, True)
         return (f"even --batch-size 1 --layers-per-pass 1 --gradient-checkpointing needs about {_size(plan.weights_bytes + activations + accumulators)}"
-                f" per process (weights {_size(plan.weights_bytes)}); sharding the weights across devices (FSDP) is "
-                "not implemented: use a smaller --model-dtype (bf16), fewer targets (--layers), a shorter --seq-len, "
+                f" per process (weights {_size(plan.weights_bytes)}): "
+                + ("shard the weights over more GPUs (torchrun --nproc-per-node N ... --fsdp), " if on_gpu else "")
+                + "use a smaller --model-dtype (bf16), fewer targets (--layers), a shorter --seq-len, "
                 "fewer processes per host, or a device with more memory")
     options: list[str] = []
     smaller_k = next((k for k in range(current - 1, 0, -1) if fits(plan.batch_size, k)), None)
