@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import curvedit.spectrum as spectrum
 from curvedit.spectrum import (SelectionError, mass_curve, mass_fraction, select_by_count, select_by_mass, sym_eigh)
 
 
@@ -53,6 +54,17 @@ def test_selection_by_mass_equals_sorting_all_products(kind, seed):
     lam, mu = spectra(kind, seed)
     for rho in RHOS:
         assert torch.equal(select_by_mass(lam, mu, rho), brute_force_mass(lam, mu, rho)), (kind, seed, rho)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros"])
+@pytest.mark.parametrize("shape", [(23, 17), (300, 200)])
+def test_the_bracketed_search_equals_sorting_all_products(kind, shape, monkeypatch):
+    monkeypatch.setattr(spectrum, "CANDIDATES", 16)  # bracket the cut instead of sorting everything
+    lam, mu = spectra(kind, 3, *shape)
+    for rho in RHOS:
+        assert torch.equal(select_by_mass(lam, mu, rho), brute_force_mass(lam, mu, rho)), (kind, shape, rho)
+    for fraction in [0.001, 0.1, 0.5, 0.77, 1.0]:
+        assert torch.equal(select_by_count(lam, mu, fraction), brute_force_count(lam, mu, fraction)), (kind, fraction)
 
 
 @pytest.mark.parametrize("kind", ["continuous", "ties", "zeros"])

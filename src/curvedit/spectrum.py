@@ -211,17 +211,61 @@ def _measure(lam: torch.Tensor, cum_mu: torch.Tensor, counts: torch.Tensor, by: 
     return float((lam * cum_mu[counts]).sum())
 
 
-def _float_bits(x: float) -> int:
-    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
+CANDIDATES = 1 << 15  # products enumerated and sorted explicitly at the cut
 
 
-def _bits_float(b: int) -> float:
-    return float(torch.tensor(b, dtype=torch.int64).view(torch.float64))
+def _approx_row_counts(lam: torch.Tensor, neg_mu: torch.Tensor, t: float) -> torch.Tensor:
+    """Per row, about how many j have `lam_i * mu_j >= t` (`mu_j >= t / lam_i` by binary
+    search; the division may be off by an ulp). Only steers the bracketing."""
+    return torch.searchsorted(neg_mu, -(t / lam), right=True)
+
+
+def _bracket(lam: torch.Tensor, mu: torch.Tensor, cum_mu: torch.Tensor, need: float, by: str
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Staircases `k_hi <= k_lo` with `measure(k_hi) < need <= measure(k_lo)` and few
+    products between them: a bisection in log value with approximate counts, then exact
+    counts at the two thresholds. None when even every product does not reach `need`
+    (round-off at rho close to 1)."""
+    m, n = lam.shape[0], mu.shape[0]
+    full = torch.full_like(lam, n, dtype=torch.long)
+    if _measure(lam, cum_mu, full, by) < need:
+        return None
+    positive = lam[lam > 0].min() * mu[mu > 0].min() if bool(lam[0] > 0) and bool(mu[0] > 0) else None
+    if m * n <= CANDIDATES or positive is None:
+        return torch.zeros_like(full), full
+    neg_mu = -mu
+    hi_t = math.nextafter(float(lam[0] * mu[0]), math.inf)  # nothing reaches it
+    lo_t = float(positive)  # every positive product reaches it
+    if _measure(lam, cum_mu, _row_counts(lam, mu, lo_t, strict=False), by) < need:
+        return _row_counts(lam, mu, lo_t, strict=False), full  # zero products complete the mass
+    c_lo, c_hi = _approx_row_counts(lam, neg_mu, lo_t), _approx_row_counts(lam, neg_mu, hi_t)
+    for _ in range(200):
+        mid = math.sqrt(lo_t) * math.sqrt(hi_t)
+        if int((c_lo - c_hi).sum()) <= CANDIDATES or not lo_t < mid < hi_t:
+            break
+        c_mid = _approx_row_counts(lam, neg_mu, mid)
+        if _measure(lam, cum_mu, c_mid, by) >= need:
+            lo_t, c_lo = mid, c_mid
+        else:
+            hi_t, c_hi = mid, c_mid
+    k_hi = _row_counts(lam, mu, hi_t, strict=False)
+    while _measure(lam, cum_mu, k_hi, by) >= need:  # the approximate counts erred: widen
+        hi_t *= 2
+        k_hi = _row_counts(lam, mu, hi_t, strict=False)
+    k_lo = _row_counts(lam, mu, lo_t, strict=False)
+    while _measure(lam, cum_mu, k_lo, by) < need:
+        lo_t /= 2
+        k_lo = _row_counts(lam, mu, lo_t, strict=False)
+    return k_hi, k_lo
 
 
 def staircase(lam: torch.Tensor, mu: torch.Tensor, need: float, by: str) -> torch.Tensor:
     """The shortest prefix of all products in descending order (ties in row-major order)
     whose mass (`by="mass"`) or count (`by="count"`) reaches `need`.
+
+    The products above a bracket are kept whole; the few inside it (at most about
+    `CANDIDATES`) are enumerated, sorted (stable, so ties stay in row-major order) and
+    taken until `need` is reached.
 
     Args:
         lam: `(m,)` non-negative, sorted descending.
@@ -236,29 +280,23 @@ def staircase(lam: torch.Tensor, mu: torch.Tensor, need: float, by: str) -> torc
     cum_mu = torch.cat([mu.new_zeros(1), mu.cumsum(0)])
     if need <= 0:
         return torch.zeros_like(lam, dtype=torch.long)
-    # Largest threshold t (a product value) whose set {p >= t} still reaches `need`:
-    # bisection over the bit patterns of non-negative float64 (monotone in value).
-    lo, hi = 0, _float_bits(float(lam[0] * mu[0])) + 1  # reach(lo) holds, reach(hi) fails
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _measure(lam, cum_mu, _row_counts(lam, mu, _bits_float(mid), strict=False), by) >= need:
-            lo = mid
-        else:
-            hi = mid
-    t_star = _bits_float(lo)
-    k_gt = _row_counts(lam, mu, t_star, strict=True)
-    k_ge = _row_counts(lam, mu, t_star, strict=False)
-    have = _measure(lam, cum_mu, k_gt, by)
-    ties = k_ge - k_gt
-    unit = 1.0 if by == "count" else t_star
-    extra = max(0, math.ceil((need - have) / unit)) if unit > 0 else int(ties.sum())
-    while extra > 0 and have + (extra - 1) * unit >= need:  # undo round-off in the division
-        extra -= 1
-    while have + extra * unit < need and extra < int(ties.sum()):
-        extra += 1
-    before = ties.cumsum(0) - ties
-    take = (extra - before).clamp(min=0).minimum(ties)
-    return k_gt + take
+    bracket = _bracket(lam, mu, cum_mu, need, by)
+    if bracket is None:
+        return torch.full_like(lam, mu.shape[0], dtype=torch.long)
+    k_hi, k_lo = bracket
+    widths = k_lo - k_hi
+    rows = torch.repeat_interleave(torch.arange(lam.shape[0], device=lam.device), widths)
+    starts = widths.cumsum(0) - widths
+    cols = k_hi[rows] + torch.arange(rows.shape[0], device=lam.device) - starts[rows]
+    values = lam[rows] * mu[cols]  # row-major order
+    order = torch.sort(values, descending=True, stable=True).indices
+    have = _measure(lam, cum_mu, k_hi, by)
+    if by == "count":
+        take = math.ceil(need - have)
+    else:
+        take = int(((have + values[order].cumsum(0)) < need).sum()) + 1
+    take = min(take, rows.shape[0])
+    return k_hi + torch.bincount(rows[order[:take]], minlength=lam.shape[0])
 
 
 def staircase_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
