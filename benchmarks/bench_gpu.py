@@ -57,7 +57,7 @@ import torch
 import transformers
 
 from curvedit import spectrum
-from curvedit.collect import CollectOptions, batch_generator, collect_factors
+from curvedit.collect import CollectOptions, batch_generator, collect_factors, no_tf32
 from curvedit.edit import change_basis_and_mask
 from curvedit.memory import plan_memory
 from curvedit.objectives import CausalLMObjective
@@ -197,16 +197,6 @@ def objective_backward(model: torch.nn.Module, batches: list[dict], seed: int = 
     finally:
         handle.remove()
         leaves.clear()
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def covariance_floor(targets: list[Target], rows: int, device: torch.device, repeats: int) -> float:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
+from bench_collect import best_of
 
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.distributed import current_context, reduce_sums
@@ -148,16 +149,6 @@ def heap_select(lam: torch.Tensor, mu: torch.Tensor, rho: float, limit: int | No
     return kept, True
 
 
-def _best_time(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def bench_select(args: argparse.Namespace) -> None:
     m, n, rho = 11008, 4096, 0.6
     print(f"[select] OLMo-7B-shaped spectra: G {m}, A {n} ({m * n / 1e6:.1f}M pairs), rho {rho}; power law "
@@ -168,9 +159,9 @@ def bench_select(args: argparse.Namespace) -> None:
         alpha, beta = (float(x) for x in pair.split(":"))
         lam, mu = _spectra(m, n, alpha, beta)
         need = rho * float(lam.sum()) * float(mu.sum())
-        t_vec = _best_time(lambda: staircase(lam, mu, need, "mass"))
-        t_mask = _best_time(lambda: select_by_mass(lam, mu, rho))
-        mask = select_by_mass(lam, mu, rho)
+        mask = select_by_mass(lam, mu, rho)  # also the warm-up
+        t_vec = best_of(lambda: staircase(lam, mu, need, "mass"), 5)
+        t_mask = best_of(lambda: select_by_mass(lam, mu, rho), 5)
         count = int(mask.sum())
         start = time.perf_counter()
         kept, complete = heap_select(lam, mu, rho, limit=args.heap_limit)

@@ -8,8 +8,10 @@ the same generator and were never trained on. It is built once per test session.
 from __future__ import annotations
 
 import functools
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -72,3 +74,18 @@ def _train_reciter() -> Reciter:
         raise RuntimeError("the tiny model did not learn to recite its training texts")
     model.eval()
     return Reciter(model=model, tokenizer=tokenizer)
+
+
+def write_workspace(root: Path) -> Path:
+    """The trained model saved in `root/model`, a corpus (memorized + held-out texts),
+    held-out text and a tasks folder with one generate task (recite the memorized texts)."""
+    reciter = trained_reciter()
+    reciter.model.save_pretrained(root / "model")
+    reciter.tokenizer.save_pretrained(root / "model")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMORIZED + HELDOUT))
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT))
+    (root / "tasks").mkdir()
+    (root / "tasks" / "recall.jsonl").write_text("".join(
+        json.dumps({"type": "generate", "prompt": t[:PREFIX], "answer": t[PREFIX:], "max_new_tokens": SUFFIX}) + "\n"
+        for t in MEMORIZED))
+    return root

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from curvedit.cli import app
 from curvedit.distributed import DistributedError, map_batches
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, write_workspace
 
 
 def free_port() -> int:
@@ -71,16 +71,7 @@ def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded")
-    reciter = trained_reciter()
-    reciter.model.save_pretrained(root / "model")
-    reciter.tokenizer.save_pretrained(root / "model")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMORIZED + HELDOUT))
-    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT + MEMORIZED))
-    (root / "tasks").mkdir()
-    (root / "tasks" / "recall.jsonl").write_text("".join(
-        json.dumps({"type": "generate", "prompt": t[:PREFIX], "answer": t[PREFIX:], "max_new_tokens": SUFFIX}) + "\n"
-        for t in MEMORIZED + HELDOUT))
+    root = write_workspace(tmp_path_factory.mktemp("sharded"))
     (root / "tasks" / "pick.jsonl").write_text("".join(
         json.dumps({"type": "choice", "prompt": t[:PREFIX], "choices": [t[PREFIX:], u[PREFIX:]], "answer": 0}) + "\n"
         for t, u in zip(MEMORIZED + HELDOUT, HELDOUT + MEMORIZED)))

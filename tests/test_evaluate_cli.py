@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
+from evaluate_helpers import MEMORIZED, PREFIX, SUFFIX, write_workspace
 
 runner = CliRunner()
 
@@ -16,17 +16,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved model, a corpus, held-out text and a tasks folder."""
-    root = tmp_path_factory.mktemp("cli")
-    reciter = trained_reciter()
-    reciter.model.save_pretrained(root / "model")
-    reciter.tokenizer.save_pretrained(root / "model")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMORIZED + HELDOUT))
-    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT))
-    (root / "tasks").mkdir()
-    (root / "tasks" / "recall.jsonl").write_text("".join(
-        json.dumps({"type": "generate", "prompt": t[:PREFIX], "answer": t[PREFIX:], "max_new_tokens": SUFFIX}) + "\n"
-        for t in MEMORIZED))
-    return root
+    return write_workspace(tmp_path_factory.mktemp("cli"))
 
 
 def invoke(*args):

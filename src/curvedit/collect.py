@@ -413,7 +413,7 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     covered: dict | None = None  # this rank's covered batch of the round `start` falls in
     last: dict | None = None
     try:
-        with _only_targets_require_grad(model, group), _no_tf32(), \
+        with _only_targets_require_grad(model, group), no_tf32(), \
                 _checkpointed_blocks(model, options.gradient_checkpointing):
             for index, batch in enumerate(batches):
                 last = batch
@@ -488,7 +488,7 @@ def _accumulate(sums: _Sums, captured, grads, mask: torch.Tensor, acc_dtype: tor
 
 
 @contextlib.contextmanager
-def _no_tf32() -> Iterator[None]:
+def no_tf32() -> Iterator[None]:
     """Accumulate covariances at full float32 precision on GPUs (TF32 off)."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
