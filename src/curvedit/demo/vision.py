@@ -71,7 +71,7 @@ class VisionDemoOptions:
     label_draws: int = 32
     layer_grid: tuple[str, ...] | None = None
     matrices: str = "mlp"
-    rho_grid: tuple[float, ...] = (0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999)
+    rho_grid: tuple[float, ...] = (0.6, 0.75, 0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999)
     keep_grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
     svd_keep_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
     clean_budget: float = 0.02
