@@ -86,7 +86,8 @@ def collect(
 
     Data parallel: `torchrun --nproc-per-node N $(which curvedit) collect ...` runs N
     processes (gloo on CPU; NCCL with --device cuda, rank r on cuda:LOCAL_RANK); each
-    processes every N-th batch, the sums are all-reduced, and rank 0 alone writes.
+    processes every N-th batch, the sums are all-reduced, and rank 0 alone writes. With
+    --fsdp the weights are sharded over the processes too (FSDP2, one unit per block).
     """
     from curvedit.collect import CollectError, CollectOptions, collect_factors
     from curvedit.data import DataError, image_batches, lm_batches, read_records, token_sequences
