@@ -108,7 +108,12 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         # resumed in the middle of a round (batch 3 of 7), checkpointing on the way
         results["fsdp_resume"] = run(sharded_model, make_batches(), seed=7, accumulate_dtype="float64",
                                      checkpoint_dir=root / "shared3", checkpoint_every=3, resume=True)
+        try:
+            run(sharded_model, make_batches()[: 6 if rank == 1 else 7], label_mode="gold")
+        except DistributedError as err:
+            fsdp_mismatch = str(err)
         out = {name: as_tensors(f) for name, f in results.items()}
+        out["fsdp_mismatch"] = fsdp_mismatch
         out["meta"] = results["sampled32"].collection
         out["fsdp_model"] = results["fsdp"].model
         uneven = make_batches()[: 6 if rank == 1 else 7]  # rank 1 reads one batch fewer
@@ -150,6 +155,7 @@ def test_two_gloo_processes_give_the_factors_of_one_process_and_only_rank_0_writ
         assert_same(got["resume"], sampled64, rtol=1e-12, atol=1e-15)
         assert_same(got["fsdp"], gold, rtol=1e-12, atol=1e-15)
         assert_same(got["fsdp_resume"], sampled64, rtol=1e-12, atol=1e-15)
+        assert "one ran out of batches before another" in got["fsdp_mismatch"]
         assert got["fsdp_model"]["weights_hash"] == model_identity(model, targets)["weights_hash"]
         assert got["meta"]["world_size"] == 2 and got["meta"]["batches"] == 7
         assert got["meta"]["tokens"] == sum(len(s) for s in SEQS)

@@ -47,6 +47,20 @@ def test_float32_eigh_falls_back_to_float64_when_the_residual_check_fails(monkey
     assert torch.equal(evals, ref_evals) and torch.equal(evecs, ref_evecs)
 
 
+def test_float32_eigh_that_does_not_converge_falls_back_and_float64_failure_is_reported(monkeypatch):
+    mat, real = psd(16, seed=2), torch.linalg.eigh
+
+    def eigh(m, fail_on=(torch.float32,)):
+        if m.dtype in fail_on:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(m)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    assert torch.equal(sym_eigh(mat, precision="float32")[0], sym_eigh(mat)[0])  # the float64 result
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: eigh(m, (torch.float32, torch.float64)))
+    with pytest.raises(EighError, match="did not converge"):
+        sym_eigh(mat, precision="float32")
+
+
 def test_eigh_refuses_non_finite_matrices_and_unknown_precisions():
     mat = psd(8)
     mat[2, 3] = float("nan")

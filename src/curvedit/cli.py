@@ -104,6 +104,8 @@ def collect(
         ctx, device = init_from_env(device)
     except DistributedError as err:
         fail(str(err))
+    if fsdp and not ctx.distributed:
+        fail("--fsdp shards the weights over several processes: launch with torchrun --nproc-per-node N (N >= 2)")
     try:
         try:
             loaded = load_model(model, device="cpu" if fsdp else device, dtype=model_dtype)

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from curvedit.distributed import DistContext, current_context, is_sharded_model, reduce_sums, transformer_blocks
+from curvedit.distributed import (DistContext, check_same, current_context, is_sharded_model, reduce_sums,
+                                  transformer_blocks)
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
 from curvedit.io import write_json, write_safetensors
 from curvedit.objectives import LABEL_MODES, CausalLMObjective, Objective
@@ -58,7 +59,8 @@ class CollectOptions:
         accumulate_dtype: "float32" or "float64" accumulators, whatever the model dtype.
         seed: seed of the label sampler (runs are repeatable for a seed).
         checkpoint_dir: where to write checkpoints; None for no checkpoints.
-        checkpoint_every: write a checkpoint every this many batches.
+        checkpoint_every: write a checkpoint every this many batches (under FSDP, rounded
+            up to a multiple of the number of processes).
         resume: continue from the checkpoint in `checkpoint_dir` (skips the batches it
             covered; labels are drawn per batch from (seed, batch index), so they match).
         progress: show a progress bar (tokens/s, ETA when `total_tokens` is known).
@@ -141,8 +143,8 @@ def _checkpointed_blocks(model: nn.Module, enable: bool) -> Iterator[None]:
 
     blocks = transformer_blocks(model)
     if not blocks:
-        raise CollectError(f"gradient checkpointing needs transformers blocks (GradientCheckpointingLayer); "
-                           f"{type(model).__name__} has none")
+        raise CollectError(f"gradient checkpointing needs transformers blocks (GradientCheckpointingLayer, "
+                           f"transformers >= 4.52); {type(model).__name__} has none")
     saved = [(m.training, m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None)) for m in blocks]
     try:
         for block in blocks:
@@ -276,7 +278,10 @@ def _offload(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy of an accumulator; from a GPU into pinned memory (the caller synchronises)."""
     if tensor.device.type != "cuda":
         return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    try:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    except RuntimeError:  # page-locked memory is limited: a plain copy works anyway
+        return tensor.cpu()
     return host.copy_(tensor, non_blocking=True)
 
 
@@ -375,6 +380,16 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     desc = "collect" if len(groups) == 1 else f"collect pass {pass_index + 1}/{len(groups)}"
     bar = tqdm(total=total, initial=sums.tokens_seen if first_pass else 0, unit="tok", unit_scale=True,
                desc=desc, disable=not (options.progress and ctx.is_main))
+
+    # Under FSDP every rank must run one forward/backward per round of `world_size` batches
+    # (each gathers the blocks' weights from all ranks): a rank whose batch of a round is
+    # missing (the data ended) or already covered (resumed mid-round) runs a lock-step pass,
+    # checkpoints fall on round ends, and ranks check at each round that all still have data.
+    lockstep = ctx.distributed and is_sharded_model(model)
+    world = ctx.world_size
+    uneven = "ranks disagree on the data: one ran out of batches before another (FSDP needs the same batches)"
+    every = -(-options.checkpoint_every // world) * world if lockstep else options.checkpoint_every
+
     def step(batch: dict, index: int, accumulate: bool) -> None:
         """Forward and backward of one batch, its rows added to the sums when `accumulate`
         (a lock-step pass under FSDP runs the same collectives and adds nothing)."""
@@ -389,9 +404,9 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
             raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
         mask = out.positions_mask
         counted = int(mask.sum())
-        if counted:
+        if counted or lockstep:  # under FSDP every rank runs every backward (its all-gathers)
             grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
-            if accumulate:
+            if accumulate and counted:
                 _accumulate(sums, captured, grads, mask, acc_dtype, index)
                 for target, _, _ in captured:
                     sums.positions[target.name] += counted
@@ -402,13 +417,6 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
                 sums.tokens_seen += tokens
             bar.update(tokens)
 
-    # Under FSDP every rank must run one forward/backward per round of `world_size` batches
-    # (each gathers the blocks' weights from all ranks): a rank whose batch of a round is
-    # missing (the data ended) or already covered (resumed mid-round) runs a lock-step pass,
-    # and checkpoints fall on round ends.
-    lockstep = ctx.distributed and is_sharded_model(model)
-    world = ctx.world_size
-    every = -(-options.checkpoint_every // world) * world if lockstep else options.checkpoint_every
     start = sums.batches_done  # batches before it are covered by the checkpoint we resumed from
     covered: dict | None = None  # this rank's covered batch of the round `start` falls in
     last: dict | None = None
@@ -421,6 +429,8 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
                     if lockstep and ctx.owns(index) and index // world == start // world:
                         covered = batch
                     continue
+                if lockstep and (index == start or index % world == 0):
+                    check_same(True, ctx, uneven)
                 if covered is not None:
                     step(covered, index, accumulate=False)
                     covered = None
@@ -432,8 +442,10 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
                     if ctx.is_main:
                         _save_checkpoint(sums, options, targets, len(groups), ctx)
             done = sums.batches_done
-            if lockstep and done > start and (done - 1) // world * world + ctx.rank >= done:
-                step(last, done - 1, accumulate=False)  # no batch of the last round is this rank's
+            if lockstep:
+                if done > start and (done - 1) // world * world + ctx.rank >= done:
+                    step(last, done - 1, accumulate=False)  # no batch of the last round is this rank's
+                check_same(False, ctx, uneven)  # a rank still walking batches fails here too
     finally:
         bar.close()
         for handle in handles:

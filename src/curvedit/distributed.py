@@ -210,6 +210,21 @@ def all_agree(flag: bool, ctx: DistContext) -> bool:
     return bool(value.item())
 
 
+def check_same(flag: bool, ctx: DistContext, message: str) -> None:
+    """Raise on every rank unless `flag` is the same on all ranks (no-op when not distributed).
+
+    Raises:
+        DistributedError: `message`, when the ranks disagree.
+    """
+    if not ctx.distributed:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag), -int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    if int(value[0]) != -int(value[1]):
+        raise DistributedError(message)
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op when not distributed); e.g. until rank 0 has written."""
     if ctx.distributed:
@@ -270,9 +285,12 @@ def map_batches(items: Sequence[T], batch_size: int, fn: Callable[[list[T]], lis
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated transformer blocks (transformers' `GradientCheckpointingLayer`s)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
-
+    """The model's repeated transformer blocks: transformers' `GradientCheckpointingLayer`s
+    (transformers >= 4.52); none with an older transformers or a model of another library."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
+    except ImportError:
+        return []
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
@@ -311,8 +329,8 @@ def shard_model(model: nn.Module, device: str | torch.device, ctx: DistContext |
                                "torchrun --nproc-per-node N (N >= 2)")
     blocks = transformer_blocks(model)
     if not blocks:
-        raise DistributedError(f"FSDP shards transformers blocks (GradientCheckpointingLayer); "
-                               f"{type(model).__name__} has none")
+        raise DistributedError(f"FSDP shards transformers blocks (GradientCheckpointingLayer, transformers >= "
+                               f"4.52); {type(model).__name__} has none")
     mesh = init_device_mesh(torch.device(device).type, (ctx.world_size,))
     for block in blocks:
         fully_shard(block, mesh=mesh)

@@ -24,8 +24,9 @@ The check compares what the run still has to allocate (the peak minus weights al
 the device, times the processes sharing that memory) with 90% of the free memory:
 `torch.cuda.mem_get_info` on CUDA; on CPU, available RAM from psutil when installed, else
 `/proc/meminfo`, capped by a cgroup v2 limit when there is one. With FSDP
-(`weight_shards` N > 1) a process holds 1/N of the weights plus one whole block (gathered
-for its forward or backward pass); without it every rank holds all the weights.
+(`weight_shards` N > 1) a process holds 1/N of the weights plus, gathered, the root unit
+(embeddings, head) and two blocks (computing and prefetched); without it every rank holds
+all the weights. Either way each process first loads the whole model into host RAM.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class MemoryPlan:
             (f"memory plan on {self.device} (per process{shared}): batch {self.batch_size} x {self.seq_len} tokens, "
              f"{passes}, {self.accumulate_dtype} accumulators"),
             _row("weights", self.weights_bytes,
-                 (f"1/{self.weight_shards} + one block (FSDP); " if self.weight_shards > 1 else "")
+                 (f"1/{self.weight_shards} + root + 2 blocks (FSDP); " if self.weight_shards > 1 else "")
                  + ("already on the device" if self.resident_bytes else "to load")),
             _row("activations (rough)", self.activations_bytes, "per batch, worst pass"),
             _row("accumulators", self.accumulators_bytes,
@@ -202,10 +203,12 @@ def _weights_bytes(model: nn.Module, device: torch.device) -> tuple[int, int]:
     return total, resident
 
 
-def _largest_block_bytes(model: nn.Module) -> int:
-    """Parameter bytes of the largest transformer block (what FSDP gathers at once)."""
-    blocks = transformer_blocks(model)
-    return max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
+def _unsharded_bytes(model: nn.Module, total: int) -> int:
+    """What FSDP2 holds gathered besides the shards: the root unit (everything outside the
+    blocks, e.g. embeddings and head; FSDP2 keeps it gathered between forward and
+    backward) and two blocks (the one computing and the one prefetched)."""
+    sizes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in transformer_blocks(model)]
+    return max(0, total - sum(sizes)) + 2 * max(sizes, default=0)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -221,7 +224,8 @@ def _estimate(arch: _Arch, targets: list[Target], batch_size: int, seq_len: int,
               layers_per_pass: int | None, on_cuda: bool, checkpointing: bool) -> tuple[int, int, int, int]:
     """(activations, device accumulators, host accumulators, passes) for one configuration.
     With gradient checkpointing the graph keeps each block's input and one block's
-    activations (recomputed in the backward pass) instead of every block's."""
+    activations (recomputed in the backward pass) instead of every block's, plus the inputs
+    and outputs of the pass's targets, which the collection hooks keep alive."""
     tokens = batch_size * seq_len
     acc_of = lambda group: sum((t.shape_oi[0] ** 2 + t.shape_oi[1] ** 2) * acc_bytes for t in group)  # noqa: E731
     groups = layer_groups(targets, layers_per_pass)
@@ -232,7 +236,8 @@ def _estimate(arch: _Arch, targets: list[Target], batch_size: int, seq_len: int,
         first = 0 if None in layers else min(layers)
         blocks_in_graph = max(1, arch.layers - first)
         if checkpointing:
-            graph = tokens * (blocks_in_graph * arch.hidden + per_block) * model_bytes
+            hooked = sum(sum(t.shape_oi) for t in group)
+            graph = tokens * (blocks_in_graph * arch.hidden + per_block + hooked) * model_bytes
         else:
             graph = tokens * blocks_in_graph * per_block * model_bytes
         out_grads = tokens * sum(t.shape_oi[0] for t in group) * model_bytes
@@ -352,7 +357,7 @@ def plan_memory(
     acc_bytes = torch.empty((), dtype=ACCUMULATE_DTYPES[accumulate_dtype]).element_size()
     weights, resident = _weights_bytes(model, dev)
     if weight_shards > 1:
-        weights = -(-weights // weight_shards) + _largest_block_bytes(model)
+        weights = -(-weights // weight_shards) + _unsharded_bytes(model, weights)
         resident = min(resident, weights)
     estimate = lambda b, k, ckpt=gradient_checkpointing: _estimate(  # noqa: E731
         arch, targets, b, seq_len, model_bytes, acc_bytes, k, on_cuda, ckpt)

@@ -4,8 +4,9 @@ For factors `G = U_G diag(lam) U_G^T` and `A = U_A diag(mu) U_A^T` (eigenvalues 
 descending, round-off negatives clamped to 0), component `(i, j)` of a weight has mass
 `lam_i * mu_j`. Sorted products form, in every row `i`, a non-increasing sequence in `j`;
 so any prefix of the descending order of all products is a *staircase*: row `i` keeps
-the columns `j < kept[i]`. Selection finds that staircase with a threshold search over
-product values (exact float comparisons, vectorised over rows), never a loop over pairs.
+the columns `j < kept[i]`. Selection brackets the cut with a threshold search over product
+values (vectorised over rows, exact float comparisons at the bracket's ends) and sorts only
+the few products inside the bracket; never a Python loop over pairs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ EIGH_RESIDUAL_TOL = 1e-4
 
 
 class EighError(RuntimeError):
-    """An eigendecomposition that produced non-finite values."""
+    """A matrix that cannot be eigendecomposed (NaN/inf entries, or no convergence)."""
 
 
 def _eigh_residual(mat64: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> float:
@@ -86,7 +87,7 @@ def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, pre
 
     Raises:
         ValueError: an unknown precision.
-        EighError: the matrix holds NaN or inf.
+        EighError: the matrix holds NaN or inf, or float64 `eigh` does not converge.
     """
     if precision not in EIGH_PRECISIONS:
         raise ValueError(f"eigh precision must be one of {EIGH_PRECISIONS}, got {precision!r}")
@@ -95,10 +96,17 @@ def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, pre
     if not bool(torch.isfinite(mat).all()):
         raise EighError(f"cannot eigendecompose a {tuple(mat.shape)} matrix holding NaN or inf")
     if precision == "float32":
-        evals, evecs = torch.linalg.eigh(mat.float())
-        if bool(torch.isfinite(evecs).all()) and _eigh_residual(mat, evals, evecs) <= EIGH_RESIDUAL_TOL:
+        try:
+            evals, evecs = torch.linalg.eigh(mat.float())
+        except torch.linalg.LinAlgError:
+            evals = evecs = None  # no convergence in float32: float64 below
+        if evecs is not None and bool(torch.isfinite(evecs).all()) \
+                and _eigh_residual(mat, evals, evecs) <= EIGH_RESIDUAL_TOL:
             return evals.double().flip(0).clamp_(min=0), evecs.double().flip(1)
-    evals, evecs = torch.linalg.eigh(mat)
+    try:
+        evals, evecs = torch.linalg.eigh(mat)
+    except torch.linalg.LinAlgError as err:
+        raise EighError(f"eigh of a {tuple(mat.shape)} matrix did not converge: {err}") from None
     return evals.flip(0).clamp_(min=0), evecs.flip(1)
 
 
@@ -265,7 +273,9 @@ def staircase(lam: torch.Tensor, mu: torch.Tensor, need: float, by: str) -> torc
 
     The products above a bracket are kept whole; the few inside it (at most about
     `CANDIDATES`) are enumerated, sorted (stable, so ties stay in row-major order) and
-    taken until `need` is reached.
+    taken until `need` is reached. A bracket that cannot be narrowed holds one group of
+    equal products (zeros, or exact ties); it is taken in row-major order without
+    enumerating it.
 
     Args:
         lam: `(m,)` non-negative, sorted descending.
@@ -285,18 +295,37 @@ def staircase(lam: torch.Tensor, mu: torch.Tensor, need: float, by: str) -> torc
         return torch.full_like(lam, mu.shape[0], dtype=torch.long)
     k_hi, k_lo = bracket
     widths = k_lo - k_hi
+    have = _measure(lam, cum_mu, k_hi, by)
+    rows_with = widths > 0
+    first = lam[rows_with] * mu[k_hi[rows_with]]
+    last = lam[rows_with] * mu[k_lo[rows_with] - 1]
+    if int(widths.sum()) > CANDIDATES and bool((first == last).all()) and bool((first == first[0]).all()):
+        return k_hi + _take_tied(widths, float(first[0]), need - have, by)
     rows = torch.repeat_interleave(torch.arange(lam.shape[0], device=lam.device), widths)
     starts = widths.cumsum(0) - widths
     cols = k_hi[rows] + torch.arange(rows.shape[0], device=lam.device) - starts[rows]
     values = lam[rows] * mu[cols]  # row-major order
     order = torch.sort(values, descending=True, stable=True).indices
-    have = _measure(lam, cum_mu, k_hi, by)
     if by == "count":
         take = math.ceil(need - have)
     else:
         take = int(((have + values[order].cumsum(0)) < need).sum()) + 1
     take = min(take, rows.shape[0])
     return k_hi + torch.bincount(rows[order[:take]], minlength=lam.shape[0])
+
+
+def _take_tied(widths: torch.Tensor, value: float, missing: float, by: str) -> torch.Tensor:
+    """Per row, how many of a group of equal products (`widths[i]` in row i) to take in
+    row-major order to add `missing` mass (each product adds `value`) or count."""
+    unit = 1.0 if by == "count" else value
+    available = int(widths.sum())
+    extra = max(0, math.ceil(missing / unit)) if unit > 0 else available
+    while extra > 0 and (extra - 1) * unit >= missing:  # undo round-off in the division
+        extra -= 1
+    while extra * unit < missing and extra < available:
+        extra += 1
+    before = widths.cumsum(0) - widths
+    return (extra - before).clamp(min=0).minimum(widths)
 
 
 def staircase_mask(kept: torch.Tensor, n: int) -> torch.Tensor:

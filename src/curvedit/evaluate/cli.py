@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 import typer
 
 from curvedit.data import DataError
-from curvedit.distributed import DistContext, DistributedError, barrier, destroy, init_from_env
+from curvedit.distributed import DistContext, DistributedError, destroy, init_from_env
 
 if TYPE_CHECKING:
     from curvedit.evaluate.runner import EvaluateOptions, Evaluation
@@ -41,8 +41,7 @@ def _process_group(device: str) -> Iterator[tuple[DistContext, str]]:
     except DistributedError as err:
         _fail(str(err))
     try:
-        yield ctx, device
-        barrier(ctx)
+        yield ctx, device  # no barrier at the end: only rank 0 writes, and no rank reads it
     finally:
         destroy()
 
@@ -154,6 +153,7 @@ def evaluate_command(
         ndcg_k=ndcg_k, stress=stress_options, loose_threshold=loose_threshold, batch_size=batch_size,
         text_field=text_field)
     with _process_group(device) as (ctx, device):
+        options = replace(options, progress=ctx.is_main)  # one set of progress bars
         evaluation = _evaluate(model, reference, options, stress_options, device, dtype, name, ctx)
         if ctx.is_main:
             try:
