@@ -94,6 +94,7 @@ def test_edit_in_float32_is_close_to_float64_and_bad_precisions_are_refused(tmp_
     assert run(*common, "--out", tmp_path / "f64").exit_code == 0
     result = run(*common, "--out", tmp_path / "f32", "--eigh-precision", "float32", "--compute-dtype", "float32")
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "f32" / "curvedit-edit.json").read_text())["eigh_precision"] == "float32"
     f64 = AutoModelForCausalLM.from_pretrained(tmp_path / "f64").state_dict()
     f32 = AutoModelForCausalLM.from_pretrained(tmp_path / "f32").state_dict()
     for name in ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"):

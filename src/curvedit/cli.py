@@ -226,7 +226,7 @@ def edit(
         loaded = load_model(model, device=device)
         chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
         applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision)
-        save_edited_model(loaded.model, loaded.preprocessor, out, edit_manifest(applied, model, factors),
+        save_edited_model(loaded.model, loaded.preprocessor, out, edit_manifest(applied, model, factors, eigh_precision),
                           source=model, overwrite=overwrite)
     except (EditError, EighError, FactorError, SelectionError, TargetError) as err:
         fail(str(err))

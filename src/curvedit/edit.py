@@ -295,8 +295,10 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
     return apply_edit(targets, plan, bases, device)
 
 
-def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None) -> dict[str, Any]:
-    """The JSON description of an edit: plan, factor identity, per-target statistics."""
+def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None,
+                  eigh_precision: str = "float64") -> dict[str, Any]:
+    """The JSON description of an edit: plan, factor identity, eigh precision, per-target
+    statistics."""
     from curvedit import __version__  # noqa: PLC0415
 
     factors_info: dict[str, Any] | None = None
@@ -308,6 +310,7 @@ def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path 
         "model": model_name,
         "plan": applied.plan.to_dict(),
         "factors": factors_info,
+        "eigh_precision": eigh_precision,
         "targets": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in applied.stats},
     }
 
