@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,22 @@ def test_two_ranks_write_the_single_process_files_and_share_the_batches(workspac
     assert ranks[0]["mine"] == [[0, 1], [4, 5]] and ranks[1]["mine"] == [[2, 3], [6]]  # batch c on rank c % 2
     assert ranks[1]["error"] == "ValueError: bad item"  # the failing rank raises its own error
     assert ranks[0]["error"] == "DistributedError: rank 1 failed: ValueError: bad item"  # the other one is told
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers: ~15 s on 2 shared cores
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_torchrun_find_memorized_and_evaluate_write_the_single_process_files(workspace, tmp_path):
+    root = workspace
+    invoke(find_args(root, tmp_path / "one.mem.jsonl"))
+    invoke(evaluate_args(root, tmp_path / "one.mem.jsonl", tmp_path / "one.json"))
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for args in (find_args(root, tmp_path / "two.mem.jsonl"),
+                 evaluate_args(root, tmp_path / "one.mem.jsonl", tmp_path / "two.json")):
+        cmd = [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(bindir / "curvedit"), *map(str, args)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two.mem.jsonl").read_text() == (tmp_path / "one.mem.jsonl").read_text()
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["metrics"] == one["metrics"]
