@@ -26,6 +26,32 @@ def plain_forward_backward(model, batches) -> None:
         out.loss.backward()
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser, *, layers: int, batches: int, repeats: int) -> None:
+    """Options of the random GPT-2 workload shared by the collection benchmarks."""
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=batches)
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
+def gpt2_config(args: argparse.Namespace) -> dict:
+    """The workload's GPT-2 config fields."""
+    return dict(n_layer=args.layers, n_embd=args.width, n_head=4, vocab_size=args.vocab, n_positions=args.seq_len)
+
+
+def random_workload(args: argparse.Namespace) -> tuple[transformers.GPT2LMHeadModel, list[dict]]:
+    """A random-initialised GPT-2 (eval mode) and random token batches; the same on every call."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt2_config(args))).eval()
+    batches = [{"input_ids": torch.randint(0, args.vocab, (args.batch_size, args.seq_len)),
+                "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long)}
+               for _ in range(args.batches)]
+    return model, batches
+
+
 def best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -37,22 +63,10 @@ def best_of(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_workload_arguments(parser, layers=6, batches=8, repeats=3)
     args = parser.parse_args()
-    torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=4, vocab_size=args.vocab,
-                                     n_positions=args.seq_len)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    batches = [{"input_ids": torch.randint(0, args.vocab, (args.batch_size, args.seq_len)),
-                "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long)}
-               for _ in range(args.batches)]
+    model, batches = random_workload(args)
     tracked = f"{args.layers - 3}-{args.layers - 1}"
     targets = select_targets(model, TargetSpec(preset="mlp", layers=tracked))
     options = CollectOptions(progress=False)

@@ -58,7 +58,8 @@ from curvedit.collect import CollectOptions, collect_factors
 from curvedit.targets import TargetSpec, select_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kronfluence_worker import SAMPLERS, batch_generator, build_gpt2, plain_forward_backward, sample_labels  # noqa: E402
+from bench_collect import add_workload_arguments, gpt2_config, random_workload  # noqa: E402
+from kronfluence_worker import SAMPLERS, batch_generator, plain_forward_backward, sample_labels  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 KRON_VENV = HERE / ".venv-kronfluence"
@@ -193,13 +194,7 @@ def rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_workload_arguments(parser, layers=4, batches=8, repeats=3)
     parser.add_argument("--sampler", choices=SAMPLERS, default="cdf",
                         help="label sampler of the plain, reference and kronfluence runs")
     parser.add_argument("--skip-kronfluence", action="store_true")
@@ -218,12 +213,8 @@ def main() -> None:
         kron_note += f"; setup step took {time.perf_counter() - start:.1f} s wall"
         print(f"kronfluence environment: {kron_note}", flush=True)
 
-    torch.manual_seed(0)
-    config = dict(n_layer=args.layers, n_embd=args.width, n_head=4, vocab_size=args.vocab, n_positions=args.seq_len)
-    model = build_gpt2(config)
-    batches = [{"input_ids": torch.randint(0, args.vocab, (args.batch_size, args.seq_len)),
-                "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long)}
-               for _ in range(args.batches)]
+    config = gpt2_config(args)  # the kronfluence worker rebuilds the model from it and the weights
+    model, batches = random_workload(args)
     targets = select_targets(model, TargetSpec(preset="mlp"))
     reference = ReferenceCollector({t.name: t.module for t in targets})
     options = CollectOptions(progress=False)

@@ -33,23 +33,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from bench_collect import best_of
+from bench_collect import add_workload_arguments, best_of, random_workload
 
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.distributed import current_context, reduce_sums
 from curvedit.spectrum import select_by_mass, staircase
 from curvedit.targets import TargetSpec, select_targets
-
-
-def _model_and_batches(args: argparse.Namespace):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=4, vocab_size=args.vocab,
-                                     n_positions=args.seq_len)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    batches = [{"input_ids": torch.randint(0, args.vocab, (args.batch_size, args.seq_len)),
-                "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long)}
-               for _ in range(args.batches)]
-    return model, batches
 
 
 def _collect_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -59,7 +48,7 @@ def _collect_worker(rank: int, world: int, port: int, args: argparse.Namespace, 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=10))
     try:
-        model, batches = _model_and_batches(args)
+        model, batches = random_workload(args)
         targets = select_targets(model, TargetSpec(preset="mlp"))
         options = CollectOptions(progress=False)
         collect_factors(model, batches[:world], targets, options=options)  # warm-up (one batch per rank)
@@ -181,13 +170,7 @@ def bench_select(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "collect", "select"], default="all")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_workload_arguments(parser, layers=4, batches=16, repeats=2)
     parser.add_argument("--heap-limit", type=int, default=400_000, help="Most heap pops timed before extrapolating.")
     parser.add_argument("--exponents", default="1.0:1.2,1.0:1.0,0.8:0.8,0.6:0.6",
                         help="alpha:beta power-law exponents of the G and A spectra, comma-separated.")
