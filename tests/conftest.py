@@ -89,3 +89,15 @@ def text_jsonl(tmp_path):
     rows = [{"text": "the quick brown fox jumps over the lazy dog. " * 3}, {"text": "hello world, again and again."}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class Interrupt(Exception):
+    """Stands for a crash in the middle of a collection run."""
+
+
+def interrupted(batches, after):
+    """The batches, then a crash (`Interrupt`) when batch `after` would come."""
+    for index, batch in enumerate(batches):
+        if index == after:
+            raise Interrupt
+        yield batch

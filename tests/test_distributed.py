@@ -24,7 +24,7 @@ from curvedit.data import pad_batch
 from curvedit.distributed import DistContext, DistributedError, shard_model
 from curvedit.factors import load_factors, model_identity
 from curvedit.targets import TargetSpec, select_targets
-from tests.conftest import tiny_gpt2, tiny_olmo2
+from tests.conftest import Interrupt, interrupted, tiny_gpt2, tiny_olmo2
 
 # 7 batches of 2: rank 0 owns 4 batches, rank 1 owns 3.
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7], [5, 1, 4], [9, 8, 7, 6], [1, 1, 2, 3], [4, 4, 4, 1],
@@ -53,17 +53,6 @@ def assert_same(got, want, rtol, atol):
         assert got[name][2] == n, name
         torch.testing.assert_close(got[name][0], a_ii, rtol=rtol, atol=atol)
         torch.testing.assert_close(got[name][1], g_oo, rtol=rtol, atol=atol)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupted(batches, after):
-    for index, batch in enumerate(batches):
-        if index == after:
-            raise Interrupt
-        yield batch
 
 
 def free_port() -> int:

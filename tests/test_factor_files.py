@@ -11,7 +11,7 @@ from curvedit.data import Record, lm_batches, pad_batch, token_sequences
 from curvedit.factors import (FactorError, check_factors_match, load_factors, merge_factors, model_identity,
                               save_factors)
 from curvedit.targets import TargetSpec, select_targets
-from tests.conftest import tiny_gpt2, tiny_olmo2
+from tests.conftest import Interrupt, interrupted, tiny_gpt2, tiny_olmo2
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7], [5, 1, 4], [9, 8, 7, 6], [1, 1, 2, 3]]
 
@@ -74,17 +74,6 @@ def test_merge_refuses_other_models_and_label_modes(gpt2):
         merge_factors([ours, collect(tiny_gpt2(seed=5), SEQS[2:])[0]])
     with pytest.raises(FactorError, match="label mode"):
         merge_factors([ours, collect(gpt2, SEQS[2:], label_mode="sampled")[0]])
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupted(batches, after):
-    for index, batch in enumerate(batches):
-        if index == after:
-            raise Interrupt
-        yield batch
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_factors(tmp_path, gpt2):
