@@ -133,6 +133,21 @@ class Timer:
             self.seconds[name] = round(time.perf_counter() - start, 1)
 
 
+def write_results_and_report(results: dict[str, Any], out: Path, timer: Timer,
+                             write_report: Callable[[dict[str, Any], Path], Any]) -> dict[str, Any]:
+    """Write `out/results.json`, then the report (timed as stage "report"), then
+    `results.json` again with that time in `timings_s`.
+
+    Returns:
+        `results`, its `timings_s` updated.
+    """
+    write_json(out / "results.json", results)
+    timer.stage("report", lambda: write_report(results, out))
+    results["timings_s"] = timer.seconds
+    write_json(out / "results.json", results)
+    return results
+
+
 def build_probe(world: World, tokenizer: Any, options: DemoOptions, memorized: dict[str, list]) -> WorldProbe:
     """Windows of the memorized sets, held-out text, and fresh test items."""
     return WorldProbe(tune=memorized["tune"], heldout=memorized["heldout"], quotes=memorized["quotes"],
@@ -362,8 +377,4 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                      "prefix_chars": options.prefix_chars},
         "timings_s": timer.seconds,
     }
-    write_json(options.out / "results.json", results)
-    timer.stage("report", lambda: write_report(results, options.out))
-    results["timings_s"] = timer.seconds
-    write_json(options.out / "results.json", results)
-    return results
+    return write_results_and_report(results, options.out, timer, write_report)

@@ -25,13 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from curvedit.collect import CollectOptions, collect_factors
-from curvedit.demo.pipeline import Timer
+from curvedit.demo.pipeline import Timer, write_results_and_report
 from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConfig, load_images, split_and_corrupt
 from curvedit.demo.train import TRAIN_META, cached_model_dir
 from curvedit.demo.vision_train import VisionTrainConfig, predict, train_vision_model
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.factors import save_factors
-from curvedit.io import write_json
 from curvedit.objectives import ImageClassificationObjective
 from curvedit.spectrum import load_bases
 from curvedit.sweep import matrices_spec
@@ -407,8 +406,4 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
         "curve": rho_curve,
         "timings_s": timer.seconds,
     }
-    write_json(options.out / "results.json", results)
-    timer.stage("report", lambda: write_vision_report(results, options.out))
-    results["timings_s"] = timer.seconds
-    write_json(options.out / "results.json", results)
-    return results
+    return write_results_and_report(results, options.out, timer, write_vision_report)
