@@ -296,9 +296,10 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
 
 
 def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None,
-                  eigh_precision: str = "float64") -> dict[str, Any]:
+                  eigh_precision: str = "float64", model_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON description of an edit: plan, factor identity, eigh precision, per-target
-    statistics."""
+    statistics, and the model's non-HF origin (`LoadedModel.source`, e.g. a GGUF file and its
+    quantization) as `model_source`, null for an HF checkpoint."""
     from curvedit import __version__  # noqa: PLC0415
 
     factors_info: dict[str, Any] | None = None
@@ -308,6 +309,7 @@ def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path 
     return {
         "curvedit_version": __version__,
         "model": model_name,
+        "model_source": model_source,
         "plan": applied.plan.to_dict(),
         "factors": factors_info,
         "eigh_precision": eigh_precision,

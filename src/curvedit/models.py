@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,11 @@ import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+GGUF_INSTALL_HINT = "pip install 'curvedit[gguf]'"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: not a causal LM or image classifier, or a bad GGUF path or setup."""
 
 
 @dataclass
@@ -21,12 +28,15 @@ class LoadedModel:
         preprocessor: the tokenizer (LMs) or image processor (vision), or None.
         name: the name or path it was loaded from.
         kind: "causal-lm" or "image-classification".
+        source: where the weights came from when not an HF checkpoint: for a GGUF file,
+            {"format": "gguf", "file": path, "quantization": e.g. "Q4_1", "sha256": of the file}.
     """
 
     model: torch.nn.Module
     preprocessor: Any | None
     name: str
     kind: str
+    source: dict[str, Any] | None = None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -42,20 +52,170 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load a causal LM or an image classifier with `from_pretrained`.
+def find_gguf(name_or_path: str | Path) -> Path | None:
+    """The GGUF file a model argument names, if it names one.
 
     Args:
-        name_or_path: an HF hub name (needs network access) or a local directory.
-        device: where to put the model ("cpu", "cuda", "cuda:1", ...).
-        dtype: weight dtype ("bf16", "fp16", "float32"); None keeps the stored one.
+        name_or_path: a `.gguf` file, a directory, or an HF hub name.
 
     Returns:
-        A `LoadedModel`; its preprocessor is None when none is stored with the model.
+        The `.gguf` file itself, or the only `.gguf` file of a directory without a `config.json`;
+        None for anything else (an HF directory or a hub name).
 
     Raises:
-        ValueError: the config is neither a causal LM nor an image classifier.
+        ModelLoadError: a `.gguf` path that is not a file, or a directory (without `config.json`)
+            holding several `.gguf` files.
     """
+    path = Path(name_or_path)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such GGUF file")
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        raise ModelLoadError(f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); "
+                             "pass the one to load as --model")
+    return found[0] if found else None
+
+
+def _import_gguf() -> Any:
+    """Import the `gguf` package, after checking `accelerate` (transformers needs both for GGUF).
+
+    Returns:
+        The `gguf` module.
+
+    Raises:
+        ModelLoadError: either package is missing; the message names the curvedit extra.
+    """
+    try:
+        import accelerate  # noqa: F401, PLC0415 - transformers' GGUF loading needs it
+        import gguf  # noqa: PLC0415
+    except ImportError as err:
+        raise ModelLoadError(f"loading a GGUF file needs the `gguf` and `accelerate` packages "
+                             f"({err.name or err} is missing): {GGUF_INSTALL_HINT}") from None
+    return gguf
+
+
+def gguf_quantization(path: Path) -> str:
+    """The quantization type of a GGUF file, as llama.cpp names it ("Q4_1", "Q8_0", "F16", "F32", ...).
+
+    Args:
+        path: the `.gguf` file.
+
+    Returns:
+        The name of its `general.file_type`; without a known one, the tensor type holding the
+        most elements.
+
+    Raises:
+        ModelLoadError: the `gguf` package (or `accelerate`) is missing.
+    """
+    gguf = _import_gguf()
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        value = int(field.parts[field.data[0]][0])
+        if value in {t.value for t in gguf.LlamaFileType} and value != gguf.LlamaFileType.GUESSED:
+            return gguf.LlamaFileType(value).name.removeprefix("ALL_").removeprefix("MOSTLY_")
+    elements: Counter[str] = Counter()
+    for tensor in reader.tensors:
+        elements[tensor.tensor_type.name] += int(tensor.n_elements)
+    return elements.most_common(1)[0][0]
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dense_gguf_options() -> dict[str, Any]:
+    """`from_pretrained` options that unpack every GGUF weight into a plain dense tensor.
+
+    Recent transformers can keep quantized weights packed in GGUF modules (when a matmul kernel
+    is available), which curvedit cannot edit; older versions always unpack and lack `GgufConfig`.
+    """
+    try:
+        from transformers import GgufConfig  # noqa: PLC0415
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _detach_gguf_quantizer(model: torch.nn.Module) -> None:
+    """Make a dequantized GGUF model save as a normal HF checkpoint.
+
+    transformers marks a model loaded from GGUF as quantized with gguf and then refuses
+    `save_pretrained`, though its weights are plain dense tensors (only `GgufConfig(dequantize=True)`,
+    in versions that have it, clears the mark itself).
+    """
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | None, dict[str, Any]]:
+    """Load a causal LM and its tokenizer from a GGUF file, dequantizing every weight to `dtype`.
+
+    Args:
+        path: the `.gguf` file.
+        dtype: the dtype of the dense weights.
+
+    Returns:
+        The model (savable with `save_pretrained`), its tokenizer (None when the file's cannot be
+        built) and the `LoadedModel.source` description of the file.
+
+    Raises:
+        ModelLoadError: `gguf` or `accelerate` is missing, or transformers cannot load the file.
+    """
+    _import_gguf()  # fail with the install hint before transformers fails with its own
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                     **_dense_gguf_options())
+    except ValueError as err:
+        raise ModelLoadError(f"{path}: transformers cannot load this GGUF file ({err})") from None
+    _detach_gguf_quantizer(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    source = {"format": "gguf", "file": str(path), "quantization": gguf_quantization(path),
+              "sha256": file_sha256(path)}
+    return model, tokenizer, source
+
+
+def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM or an image classifier with `from_pretrained`, or a causal LM from GGUF.
+
+    Args:
+        name_or_path: an HF hub name (needs network access), a local HF directory, a `.gguf`
+            file, or a directory holding one `.gguf` file and no `config.json`.
+        device: where to put the model ("cpu", "cuda", "cuda:1", ...).
+        dtype: weight dtype ("bf16", "fp16", "float32"); None keeps the stored one, or float32
+            for GGUF (whose quantized weights are unpacked into it).
+
+    Returns:
+        A `LoadedModel`; its preprocessor is None when none is stored with the model, and its
+        source describes the GGUF file when loaded from one.
+
+    Raises:
+        ModelLoadError: the config is neither a causal LM nor an image classifier; a bad GGUF path
+            (see `find_gguf`); GGUF support is not installed; transformers cannot load the GGUF file.
+    """
+    gguf_file = find_gguf(name_or_path)
+    if gguf_file is not None:
+        model, tokenizer, source = _load_gguf(gguf_file, resolve_dtype(dtype) or torch.float32)
+        model.to(device).eval()
+        return LoadedModel(model=model, preprocessor=tokenizer, name=str(name_or_path), kind="causal-lm",
+                           source=source)
     from transformers import (  # noqa: PLC0415 - keep `import curvedit` light
         AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer)
 
@@ -69,7 +229,7 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str | to
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         except ValueError as err:
-            raise ValueError(f"{name_or_path}: not a causal LM or an image classifier ({err})") from None
+            raise ModelLoadError(f"{name_or_path}: not a causal LM or an image classifier ({err})") from None
         kind, loader = "causal-lm", AutoTokenizer
     try:
         preprocessor = loader.from_pretrained(name_or_path)
