@@ -51,6 +51,12 @@ def sweep_command(
     heldout: str = typer.Option(..., "--heldout", help="Held-out corpus for perplexity."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for sweep.json and sweep.png."),
     ppl_budget: float = typer.Option(1.1, "--ppl-budget", help="Chosen point: perplexity at most this x unedited."),
+    bisect_budget: bool = typer.Option(
+        False, "--bisect-budget", help="Instead of --rho-grid/--keep-grid: one point per layers x matrices cell, at "
+                                       "the strongest edit within --ppl-budget (bisected)."),
+    budget_knob: str = typer.Option("keep_fraction", "--budget-knob", help="What --bisect-budget bisects: "
+                                                                           "keep_fraction or rho."),
+    budget_steps: int = typer.Option(10, "--budget-steps", help="Bisection steps per cell (resolution 2^-steps)."),
     metric: str = typer.Option("loose", "--metric", help="Memorization to minimise: loose, strict or similarity."),
     heldout_seq_len: int = typer.Option(512, "--heldout-seq-len"),
     heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens"),
@@ -63,7 +69,11 @@ def sweep_command(
     overwrite: bool = typer.Option(False, "--overwrite"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Sweep layers x matrices x amounts in memory; write all points, the Pareto front and the chosen point."""
+    """Sweep layers x matrices x amounts in memory; write all points, the Pareto front and the chosen point.
+
+    With --bisect-budget the amounts are not a grid: each layers x matrices cell is bisected
+    to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
+    """
     from curvedit.cli import fail  # noqa: PLC0415
     from curvedit.data import DataError  # noqa: PLC0415
     from curvedit.edit import EditError  # noqa: PLC0415
@@ -80,9 +90,10 @@ def sweep_command(
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=_floats(rho_grid, "--rho-grid"),
                      keep_fraction=_floats(keep_grid, "--keep-grid"), method=method)
     options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
-                           batch_size=batch_size, seed=seed, device=device, progress=progress)
+                           batch_size=batch_size, seed=seed, device=device, progress=progress,
+                           bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps)
     try:
-        grid.validate()
+        grid.validate(bisect=bisect_budget)
         options.validate()
         loaded = load_model(model, device=device, dtype=dtype)
         windows = read_memorized(memorized, loaded.preprocessor)

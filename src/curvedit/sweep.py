@@ -17,6 +17,11 @@ memorization and perplexity and strictly better on one; points with identical va
 not dominate each other (both stay on the front). The chosen point is the one of lowest
 memorization among those whose perplexity is at most `budget` times the unedited one,
 ties going to the lower perplexity, then to grid order; it is always on the front.
+
+Bisection mode (`SweepOptions.bisect_budget`): instead of grid amounts, each (layer group
+x matrices) cell gets one point, at the strongest edit within the perplexity budget
+(`curvedit.budget.bisect_amount` on the keep fraction or rho); its steps are recorded in
+the point's `bisection`. These points go through the same front and choice.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from curvedit.budget import KNOBS, bisect_amount
 from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
 from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
@@ -54,8 +60,9 @@ class SweepGrid:
         layers: layer groups, each like "23-25" or "0,3" (one edit touches all its layers).
         matrices: matrix selections: a preset ("mlp", "mlp-in", "mlp-out") or a module-name
             glob / `re:REGEX` pattern.
-        rho: curvature-mass fractions to keep, each in (0, 1].
-        keep_fraction: component-count fractions to keep, each in (0, 1].
+        rho: curvature-mass fractions to keep, each in (0, 1] (empty when bisecting).
+        keep_fraction: component-count fractions to keep, each in (0, 1] (empty when
+            bisecting).
         method: the edit method (`curvedit.edit.METHODS`; "kfac" by default).
     """
 
@@ -65,19 +72,28 @@ class SweepGrid:
     keep_fraction: tuple[float, ...] = ()
     method: str = "kfac"
 
-    def validate(self) -> None:
+    def validate(self, bisect: bool = False) -> None:
         """Check the grid.
 
+        Args:
+            bisect: the amounts are bisected per cell (`SweepOptions.bisect_budget`), so
+                the grid must not give any.
+
         Raises:
-            SweepError: an empty axis, an amount outside (0, 1], an unknown method.
+            SweepError: an empty axis, amounts given or missing for the mode, an amount
+                outside (0, 1], an unknown method.
             curvedit.targets.TargetError: a malformed layer group.
         """
         if not self.layers:
             raise SweepError("the grid needs at least one layer group")
         if not self.matrices:
             raise SweepError("the grid needs at least one matrix selection")
-        if not self.rho and not self.keep_fraction:
-            raise SweepError("the grid needs at least one rho or keep-fraction value")
+        if bisect and (self.rho or self.keep_fraction):
+            raise SweepError("bisecting under the perplexity budget chooses the amount of each cell: "
+                             "give no rho or keep-fraction values")
+        if not bisect and not self.rho and not self.keep_fraction:
+            raise SweepError("the grid needs at least one rho or keep-fraction value "
+                             "(or bisect the amount under the perplexity budget)")
         for name, values in (("rho", self.rho), ("keep_fraction", self.keep_fraction)):
             bad = [v for v in values if not 0 < v <= 1]
             if bad:
@@ -117,6 +133,10 @@ class SweepOptions:
         compute_dtype: "float64" or "float32" for the basis change.
         device: where to do the edit's linear algebra (default: the weights' device).
         progress: show a progress bar over the points.
+        bisect_budget: instead of the grid's amounts, bisect one amount per (layers x
+            matrices) cell: the strongest edit within `ppl_budget` (needs a budget >= 1).
+        bisect_knob: what is bisected: "keep_fraction" or "rho".
+        bisect_steps: bisection steps per cell (resolution `2**-steps`).
     """
 
     metric: str = "loose"
@@ -127,13 +147,24 @@ class SweepOptions:
     compute_dtype: str = "float64"
     device: str | None = None
     progress: bool = True
+    bisect_budget: bool = False
+    bisect_knob: str = "keep_fraction"
+    bisect_steps: int = 10
 
     def validate(self) -> None:
-        """Raises: SweepError: an unknown metric or a non-positive budget."""
+        """Raises: SweepError: an unknown metric, a non-positive budget, or bisection
+        without a budget >= 1, with an unknown knob or fewer than 1 step."""
         if self.metric not in METRICS:
             raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
         if self.ppl_budget is not None and not self.ppl_budget > 0:
             raise SweepError(f"the perplexity budget must be positive, got {self.ppl_budget}")
+        if self.bisect_budget:
+            if self.ppl_budget is None or not self.ppl_budget >= 1:
+                raise SweepError(f"bisecting needs a perplexity budget of at least 1, got {self.ppl_budget}")
+            if self.bisect_knob not in KNOBS:
+                raise SweepError(f"unknown bisection knob {self.bisect_knob!r}; choose one of {KNOBS}")
+            if self.bisect_steps < 1:
+                raise SweepError(f"bisection needs at least 1 step, got {self.bisect_steps}")
 
 
 @dataclass
@@ -153,6 +184,8 @@ class SweepPoint:
         kept: components kept, summed over the point's targets.
         total: components in all, summed over the point's targets.
         targets: target name -> its edit statistics (kept, total, mass_kept, rel_change).
+        bisection: in bisection mode, the search that chose `amount`
+            (`curvedit.budget.BudgetSearch.to_dict`: target, steps, ...); else None.
     """
 
     layers: str = ""
@@ -167,6 +200,7 @@ class SweepPoint:
     kept: int = 0
     total: int = 0
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bisection: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -315,6 +349,8 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
               options: SweepOptions | None = None) -> SweepResult:
     """Evaluate every grid point in memory (edit, evaluate, undo) and mark front and choice.
 
+    With `options.bisect_budget`, each (layers x matrices) cell gives one point instead,
+    at the amount `curvedit.budget.bisect_amount` chooses within `options.ppl_budget`.
     The model is left exactly as it was (every edit is undone bit for bit, also when an
     evaluation fails).
 
@@ -338,7 +374,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
     """
     options = options or SweepOptions()
     options.validate()
-    grid.validate()
+    grid.validate(bisect=options.bisect_budget)
     if not memorized_windows:
         raise SweepError("the sweep needs at least one memorized window")
     if not heldout_sequences:
@@ -358,9 +394,19 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
     pad_id = default_pad_id(tokenizer)
     baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options))
     points: list[SweepPoint] = []
-    settings = grid.settings()
+    # bisection: one setting per cell, its amount (1.0 here) chosen below
+    settings = ([(*cell, options.bisect_knob, 1.0) for cell in point_targets] if options.bisect_budget
+                else grid.settings())
     bar = tqdm(settings, unit="point", desc="sweep", disable=not options.progress)
     for layers, matrices, kind, value in bar:
+        bisection = None
+        if options.bisect_budget:
+            search = bisect_amount(model, point_targets[layers, matrices], bases, heldout_sequences, mode="within",
+                                   budget=options.ppl_budget, unedited_ppl=baseline.perplexity, knob=kind,
+                                   method=grid.method, seed=options.seed, compute_dtype=options.compute_dtype,
+                                   device=options.device, steps=options.bisect_steps,
+                                   batch_size=options.batch_size, pad_id=pad_id)
+            value, bisection = search.amount, search.to_dict()
         plan = EditPlan([EditRule("*", **{kind: value})], method=grid.method, seed=options.seed,
                         compute_dtype=options.compute_dtype)
         applied = apply_edit(point_targets[layers, matrices], plan, bases, options.device)
@@ -372,7 +418,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
                  for s in applied.stats}
         points.append(SweepPoint(layers=layers, matrices=matrices, amount_kind=kind, amount=value, method=grid.method,
                                  kept=sum(s.kept for s in applied.stats), total=sum(s.total for s in applied.stats),
-                                 targets=stats, **metrics))
+                                 targets=stats, bisection=bisection, **metrics))
         bar.set_postfix(**{options.metric: f"{memorization_value(points[-1], options.metric):.3f}",
                            "ppl": f"{metrics['perplexity']:.3f}"})
     front = pareto_front(points, options.metric)

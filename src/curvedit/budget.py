@@ -1,0 +1,289 @@
+"""Choose how much to keep by held-out perplexity instead of by a fixed amount.
+
+On real models `rho` is coarse (most curvature mass sits in a few components, so a
+moderate `rho` can keep a few percent of the components and cost tens of percent of
+perplexity), while the kept fraction of components is smooth. A perplexity budget is the
+knob that transfers between models: bisect the amount (a `keep_fraction` or a `rho`, on
+[0, 1], 1.0 keeping everything) until the held-out perplexity of the edited model is
+where it should be.
+
+Modes:
+- "within": the strongest edit, i.e. the smallest amount tried, whose perplexity is at
+  most the target (`budget` x the unedited perplexity). Every candidate is applied in
+  memory, measured and undone bit for bit (also when the measurement fails).
+- "match": the amount whose perplexity is closest (relatively) to the target, e.g. a
+  control matched to the perplexity K-FAC reached.
+
+Perplexity is assumed to rise as less is kept: a candidate within the target moves the
+search down, one above it moves the search up. After `steps` candidates the result is
+resolved to `2**-steps`; in mode "within", the chosen amount fits and the amount one
+resolution step below it was measured not to fit (unless the chosen one is the smallest
+amount tried). When no candidate below 1.0 fits, the result is 1.0: no edit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit
+from curvedit.evaluate.perplexity import perplexity
+from curvedit.spectrum import Eigenbasis, load_bases
+from curvedit.targets import Target
+
+KNOBS = ("keep_fraction", "rho")
+MODES = ("within", "match")
+
+
+class BudgetError(ValueError):
+    """A perplexity-budget search that cannot be run as asked."""
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    """One candidate of the search.
+
+    Attributes:
+        amount: the knob value tried, in (0, 1).
+        perplexity: held-out perplexity of the model edited at `amount`.
+        kept: components kept, summed over the targets.
+        total: components in all, summed over the targets.
+        fits: perplexity at most the target.
+    """
+
+    amount: float
+    perplexity: float
+    kept: int
+    total: int
+    fits: bool
+
+
+@dataclass
+class BudgetSearch:
+    """The outcome of `bisect_amount`.
+
+    Attributes:
+        mode: "within" or "match".
+        knob: "keep_fraction" or "rho".
+        method: the edit method searched.
+        amount: the chosen knob value (1.0 = keep everything, no edit).
+        perplexity: held-out perplexity at `amount` (the unedited one when `amount` is 1.0).
+        unedited_perplexity: held-out perplexity of the unedited model.
+        target_perplexity: the perplexity aimed at.
+        ppl_budget: the target as a multiple of `unedited_perplexity`, when given so.
+        edited: False when no amount below 1.0 was chosen (mode "within": none fits).
+        steps: every candidate, in the order tried.
+    """
+
+    mode: str
+    knob: str
+    method: str
+    amount: float
+    perplexity: float
+    unedited_perplexity: float
+    target_perplexity: float
+    ppl_budget: float | None
+    edited: bool
+    steps: list[BudgetStep] = field(default_factory=list)
+
+    def rule(self, pattern: str = "*") -> EditRule:
+        """The edit rule of the chosen amount, for targets matching `pattern`."""
+        return EditRule(pattern, **{self.knob: self.amount})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, steps as a list of dicts, plus `ppl_ratio` (chosen
+        perplexity / unedited)."""
+        return {**asdict(self), "ppl_ratio": self.perplexity / self.unedited_perplexity}
+
+    def table(self) -> str:
+        """The candidates as a text table (one row per step, then the choice)."""
+        lines = [f"{'step':>4} {self.knob:>13} {'kept':>10} {'of':>10} {'perplexity':>11} {'x unedited':>10}  fits"]
+        for index, step in enumerate(self.steps, 1):
+            lines.append(f"{index:>4} {step.amount:>13.6f} {step.kept:>10} {step.total:>10} {step.perplexity:>11.4f} "
+                         f"{step.perplexity / self.unedited_perplexity:>10.4f}  {'yes' if step.fits else 'no'}")
+        target = (f"x{self.ppl_budget:g} of unedited {self.unedited_perplexity:.4f}" if self.ppl_budget is not None
+                  else f"unedited {self.unedited_perplexity:.4f}")
+        lines.append(f"chosen {self.knob}={self.amount:g}: perplexity {self.perplexity:.4f}, target "
+                     f"{self.target_perplexity:.4f} ({target})" + ("" if self.edited else "; no edit"))
+        return "\n".join(lines)
+
+
+def _validate(heldout: Sequence[Sequence[int]], targets: list[Target], mode: str, knob: str, budget: float | None,
+              target_ppl: float | None, steps: int, tolerance: float, batch_size: int) -> None:
+    """Raises: BudgetError: see `bisect_amount`."""
+    if mode not in MODES:
+        raise BudgetError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if knob not in KNOBS:
+        raise BudgetError(f"unknown budget knob {knob!r}; choose one of {KNOBS}")
+    if (budget is None) == (target_ppl is None):
+        raise BudgetError("give exactly one of a perplexity budget and a target perplexity")
+    if budget is not None and not (math.isfinite(budget) and budget >= 1):
+        raise BudgetError(f"the perplexity budget is a ratio to the unedited perplexity, at least 1, got {budget}")
+    if target_ppl is not None and not (math.isfinite(target_ppl) and target_ppl > 0):
+        raise BudgetError(f"the target perplexity must be positive, got {target_ppl}")
+    if not heldout:
+        raise BudgetError("the perplexity budget needs at least one held-out sequence")
+    if not targets:
+        raise BudgetError("the perplexity budget needs at least one target to edit")
+    if steps < 1 or batch_size < 1 or not tolerance >= 0:
+        raise BudgetError(f"steps and batch_size must be >= 1 and tolerance >= 0, got {steps}, {batch_size}, "
+                          f"{tolerance}")
+
+
+def bisect_amount(
+    model: nn.Module,
+    targets: list[Target],
+    bases: dict[str, Eigenbasis] | None,
+    heldout_sequences: Sequence[Sequence[int]],
+    *,
+    mode: str = "within",
+    budget: float | None = None,
+    target_ppl: float | None = None,
+    unedited_ppl: float | None = None,
+    knob: str = "keep_fraction",
+    method: str = "kfac",
+    seed: int = 0,
+    compute_dtype: str = "float64",
+    device: str | None = None,
+    steps: int = 10,
+    tolerance: float = 0.0,
+    batch_size: int = 16,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> BudgetSearch:
+    """Bisect the amount kept (one value for all `targets`) by held-out perplexity.
+
+    Each candidate is applied in memory (`curvedit.edit.apply_edit`), its perplexity
+    measured, and undone; the model is left bit-identical, also when a measurement fails.
+
+    Args:
+        model: the unedited HF causal LM (the bases must come from these weights).
+        targets: the weights edited together (one group, one amount).
+        bases: name -> eigenbasis for every target (None only for method "svd").
+        heldout_sequences: held-out token sequences for perplexity.
+        mode: "within" (smallest amount whose perplexity is at most the target) or
+            "match" (amount whose perplexity is closest to the target).
+        budget: the target as a ratio to the unedited perplexity (>= 1; 1.1 = 10% above).
+        target_ppl: the target as a perplexity (instead of `budget`).
+        unedited_ppl: the unedited model's perplexity on `heldout_sequences`, when known
+            (measured otherwise).
+        knob: "keep_fraction" (share of components by count) or "rho" (share of mass).
+        method: the edit method (`curvedit.edit.METHODS`).
+        seed: seed of the "random" control.
+        compute_dtype: "float64" or "float32" for the basis change.
+        device: where to do the edit's linear algebra (default: the weights' device).
+        steps: candidates at most (the amount is resolved to `2**-steps`).
+        tolerance: stop early once a candidate's perplexity is within this relative
+            distance of the target (in mode "within", only a candidate that fits); 0 runs
+            every step.
+        batch_size: sequences per forward pass.
+        pad_id: padding id.
+        progress: show a progress bar over the steps.
+
+    Returns:
+        A `BudgetSearch` with the chosen amount, its perplexity and every step.
+
+    Raises:
+        BudgetError: an unknown mode or knob, both or neither of `budget` and
+            `target_ppl`, a budget below 1, no held-out sequence, no target, or bad sizes.
+        curvedit.edit.EditError: an unknown method, or a target without eigenbasis.
+    """
+    _validate(heldout_sequences, targets, mode, knob, budget, target_ppl, steps, tolerance, batch_size)
+
+    def plan(amount: float) -> EditPlan:
+        return EditPlan([EditRule("*", **{knob: amount})], method=method, seed=seed, compute_dtype=compute_dtype)
+
+    def measure() -> float:
+        return perplexity(model, heldout_sequences, pad_id=pad_id, batch_size=batch_size).perplexity
+
+    plan(1.0)  # an unknown method or dtype fails before any measurement
+    unedited = measure() if unedited_ppl is None else unedited_ppl
+    target = budget * unedited if budget is not None else target_ppl
+    amount, reached = 1.0, unedited
+    lo, hi = 0.0, 1.0
+    tried: list[BudgetStep] = []
+    bar = tqdm(range(steps), unit="step", desc=f"{knob} for ppl {target:.4g}", disable=not progress)
+    for _ in bar:
+        mid = (lo + hi) / 2
+        applied = apply_edit(targets, plan(mid), bases, device)
+        try:
+            ppl = measure()
+        finally:
+            applied.undo()
+        fits = ppl <= target
+        tried.append(BudgetStep(amount=mid, perplexity=ppl, kept=sum(s.kept for s in applied.stats),
+                                total=sum(s.total for s in applied.stats), fits=fits))
+        gap = abs(ppl / target - 1)
+        if (fits if mode == "within" else gap < abs(reached / target - 1)):
+            amount, reached = mid, ppl
+        bar.set_postfix(amount=f"{mid:.4f}", ppl=f"{ppl:.4f}")
+        lo, hi = (lo, mid) if fits else (mid, hi)
+        if gap <= tolerance and (fits or mode == "match"):
+            break
+    return BudgetSearch(mode=mode, knob=knob, method=method, amount=amount, perplexity=reached,
+                        unedited_perplexity=unedited, target_perplexity=target, ppl_budget=budget,
+                        edited=amount < 1.0, steps=tried)
+
+
+def edit_within_budget(
+    model: nn.Module,
+    targets: list[Target],
+    factor_dir: str | Path | None,
+    heldout_sequences: Sequence[Sequence[int]],
+    *,
+    budget: float,
+    knob: str = "keep_fraction",
+    method: str = "kfac",
+    seed: int = 0,
+    compute_dtype: str = "float64",
+    device: str | None = None,
+    eigh_precision: str = "float64",
+    steps: int = 10,
+    batch_size: int = 16,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> tuple[BudgetSearch, AppliedEdit]:
+    """The strongest edit within `budget` x the unedited perplexity, applied in place:
+    load the (cached) eigenbases, `bisect_amount` in mode "within", apply the chosen amount.
+
+    Args:
+        model: the unedited HF causal LM (the factors must come from these weights).
+        targets: the weights edited together, with one amount.
+        factor_dir: the factor directory (may be None only for method "svd").
+        heldout_sequences: held-out token sequences for perplexity.
+        budget: allowed perplexity ratio to the unedited model (>= 1).
+        knob: "keep_fraction" or "rho".
+        method: the edit method.
+        seed: seed of the "random" control.
+        compute_dtype: "float64" or "float32" for the basis change.
+        device: where to run eigh and the basis change.
+        eigh_precision: "float64" or "float32" (see `curvedit.spectrum.sym_eigh`).
+        steps: bisection steps (resolution `2**-steps`).
+        batch_size: sequences per forward pass.
+        pad_id: padding id.
+        progress: show a progress bar over the steps.
+
+    Returns:
+        (the search, the `AppliedEdit` of the chosen amount; `.undo()` restores the model).
+        When no amount below 1.0 fits, the edit keeps everything (`search.edited` is False).
+
+    Raises:
+        BudgetError: see `bisect_amount`.
+        curvedit.edit.EditError: no factor directory for a method that needs one.
+        curvedit.factors.FactorError: factors missing or of another model.
+    """
+    bases = None
+    if method != "svd":
+        if factor_dir is None:
+            raise EditError(f"method {method!r} needs a factor directory")
+        bases = load_bases(targets, factor_dir, device, eigh_precision)
+    search = bisect_amount(model, targets, bases, heldout_sequences, mode="within", budget=budget, knob=knob,
+                           method=method, seed=seed, compute_dtype=compute_dtype, device=device, steps=steps,
+                           batch_size=batch_size, pad_id=pad_id, progress=progress)
+    plan = EditPlan([search.rule()], method=method, seed=seed, compute_dtype=compute_dtype)
+    return search, apply_edit(targets, plan, bases, device)
