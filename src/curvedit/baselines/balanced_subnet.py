@@ -526,3 +526,73 @@ def bsn_manifest(result: BSNResult, model_name: str, *, forget: str = "", retain
         "targets": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in result.targets},
         "history": [asdict(h) for h in result.history],
     }
+
+
+@dataclass
+class BSNChoice:
+    """The BalancedSubnet ratio chosen within a perplexity budget (`bsn_within_budget`).
+
+    Attributes:
+        ratio: the mask ratio kept.
+        tried: per ratio tried, {"ratio", "tune_loose", "perplexity"}.
+        within_budget: whether the kept ratio stays within the budget (else it is the
+            ratio of lowest perplexity).
+    """
+
+    ratio: float
+    tried: list[dict[str, float]]
+    within_budget: bool
+
+
+def bsn_within_budget(model: nn.Module, targets: Sequence[Target], forget: Sequence[Sequence[int]],
+                      retain: Sequence[Sequence[int]], tune_windows: Sequence[Any],
+                      heldout: Sequence[Sequence[int]], ratios: Sequence[float], budget_ppl: float,
+                      options: BSNOptions, *, pad_id: int = 0, batch_size: int = 16) -> BSNChoice:
+    """Train BalancedSubnet at each ratio; keep the one with the lowest loose recall on
+    `tune_windows` whose held-out perplexity is at most `budget_ppl` (the rule the K-FAC
+    sweep uses), or, if none fits, the one of lowest perplexity. The model's target
+    weights are restored after each try, and are left restored.
+
+    Args:
+        model: the unedited HF causal LM.
+        targets: the weights to mask.
+        forget: token sequences to unlearn.
+        retain: token sequences to keep.
+        tune_windows: memorized windows (`curvedit.evaluate.memorization.Window`) scored
+            for the choice.
+        heldout: held-out sequences for perplexity.
+        ratios: mask ratios to try.
+        budget_ppl: the perplexity a kept ratio may reach.
+        options: the other BalancedSubnet settings (its `ratio` is replaced by each of `ratios`).
+        pad_id: padding id.
+        batch_size: sequences per evaluation batch.
+
+    Returns:
+        A `BSNChoice`; apply it with `balanced_subnet(..., replace(options, ratio=choice.ratio))`.
+
+    Raises:
+        BSNError: no ratio, or as `balanced_subnet`.
+    """
+    from dataclasses import replace  # noqa: PLC0415
+
+    from curvedit.evaluate.memorization import evaluate_recitation  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
+
+    if not ratios:
+        raise BSNError("give at least one mask ratio to try")
+    originals = [t.module.weight.detach().clone() for t in targets]
+    tried = []
+    for ratio in ratios:
+        try:
+            balanced_subnet(model, targets, forget, retain, replace(options, ratio=ratio), pad_id=pad_id)
+            tune_loose = evaluate_recitation(model, tune_windows, pad_id=pad_id, batch_size=batch_size)[0].loose
+            ppl = perplexity(model, heldout, pad_id=pad_id, batch_size=batch_size).perplexity
+        finally:
+            with torch.no_grad():
+                for target, weight in zip(targets, originals):
+                    target.module.weight.copy_(weight)
+        tried.append({"ratio": ratio, "tune_loose": tune_loose, "perplexity": ppl})
+    within = [t for t in tried if t["perplexity"] <= budget_ppl]
+    best = (min(within, key=lambda t: (t["tune_loose"], t["perplexity"])) if within
+            else min(tried, key=lambda t: t["perplexity"]))
+    return BSNChoice(ratio=best["ratio"], tried=tried, within_budget=bool(within))

@@ -200,26 +200,17 @@ def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, 
 
 def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl: float, bases, seed: int,
                      tolerance: float = 0.02, steps: int = 10) -> tuple[float, float]:
-    """Bisect the keep fraction of a control so its perplexity matches `target_ppl`.
+    """Bisect the keep fraction of a control so its perplexity matches `target_ppl`
+    (`curvedit.budget.bisect_amount` in mode "match").
 
     Returns:
         (keep fraction, perplexity reached): the first within `tolerance`, else the closest.
     """
-    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
+    from curvedit.budget import bisect_amount  # noqa: PLC0415
 
-    lo, hi = 0.0, 1.0
-    best = (1.0, float("inf"))
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=mid)], method=method, seed=seed), bases)
-        ppl = perplexity(model, probe.text, batch_size=64).perplexity
-        applied.undo()
-        if abs(ppl / target_ppl - 1) < abs(best[1] / target_ppl - 1):
-            best = (mid, ppl)
-        if abs(ppl / target_ppl - 1) <= tolerance:
-            break
-        lo, hi = (mid, hi) if ppl > target_ppl else (lo, mid)
-    return best
+    search = bisect_amount(model, targets, bases, probe.text, mode="match", target_ppl=target_ppl, method=method,
+                           seed=seed, steps=steps, tolerance=tolerance, batch_size=64)
+    return search.amount, search.perplexity
 
 
 def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
@@ -232,40 +223,22 @@ def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
     Returns:
         (metrics of the kept ratio, its settings).
     """
-    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet  # noqa: PLC0415
-    from curvedit.evaluate.memorization import evaluate_recitation  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
+    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_within_budget  # noqa: PLC0415
 
     forget = [w.prefix_ids + w.suffix_ids for w in probe.tune]
     retain = probe.text[: max(len(forget) * 8, 64)]
     originals = [t.module.weight.detach().clone() for t in targets]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for target, weight in zip(targets, originals):
-                target.module.weight.copy_(weight)
-
-    def train(ratio: float) -> None:
-        balanced_subnet(model, targets, forget, retain, BSNOptions(ratio=ratio, epochs=options.bsn_epochs,
-                                                                   lr=options.bsn_lr, seed=options.seed,
-                                                                   progress=False))
-
-    tried = []
-    for ratio in options.bsn_ratios:
-        train(ratio)
-        tune_loose = evaluate_recitation(model, probe.tune, batch_size=64)[0].loose
-        ppl = perplexity(model, probe.text, batch_size=64).perplexity
-        tried.append({"ratio": ratio, "tune_loose": tune_loose, "perplexity": ppl})
-        restore()
-    within = [t for t in tried if t["perplexity"] <= options.ppl_budget * unedited_ppl]
-    best = (min(within, key=lambda t: (t["tune_loose"], t["perplexity"])) if within
-            else min(tried, key=lambda t: t["perplexity"]))
-    train(best["ratio"])
+    bsn = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=options.seed, progress=False)
+    choice = bsn_within_budget(model, targets, forget, retain, probe.tune, probe.text, options.bsn_ratios,
+                               options.ppl_budget * unedited_ppl, bsn, batch_size=64)
+    balanced_subnet(model, targets, forget, retain, replace(bsn, ratio=choice.ratio))
     metrics = measure(model, tokenizer, probe)
-    restore()
-    return metrics, {"ratio": best["ratio"], "tried": tried, "epochs": options.bsn_epochs, "lr": options.bsn_lr,
+    with torch.no_grad():
+        for target, weight in zip(targets, originals):
+            target.module.weight.copy_(weight)
+    return metrics, {"ratio": choice.ratio, "tried": choice.tried, "epochs": options.bsn_epochs, "lr": options.bsn_lr,
                      "forget": f"{len(forget)} tune-half memorized windows", "retain": f"{len(retain)} general sequences",
-                     "note": (f"BalancedSubnet trained on the tune half; mask ratio {best['ratio']} chosen by lowest "
+                     "note": (f"BalancedSubnet trained on the tune half; mask ratio {choice.ratio} chosen by lowest "
                               f"tune loose recall within the perplexity budget, from {list(options.bsn_ratios)}")}
 
 
