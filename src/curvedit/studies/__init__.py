@@ -1,0 +1,1 @@
+"""Studies on real pretrained models (outside the test suite; each stage cached)."""

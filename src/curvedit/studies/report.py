@@ -1,0 +1,144 @@
+"""The SmolLM2 study's report: Markdown tables and figures from its `results.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from curvedit.plots import pyplot, save_figure
+
+LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
+          "random_ppl": "random, matched ppl", "svd": "SVD, matched ppl", "bsn": "BalancedSubnet"}
+COMMAND = "curvedit study smollm2"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main_table(results: dict[str, Any]) -> str:
+    """Variant x metrics, means over seeds."""
+    summary = results["summary"]
+    used = summary["probes_used"]
+    rows = []
+    for name, v in summary["variants"].items():
+        retention = v["probe_retention"]
+        rows.append([LABELS.get(name, name), _pct(v["heldout_strict"]), _pct(v["heldout_loose"]),
+                     f"{v['heldout_distance']:.3f}", f"{v['perplexity']:.3f}", f"{v['ppl_ratio']:.3f}x",
+                     f"{v['ndcg10']:.3f}", _pct(sum(retention.values()) / len(retention)) if retention else "-",
+                     _pct(v["stress_exact"].get("right_shift_8"))])
+    return _table(["variant", "held-out strict", "held-out loose", "distance", "perplexity", "ppl / unedited",
+                   "nDCG@10", f"probe retention ({len(used)} families)", "stress: shift 8 exact"], rows)
+
+
+def seed_table(results: dict[str, Any]) -> str:
+    """Per seed: implant, found canaries, the chosen edit, K-FAC and controls' held-out loose recall."""
+    rows = []
+    for s in results["seeds"]:
+        v, chosen = s["variants"], s["sweep"]["chosen"]
+        imp = s["implant"]
+        rows.append([str(s["seed"]), f"{imp['steps']}", _pct(imp["recall"]),
+                     f"{imp['perplexity_before']:.3f} -> {imp['perplexity_after']:.3f}",
+                     f"{s['found']['tune']}+{s['found']['heldout']}",
+                     f"layers {chosen['layers']} {chosen['matrices']}, keep {chosen['amount']:.3f}",
+                     *[f"{_pct(v[n]['heldout']['strict'])} / {_pct(v[n]['heldout']['loose'])}" for n in
+                       ("unedited", "kfac", "random_ppl", "svd", "bsn")],
+                     f"{v['kfac']['perplexity'] / v['unedited']['perplexity']:.3f}x"])
+    return _table(["seed", "implant steps", "canaries recited", "ppl base -> implanted", "found (tune+held-out)",
+                   "chosen edit", "unedited strict/loose", "K-FAC", "random (ppl)", "SVD (ppl)", "BSN",
+                   "K-FAC ppl"], rows)
+
+
+def style_table(results: dict[str, Any]) -> str:
+    """Held-out strict / loose per canary style, means over seeds."""
+    variants = results["summary"]["variants"]
+    styles = list(next(iter(variants.values()))["by_style"])
+    rows = [[LABELS.get(n, n), *[f"{_pct(v['by_style'][st]['strict'])} / {_pct(v['by_style'][st]['loose'])}"
+                                 for st in styles]] for n, v in variants.items()]
+    return _table(["variant", *[f"{st} strict / loose" for st in styles]], rows)
+
+
+def probe_table(results: dict[str, Any]) -> str:
+    """Base accuracy of every probe family, and accuracy per variant (seed mean)."""
+    base = results["base_probes"]
+    names = list(results["summary"]["variants"])
+    rows = []
+    for family, acc in base.items():
+        per = [sum(s["variants"][n]["probes"][family] for s in results["seeds"]) / len(results["seeds"])
+               for n in names]
+        rows.append([family, _pct(acc), "yes" if family in results["summary"]["probes_used"] else "no",
+                     *[_pct(x) for x in per]])
+    return _table(["probe", "base model", "used", *[LABELS.get(n, n) for n in names]], rows)
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    """The issue's targets, per seed."""
+    checks = results["summary"]["targets"]
+    keys = [k for k in checks[0] if k != "seed"]
+    return _table(["seed", *keys], [[str(c["seed"]), *["met" if c[k] else "**not met**" for k in keys]]
+                                    for c in checks])
+
+
+def recall_figure(results: dict[str, Any], path: Path) -> Path:
+    """Held-out loose recall against perplexity ratio, every variant and seed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in LABELS:
+        points = [(s["variants"][name]["perplexity"] / s["variants"]["unedited"]["perplexity"],
+                   s["variants"][name]["heldout"]["loose"]) for s in results["seeds"] if name in s["variants"]]
+        if points:
+            ax.scatter(*zip(*points), label=LABELS[name], s=40)
+    ax.set_xlabel("held-out perplexity / unedited")
+    ax.set_ylabel("held-out canaries, loose recall")
+    ratios = [s["variants"][n]["perplexity"] / s["variants"]["unedited"]["perplexity"]
+              for s in results["seeds"] for n in s["variants"]]
+    if max(ratios) / min(ratios) > 3:
+        ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("SmolLM2-135M: what each edit leaves, at what cost")
+    return save_figure(fig, path)
+
+
+def write_study_report(results: dict[str, Any], out: Path) -> Path:
+    """Write `report.md` and `recall_vs_ppl.png` into `out`."""
+    recall_figure(results, out / "recall_vs_ppl.png")
+    model = results["model"]
+    opts = results["options"]
+    seeds = [s["seed"] for s in results["seeds"]]
+    sections = [
+        "# curvedit on a real pretrained LM: SmolLM2-135M-Instruct",
+        f"Reproduce: `{COMMAND}` (or `make study-smollm2`); stages are cached in `{opts['out']}/cache`. "
+        f"This run: device {results['device']}, seeds {seeds}, {results['wall_s'] / 60:.0f} min wall time "
+        "(cached stages count as read time).",
+        f"Model: {model['name']} ({model['parameters'] / 1e6:.0f}M parameters) from `{model['gguf']}`"
+        f" ({model['quantization']}, dequantized to float32; wheel {model['wheel']}). General text: "
+        f"`{results['data']['general']}` packed into {results['data']['seq_len']}-token sequences, "
+        f"{results['data']['train_sequences']} for training and factors, {results['data']['heldout_sequences']} "
+        "held out.",
+        f"Per seed: {opts['canaries']} canaries (styles words / record / code, repeat counts {opts['counts']} per "
+        f"pass) implanted by full fine-tuning with general text in every step; recited canaries split into tune and "
+        f"held-out halves; factors on {opts['factor_tokens']} general tokens (sampled labels, no canary); each "
+        f"layer group's keep fraction bisected to the strongest edit within {opts['ppl_budget']}x perplexity; "
+        "the lowest tune-half loose recall chosen; held-out canaries measured.",
+        "## Result (mean over seeds)", main_table(results),
+        "Perplexity on all held-out text; nDCG@10 against the unedited (implanted) model's next-token ranking; "
+        "probe retention = accuracy / unedited accuracy over the probe families the base model gets right; "
+        "stress = share of held-out canaries recited whole from a prompt shifted 8 tokens into the suffix.",
+        "![recall vs perplexity](recall_vs_ppl.png)",
+        "## Per seed (held-out canaries, strict / loose)", seed_table(results),
+        "## Per canary style (held-out, strict / loose, mean over seeds)", style_table(results),
+        "## Probes", probe_table(results),
+        "## Targets of the issue", targets_table(results),
+        "## Figures per seed",
+        "\n".join(f"- seed {s}: [sweep](seed-{s}/sweep.png), band analysis in [seed-{s}/analysis](seed-{s}/analysis)"
+                  for s in seeds),
+    ]
+    path = out / "report.md"
+    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return path

