@@ -24,13 +24,13 @@ def gpt2_vocabulary() -> list[str]:
     return list(bytes_to_unicode().values()) + [merge.replace(" ", "") for merge in MERGES] + [EOS]
 
 
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+def tiny_llama(seed: int = 0, context: int = 64) -> transformers.LlamaForCausalLM:
     """A random Llama (hidden 32, 2 layers, 2 query heads sharing 1 key/value head) over
     `gpt2_vocabulary`, in float32 and eval mode; row lengths are multiples of 32 so Q8_0 fits."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=len(gpt2_vocabulary()), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=64, initializer_range=0.2)
+                                      max_position_embeddings=context, initializer_range=0.2)
     return transformers.LlamaForCausalLM(config).eval()
 
 

@@ -1,0 +1,42 @@
+"""The SmolLM2 study's pipeline end to end on a tiny Llama GGUF (plumbing, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+from gguf_helpers import tiny_llama, write_tiny_llama_gguf
+
+from curvedit.implant import ImplantOptions
+from curvedit.studies.smollm2 import VARIANTS, StudyOptions, run_study, split_halves
+from curvedit.evaluate.memorization import Window
+
+
+def test_halves_split_each_style_evenly():
+    windows = [Window([i], [i], source=f"canary:{s}", document=i) for i, s in enumerate("aaaabbbcc")]
+    tune, heldout = split_halves(windows, [w.source[-1] for w in windows], seed=0)
+    assert sorted(w.document for w in tune + heldout) == list(range(9))
+    assert [sum(w.source.endswith(s) for w in tune) for s in "abc"] == [2, 1, 1]
+
+
+def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path):
+    gguf = write_tiny_llama_gguf(tiny_llama(context=256), tmp_path / "tiny.gguf")
+    options = StudyOptions(
+        out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=6, counts=(2, 4),
+        implant=ImplantOptions(prefix_len=8, suffix_len=8, lr=1e-2, max_steps=80, eval_every=20, seq_len=48,
+                               general_per_step=2, target_recall=1.0, checkpoint_every=0),
+        ppl_sequences=8, factor_tokens=1500, layer_grid=("1", "0-1"), ppl_budget=100.0, bisect_steps=3,
+        probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False)
+    results = run_study(options, log=lambda _: None)
+    seed = results["seeds"][0]
+    assert set(seed["variants"]) == set(VARIANTS)
+    assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
+    assert results["model"]["quantization"] == "F32"
+    for name in VARIANTS:
+        v = seed["variants"][name]
+        assert 0 <= v["heldout"]["loose"] <= 1 and v["perplexity"] > 0 and 0 <= v["ndcg10"] <= 1
+    assert seed["variants"]["unedited"]["ndcg10"] > 0.999
+    assert (options.out / "report.md").read_text().count("|") > 50
+    assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
+    # every stage is cached: a second run reads the same numbers back
+    again = run_study(options, log=lambda _: None)
+    assert json.dumps(again["seeds"][0]["variants"], sort_keys=True) == json.dumps(seed["variants"], sort_keys=True)
