@@ -550,8 +550,10 @@ def bsn_within_budget(model: nn.Module, targets: Sequence[Target], forget: Seque
                       options: BSNOptions, *, pad_id: int = 0, batch_size: int = 16) -> BSNChoice:
     """Train BalancedSubnet at each ratio; keep the one with the lowest loose recall on
     `tune_windows` whose held-out perplexity is at most `budget_ppl` (the rule the K-FAC
-    sweep uses), or, if none fits, the one of lowest perplexity. The model's target
-    weights are restored after each try, and are left restored.
+    sweep uses), or, if none fits, the one of lowest perplexity.
+
+    On return the model's target weights hold the kept ratio's masked weights (copy the
+    originals first to restore them); on failure they are restored.
 
     Args:
         model: the unedited HF causal LM.
@@ -568,7 +570,7 @@ def bsn_within_budget(model: nn.Module, targets: Sequence[Target], forget: Seque
         batch_size: sequences per evaluation batch.
 
     Returns:
-        A `BSNChoice`; apply it with `balanced_subnet(..., replace(options, ratio=choice.ratio))`.
+        A `BSNChoice`.
 
     Raises:
         BSNError: no ratio, or as `balanced_subnet`.
@@ -581,18 +583,27 @@ def bsn_within_budget(model: nn.Module, targets: Sequence[Target], forget: Seque
     if not ratios:
         raise BSNError("give at least one mask ratio to try")
     originals = [t.module.weight.detach().clone() for t in targets]
-    tried = []
-    for ratio in ratios:
-        try:
+
+    def load(weights: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for target, weight in zip(targets, weights):
+                target.module.weight.copy_(weight)
+
+    tried, masked = [], []
+    try:
+        for ratio in ratios:
+            load(originals)
             balanced_subnet(model, targets, forget, retain, replace(options, ratio=ratio), pad_id=pad_id)
+            masked.append([t.module.weight.detach().clone() for t in targets] if len(ratios) > 1 else None)
             tune_loose = evaluate_recitation(model, tune_windows, pad_id=pad_id, batch_size=batch_size)[0].loose
             ppl = perplexity(model, heldout, pad_id=pad_id, batch_size=batch_size).perplexity
-        finally:
-            with torch.no_grad():
-                for target, weight in zip(targets, originals):
-                    target.module.weight.copy_(weight)
-        tried.append({"ratio": ratio, "tune_loose": tune_loose, "perplexity": ppl})
-    within = [t for t in tried if t["perplexity"] <= budget_ppl]
-    best = (min(within, key=lambda t: (t["tune_loose"], t["perplexity"])) if within
-            else min(tried, key=lambda t: t["perplexity"]))
-    return BSNChoice(ratio=best["ratio"], tried=tried, within_budget=bool(within))
+            tried.append({"ratio": ratio, "tune_loose": tune_loose, "perplexity": ppl})
+    except BaseException:
+        load(originals)
+        raise
+    within = [i for i, t in enumerate(tried) if t["perplexity"] <= budget_ppl]
+    best = (min(within, key=lambda i: (tried[i]["tune_loose"], tried[i]["perplexity"])) if within
+            else min(range(len(tried)), key=lambda i: tried[i]["perplexity"]))
+    if masked[best] is not None:
+        load(masked[best])
+    return BSNChoice(ratio=tried[best]["ratio"], tried=tried, within_budget=bool(within))

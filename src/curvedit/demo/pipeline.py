@@ -223,7 +223,7 @@ def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
     Returns:
         (metrics of the kept ratio, its settings).
     """
-    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_within_budget  # noqa: PLC0415
+    from curvedit.baselines.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
 
     forget = [w.prefix_ids + w.suffix_ids for w in probe.tune]
     retain = probe.text[: max(len(forget) * 8, 64)]
@@ -231,7 +231,6 @@ def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
     bsn = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=options.seed, progress=False)
     choice = bsn_within_budget(model, targets, forget, retain, probe.tune, probe.text, options.bsn_ratios,
                                options.ppl_budget * unedited_ppl, bsn, batch_size=64)
-    balanced_subnet(model, targets, forget, retain, replace(bsn, ratio=choice.ratio))
     metrics = measure(model, tokenizer, probe)
     with torch.no_grad():
         for target, weight in zip(targets, originals):

@@ -13,7 +13,7 @@ COMMAND = "curvedit study smollm2"
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -69,8 +69,8 @@ def probe_table(results: dict[str, Any]) -> str:
     names = list(results["summary"]["variants"])
     rows = []
     for family, acc in base.items():
-        per = [sum(s["variants"][n]["probes"][family] for s in results["seeds"]) / len(results["seeds"])
-               for n in names]
+        per = [sum(s["variants"][n]["probes"].get(family, float("nan")) for s in results["seeds"])
+               / len(results["seeds"]) for n in names]
         rows.append([family, _pct(acc), "yes" if family in results["summary"]["probes_used"] else "no",
                      *[_pct(x) for x in per]])
     return _table(["probe", "base model", "used", *[LABELS.get(n, n) for n in names]], rows)

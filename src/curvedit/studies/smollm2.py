@@ -69,7 +69,9 @@ class StudyOptions:
         layer_grid: layer groups tried by the sweep.
         matrices: matrix selections tried by the sweep.
         ppl_budget: the edit may raise held-out perplexity to this times unedited.
-        bisect_steps: bisection steps per sweep cell and per matched control.
+        bisect_steps: bisection steps per sweep cell (matched controls take 2 more).
+        compute_dtype: dtype of the edit's basis change ("float32" halves the sweep's time on
+            a CPU; "float64" is the library default).
         probe_items: items per probe family.
         probe_min_accuracy: probe families the base model gets right less often are
             reported but not used for retention.
@@ -84,23 +86,25 @@ class StudyOptions:
     gguf: Path | None = None
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
-    canaries: int = 24
+    canaries: int = 18
     counts: tuple[int, ...] = (4, 8, 16)
-    implant: ImplantOptions = field(default_factory=lambda: ImplantOptions(lr=2e-4, max_steps=160, eval_every=20,
-                                                                           checkpoint_every=40))
+    implant: ImplantOptions = field(default_factory=lambda: ImplantOptions(
+        prefix_len=64, suffix_len=48, lr=5e-4, max_steps=200, eval_every=10, seq_len=96, canaries_per_step=4,
+        general_per_step=2, checkpoint_every=50))
     heldout_share: float = 0.12
     ppl_sequences: int = 48
-    factor_tokens: int = 48_000
+    factor_tokens: int = 32_000
     factor_batch: int = 8
-    layer_grid: tuple[str, ...] = ("0-9", "10-19", "20-29", "0-29")
-    matrices: tuple[str, ...] = ("mlp",)
+    layer_grid: tuple[str, ...] = ("20-29", "0-29")
+    matrices: tuple[str, ...] = ("mlp", "mlp-in")
     ppl_budget: float = 1.05
-    bisect_steps: int = 7
+    bisect_steps: int = 6
+    compute_dtype: str = "float32"
     probe_items: int = 30
     probe_min_accuracy: float = 0.5
-    bsn_ratios: tuple[float, ...] = (0.003, 0.01)
-    bsn_epochs: int = 5
-    bsn_lr: float = 0.3
+    bsn_ratios: tuple[float, ...] = (0.01,)
+    bsn_epochs: int = 2
+    bsn_lr: float = 1.0
     batch_size: int = 16
     progress: bool = True
 
@@ -313,11 +317,11 @@ def find_canaries(model, tokenizer, manifest: dict[str, Any], options: StudyOpti
 
 
 def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
-             log: Callable[[str], None]) -> dict[str, Any]:
+             probes_used: Sequence[str], log: Callable[[str], None]) -> dict[str, Any]:
     """Every stage for one implant seed; returns its results (also cached per stage)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_within_budget  # noqa: PLC0415
+    from curvedit.baselines.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
     from curvedit.budget import bisect_amount  # noqa: PLC0415
     from curvedit.collect import CollectOptions, collect_factors  # noqa: PLC0415
     from curvedit.data import lm_batches  # noqa: PLC0415
@@ -377,7 +381,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     ppl_text = data.ppl_subset(options.ppl_sequences)
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
-                                 bisect_steps=options.bisect_steps, progress=options.progress)
+                                 bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
+                                 progress=options.progress)
     sweep_key = _key({"factors": factor_key, "grid": asdict(grid), "sweep": asdict(sweep_options) | {"progress": 0},
                       "tune": halves["tune"], "ppl": options.ppl_sequences})
 
@@ -394,11 +399,13 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     bases = load_bases(targets, factor_dir)
     text = data.heldout
     probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
-                      tasks=probe_tasks(options.probe_items, seed=1234), filler=[t for s in text[-4:] for t in s])
+                      tasks=[t for t in probe_tasks(options.probe_items, seed=1234) if t.name in probes_used],
+                      filler=[t for s in text[-4:] for t in s])
     reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
-    kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})])
+    kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
+                         compute_dtype=options.compute_dtype)
     variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 1,
-                        "probe_items": options.probe_items, "bsn": [options.bsn_ratios, options.bsn_epochs,
+                        "probes": list(probes_used), "bsn": [options.bsn_ratios, options.bsn_epochs,
                                                                     options.bsn_lr]})
     variants: dict[str, Any] = {}
 
@@ -410,16 +417,18 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                               options))
     kept_share = variants["kfac"]["kept_components"] / variants["kfac"]["total_components"]
     variant("random_count", lambda: _edit_and_measure(
-        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)], method="random", seed=seed),
+        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)], method="random", seed=seed,
+                                                       compute_dtype=options.compute_dtype),
         probe, reference, options) | {"note": "random components, as many as K-FAC keeps"})
     unedited_ppl = perplexity(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size).perplexity
     kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
         def matched(m: str = method) -> dict[str, Any]:
             search = bisect_amount(model, targets, bases, ppl_text, mode="match", target_ppl=kfac_ppl,
-                                   unedited_ppl=unedited_ppl, method=m, seed=seed, steps=options.bisect_steps + 3,
-                                   tolerance=0.005, batch_size=options.batch_size, pad_id=pad_id)
-            plan = EditPlan([search.rule()], method=m, seed=seed)
+                                   unedited_ppl=unedited_ppl, method=m, seed=seed, steps=options.bisect_steps + 2,
+                                   tolerance=0.005, batch_size=options.batch_size, pad_id=pad_id,
+                                   compute_dtype=options.compute_dtype)
+            plan = EditPlan([search.rule()], method=m, seed=seed, compute_dtype=options.compute_dtype)
             return _edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
                 "matched": search.to_dict(), "note": f"{m} at K-FAC's perplexity ({search.perplexity:.4f} vs "
                                                      f"{kfac_ppl:.4f})"}
@@ -427,15 +436,14 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
     def bsn() -> dict[str, Any]:
         forget = [w.prefix_ids + w.suffix_ids for w in tune]
-        retain = data.train[: max(8 * len(forget), 64)]
-        bsn_options = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=8,
+        retain = data.train[: max(4 * len(forget), 32)]
+        bsn_options = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=16,
                                  progress=options.progress)
-        choice = bsn_within_budget(model, targets, forget, retain, tune, ppl_text, options.bsn_ratios,
-                                   options.ppl_budget * unedited_ppl, bsn_options, pad_id=pad_id,
-                                   batch_size=options.batch_size)
         originals = [t.module.weight.detach().clone() for t in targets]
-        balanced_subnet(model, targets, forget, retain, replace(bsn_options, ratio=choice.ratio), pad_id=pad_id)
         try:
+            choice = bsn_within_budget(model, targets, forget, retain, tune, ppl_text, options.bsn_ratios,
+                                       options.ppl_budget * unedited_ppl, bsn_options, pad_id=pad_id,
+                                       batch_size=options.batch_size)
             metrics = measure(model, tokenizer, probe, reference, options)
         finally:
             with torch.no_grad():
@@ -593,7 +601,9 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
     train, heldout = general_split(general_sequences(tokenizer, options.implant.seq_len), options.heldout_share, 0)
     data = StudyData(train=train, heldout=heldout)
     base_probe = base_probes(base_dir, options)
-    seeds = [run_seed(base_dir, seed, data, options, base, log) for seed in options.seeds]
+    used = sorted(f for f, acc in base_probe.items() if acc >= options.probe_min_accuracy)
+    log(f"probe accuracy of the base model: {base_probe}; used: {used}")
+    seeds = [run_seed(base_dir, seed, data, options, base, used, log) for seed in options.seeds]
     results = {
         "model": base, "device": options.device,
         "data": {"general": "pydoc_data.topics", "train_sequences": len(train), "heldout_sequences": len(heldout),
