@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.collect import CollectError, CollectOptions, collect_factors, layer_groups
+from curvedit.collect import read_checkpoint_meta, CollectError, CollectOptions, collect_factors, layer_groups
 from curvedit.data import pad_batch
 from curvedit.distributed import DistContext, DistributedError, shard_model
 from curvedit.factors import load_factors, model_identity
@@ -123,12 +123,12 @@ def test_two_gloo_processes_give_the_factors_of_one_process_and_only_rank_0_writ
         collect_factors(model, interrupted(make_batches(), after=5), targets,
                         options=opts(seed=7, accumulate_dtype="float64", checkpoint_dir=tmp_path / "shared",
                                      checkpoint_every=2))
-    assert json.loads((tmp_path / "shared" / "checkpoint.json").read_text())["batches_done"] == 4
+    assert read_checkpoint_meta(tmp_path / "shared" / "checkpoint.safetensors")["batches_done"] == 4
     with pytest.raises(Interrupt):
         collect_factors(model, interrupted(make_batches(), after=4), targets,
                         options=opts(seed=7, accumulate_dtype="float64", checkpoint_dir=tmp_path / "shared3",
                                      checkpoint_every=3))
-    assert json.loads((tmp_path / "shared3" / "checkpoint.json").read_text())["batches_done"] == 3
+    assert read_checkpoint_meta(tmp_path / "shared3" / "checkpoint.safetensors")["batches_done"] == 3
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback interface only
     mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
@@ -151,7 +151,7 @@ def test_two_gloo_processes_give_the_factors_of_one_process_and_only_rank_0_writ
         assert "ranks disagree on the data: between 6 and 7 batches" in got["mismatch"]
     # Rank 0 alone writes checkpoints; they hold the totals over both ranks at batch 6.
     assert not (tmp_path / "ckpt_rank1").exists()
-    meta = json.loads((tmp_path / "ckpt_rank0" / "checkpoint.json").read_text())
+    meta = read_checkpoint_meta(tmp_path / "ckpt_rank0" / "checkpoint.safetensors")
     assert meta["batches_done"] == 6 and meta["world_size"] == 2
     assert meta["positions"][targets[0].name] == sum(len(s) - 1 for s in SEQS[:12])
 
@@ -208,12 +208,12 @@ def test_resume_in_a_later_pass_gives_the_uninterrupted_factors(tmp_path, gpt2):
 
     with pytest.raises(Interrupt):
         collect_factors(gpt2, breaks_in_pass_2, targets, options=opts(**settings))
-    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    meta = read_checkpoint_meta(tmp_path / "checkpoint.safetensors")
     assert (meta["pass_index"], meta["batches_done"], meta["batches_per_pass"]) == (1, 4, 7)
     resumed = collect_factors(gpt2, make_batches, targets, options=opts(**settings, resume=True))
     assert_same(as_tensors(resumed), whole, rtol=1e-12, atol=1e-15)
     assert resumed.collection["tokens"] == sum(len(s) for s in SEQS)
-    with pytest.raises(CollectError, match="other settings"):
+    with pytest.raises(CollectError, match="another run .layers_per_pass: checkpoint 1, now None"):
         collect_factors(gpt2, make_batches, targets, options=opts(**{**settings, "layers_per_pass": None}, resume=True))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from curvedit.chartok import build_char_tokenizer
-from curvedit.collect import CollectError, CollectOptions, collect_factors
+from curvedit.collect import read_checkpoint_meta, CollectError, CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches, pad_batch, token_sequences
 from curvedit.factors import (FactorError, check_factors_match, load_factors, merge_factors, model_identity,
                               save_factors)
@@ -83,7 +83,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_factors(tmp_path, gpt
     whole = collect_factors(gpt2, batches, targets, options=CollectOptions(**{**options, "checkpoint_dir": None}))
     with pytest.raises(Interrupt):
         collect_factors(gpt2, interrupted(batches, after=5), targets, options=CollectOptions(**options))
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["batches_done"] == 4
+    assert read_checkpoint_meta(tmp_path / "checkpoint.safetensors")["batches_done"] == 4
     resumed = collect_factors(gpt2, batches, targets, options=CollectOptions(**options, resume=True))
     for name, tf in whole.targets.items():
         assert resumed.targets[name].positions == tf.positions
@@ -96,7 +96,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path, gpt2):
     batches = list(lm_batches(SEQS, 1, 0))
     collect_factors(gpt2, batches, targets, options=CollectOptions(progress=False, seed=1, checkpoint_dir=tmp_path,
                                                                   checkpoint_every=1))
-    with pytest.raises(CollectError, match="other settings"):
+    with pytest.raises(CollectError, match="another run .*seed: checkpoint 1, now 2"):
         collect_factors(gpt2, batches, targets, options=CollectOptions(progress=False, seed=2, checkpoint_dir=tmp_path,
                                                                       resume=True))
 

@@ -63,7 +63,7 @@ def test_the_bracketed_search_equals_sorting_all_products(kind, shape, monkeypat
     lam, mu = spectra(kind, 3, *shape)
     for rho in RHOS:
         assert torch.equal(select_by_mass(lam, mu, rho), brute_force_mass(lam, mu, rho)), (kind, shape, rho)
-    for fraction in [0.001, 0.1, 0.5, 0.77, 1.0]:
+    for fraction in [0.003, 0.1, 0.5, 0.77, 1.0]:
         assert torch.equal(select_by_count(lam, mu, fraction), brute_force_count(lam, mu, fraction)), (kind, fraction)
 
 
@@ -84,7 +84,7 @@ def test_kept_mass_reaches_rho_and_dropping_the_last_kept_pair_falls_below(kind)
 @pytest.mark.parametrize("kind", ["continuous", "ties", "zeros"])
 def test_selection_by_count_equals_sorting_all_products(kind):
     lam, mu = spectra(kind, 5)
-    for fraction in [0.001, 0.1, 0.5, 0.77, 1.0]:
+    for fraction in [0.003, 0.1, 0.5, 0.77, 1.0]:
         assert torch.equal(select_by_count(lam, mu, fraction), brute_force_count(lam, mu, fraction))
 
 

@@ -20,6 +20,7 @@ Two ways to scale (both give the factors of the plain run, to round-off):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterator as IteratorABC
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.distributed import (DistContext, check_same, current_context, is_sharded_model, reduce_sums,
                                   transformer_blocks)
+from curvedit.evaluate.generation import context_window
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
 from curvedit.io import write_json, write_safetensors
 from curvedit.objectives import LABEL_MODES, CausalLMObjective, Objective
@@ -40,7 +43,7 @@ from curvedit.targets import Target
 
 ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
-CHECKPOINT_META = "checkpoint.json"
+CHECKPOINT_KEY = "curvedit-checkpoint"
 
 BatchSource = Union[Iterable[dict], Callable[[], Iterable[dict]]]
 """Batches: an iterable of batch dicts, or a callable returning a fresh such iterable."""
@@ -195,43 +198,98 @@ def _batch_factory(batches: BatchSource, passes: int) -> Callable[[], Iterable[d
     return lambda: batches
 
 
-def _fingerprint(targets: list[Target], options: CollectOptions, passes: int) -> dict[str, Any]:
+def _fingerprint(targets: list[Target], options: CollectOptions, passes: int, weights_hash: str) -> dict[str, Any]:
+    """Everything a checkpoint's sums depend on besides the batches themselves (those are
+    compared by `data_sha256`)."""
     fingerprint = {"targets": [t.name for t in targets], "label_mode": options.label_mode,
-                   "accumulate_dtype": options.accumulate_dtype, "seed": options.seed}
+                   "accumulate_dtype": options.accumulate_dtype, "seed": options.seed,
+                   "model weights": weights_hash, "data": options.description,
+                   **{f"setting {k}": v for k, v in sorted(options.extra.items())}}
     if passes > 1:
         fingerprint["layers_per_pass"] = options.layers_per_pass
     return fingerprint
 
 
-def _save_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target], passes: int, ctx: DistContext) -> None:
+class _DataDigest:
+    """A running SHA-256 of the batches walked in the current pass (keys, shapes and
+    values), so a resume can check that it reads the same data the checkpoint covered."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def update(self, batch: dict) -> None:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                self.digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
+                self.digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def _save_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target], passes: int, ctx: DistContext,
+                     weights_hash: str, data_digest: str) -> None:
+    """One file, one atomic rename: the sums, with every count and the fingerprint in the
+    safetensors header (a kill at any moment leaves the old checkpoint or the new one)."""
     root = Path(options.checkpoint_dir)
     tensors = {f"{n}.A_sum": t for n, t in sums.a_sum.items()} | {f"{n}.G_sum": t for n, t in sums.g_sum.items()}
-    write_safetensors(root / CHECKPOINT_TENSORS, tensors)
-    write_json(root / CHECKPOINT_META, {
-        "fingerprint": _fingerprint(targets, options, passes),
+    meta = {
+        "fingerprint": _fingerprint(targets, options, passes, weights_hash),
+        "data_sha256": data_digest,
         "positions": sums.positions,
         "batches_done": sums.batches_done,
         "tokens_seen": sums.tokens_seen,
         "pass_index": sums.pass_index,
         "batches_per_pass": sums.batches_per_pass,
         "world_size": ctx.world_size,
-    })
+    }
+    write_safetensors(root / CHECKPOINT_TENSORS, tensors, metadata={CHECKPOINT_KEY: json.dumps(meta)})
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint file (`checkpoint.safetensors`): fingerprint, data
+    digest, positions, batches done, tokens seen, pass index.
+
+    Raises:
+        CollectError: the file is not a readable curvedit checkpoint.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = (handle.metadata() or {}).get(CHECKPOINT_KEY)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise CollectError(f"--resume: {path} is not a readable checkpoint ({err})") from None
+    if header is None:
+        raise CollectError(f"--resume: {path} is not a curvedit checkpoint (no {CHECKPOINT_KEY!r} header)")
+    return json.loads(header)
 
 
 def _load_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target], groups: list[list[Target]],
-                     ctx: DistContext, device: torch.device, acc_dtype: torch.dtype) -> None:
+                     ctx: DistContext, device: torch.device, acc_dtype: torch.dtype, weights_hash: str) -> str:
     """Restore the sums of a checkpoint. It holds totals over all ranks, so rank 0 takes the
     current pass's partial sums and the other ranks start that pass from zero; any world
-    size may resume any checkpoint (batch ownership follows the global batch index)."""
+    size may resume any checkpoint (batch ownership follows the global batch index).
+
+    Returns:
+        The checkpoint's digest of the batches it covered in its pass.
+
+    Raises:
+        CollectError: no checkpoint, or one made with other settings, model or data
+            (naming what differs).
+    """
     root = Path(options.checkpoint_dir)
-    meta_path = root / CHECKPOINT_META
-    if not meta_path.is_file():
+    path = root / CHECKPOINT_TENSORS
+    if not path.is_file():
         raise CollectError(f"--resume: no checkpoint in {root}")
-    meta = json.loads(meta_path.read_text())
-    if meta["fingerprint"] != _fingerprint(targets, options, len(groups)):
-        raise CollectError(f"--resume: the checkpoint in {root} was made with other settings: "
-                           f"{meta['fingerprint']} vs {_fingerprint(targets, options, len(groups))}")
-    tensors = load_file(str(root / CHECKPOINT_TENSORS))
+    meta = read_checkpoint_meta(path)
+    ours = _fingerprint(targets, options, len(groups), weights_hash)
+    theirs = meta["fingerprint"]
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in differ)
+        raise CollectError(f"--resume: the checkpoint in {root} belongs to another run ({details}); resume with the "
+                           "same model, data and settings, or start over with --overwrite")
+    tensors = load_file(str(path))
     sums.pass_index = meta.get("pass_index", 0)
     sums.batches_done = meta["batches_done"]
     sums.batches_per_pass = meta.get("batches_per_pass")
@@ -250,6 +308,7 @@ def _load_checkpoint(sums: _Sums, options: CollectOptions, targets: list[Target]
             sums.g_sum[target.name] = tensors[g_key].to(device=where, dtype=acc_dtype)
             sums.positions[target.name] = int(meta["positions"][target.name])
     sums.tokens_seen = meta["tokens_seen"] if (sums.pass_index > 0 or ctx.is_main) else 0
+    return meta["data_sha256"]
 
 
 def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
@@ -347,18 +406,24 @@ def collect_factors(
     device = next(model.parameters()).device
     ctx = current_context()
     sums = _Sums(a_sum={}, g_sum={}, positions={t.name: 0 for t in targets})
+    weights_hash = model_identity(model, targets)["weights_hash"] if options.checkpoint_dir is not None else ""
+    resumed_digest = None
     if options.resume:
-        _load_checkpoint(sums, options, targets, groups, ctx, device, acc_dtype)
+        resumed_digest = _load_checkpoint(sums, options, targets, groups, ctx, device, acc_dtype, weights_hash)
     for pass_index in range(sums.pass_index, len(groups)):
         _collect_pass(model, make_batches(), targets, groups, pass_index, objective, options, sums, ctx,
-                      device, acc_dtype)
+                      device, acc_dtype, weights_hash, resumed_digest)
+        resumed_digest = None
     return _finish(model, targets, sums, options, objective, model_name, ctx)
 
 
 def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Target], groups: list[list[Target]],
                   pass_index: int, objective: Objective, options: CollectOptions, sums: _Sums, ctx: DistContext,
-                  device: torch.device, acc_dtype: torch.dtype) -> None:
-    """One pass over the data hooking `groups[pass_index]`; reduces, checks and offloads its sums."""
+                  device: torch.device, acc_dtype: torch.dtype, weights_hash: str,
+                  resumed_digest: str | None) -> None:
+    """One pass over the data hooking `groups[pass_index]`; reduces, checks and offloads its
+    sums. A resumed pass first checks that the batches the checkpoint covered are the ones
+    read now (`resumed_digest`)."""
     group = groups[pass_index]
     for target in group:
         d_out, d_in = target.shape_oi
@@ -386,6 +451,7 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     # missing (the data ended) or already covered (resumed mid-round) runs a lock-step pass,
     # checkpoints fall on round ends, and ranks check at each round that all still have data.
     lockstep = ctx.distributed and is_sharded_model(model)
+    context = context_window(model)
     world = ctx.world_size
     uneven = "ranks disagree on the data: one ran out of batches before another (FSDP needs the same batches)"
     every = -(-options.checkpoint_every // world) * world if lockstep else options.checkpoint_every
@@ -393,6 +459,10 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     def step(batch: dict, index: int, accumulate: bool) -> None:
         """Forward and backward of one batch, its rows added to the sums when `accumulate`
         (a lock-step pass under FSDP runs the same collectives and adds nothing)."""
+        width = batch["input_ids"].shape[-1] if "input_ids" in batch else 0
+        if context is not None and width > context:
+            raise CollectError(f"batch {index}: sequences of {width} tokens are longer than the model's context "
+                               f"window of {context} tokens (lower --seq-len)")
         captured.clear()
         batch = _to_device(batch, device)
         recording[0] = True
@@ -420,11 +490,19 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     start = sums.batches_done  # batches before it are covered by the checkpoint we resumed from
     covered: dict | None = None  # this rank's covered batch of the round `start` falls in
     last: dict | None = None
+    digest = _DataDigest() if options.checkpoint_dir is not None else None
     try:
         with _only_targets_require_grad(model, group), no_tf32(), \
                 _checkpointed_blocks(model, options.gradient_checkpointing):
+            walked = 0
             for index, batch in enumerate(batches):
-                last = batch
+                last, walked = batch, index + 1
+                if digest is not None:
+                    digest.update(batch)
+                if resumed_digest is not None and index == start - 1 and digest.hexdigest() != resumed_digest:
+                    raise CollectError(f"--resume: the first {start} batches read now differ from those the checkpoint "
+                                       "covered (another corpus, --seq-len, --batch-size or token budget); resume "
+                                       "with the same data, or start over with --overwrite")
                 if index < start:
                     if lockstep and ctx.owns(index) and index // world == start // world:
                         covered = batch
@@ -440,8 +518,10 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
                 if options.checkpoint_dir is not None and sums.batches_done % every == 0:
                     _reduce_pass(sums, group, first_pass, ctx, keep_on_all=False)
                     if ctx.is_main:
-                        _save_checkpoint(sums, options, targets, len(groups), ctx)
+                        _save_checkpoint(sums, options, targets, len(groups), ctx, weights_hash, digest.hexdigest())
             done = sums.batches_done
+            if resumed_digest is not None and walked < start:
+                raise CollectError(f"--resume: the data ends after {walked} batches; the checkpoint covered {start}")
             if lockstep:
                 if done > start and (done - 1) // world * world + ctx.rank >= done:
                     step(last, done - 1, accumulate=False)  # no batch of the last round is this rank's
@@ -468,7 +548,7 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
             torch.cuda.synchronize(device)
     sums.pass_index, sums.batches_done = pass_index + 1, 0
     if options.checkpoint_dir is not None and sums.pass_index < len(groups) and ctx.is_main:
-        _save_checkpoint(sums, options, targets, len(groups), ctx)
+        _save_checkpoint(sums, options, targets, len(groups), ctx, weights_hash, _DataDigest().hexdigest())
 
 
 def _reduce_pass(sums: _Sums, group: list[Target], first_pass: bool, ctx: DistContext, *, keep_on_all: bool) -> None:

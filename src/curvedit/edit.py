@@ -104,14 +104,46 @@ class EditPlan:
                 "rules": [asdict(r) for r in self.rules]}
 
     @classmethod
-    def from_json(cls, path: str | Path, **overrides: Any) -> "EditPlan":
+    def from_json(cls, path: str | Path, **given: Any) -> "EditPlan":
         """Read a plan: `{"rules": [{"pattern": "*.up_proj", "rho": 0.6}, ...], "method": ...}`
-        or the short form `{"*.up_proj": 0.6, "*.gate_proj": 0.6}` (pattern -> rho)."""
-        data = json.loads(Path(path).read_text())
+        or the short form `{"*.up_proj": 0.6, "*.gate_proj": 0.6}` (pattern -> rho).
+
+        Args:
+            path: the JSON file.
+            given: `method`, `seed`, `compute_dtype` given elsewhere (the command line);
+                None values are ignored. The plan's own value wins where only it gives
+                one; a value given both ways must agree.
+
+        Raises:
+            EditError: unreadable JSON, an unknown key, a malformed rule, or a value the
+                plan and `given` disagree on.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise EditError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict) or not data:
+            raise EditError(f"{path}: a plan is a JSON object: {{\"rules\": [...]}} or {{pattern: rho, ...}}")
         if "rules" not in data:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values()):
+                raise EditError(f"{path}: the short form maps patterns to rho values (numbers)")
             data = {"rules": [{"pattern": k, "rho": v} for k, v in data.items()]}
-        rules = [EditRule(**r) for r in data.pop("rules")]
-        return cls(rules=rules, **{**data, **overrides})
+        unknown = set(data) - {"rules", "method", "seed", "compute_dtype"}
+        if unknown:
+            raise EditError(f"{path}: unknown key(s) {sorted(unknown)}")
+        if not isinstance(data["rules"], list) or not all(isinstance(r, dict) for r in data["rules"]):
+            raise EditError(f"{path}: 'rules' must be a list of objects")
+        try:
+            rules = [EditRule(**r) for r in data.pop("rules")]
+        except TypeError as err:
+            raise EditError(f"{path}: malformed rule ({err})") from None
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key in data and data[key] != value:
+                raise EditError(f"{path} sets {key}={data[key]!r} but {value!r} was also given: give it once")
+            data[key] = value
+        return cls(rules=rules, **data)
 
 
 @dataclass
@@ -206,6 +238,9 @@ def svd_truncate(weight_oi: torch.Tensor, rule: EditRule) -> tuple[torch.Tensor,
     else:
         kept = round(rule.keep_fraction * total)
     kept = min(kept, total)
+    if kept == 0:
+        raise SelectionError(f"keep fraction {rule.keep_fraction} keeps no singular value of {total} (the edit would "
+                             "zero the weight)")
     edited = (u[:, :kept] * s[:kept]) @ vh[:kept]
     return edited, kept, total, float(energy[:kept].sum() / energy.sum()) if energy.sum() > 0 else 0.0
 

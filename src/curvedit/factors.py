@@ -7,17 +7,21 @@ On disk (format version 1), a directory with:
 - `factors.json`: `format_version`, `curvedit_version`, `model` (`name`, `config_hash`,
   `weights_hash`), `collection` (label mode, dtype, seq len, data description, ...), and
   `targets`: per `NAME`, `d_in`, `d_out`, `positions`, `weight_sha256`, `transposed`.
+  The same description is stored in the safetensors header (key "curvedit"), which is the
+  one `load_factors` trusts; the JSON file is its readable copy and must agree with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -28,6 +32,7 @@ from curvedit.targets import Target
 FORMAT_VERSION = 1
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "factors.json"
+HEADER_KEY = "curvedit"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
 
 
@@ -111,7 +116,12 @@ def model_identity(model: nn.Module, targets: list[Target], name: str | None = N
 
 
 def save_factors(factors: FactorSet, out_dir: str | Path) -> Path:
-    """Write a factor directory (atomic per file).
+    """Write a factor directory.
+
+    The description (the content of `factors.json`) is also stored in the safetensors
+    header, so `factors.safetensors` alone is complete and is replaced by one atomic
+    rename; `factors.json` is its readable copy, written after it. A kill between the two
+    leaves a JSON copy that disagrees with the tensors, which `load_factors` refuses.
 
     Args:
         factors: what to write.
@@ -128,44 +138,80 @@ def save_factors(factors: FactorSet, out_dir: str | Path) -> Path:
         tensors[f"{name}.G"] = tf.G
         targets_meta[name] = {"d_in": tf.d_in, "d_out": tf.d_out, "positions": int(tf.positions),
                               "weight_sha256": tf.weight_sha256, "transposed": tf.transposed}
-    write_safetensors(out / FACTORS_FILE, tensors, metadata={"format": "curvedit-factors", "version": str(FORMAT_VERSION)})
-    write_json(out / META_FILE, {
-        "format_version": FORMAT_VERSION,
-        "curvedit_version": __version__,
-        "model": factors.model,
-        "collection": factors.collection,
-        "targets": targets_meta,
-    })
+    meta = {"format_version": FORMAT_VERSION, "curvedit_version": __version__, "model": factors.model,
+            "collection": factors.collection, "targets": targets_meta}
+    write_safetensors(out / FACTORS_FILE, tensors, metadata={"format": "curvedit-factors",
+                                                             "version": str(FORMAT_VERSION),
+                                                             HEADER_KEY: json.dumps(meta, sort_keys=True)})
+    write_json(out / META_FILE, meta)
     return out
+
+
+def _read_header(tensor_path: Path) -> dict[str, Any] | None:
+    """The description stored in the safetensors header (None for files without one).
+
+    Raises:
+        FactorError: the file is not a readable safetensors file.
+    """
+    try:
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            header = (handle.metadata() or {}).get(HEADER_KEY)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise FactorError(f"{tensor_path}: not a readable safetensors file ({err})") from None
+    return None if header is None else json.loads(header)
+
+
+def _read_json(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FactorError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise FactorError(f"{meta_path}: expected a JSON object")
+    return meta
 
 
 def load_factors(factor_dir: str | Path, device: str | torch.device = "cpu") -> FactorSet:
     """Read a factor directory written by `save_factors`.
 
     Raises:
-        FactorError: missing files, an unknown format version, or tensors that disagree
-            with the JSON description.
+        FactorError: missing or unreadable files, an unknown format version, a
+            `factors.json` that disagrees with the tensors' own description (an interrupted
+            write or a hand edit), or tensors that disagree with the description.
     """
     root = Path(factor_dir)
     meta_path, tensor_path = root / META_FILE, root / FACTORS_FILE
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise FactorError(f"{root}: not a factor directory (needs {META_FILE} and {FACTORS_FILE})")
-    meta = json.loads(meta_path.read_text())
+    if not tensor_path.is_file():
+        raise FactorError(f"{root}: not a factor directory (needs {FACTORS_FILE} and {META_FILE})")
+    meta = _read_header(tensor_path)
+    if meta is None:  # written before the header held the description
+        if not meta_path.is_file():
+            raise FactorError(f"{root}: not a factor directory (needs {FACTORS_FILE} and {META_FILE})")
+        meta = _read_json(meta_path)
+    elif meta_path.is_file() and _read_json(meta_path) != meta:
+        raise FactorError(f"{meta_path} disagrees with the description stored in {FACTORS_FILE} (a write was "
+                          f"interrupted, or the JSON was edited): collect again, or delete {META_FILE} to use the "
+                          "tensors' own description")
     if meta.get("format_version") != FORMAT_VERSION:
         raise FactorError(f"{root}: factor format version {meta.get('format_version')} is not {FORMAT_VERSION}")
     tensors = load_file(str(tensor_path), device=str(device))
     targets: dict[str, TargetFactors] = {}
-    for name, info in meta["targets"].items():
+    for name, info in (meta.get("targets") or {}).items():
         try:
             a_ii, g_oo = tensors[f"{name}.A"], tensors[f"{name}.G"]
+            d_in, d_out, positions = int(info["d_in"]), int(info["d_out"]), int(info["positions"])
         except KeyError as err:
-            raise FactorError(f"{root}: tensor {err} listed in {META_FILE} is missing") from None
-        if a_ii.shape != (info["d_in"], info["d_in"]) or g_oo.shape != (info["d_out"], info["d_out"]):
+            raise FactorError(f"{root}: {name}: {err} is missing") from None
+        except (TypeError, ValueError):
+            raise FactorError(f"{root}: {name}: malformed description {info!r}") from None
+        if a_ii.shape != (d_in, d_in) or g_oo.shape != (d_out, d_out):
             raise FactorError(f"{root}: {name} tensors have shapes {tuple(a_ii.shape)}, {tuple(g_oo.shape)}, "
-                              f"but {META_FILE} says d_in={info['d_in']}, d_out={info['d_out']}")
-        targets[name] = TargetFactors(A=a_ii, G=g_oo, positions=info["positions"],
+                              f"but the description says d_in={d_in}, d_out={d_out}")
+        targets[name] = TargetFactors(A=a_ii, G=g_oo, positions=positions,
                                       weight_sha256=info.get("weight_sha256", ""),
                                       transposed=info.get("transposed", False))
+    if not targets:
+        raise FactorError(f"{root}: the factor files describe no target")
     return FactorSet(targets=targets, model=meta.get("model", {}), collection=meta.get("collection", {}))
 
 
@@ -192,7 +238,10 @@ def check_factors_match(factors: FactorSet, targets: list[Target], *, check_weig
         if (tf.d_out, tf.d_in) != (d_out, d_in):
             problems.append(f"{target.name}: model weight is (d_out={d_out}, d_in={d_in}), "
                             f"factors are for (d_out={tf.d_out}, d_in={tf.d_in})")
-        elif check_weights and tf.weight_sha256 and tf.weight_sha256 != weight_sha256(target):
+        elif check_weights and not tf.weight_sha256:
+            problems.append(f"{target.name}: the factors carry no weight hash, so nothing shows they belong to "
+                            "this model")
+        elif check_weights and tf.weight_sha256 != weight_sha256(target):
             problems.append(f"{target.name}: weights differ from those the factors were collected on "
                             f"(model {factors.model.get('name', '?')!r})")
     if problems:
@@ -224,6 +273,13 @@ def merge_factors(parts: list[FactorSet]) -> FactorSet:
         if part.collection.get("label_mode") != first.collection.get("label_mode"):
             raise FactorError(f"part {index} used label mode {part.collection.get('label_mode')!r}, "
                               f"part 0 {first.collection.get('label_mode')!r}")
+    for i, j in itertools.combinations(range(len(parts)), 2):
+        a, b = parts[i], parts[j]
+        if a.collection == b.collection and all(
+                a.targets[n].positions == b.targets[n].positions and torch.equal(a.targets[n].A, b.targets[n].A)
+                for n in a.targets):
+            raise FactorError(f"parts {i} and {j} are the same factors (same data, positions and values): merging "
+                              "them would count that data twice")
     merged: dict[str, TargetFactors] = {}
     for name, tf0 in first.targets.items():
         counts = [p.targets[name].positions for p in parts]

@@ -338,6 +338,9 @@ def _check_spectra(lam: torch.Tensor, mu: torch.Tensor) -> None:
         raise SelectionError("eigenvalues must be non-negative (clamp round-off first)")
     if (lam[1:] > lam[:-1]).any() or (mu[1:] > mu[:-1]).any():
         raise SelectionError("eigenvalues must be sorted descending")
+    if not (lam.numel() and mu.numel() and lam[0] > 0 and mu[0] > 0):
+        raise SelectionError("degenerate factors: every eigenvalue of G or of A is zero (no curvature mass to "
+                             "rank components by); collect on more or other data")
 
 
 def select_by_mass(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:
@@ -354,7 +357,7 @@ def select_by_mass(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Ten
         `(m, n)` bool mask of kept components.
 
     Raises:
-        SelectionError: rho outside (0, 1], or unsorted/negative spectra.
+        SelectionError: rho outside (0, 1], or unsorted/negative/all-zero spectra.
     """
     if not 0 < rho <= 1:
         raise SelectionError(f"rho must be in (0, 1], got {rho}")
@@ -369,13 +372,18 @@ def select_by_count(lam: torch.Tensor, mu: torch.Tensor, keep_fraction: float) -
     """Keep `round(keep_fraction * m * n)` components of highest mass (ties row-major).
 
     Raises:
-        SelectionError: keep_fraction outside (0, 1], or unsorted/negative spectra.
+        SelectionError: keep_fraction outside (0, 1] or keeping no component, or
+            unsorted/negative/all-zero spectra.
     """
     if not 0 < keep_fraction <= 1:
         raise SelectionError(f"keep fraction must be in (0, 1], got {keep_fraction}")
     _check_spectra(lam, mu)
     total = lam.shape[0] * mu.shape[0]
-    return staircase_mask(staircase(lam, mu, round(keep_fraction * total), "count"), mu.shape[0])
+    count = round(keep_fraction * total)
+    if count == 0:
+        raise SelectionError(f"keep fraction {keep_fraction} keeps no component of {lam.shape[0]} x {mu.shape[0]} "
+                             f"(the edit would zero the weight); the smallest useful fraction is {0.5 / total:.2g}")
+    return staircase_mask(staircase(lam, mu, count, "count"), mu.shape[0])
 
 
 def mass_fraction(lam: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor) -> float:
