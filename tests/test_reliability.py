@@ -183,3 +183,17 @@ def test_plan_file_values_win_and_conflicts_are_refused(tmp_path):
         path.write_text(bad)
         with pytest.raises(EditError):
             EditPlan.from_json(path)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(gpt2):
+    targets = select_targets(gpt2, TargetSpec(preset="mlp"))  # vocabulary of 11 ids
+    with pytest.raises(CollectError, match="token id 11 is outside the model's vocabulary of 11 ids"):
+        collect_factors(gpt2, list(lm_batches([[1, 2, 11, 3]], 1, 0)), targets, options=options(None))
+
+
+def test_bsn_refuses_a_nan_learning_rate():
+    from curvedit.baselines.balanced_subnet import BSNError, BSNOptions
+
+    for bad in (dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan"))):
+        with pytest.raises(BSNError):
+            BSNOptions(**bad).validate()

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from curvedit.distributed import (DistContext, check_same, current_context, is_sharded_model, reduce_sums,
                                   transformer_blocks)
+from curvedit.errors import CurveditError
 from curvedit.evaluate.generation import context_window
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
 from curvedit.io import write_json, write_safetensors
@@ -49,7 +50,7 @@ BatchSource = Union[Iterable[dict], Callable[[], Iterable[dict]]]
 """Batches: an iterable of batch dicts, or a callable returning a fresh such iterable."""
 
 
-class CollectError(RuntimeError):
+class CollectError(CurveditError, RuntimeError):
     """Collection cannot produce trustworthy factors (no data, non-finite values, ...)."""
 
 
@@ -452,6 +453,8 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     # checkpoints fall on round ends, and ranks check at each round that all still have data.
     lockstep = ctx.distributed and is_sharded_model(model)
     context = context_window(model)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
     world = ctx.world_size
     uneven = "ranks disagree on the data: one ran out of batches before another (FSDP needs the same batches)"
     every = -(-options.checkpoint_every // world) * world if lockstep else options.checkpoint_every
@@ -463,6 +466,12 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
         if context is not None and width > context:
             raise CollectError(f"batch {index}: sequences of {width} tokens are longer than the model's context "
                                f"window of {context} tokens (lower --seq-len)")
+        if width and vocab is not None:
+            ids = batch["input_ids"][batch["attention_mask"].bool()] if "attention_mask" in batch else batch["input_ids"]
+            outside = ids[(ids < 0) | (ids >= vocab)]
+            if outside.numel():
+                raise CollectError(f"batch {index}: token id {int(outside[0])} is outside the model's vocabulary of "
+                                   f"{vocab} ids (input_ids made for another tokenizer?)")
         captured.clear()
         batch = _to_device(batch, device)
         recording[0] = True
