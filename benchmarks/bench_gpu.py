@@ -461,7 +461,8 @@ def main() -> None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         props = torch.cuda.get_device_properties(device)
-        where = (f"{torch.cuda.get_device_name(device)} ({props.total_memory / GIB:.0f} GiB), CUDA {torch.version.cuda}, "
+        where = (f"{torch.cuda.get_device_name(device)} ({props.total_memory / GIB:.0f} GiB), "
+                 f"CUDA {torch.version.cuda}, "
                  f"linalg library {torch.backends.cuda.preferred_linalg_library()}")
     else:
         where = f"{device}, {torch.get_num_threads()} threads"

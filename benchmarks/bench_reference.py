@@ -35,7 +35,8 @@ scales differ: mean vs summed loss); A also differs by the last position of each
 (counted by 3 and 4, not by curvedit, as it has no next token), G by the labels drawn: a
 second curvedit run with another label seed gives that noise floor.
 
-    python benchmarks/bench_reference.py [--layers 4] [--width 256] [--batches 8] [--repeats 3] [--sampler cdf|multinomial]
+    python benchmarks/bench_reference.py [--layers 4] [--width 256] [--batches 8] [--repeats 3] \
+        [--sampler cdf|multinomial]
         [--skip-kronfluence] [--kronfluence-mask]
 """
 

@@ -168,7 +168,7 @@ def test_the_sweep_bisects_one_point_per_cell_within_budget(trained, tmp_path):
     grid = SweepGrid(layers=("0", "1", "0-1"), matrices=("mlp-in", "mlp"))
     options = SweepOptions(progress=False, ppl_budget=1.1, bisect_budget=True, bisect_steps=5)
     result = run_sweep(trained.model, None, trained.factors, grid, trained.windows, trained.heldout, options)
-    assert [(p.layers, p.matrices) for p in result.points] == [(l, m) for l in grid.layers for m in grid.matrices]
+    assert [(p.layers, p.matrices) for p in result.points] == [(g, m) for g in grid.layers for m in grid.matrices]
     for p in result.points:
         assert p.amount_kind == "keep_fraction" and p.amount == p.bisection["amount"]
         assert len(p.bisection["steps"]) == 5

@@ -32,7 +32,8 @@ def test_edit_writes_a_loadable_model_changing_only_the_targets(tmp_path, lm_dir
     edited = {"transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"}
     for name, tensor in after.items():
         assert torch.equal(tensor, before[name]) != (name in edited), name
-    assert AutoTokenizer.from_pretrained(out)("abc")["input_ids"] == AutoTokenizer.from_pretrained(lm_dir)("abc")["input_ids"]
+    ids = [AutoTokenizer.from_pretrained(path)("abc")["input_ids"] for path in (out, lm_dir)]
+    assert ids[0] == ids[1]
     manifest = json.loads((out / "curvedit-edit.json").read_text())
     assert manifest["plan"]["method"] == "kfac" and manifest["plan"]["rules"][0]["rho"] == 0.6
     assert manifest["factors"]["model"]["weights_hash"]

@@ -97,7 +97,8 @@ def test_vit_factors_equal_brute_force_reference(positions):
     batches = [{"pixel_values": pixels[i:i + 4], "labels": labels[i:i + 4]} for i in (0, 4)]
     factors = collect_factors(model, batches, targets, ImageClassificationObjective("gold", positions), gold())
     ref_model = tiny_vit()
-    reference, n = brute_force_vit(ref_model, select_targets(ref_model, TargetSpec(preset="mlp")), pixels, labels, positions)
+    ref_targets = select_targets(ref_model, TargetSpec(preset="mlp"))
+    reference, n = brute_force_vit(ref_model, ref_targets, pixels, labels, positions)
     for name, (a_ref, g_ref) in reference.items():
         assert factors.targets[name].positions == n
         torch.testing.assert_close(factors.targets[name].A, a_ref, rtol=1e-9, atol=1e-12)

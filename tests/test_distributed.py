@@ -2,7 +2,6 @@
 each against one plain single-process run on the same data."""
 
 import copy
-import json
 import os
 import shutil
 import socket

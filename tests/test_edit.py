@@ -18,7 +18,8 @@ def random_factors(d_out, d_in, seed=0, decay=True):
     x = torch.randn(3 * d_in, d_in, generator=g, dtype=torch.float64)
     y = torch.randn(3 * d_out, d_out, generator=g, dtype=torch.float64)
     if decay:
-        x, y = x * torch.linspace(2, 0.1, d_in, dtype=torch.float64), y * torch.linspace(1, 0.01, d_out, dtype=torch.float64)
+        x = x * torch.linspace(2, 0.1, d_in, dtype=torch.float64)
+        y = y * torch.linspace(1, 0.01, d_out, dtype=torch.float64)
     return TargetFactors(A=x.T @ x / len(x), G=y.T @ y / len(y), positions=len(x))
 
 

@@ -49,7 +49,8 @@ def test_factors_of_another_model_are_refused_with_what_differs(tmp_path, gpt2):
     wider_targets = select_targets(wider, TargetSpec(preset="mlp"))
     bad = load_factors(save_factors(factors, tmp_path))
     bad.targets["transformer.h.0.mlp.c_fc"].A = torch.zeros(3, 3)
-    with pytest.raises(FactorError, match=r"model weight is \(d_out=64, d_in=16\), factors are for \(d_out=64, d_in=3\)"):
+    expected = r"model weight is \(d_out=64, d_in=16\), factors are for \(d_out=64, d_in=3\)"
+    with pytest.raises(FactorError, match=expected):
         check_factors_match(bad, wider_targets)
 
 

@@ -26,7 +26,8 @@ def test_a_tiny_run_fits_and_the_table_shows_every_part():
     plan = plan_memory(model, targets, 4, 16, "float32", None, "cpu")
     assert plan.fits and plan.suggestion == "" and plan.passes == 1
     assert plan.available_bytes is not None and plan.available_bytes > 0  # measured: RAM available here
-    weights = sum(p.numel() * 8 for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = (sum(p.numel() * 8 for p in model.parameters())
+               + sum(b.numel() * b.element_size() for b in model.buffers()))
     assert plan.weights_bytes == plan.resident_bytes == weights  # already on the CPU
     assert plan.accumulators_bytes == acc_bytes(targets, 4) and plan.host_bytes == 0
     assert plan.eigh_bytes == 5 * 8 * 24 ** 2

@@ -15,7 +15,8 @@ def names(model, **spec):
 
 def test_mlp_preset_on_gpt2_selects_c_fc_and_mlp_c_proj_but_not_attention():
     assert names(tiny_gpt2(), preset="mlp") == [
-        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
 
 
 def test_mlp_presets_on_olmo2():

@@ -1,5 +1,5 @@
 """Activation bands by curvature order: do memorized inputs live in the low-curvature
-directions? (METHOD.md section 6; the paper's Figures 2 and 4.)
+directions? (docs/method.md section 7; the paper's Figures 2 and 4.)
 
 For a target `y = W x` with K-FAC factors `A = U_A diag(mu) U_A^T` and `G`, component
 `(i, j)` has curvature mass `lam_i * mu_j`, so all the components that eigenvector `v_j`
@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.data import DataError, batched, pad_batch, read_records
+from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import Window
 from curvedit.spectrum import Eigenbasis
 from curvedit.targets import Target
@@ -56,7 +57,7 @@ FAMILIES_JSON = "families.json"
 FAMILIES_PNG = "families.png"
 
 
-class AnalysisError(ValueError):
+class AnalysisError(CurveditError):
     """An analysis that cannot be run as asked (bad bands, no data, shapes that differ)."""
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit
+from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.spectrum import Eigenbasis, load_bases
 from curvedit.targets import Target
@@ -40,7 +41,7 @@ KNOBS = ("keep_fraction", "rho")
 MODES = ("within", "match")
 
 
-class BudgetError(ValueError):
+class BudgetError(CurveditError):
     """A perplexity-budget search that cannot be run as asked."""
 
 

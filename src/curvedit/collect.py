@@ -38,7 +38,7 @@ from curvedit.distributed import (DistContext, check_same, current_context, is_s
 from curvedit.errors import CurveditError
 from curvedit.evaluate.generation import context_window
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
-from curvedit.io import write_json, write_safetensors
+from curvedit.io import write_safetensors
 from curvedit.objectives import LABEL_MODES, CausalLMObjective, Objective
 from curvedit.targets import Target
 
@@ -467,7 +467,9 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
             raise CollectError(f"batch {index}: sequences of {width} tokens are longer than the model's context "
                                f"window of {context} tokens (lower --seq-len)")
         if width and vocab is not None:
-            ids = batch["input_ids"][batch["attention_mask"].bool()] if "attention_mask" in batch else batch["input_ids"]
+            ids = batch["input_ids"]
+            if "attention_mask" in batch:
+                ids = ids[batch["attention_mask"].bool()]
             outside = ids[(ids < 0) | (ids >= vocab)]
             if outside.numel():
                 raise CollectError(f"batch {index}: token id {int(outside[0])} is outside the model's vocabulary of "
@@ -615,7 +617,8 @@ def _finish(model, targets, sums: _Sums, options: CollectOptions, objective, mod
         "accumulate_dtype": options.accumulate_dtype,
         "seed": options.seed,
         "objective": {"type": type(objective).__name__,
-                      **{k: v for k, v in getattr(objective, "__dict__", {}).items() if isinstance(v, (str, int, float))}},
+                      **{k: v for k, v in getattr(objective, "__dict__", {}).items()
+                         if isinstance(v, (str, int, float))}},
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batches": sums.batches_per_pass,
         "tokens": sums.tokens_seen,

@@ -13,8 +13,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from curvedit.errors import CurveditError
 
-class DataError(ValueError):
+
+class DataError(CurveditError):
     """A corpus that cannot be read as documented (bad line, missing field, empty)."""
 
 
@@ -39,20 +41,43 @@ def iter_jsonl(path: Path, error: type[DataError] = DataError) -> Iterator[tuple
     """Yield `(line number, "path:line", row)` for each non-blank line of a JSONL file.
 
     Raises:
-        DataError (or `error`): a line that is not valid JSON or not a JSON object.
+        DataError (or `error`): bytes that are not UTF-8, a line that is not valid JSON or
+            not a JSON object, or a `\\uD800`-style escape of a lone surrogate (not text).
     """
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{where}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if "\\" in line and _has_lone_surrogate(row):
+                raise error(f"{where}: holds a lone surrogate escape (\\uD800-\\uDFFF without its pair), "
+                            "which is not text")
             yield line_no, where, row
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string that UTF-8 cannot encode (a lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _records_from_jsonl(path: Path, text_field: str) -> Iterator[Record]:
@@ -75,6 +100,31 @@ def _record_from_row(row: Any, source: str, index: int, where: str, text_field: 
     raise DataError(f"{where}: row has neither '{text_field}' nor 'input_ids' (keys: {sorted(row)})")
 
 
+CORPUS_SUFFIXES = (".jsonl", ".txt")
+
+
+def check_corpus_source(source: str | Path) -> None:
+    """Refuse a corpus argument `read_records` cannot read, before anything is computed.
+
+    Raises:
+        DataError: an existing file that is not `.jsonl` or `.txt` (a `.json` file is not JSON
+            Lines).
+        FileNotFoundError: a path-like source (with a suffix, or starting with `.` or `/`) that
+            does not exist.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return
+    if path.exists():
+        if path.suffix not in CORPUS_SUFFIXES:
+            hint = " (JSON Lines: one object per line, named .jsonl)" if path.suffix == ".json" else ""
+            raise DataError(f"{path}: a corpus is a .jsonl or .txt file or a folder of them, not a "
+                            f"{path.suffix or 'suffix-less'} file{hint}")
+        return
+    if path.suffix or str(source).startswith((".", "/")):
+        raise FileNotFoundError(f"corpus not found: {source}")
+
+
 def read_records(source: str | Path, *, text_field: str = "text", split: str = "train") -> Iterator[Record]:
     """Yield the documents of a corpus, lazily.
 
@@ -89,12 +139,14 @@ def read_records(source: str | Path, *, text_field: str = "text", split: str = "
         An iterator of `Record`.
 
     Raises:
-        DataError: a malformed JSONL line (with its line number) or a row without text.
+        DataError: a malformed JSONL line (with its line number), a row without text, a file
+            that is not UTF-8, or an existing file of another type (`.json`, ...).
         FileNotFoundError: a path-like source that does not exist.
     """
     path = Path(source)
+    check_corpus_source(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt"))
+        files = sorted(p for p in path.iterdir() if p.suffix in CORPUS_SUFFIXES)
         for file in files:
             yield from read_records(file, text_field=text_field)
         return
@@ -102,14 +154,17 @@ def read_records(source: str | Path, *, text_field: str = "text", split: str = "
         yield from _records_from_jsonl(path, text_field)
         return
     if path.suffix == ".txt":
-        yield Record(text=path.read_text(encoding="utf-8"), input_ids=None, source=str(path), index=0)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        yield Record(text=text, input_ids=None, source=str(path), index=0)
         return
-    if path.suffix or str(source).startswith((".", "/")):
-        raise FileNotFoundError(f"corpus not found: {source}")
     try:
         import datasets  # noqa: PLC0415 - optional dependency
     except ImportError as err:
-        raise DataError(f"'{source}' is not a file; reading it as a datasets name needs `pip install datasets`") from err
+        raise DataError(f"'{source}' is not a file; reading it as a datasets name needs "
+                        "`pip install datasets`") from err
     stream = datasets.load_dataset(str(source), split=split, streaming=True)
     for index, row in enumerate(stream):
         yield _record_from_row(row, str(source), index, f"{source}[{index}]", text_field)
@@ -250,19 +305,34 @@ def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
-def image_batches(root: str | Path, processor: Any, batch_size: int, max_images: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def image_batches(root: str | Path, processor: Any, batch_size: int,
+                  max_images: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of `pixel_values` and `labels` from an image folder, via an HF image processor.
 
     Raises:
-        DataError: no images, or no image processor to turn them into tensors.
+        DataError: no images, an image file that cannot be decoded, or no image processor to
+            turn them into tensors.
     """
-    from PIL import Image  # noqa: PLC0415
-
     if processor is None:
         raise DataError("image data needs the model's image processor (none was found beside the model)")
     paths, labels, _ = image_folder(root)
     pairs = list(zip(paths, labels))[:max_images]
     for chunk in batched(pairs, batch_size):
-        images = [Image.open(p).convert("RGB") for p, _ in chunk]
+        images = [_read_image(p) for p, _ in chunk]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         yield {"pixel_values": pixels, "labels": torch.tensor([label for _, label in chunk])}
+
+
+def _read_image(path: Path) -> Any:
+    """An image file as an RGB PIL image.
+
+    Raises:
+        DataError: a file PIL cannot decode (damaged, or not an image).
+    """
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from None

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from curvedit.errors import CurveditError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -39,7 +41,7 @@ R = TypeVar("R")
 _INSIDE_SHARD = contextvars.ContextVar("curvedit_inside_shard", default=False)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(CurveditError, RuntimeError):
     """Ranks that disagree (different data, different settings) or a bad launch setup."""
 
 

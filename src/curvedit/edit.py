@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvedit.errors import CurveditError
 from curvedit.spectrum import (Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
                                staircase, staircase_mask)
 from curvedit.targets import Target
@@ -30,7 +31,7 @@ METHODS = ("kfac", "svd", "random", "lowest")
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-class EditError(ValueError):
+class EditError(CurveditError):
     """An edit that cannot be made as asked (no rule for a target, bad method, ...)."""
 
 
@@ -318,10 +319,18 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
 
     Raises:
         FactorError: factors of another model, or missing for a target.
-        EditError: factors missing for a method that needs them.
+        EditError: factors missing for a method that needs them, or a target no rule matches.
+        SelectionError: a keep fraction that keeps no component of a target.
     """
     from curvedit.spectrum import load_bases  # noqa: PLC0415
 
+    for target in targets:  # before any eigendecomposition is computed or cached
+        rule = plan.rule_for(target.name)
+        d_out, d_in = target.shape_oi
+        size = min(d_out, d_in) if plan.method == "svd" else d_out * d_in
+        if rule.keep_fraction is not None and round(rule.keep_fraction * size) == 0:
+            raise SelectionError(f"{target.name}: keep fraction {rule.keep_fraction} keeps no component of {size} "
+                                 "(the edit would zero the weight)")
     bases = None
     if plan.method != "svd":
         if factor_dir is None:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from curvedit import __version__
+from curvedit.errors import CurveditError
 from curvedit.io import write_json, write_safetensors
 from curvedit.targets import Target
 
@@ -36,7 +37,7 @@ HEADER_KEY = "curvedit"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
 
 
-class FactorError(ValueError):
+class FactorError(CurveditError):
     """Factor files that are missing, malformed or do not belong to the model at hand."""
 
 
@@ -269,7 +270,8 @@ def merge_factors(parts: list[FactorSet]) -> FactorSet:
         if part.model.get("weights_hash") != first.model.get("weights_hash"):
             raise FactorError(f"part {index} was collected on different model weights than part 0")
         if list(part.targets) != list(first.targets):
-            raise FactorError(f"part {index} has targets {list(part.targets)[:4]}..., part 0 has {list(first.targets)[:4]}...")
+            raise FactorError(f"part {index} has targets {list(part.targets)[:4]}..., "
+                              f"part 0 has {list(first.targets)[:4]}...")
         if part.collection.get("label_mode") != first.collection.get("label_mode"):
             raise FactorError(f"part {index} used label mode {part.collection.get('label_mode')!r}, "
                               f"part 0 {first.collection.get('label_mode')!r}")

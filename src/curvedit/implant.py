@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from curvedit.canaries import Canary
 from curvedit.data import DataError, pad_batch
+from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import Window, evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.io import write_json, write_safetensors
@@ -41,7 +42,7 @@ WINDOWS_FILE = "memorized.jsonl"
 STATE_DIR = ".implant-state"
 
 
-class ImplantError(ValueError):
+class ImplantError(CurveditError):
     """An implant request that cannot run as asked (too-short canaries, mismatched resume, ...)."""
 
 
@@ -301,7 +302,8 @@ def implant(model: nn.Module, tokenizer: Any, canaries: Sequence[Canary], genera
     while step < options.max_steps and not done:
         model.train()
         for group in optimizer.param_groups:  # linear warm-up, then constant (a function of the step alone)
-            group["lr"] = options.lr * min(1.0, (step + 1) / options.warmup_steps) if options.warmup_steps else options.lr
+            warmup = min(1.0, (step + 1) / options.warmup_steps) if options.warmup_steps else 1.0
+            group["lr"] = options.lr * warmup
         batch = pad_batch(step_batch(step, ids, canaries, general, options), pad_id)
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         labels = input_ids.masked_fill(mask == 0, -100)
@@ -378,27 +380,6 @@ def save_implanted(model: nn.Module, tokenizer: Any, out: str | Path, canaries: 
         "result": asdict(result) | {"recited": None}, "windows_file": WINDOWS_FILE})
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return out
-
-
-def check_output_dir(out: Path, model_path: str, overwrite: bool, resume: bool) -> None:
-    """Refuse to write over the input model or over a folder that holds other files.
-
-    Raises:
-        ImplantError: `out` is the input model's folder, or is non-empty without
-            `overwrite` (a folder holding only an unfinished run's checkpoint is fine with
-            `resume`).
-    """
-    if Path(model_path).exists() and out.resolve() == Path(model_path).resolve():
-        raise ImplantError(f"refusing to write the implanted model into the input model's folder {model_path}")
-    if not out.exists():
-        return
-    if out.is_file():
-        raise ImplantError(f"--out {out} is a file; give a folder")
-    others = [p for p in out.iterdir() if p.name != STATE_DIR]
-    if others and not overwrite:
-        raise ImplantError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    if not others and (out / STATE_DIR).exists() and not resume and not overwrite:
-        raise ImplantError(f"{out} holds an unfinished implant run: pass --resume to continue it")
 
 
 def general_split(sequences: Sequence[Sequence[int]], heldout_share: float, seed: int

@@ -36,7 +36,8 @@ def write_json(path: str | Path, data: Any) -> None:
     _atomic(Path(path), write)
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (tensors made contiguous, moved to CPU)."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))

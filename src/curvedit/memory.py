@@ -39,11 +39,16 @@ from torch import nn
 
 from curvedit.collect import ACCUMULATE_DTYPES, layer_groups
 from curvedit.distributed import transformer_blocks
+from curvedit.errors import CurveditError
 from curvedit.targets import Target
 
 HEADROOM = 0.9
 EIGH_FACTOR = 5
 GIB = 1024 ** 3
+
+
+class MemoryPlanError(CurveditError):
+    """Settings a memory plan cannot be made for (an unknown dtype, no targets, sizes below 1)."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,9 @@ def _arch(model: nn.Module, targets: list[Target]) -> _Arch:
     fallback_hidden = max(t.shape_oi[1] for t in targets)
     hidden = _first(config, ("hidden_size", "n_embd", "d_model")) or fallback_hidden
     vocab = _first(config, ("vocab_size",)) or 0
+    fallback_layers = max(layers_seen) + 1 if layers_seen else 1
     return _Arch(
-        layers=_first(config, ("num_hidden_layers", "n_layer", "num_layers")) or (max(layers_seen) + 1 if layers_seen else 1),
+        layers=_first(config, ("num_hidden_layers", "n_layer", "num_layers")) or fallback_layers,
         hidden=hidden,
         intermediate=_first(config, ("intermediate_size", "n_inner", "ffn_dim")) or 4 * hidden,
         heads=_first(config, ("num_attention_heads", "n_head")) or 0,
@@ -340,15 +346,17 @@ def plan_memory(
         weights (FSDP) is not implemented and what else to reduce).
 
     Raises:
-        ValueError: an unknown accumulate dtype, no targets, or a batch size, sequence
+        MemoryPlanError: an unknown accumulate dtype, no targets, or a batch size, sequence
             length or `layers_per_pass` below 1.
     """
     if accumulate_dtype not in ACCUMULATE_DTYPES:
-        raise ValueError(f"accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}")
+        raise MemoryPlanError(f"accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}, got {accumulate_dtype!r}")
     if not targets:
-        raise ValueError("no targets to plan for")
+        raise MemoryPlanError("no targets to plan for")
     if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be at least 1, got {batch_size} and {seq_len}")
+        raise MemoryPlanError(f"batch_size and seq_len must be at least 1, got {batch_size} and {seq_len}")
+    if layers_per_pass is not None and layers_per_pass < 1:
+        raise MemoryPlanError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
     dev = torch.device(device)
     on_cuda = dev.type == "cuda"
     seq_len = tokens_per_example(model, seq_len)
@@ -396,7 +404,8 @@ def _suggest(plan: MemoryPlan, estimate, blocks: int, checkpointing: bool) -> st
                 f"({_size(plan.host_available_bytes)} available): collect fewer targets per run (--layers)")
     if not fits(1, 1, True):
         activations, accumulators, _, _ = estimate(1, 1, True)
-        return (f"even --batch-size 1 --layers-per-pass 1 --gradient-checkpointing needs about {_size(plan.weights_bytes + activations + accumulators)}"
+        needed = _size(plan.weights_bytes + activations + accumulators)
+        return (f"even --batch-size 1 --layers-per-pass 1 --gradient-checkpointing needs about {needed}"
                 f" per process (weights {_size(plan.weights_bytes)}): "
                 + ("shard the weights over more GPUs (torchrun --nproc-per-node N ... --fsdp), " if on_gpu else "")
                 + "use a smaller --model-dtype (bf16), fewer targets (--layers), a shorter --seq-len, "
@@ -413,7 +422,8 @@ def _suggest(plan: MemoryPlan, estimate, blocks: int, checkpointing: bool) -> st
     if not options:
         ckpt = checkpointing or not fits(1, 1)
         batch = _largest_fitting(lambda b: fits(b, 1, ckpt), plan.batch_size)
-        options.append(f"--layers-per-pass 1 --batch-size {batch}" + (" --gradient-checkpointing" * (ckpt and not checkpointing)))
+        options.append(f"--layers-per-pass 1 --batch-size {batch}"
+                       + (" --gradient-checkpointing" * (ckpt and not checkpointing)))
     return "try " + " or ".join(options)
 
 

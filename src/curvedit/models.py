@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from curvedit.errors import CurveditError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 GGUF_INSTALL_HINT = "pip install 'curvedit[gguf]'"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CurveditError):
     """A model that cannot be loaded: not a causal LM or image classifier, or a bad GGUF path or setup."""
 
 
@@ -43,12 +48,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Map a dtype name ("bf16", "float32", ...) to a torch dtype; None stays None.
 
     Raises:
-        ValueError: an unknown name.
+        ModelLoadError: an unknown name.
     """
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -192,7 +197,66 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | N
     return model, tokenizer, source
 
 
-def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
+def _first_line(err: BaseException) -> str:
+    """The first non-blank line of an exception's message (transformers' run over several)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_model_path(name_or_path: str | Path) -> bool:
+    """Refuse a model argument that names a local path curvedit cannot load, before
+    transformers turns it into a hub request or a confusing message.
+
+    Returns:
+        True for an existing local folder, False for a hub name.
+
+    Raises:
+        ModelLoadError: a path that does not exist (an absolute path, or one starting with `.`
+            or `~`, or with more than one `/`: never a hub name), a file that is not `.gguf`, a
+            folder without `config.json` (e.g. only a pickled `pytorch_model.bin`), or a
+            `config.json` that is not a JSON object.
+    """
+    path = Path(name_or_path)
+    text = str(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            held = sorted(p.name for p in path.iterdir())
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "") if held else "nothing"
+            raise ModelLoadError(f"{path}: not an HF model folder (no config.json; it holds {shown}); give a folder "
+                                 "written by save_pretrained, a .gguf file, or a hub name")
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelLoadError(f"{path / 'config.json'}: not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{path / 'config.json'}: expected a JSON object")
+        return True
+    if path.exists():
+        raise ModelLoadError(f"{path}: a file, not a model; give an HF model folder, a .gguf file or a hub name")
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelLoadError(f"{name_or_path}: no such model folder or file")
+    return False
+
+
+@contextlib.contextmanager
+def _loading_bars(progress: bool) -> Iterator[None]:
+    """transformers' loading progress bars on (as they are) or off for the block."""
+    if progress:
+        yield
+        return
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+               progress: bool = True) -> LoadedModel:
     """Load a causal LM or an image classifier with `from_pretrained`, or a causal LM from GGUF.
 
     Args:
@@ -201,36 +265,58 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: str | to
         device: where to put the model ("cpu", "cuda", "cuda:1", ...).
         dtype: weight dtype ("bf16", "fp16", "float32"); None keeps the stored one, or float32
             for GGUF (whose quantized weights are unpacked into it).
+        progress: show transformers' loading progress bars (False hides them).
 
     Returns:
         A `LoadedModel`; its preprocessor is None when none is stored with the model, and its
         source describes the GGUF file when loaded from one.
 
     Raises:
-        ModelLoadError: the config is neither a causal LM nor an image classifier; a bad GGUF path
-            (see `find_gguf`); GGUF support is not installed; transformers cannot load the GGUF file.
+        ModelLoadError: no such folder or file; a folder without `config.json`; a `config.json`
+            or weights file that cannot be read; a hub name that cannot be fetched; the config is
+            neither a causal LM nor an image classifier; an unknown dtype; a bad GGUF path (see
+            `find_gguf`); GGUF support is not installed; transformers cannot load the GGUF file.
     """
+    with _loading_bars(progress):
+        return _load_model(name_or_path, device=device, dtype=dtype)
+
+
+def _load_model(name_or_path: str | Path, *, device: str = "cpu",
+                dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """`load_model` without the progress switch."""
     gguf_file = find_gguf(name_or_path)
     if gguf_file is not None:
         model, tokenizer, source = _load_gguf(gguf_file, resolve_dtype(dtype) or torch.float32)
         model.to(device).eval()
         return LoadedModel(model=model, preprocessor=tokenizer, name=str(name_or_path), kind="causal-lm",
                            source=source)
+    from safetensors import SafetensorError  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415 - keep `import curvedit` light
         AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer)
 
-    config = AutoConfig.from_pretrained(name_or_path)
-    architectures = " ".join(getattr(config, "architectures", None) or [])
+    local = _check_model_path(name_or_path)
     kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
-    if "ImageClassification" in architectures:
-        model = AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
-        kind, loader = "image-classification", AutoImageProcessor
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-        except ValueError as err:
-            raise ModelLoadError(f"{name_or_path}: not a causal LM or an image classifier ({err})") from None
-        kind, loader = "causal-lm", AutoTokenizer
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        if local:
+            raise ModelLoadError(f"{Path(name_or_path) / 'config.json'}: not usable ({_first_line(err)})") from None
+        raise ModelLoadError(f"{name_or_path}: no such local folder, and it cannot be loaded from the Hugging Face "
+                             f"hub ({_first_line(err)})") from None
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    try:
+        if "ImageClassification" in architectures:
+            model = AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+            kind, loader = "image-classification", AutoImageProcessor
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            except ValueError as err:
+                raise ModelLoadError(f"{name_or_path}: not a causal LM or an image classifier "
+                                     f"({_first_line(err)})") from None
+            kind, loader = "causal-lm", AutoTokenizer
+    except (OSError, SafetensorError, pickle.UnpicklingError) as err:
+        raise ModelLoadError(f"{name_or_path}: cannot load the weights ({_first_line(err)})") from None
     try:
         preprocessor = loader.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError):

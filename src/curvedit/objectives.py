@@ -15,10 +15,12 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from curvedit.errors import CurveditError
+
 LABEL_MODES = ("sampled", "gold")
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(CurveditError):
     """A batch the objective cannot turn into a loss."""
 
 
@@ -42,7 +44,8 @@ class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput: ...
 
 
-def summed_nll(logits: torch.Tensor, gold: torch.Tensor | None, label_mode: str, generator: torch.Generator) -> torch.Tensor:
+def summed_nll(logits: torch.Tensor, gold: torch.Tensor | None, label_mode: str,
+               generator: torch.Generator) -> torch.Tensor:
     """Sum of `-log p(label)` over rows of `logits` `(N, V)`, with sampled or gold labels.
 
     Args:

@@ -34,7 +34,8 @@ def plot_spectrum(name: str, lam: torch.Tensor, mu: torch.Tensor, curve: tuple[t
     fig, (ax_eig, ax_mass) = plt.subplots(1, 2, figsize=(10, 3.8))
     for values, label in ((lam, "G (output side)"), (mu, "A (input side)")):
         positive = values[values > 0]
-        ax_eig.semilogy(torch.linspace(0, 1, len(positive)).numpy(), positive.numpy(), label=f"{label}, d={len(values)}")
+        ax_eig.semilogy(torch.linspace(0, 1, len(positive)).numpy(), positive.numpy(),
+                        label=f"{label}, d={len(values)}")
     ax_eig.set_xlabel("eigenvalue rank (fraction)")
     ax_eig.set_ylabel("eigenvalue")
     ax_eig.legend(fontsize=8)

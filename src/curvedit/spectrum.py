@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from curvedit.errors import CurveditError
 from curvedit.factors import FACTORS_FILE, TargetFactors, check_factors_match, load_factors
 from curvedit.io import write_safetensors
 from curvedit.targets import Target
@@ -27,7 +28,7 @@ from curvedit.targets import Target
 EIGEN_FILE = "eigenbasis.safetensors"
 
 
-class SelectionError(ValueError):
+class SelectionError(CurveditError):
     """A selection request that makes no sense (rho outside (0, 1], negative spectra)."""
 
 
@@ -52,7 +53,7 @@ EIGH_PRECISIONS = ("float64", "float32")
 EIGH_RESIDUAL_TOL = 1e-4
 
 
-class EighError(RuntimeError):
+class EighError(CurveditError, RuntimeError):
     """A matrix that cannot be eigendecomposed (NaN/inf entries, or no convergence)."""
 
 

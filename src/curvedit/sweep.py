@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from curvedit.budget import KNOBS, bisect_amount
 from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
+from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.spectrum import load_bases
@@ -48,7 +49,7 @@ SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
 
 
-class SweepError(ValueError):
+class SweepError(CurveditError):
     """A grid or sweep request that cannot be run as asked."""
 
 
@@ -154,6 +155,8 @@ class SweepOptions:
     def validate(self) -> None:
         """Raises: SweepError: an unknown metric, a non-positive budget, or bisection
         without a budget >= 1, with an unknown knob or fewer than 1 step."""
+        if not 0 < self.loose_threshold <= 1:
+            raise SweepError(f"the loose threshold is a share of the suffix in (0, 1], got {self.loose_threshold}")
         if self.metric not in METRICS:
             raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
         if self.ppl_budget is not None and not self.ppl_budget > 0:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from curvedit.errors import CurveditError
+
 # Module-name regexes for the MLP matrices of common families. "in" matrices read the
 # residual stream (gate/up, fc1), "out" matrices write back to it (down, fc2).
 _MLP_IN = [
@@ -47,7 +49,7 @@ PRESETS: dict[str, str] = {
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
-class TargetError(ValueError):
+class TargetError(CurveditError):
     """A target specification that selects nothing or cannot be used."""
 
 

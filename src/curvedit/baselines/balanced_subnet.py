@@ -42,12 +42,13 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from curvedit.data import DataError, pad_batch, read_records, token_sequences
+from curvedit.errors import CurveditError
 from curvedit.targets import Target
 
 METHOD_NAME = "balanced-subnet"
 
 
-class BSNError(ValueError):
+class BSNError(CurveditError):
     """A BalancedSubnet run that cannot be made as asked (empty sets, bad options, NaN loss)."""
 
 
@@ -89,13 +90,13 @@ class BSNOptions:
             raise BSNError(f"ratio must be in (0, 1), got {self.ratio}")
         if not 0 <= self.retain_weight <= 1:
             raise BSNError(f"retain_weight must be in [0, 1], got {self.retain_weight}")
-        if self.lr <= 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BSNError(f"lr must be positive, got {self.lr}")
         if self.epochs < 1:
             raise BSNError(f"epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.momentum < 1:
             raise BSNError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise BSNError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.batch_size < 1:
             raise BSNError(f"batch_size must be at least 1, got {self.batch_size}")

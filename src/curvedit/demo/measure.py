@@ -64,7 +64,8 @@ class WorldProbe:
     tests: dict[str, list[Example]]
 
 
-def measure(model: torch.nn.Module, tokenizer: Any, probe: WorldProbe, parts: tuple[str, ...] = ("all",)) -> dict[str, float]:
+def measure(model: torch.nn.Module, tokenizer: Any, probe: WorldProbe,
+            parts: tuple[str, ...] = ("all",)) -> dict[str, float]:
     """The demo's metrics, as fractions (perplexity as is).
 
     Args:

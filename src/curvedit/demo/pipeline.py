@@ -22,6 +22,7 @@ from curvedit.demo.measure import FAMILIES, WorldProbe, heldout_sequences, measu
 from curvedit.demo.train import TrainConfig, cached_model_dir, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
 from curvedit.edit import EditPlan, EditRule, apply_edit
+from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized
 from curvedit.factors import save_factors
 from curvedit.io import write_json
@@ -29,6 +30,10 @@ from curvedit.spectrum import load_bases
 from curvedit.targets import TargetSpec, select_targets
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
+
+
+class DemoError(CurveditError, RuntimeError):
+    """A demo run that cannot reach its result (nothing memorized, no edit within the budget)."""
 
 
 @dataclass
@@ -236,7 +241,8 @@ def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
         for target, weight in zip(targets, originals):
             target.module.weight.copy_(weight)
     return metrics, {"ratio": choice.ratio, "tried": choice.tried, "epochs": options.bsn_epochs, "lr": options.bsn_lr,
-                     "forget": f"{len(forget)} tune-half memorized windows", "retain": f"{len(retain)} general sequences",
+                     "forget": f"{len(forget)} tune-half memorized windows",
+                     "retain": f"{len(retain)} general sequences",
                      "note": (f"BalancedSubnet trained on the tune half; mask ratio {choice.ratio} chosen by lowest "
                               f"tune loose recall within the perplexity budget, from {list(options.bsn_ratios)}")}
 
@@ -283,8 +289,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                      "heldout": string_windows(world.heldout, tokenizer, options.prefix_chars, "heldout"),
                      "quotes": quote_windows(world.quotes, tokenizer)}
     elif not memorized["tune"] or not memorized["heldout"]:
-        raise RuntimeError(f"the demo model recites {len(memorized['tune'])} tune and {len(memorized['heldout'])} "
-                           "held-out strings; nothing to remove (train longer or with more repetitions)")
+        raise DemoError(f"the demo model recites {len(memorized['tune'])} tune and {len(memorized['heldout'])} "
+                        "held-out strings; nothing to remove (train longer or with more repetitions)")
     probe = build_probe(world, tokenizer, options, memorized)
     all_targets = select_targets(model, TargetSpec(preset=options.matrices))
     factor_dir = timer.stage("collect", lambda: collect_world_factors(model, tokenizer, world, options, all_targets))
@@ -298,8 +304,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                                                 progress=options.progress)))
     sweep.write(options.out / "sweep")
     if sweep.chosen is None:
-        raise RuntimeError(f"no sweep point stays within {options.ppl_budget}x the unedited perplexity; "
-                           f"see {options.out / 'sweep'}")
+        raise DemoError(f"no sweep point stays within {options.ppl_budget}x the unedited perplexity; "
+                        f"see {options.out / 'sweep'}")
     chosen = sweep.points[sweep.chosen]
     targets = select_targets(model, matrices_spec(chosen.matrices, chosen.layers))
     rule = EditRule(**{chosen.amount_kind: chosen.amount})
@@ -332,7 +338,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     start = time.perf_counter()
     bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets,
                                                                    unedited["perplexity"], options))
-    variants["bsn"] = {**bsn_metrics, "settings": {"layers": chosen.layers, "matrices": chosen.matrices, **bsn_settings},
+    variants["bsn"] = {**bsn_metrics,
+                       "settings": {"layers": chosen.layers, "matrices": chosen.matrices, **bsn_settings},
                        "timings_s": round(time.perf_counter() - start, 1)}
     timer.stage("analysis", lambda: run_analysis(model, tokenizer, probe, targets, bases, variants, options.out))
 
@@ -341,7 +348,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "world": asdict(options.train.world),
         "memorized_found": found,
         "memorized_candidates": {"tune": len(world.tune), "heldout": len(world.heldout), "quotes": len(world.quotes)},
-        "settings": {"model_dir": str(model_dir), "train": asdict(options.train), "factor_tokens": options.factor_tokens,
+        "settings": {"model_dir": str(model_dir), "train": asdict(options.train),
+                     "factor_tokens": options.factor_tokens,
                      "factor_memorized_share": options.factor_memorized_share, "ppl_budget": options.ppl_budget,
                      "chosen": {"layers": chosen.layers, "matrices": chosen.matrices,
                                 "amount_kind": chosen.amount_kind, "amount": chosen.amount,

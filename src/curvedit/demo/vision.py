@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from curvedit.collect import CollectOptions, collect_factors
-from curvedit.demo.pipeline import Timer, write_results_and_report
+from curvedit.demo.pipeline import DemoError, Timer, write_results_and_report
 from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConfig, load_images, split_and_corrupt
 from curvedit.demo.train import TRAIN_META, cached_model_dir
 from curvedit.demo.vision_train import VisionTrainConfig, predict, train_vision_model
@@ -212,8 +212,8 @@ def collect_vision_factors(model: torch.nn.Module, images: LabelledImages, split
     factors = collect_factors(
         model, batches * options.label_draws, targets, ImageClassificationObjective("sampled", options.positions),
         CollectOptions(seed=options.seed, progress=options.progress, total_tokens=len(pixels) * options.label_draws,
-                       description=f"vision demo training images ({len(pixels)}, {len(split.noisy)} with noisy labels), "
-                                   f"{options.label_draws} sampled labels each",
+                       description=f"vision demo training images ({len(pixels)}, {len(split.noisy)} with noisy "
+                                   f"labels), {options.label_draws} sampled labels each",
                        extra={"positions": options.positions, "label_draws": options.label_draws}))
     return save_factors(factors, options.out / "factors")
 
@@ -313,7 +313,7 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
     Raises:
         curvedit.data.DataError: unusable images or splits.
         ValueError: an unknown `positions` or a model shape that does not fit the images.
-        RuntimeError: no candidate edit keeps the clean-training accuracy within the budget.
+        DemoError: no candidate edit keeps the clean-training accuracy within the budget.
     """
     from transformers import ViTForImageClassification  # noqa: PLC0415
 
@@ -358,8 +358,8 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
         pool = [c for c in candidates if c.method == method]
         index = choose_candidate(pool, unedited["clean_train_accuracy"], options.clean_budget)
         if index is None:
-            raise RuntimeError(f"no {method} edit keeps the clean-training accuracy within {options.clean_budget} of "
-                               f"the unedited {unedited['clean_train_accuracy']:.3f}; widen the grid or the budget")
+            raise DemoError(f"no {method} edit keeps the clean-training accuracy within {options.clean_budget} of "
+                            f"the unedited {unedited['clean_train_accuracy']:.3f}; widen the grid or the budget")
         chosen[method] = pool[index]
 
     variants: dict[str, dict[str, Any]] = {"unedited": {**unedited, "settings": {}, "timings_s": unedited_seconds}}

@@ -139,7 +139,8 @@ def train_vision_model(config: VisionTrainConfig, images: LabelledImages, split:
     seconds = time.perf_counter() - start
     model.eval()
     noisy = split.noisy
-    fit = {"noisy_memorized": int((predict(model, images.pixels[noisy]) == split.train_labels[noisy]).sum()) / len(noisy),
+    noisy_recalled = int((predict(model, images.pixels[noisy]) == split.train_labels[noisy]).sum())
+    fit = {"noisy_memorized": noisy_recalled / len(noisy),
            "train_fit": int((predict(model, pixels) == labels).sum()) / len(labels)}
     out = Path(out_dir)
     model.save_pretrained(out)

@@ -1,4 +1,4 @@
-"""Evaluation of memorization and general ability (METHOD.md section 4).
+"""Evaluation of memorization and general ability (docs/method.md sections 4-6).
 
 Modules:
     generation: batched greedy decoding with a KV cache and left padding.
@@ -8,5 +8,4 @@ Modules:
     stress: positional perturbations of memorized prompts.
     runner: one evaluation of a model (what `curvedit evaluate` runs).
     results, report: the results files and the comparison report.
-    cli: the `find-memorized`, `evaluate` and `report` commands.
 """

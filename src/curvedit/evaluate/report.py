@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from curvedit.errors import EvaluateError
 from curvedit.evaluate.results import flatten_metrics, read_results
 
 
@@ -57,11 +58,11 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
         The runs, in the given order.
 
     Raises:
-        ValueError: no file, or a file that is not a curvedit results file.
+        EvaluateError: no file, or a file that is not a curvedit results file.
         FileNotFoundError: a missing file.
     """
     if not paths:
-        raise ValueError("give at least one results file")
+        raise EvaluateError("give at least one results file")
     documents = [(Path(p), read_results(p)) for p in paths]
     names = [doc["config"].get("name") or path.stem for path, doc in documents]
     runs = []
@@ -69,7 +70,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
         unique = name if names.count(name) == 1 else f"{name} ({path.stem})"
         runs.append(Run(unique, path, flatten_metrics(doc["metrics"])))
     if len({run.name for run in runs}) != len(runs):
-        raise ValueError("two results files have the same run name and file stem; rename one")
+        raise EvaluateError("two results files have the same run name and file stem; rename one")
     return runs
 
 
@@ -160,18 +161,18 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, options: Repo
         The files written.
 
     Raises:
-        ValueError: no file, an unknown reference name, or no metric in any file.
+        EvaluateError: no file, an unknown reference name, or no metric in any file.
         FileExistsError: a report file exists and `overwrite` is False.
     """
     options = options or ReportOptions()
     runs = load_runs(paths)
     names = [run.name for run in runs]
     if options.reference_name is not None and options.reference_name not in names:
-        raise ValueError(f"no run named {options.reference_name!r}; runs: {names}")
+        raise EvaluateError(f"no run named {options.reference_name!r}; runs: {names}")
     reference = runs[names.index(options.reference_name)] if options.reference_name else runs[0]
     metrics = _metric_names(runs)
     if not metrics:
-        raise ValueError("the results files hold no metric")
+        raise EvaluateError("the results files hold no metric")
     families = _families(metrics)
     out = Path(out_dir)
     charts = {family: out / f"{family}.png" for family in families}

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from curvedit.errors import EvaluateError
 from curvedit.evaluate.runner import Evaluation
 
 SCHEMA = "curvedit-evaluation/1"
@@ -77,7 +78,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: not JSON, or not a curvedit results file.
+        EvaluateError: not JSON, or not a curvedit results file.
     """
     path = Path(path)
     if not path.is_file():
@@ -85,9 +86,9 @@ def read_results(path: str | Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
+        raise EvaluateError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a curvedit results file (expected schema {SCHEMA!r})")
+        raise EvaluateError(f"{path}: not a curvedit results file (expected schema {SCHEMA!r})")
     return document
 
 

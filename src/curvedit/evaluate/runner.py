@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import context_window
 from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation, read_memorized
 from curvedit.evaluate.perplexity import (
@@ -63,15 +64,17 @@ class EvaluateOptions:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError for inconsistent options (duplicate set names, bad sizes, nothing to do)."""
+        """Raise EvaluateError for inconsistent options (duplicate set names, bad sizes, nothing to do)."""
         names = [Path(p).stem for p in self.memorized]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"memorized sets must have distinct file names; repeated: {duplicates}")
+            raise EvaluateError(f"memorized sets must have distinct file names; repeated: {duplicates}")
         if self.batch_size < 1 or self.heldout_seq_len < 2 or self.ndcg_k < 1:
-            raise ValueError("batch_size and ndcg_k must be >= 1 and heldout_seq_len >= 2")
+            raise EvaluateError("batch_size and ndcg_k must be >= 1 and heldout_seq_len >= 2")
+        if not 0 < self.loose_threshold <= 1:
+            raise EvaluateError(f"the loose threshold is a share of the suffix in (0, 1], got {self.loose_threshold}")
         if not (self.memorized or self.heldout or self.tasks or self.lm_eval_tasks):
-            raise ValueError("nothing to evaluate: give memorized windows, held-out text, tasks or lm-eval tasks")
+            raise EvaluateError("nothing to evaluate: give memorized windows, held-out text, tasks or lm-eval tasks")
 
 
 @dataclass
@@ -115,11 +118,11 @@ def load_heldout(loaded: LoadedModel, options: EvaluateOptions) -> list[list[int
         The token sequences.
 
     Raises:
-        ValueError: no held-out corpus in the options.
+        EvaluateError: no held-out corpus in the options.
         curvedit.data.DataError: an empty corpus.
     """
     if options.heldout is None:
-        raise ValueError("no held-out corpus given")
+        raise EvaluateError("no held-out corpus given")
     limit = context_window(loaded.model)
     seq_len = min(options.heldout_seq_len, limit) if limit else options.heldout_seq_len
     return heldout_sequences(options.heldout, loaded.preprocessor, seq_len=seq_len,
@@ -140,7 +143,7 @@ def reference_rankings(reference: LoadedModel, options: EvaluateOptions) -> Next
         The rankings.
 
     Raises:
-        ValueError: no held-out corpus in the options.
+        EvaluateError: no held-out corpus in the options.
     """
     sequences = load_heldout(reference, options)
     return next_token_rankings(reference.model, sequences, k=options.ndcg_k,
@@ -185,7 +188,7 @@ def evaluate_model(
         An `Evaluation`.
 
     Raises:
-        ValueError: invalid options, or a reference without held-out text.
+        EvaluateError: invalid options, or a reference without held-out text.
         curvedit.data.DataError: unreadable inputs.
         ImportError: lm-eval tasks requested and lm-eval not installed.
     """
@@ -193,7 +196,7 @@ def evaluate_model(
 
     options.validate()
     if reference is not None and options.heldout is None:
-        raise ValueError("nDCG against a reference needs held-out text (--heldout)")
+        raise EvaluateError("nDCG against a reference needs held-out text (--heldout)")
     tokenizer = loaded.preprocessor
     pad_id = default_pad_id(tokenizer)
     sets = {Path(p).stem: read_memorized(p, tokenizer) for p in options.memorized}

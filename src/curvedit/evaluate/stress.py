@@ -12,8 +12,8 @@ For a memorized window with prefix P = p_1..p_m and suffix S = s_1..s_L:
 - **original**: the unperturbed prompt, for comparison.
 
 The model greedily decodes |target| tokens and each case is scored by the length of the
-longest exact-match prefix of the continuation against the target (METHOD.md
-section 4): reported as its mean in tokens, its mean as a share of |target|, and the
+longest exact-match prefix of the continuation against the target (docs/method.md
+section 6): reported as its mean in tokens, its mean as a share of |target|, and the
 share of full matches.
 """
 
@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_fits_context, greedy_generate
 from curvedit.evaluate.memorization import Window, longest_prefix_match
 
@@ -45,12 +46,12 @@ class StressOptions:
     batch_size: int = 32
 
     def validate(self) -> None:
-        """Raise ValueError for a shift or extension below 1."""
+        """Raise EvaluateError for a shift or extension below 1."""
         for name in ("left_extend", "right_shift"):
             if any(k < 1 for k in getattr(self, name)):
-                raise ValueError(f"{name} values must be at least 1, got {getattr(self, name)}")
+                raise EvaluateError(f"{name} values must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise EvaluateError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,12 @@ def left_extended(windows: Sequence[Window], k: int, filler_ids: Sequence[int]) 
         (prompt, target) per window.
 
     Raises:
-        ValueError: k < 1 or an empty filler.
+        EvaluateError: k < 1 or an empty filler.
     """
     if k < 1:
-        raise ValueError(f"the left extension must be at least 1 token, got {k}")
+        raise EvaluateError(f"the left extension must be at least 1 token, got {k}")
     if not filler_ids:
-        raise ValueError("left extension needs filler tokens (e.g. held-out text)")
+        raise EvaluateError("left extension needs filler tokens (e.g. held-out text)")
     filler = np.asarray(filler_ids)
     positions = (np.arange(len(windows))[:, None] * k + np.arange(k)[None, :]) % len(filler)
     extensions = filler[positions].tolist()
@@ -126,10 +127,10 @@ def right_shifted(windows: Sequence[Window], k: int) -> list[tuple[list[int], li
         tokens or fewer (nothing left to predict).
 
     Raises:
-        ValueError: k < 1.
+        EvaluateError: k < 1.
     """
     if k < 1:
-        raise ValueError(f"the right shift must be at least 1 token, got {k}")
+        raise EvaluateError(f"the right shift must be at least 1 token, got {k}")
     return [(w.prefix_ids[k:] + w.suffix_ids[:k], w.suffix_ids[k:]) if len(w.suffix_ids) > k else None
             for w in windows]
 
@@ -197,18 +198,18 @@ def stress_test(
         The original first, then one `StressResult` per left extension and per shift.
 
     Raises:
-        ValueError: invalid options, no window, no filler for a left extension, or an
-            extended prompt + suffix longer than the context window.
+        EvaluateError: invalid options, no window, or no filler for a left extension.
+        ValueError: an extended prompt + suffix longer than the context window.
     """
     options = options or StressOptions()
     options.validate()
     if not windows:
-        raise ValueError("the stress test needs at least one memorized window")
+        raise EvaluateError("the stress test needs at least one memorized window")
     longest = max(len(w.prefix_ids) + len(w.suffix_ids) for w in windows)
     for k in options.left_extend:
         check_fits_context(model, longest + k, f"a window left-extended by {k} tokens")
     if options.left_extend and not filler_ids:
-        raise ValueError("left extension needs filler tokens (e.g. held-out text)")
+        raise EvaluateError("left extension needs filler tokens (e.g. held-out text)")
     plans: list[tuple[str, int, list[tuple[list[int], list[int]]], int]] = [
         ("original", 0, [(list(w.prefix_ids), list(w.suffix_ids)) for w in windows], 0)]
     plans += [("left_extend", k, left_extended(windows, k, filler_ids), 0) for k in options.left_extend]

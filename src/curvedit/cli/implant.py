@@ -7,10 +7,14 @@ from typing import Optional
 
 import typer
 
+from curvedit.cli.common import (
+    DeviceOpt, DtypeOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list, model_option, out_option,
+    overwrite_option)
+
 
 def implant_command(
-    model: str = typer.Option(..., "--model", "-m", help="HF model name, local directory or .gguf file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the implanted HF model."),
+    model: str = model_option(),
+    out: Path = out_option("Folder for the implanted HF model."),
     canaries: Optional[Path] = typer.Option(None, "--canaries", help="JSONL of canaries: {text, count?, style?}."),
     generate: Optional[int] = typer.Option(None, "--generate", help="Generate N canaries instead (seeded)."),
     styles: str = typer.Option("words,record,code", "--styles", help="Styles of generated canaries."),
@@ -34,12 +38,12 @@ def implant_command(
     eval_every: int = typer.Option(25, "--eval-every", help="Steps between recall checks."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of generated canaries and of the data order."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Load weights as bf16/fp16/float32."),
-    text_field: str = typer.Option("text", "--text-field"),
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    text_field: str = TextFieldOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    overwrite: bool = overwrite_option("Replace a non-empty --out."),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Fine-tune a model until it recites canaries verbatim (controlled memorization).
 
@@ -47,49 +51,43 @@ def implant_command(
     base model hash, recall history, perplexity before/after) and `memorized.jsonl` (the
     canary windows, readable by `evaluate --memorized` and `sweep --memorized`).
     """
-    from curvedit.canaries import generate_canaries, read_canaries  # noqa: PLC0415
-    from curvedit.cli import fail  # noqa: PLC0415
-    from curvedit.data import DataError, read_records, token_sequences  # noqa: PLC0415
-    from curvedit.implant import (  # noqa: PLC0415
-        ImplantError, ImplantOptions, check_output_dir, general_split, implant, model_weights_sha256,
-        save_implanted)
-    from curvedit.models import ModelLoadError, load_model  # noqa: PLC0415
+    from curvedit.canaries import generate_canaries, read_canaries
+    from curvedit.data import check_corpus_source, read_records, token_sequences
+    from curvedit.implant import (
+        STATE_DIR, ImplantOptions, general_split, implant, model_weights_sha256, save_implanted)
+    from curvedit.models import load_model
 
     if (canaries is None) == (generate is None):
         fail("give one of --canaries FILE or --generate N")
-    try:
-        count_list = [int(c) for c in counts.split(",") if c.strip()]
-    except ValueError:
-        fail(f"--counts must be comma-separated integers, got {counts!r}")
+    count_list = list(int_list(counts, "--counts"))
     options = ImplantOptions(prefix_len=prefix, suffix_len=suffix, lr=lr, canaries_per_step=canaries_per_step,
                              general_per_step=general_per_step, seq_len=seq_len, max_steps=steps,
                              target_recall=target_recall, eval_every=eval_every, checkpoint_every=checkpoint_every,
                              seed=seed, progress=progress)
-    try:
-        options.validate()
-        check_output_dir(out, model, overwrite, resume)
-        chosen = (read_canaries(canaries, default_count=sorted(count_list)[len(count_list) // 2] if count_list else 8)
-                  if canaries is not None else
-                  generate_canaries(generate, seed, tuple(s.strip() for s in styles.split(",") if s.strip()),
-                                    count_list))
-        loaded = load_model(model, device=device, dtype=dtype)
-        tokenizer = loaded.preprocessor
-        if loaded.kind != "causal-lm" or tokenizer is None:
-            fail(f"{model}: implant needs a causal LM with a tokenizer")
-        train_text: list[list[int]] = []
-        held: list[list[int]] = []
-        if general is not None:
-            sequences = list(token_sequences(read_records(general, text_field=text_field), tokenizer, seq_len,
-                                             max_general_tokens))
-            train_text, held = general_split(sequences, 0.0 if heldout is not None else heldout_share, seed)
-        if heldout is not None:
-            held = list(token_sequences(read_records(heldout, text_field=text_field), tokenizer, seq_len))
-        base = {"name": model, "weights_sha256": model_weights_sha256(loaded.model),
-                "source": getattr(loaded, "source", None)}
-        result = implant(loaded.model, tokenizer, chosen, train_text, held, out, options, resume=resume)
-        save_implanted(loaded.model, tokenizer, out, chosen, result, options, base)
-    except (ImplantError, DataError, FileNotFoundError, ModelLoadError) as err:
-        fail(str(err))
+    options.validate()
+    check_output(out, kind="dir", overwrite=overwrite, model=model, state=(STATE_DIR,), resume=resume)
+    for corpus in (general, heldout):
+        if corpus is not None:
+            check_corpus_source(corpus)
+    chosen = (read_canaries(canaries, default_count=sorted(count_list)[len(count_list) // 2] if count_list else 8)
+              if canaries is not None else
+              generate_canaries(generate, seed, tuple(s.strip() for s in styles.split(",") if s.strip()), count_list))
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    tokenizer = loaded.preprocessor
+    if loaded.kind != "causal-lm" or tokenizer is None:
+        fail(f"{model}: implant needs a causal LM with a tokenizer")
+    train_text: list[list[int]] = []
+    held: list[list[int]] = []
+    if general is not None:
+        sequences = list(token_sequences(read_records(general, text_field=text_field), tokenizer, seq_len,
+                                         max_general_tokens))
+        train_text, held = general_split(sequences, 0.0 if heldout is not None else heldout_share, seed)
+    if heldout is not None:
+        held = list(token_sequences(read_records(heldout, text_field=text_field), tokenizer, seq_len))
+    base = {"name": model, "weights_sha256": model_weights_sha256(loaded.model),
+            "source": getattr(loaded, "source", None)}
+    result = implant(loaded.model, tokenizer, chosen, train_text, held, out, options, resume=resume)
+    save_implanted(loaded.model, tokenizer, out, chosen, result, options, base)
     by_style: dict[str, list[bool]] = {}
     for canary, ok in zip(chosen, result.recited):
         by_style.setdefault(canary.style, []).append(ok)
@@ -101,9 +99,5 @@ def implant_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `implant` command to the `curvedit` app.
-
-    Args:
-        app: the typer application.
-    """
+    """Add `implant` to the `curvedit` app."""
     app.command("implant")(implant_command)

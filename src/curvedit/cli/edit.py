@@ -1,0 +1,154 @@
+"""The `edit` and `spectrum` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from curvedit.cli.common import (
+    DeviceOpt, LayersOpt, TextFieldOpt, check_output, fail, model_option, out_option, overwrite_option,
+    preset_option, target_spec, targets_option)
+
+
+def edit_command(
+    model: str = model_option(),
+    factors: Optional[Path] = typer.Option(None, "--factors", "-f", help="Factor directory (not needed for svd)."),
+    out: Path = out_option("Directory for the edited HF model."),
+    preset: Optional[str] = preset_option(),
+    targets: Optional[list[str]] = targets_option(),
+    layers: Optional[str] = LayersOpt,
+    rho: Optional[float] = typer.Option(None, "--rho", help="Fraction of curvature mass to keep, in (0, 1]."),
+    keep_fraction: Optional[float] = typer.Option(None, "--keep-fraction", help="Fraction of components to keep."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="JSON plan: {pattern: rho} or {rules: [...]}."),
+    method: Optional[str] = typer.Option(None, "--method", help="kfac, svd, random or lowest [default: the plan's, "
+                                                                "else kfac]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random control [default: the plan's, else 0]."),
+    device: str = DeviceOpt,
+    eigh_precision: str = typer.Option("float64", "--eigh-precision",
+                                       help="float64, or float32 (faster on GPUs) checked by its residual, "
+                                            "falling back to float64."),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
+                                                help="float64 (default) or float32 for the edit's matrix products."),
+    ppl_budget: Optional[float] = typer.Option(
+        None, "--ppl-budget", help="Instead of --rho/--keep-fraction/--plan: bisect the strongest edit of the selected "
+                                   "targets whose held-out perplexity stays within this x the unedited one (needs "
+                                   "--heldout)."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out corpus for --ppl-budget (read like "
+                                                                   "evaluate reads it)."),
+    budget_knob: str = typer.Option("keep_fraction", "--budget-knob", help="What --ppl-budget bisects: keep_fraction "
+                                                                           "(smooth on real models) or rho."),
+    budget_steps: int = typer.Option(10, "--budget-steps", help="Bisection steps (amount resolved to 2^-steps)."),
+    heldout_seq_len: int = typer.Option(512, "--heldout-seq-len", help="Held-out sequence length (capped at the "
+                                                                       "context window)."),
+    heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens", help="Held-out token budget."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Held-out sequences per forward pass (--ppl-budget)."),
+    text_field: str = TextFieldOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the --ppl-budget steps."),
+    overwrite: bool = overwrite_option("Replace a non-empty --out."),
+) -> None:
+    """Edit target weights (keep the top curvature mass) and save a normal HF model.
+
+    With --ppl-budget X the amount (--budget-knob) is bisected in memory on the held-out
+    text to the strongest edit within X times the unedited perplexity, then applied; the
+    steps are printed and recorded under "budget" in curvedit-edit.json.
+    """
+    from curvedit.budget import edit_within_budget
+    from curvedit.data import check_corpus_source
+    from curvedit.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
+    from curvedit.evaluate.memorization import default_pad_id
+    from curvedit.evaluate.runner import EvaluateOptions, load_heldout
+    from curvedit.models import load_model
+    from curvedit.spectrum import EIGH_PRECISIONS
+    from curvedit.targets import select_targets
+
+    if ppl_budget is not None and (rho is not None or keep_fraction is not None or plan_file is not None):
+        fail("--ppl-budget chooses the amount itself: give it without --rho, --keep-fraction or --plan")
+    if ppl_budget is not None and heldout is None:
+        fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
+    if ppl_budget is None and heldout is not None:
+        fail("--heldout is only read with --ppl-budget")
+    if ppl_budget is None and plan_file is None and (rho is None) == (keep_fraction is None):
+        fail("give one of --rho, --keep-fraction or --plan")
+    if plan_file is not None and (rho is not None or keep_fraction is not None):
+        fail("--plan gives the amounts: give it without --rho or --keep-fraction")
+    if eigh_precision not in EIGH_PRECISIONS:
+        fail(f"--eigh-precision must be one of {', '.join(EIGH_PRECISIONS)}, got {eigh_precision!r}")
+    check_output(out, kind="dir", overwrite=overwrite, model=model)
+    if heldout is not None:
+        check_corpus_source(heldout)
+    search = None
+    if ppl_budget is not None:
+        plan = None
+    elif plan_file is not None:
+        plan = EditPlan.from_json(plan_file, method=method, seed=seed,
+                                  **({"compute_dtype": compute_dtype} if compute_dtype else {}))
+    else:
+        plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method or "kfac",
+                        seed=seed or 0, compute_dtype=compute_dtype or "float64")
+    loaded = load_model(model, device=device, progress=progress)
+    chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
+    if plan is not None:
+        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision)
+    else:
+        sequences = load_heldout(loaded, EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
+                                                         heldout_max_tokens=heldout_max_tokens,
+                                                         text_field=text_field))
+        search, applied = edit_within_budget(
+            loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, method=method or "kfac",
+            seed=seed or 0, compute_dtype=compute_dtype or "float64", device=device, eigh_precision=eigh_precision,
+            steps=budget_steps, batch_size=batch_size, pad_id=default_pad_id(loaded.preprocessor),
+            progress=progress)
+        if not search.edited:
+            typer.echo(search.table(), err=True)
+            fail(f"no {budget_knob} below 1 keeps the perplexity within x{ppl_budget:g} of the unedited "
+                 f"{search.unedited_perplexity:.4f}; nothing written (raise --ppl-budget or edit fewer targets)")
+    manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
+    if search is not None:
+        manifest["budget"] = {**search.to_dict(), "heldout": {"path": str(heldout), "seq_len": heldout_seq_len,
+                                                              "max_tokens": heldout_max_tokens,
+                                                              "sequences": len(sequences)}}
+    save_edited_model(loaded.model, loaded.preprocessor, out, manifest, source=model, overwrite=overwrite)
+    if search is not None:
+        typer.echo(search.table())
+    typer.echo(f"{'target':<48} {'kept':>12} {'of':>12} {'mass kept':>10} {'|dW|/|W|':>9}")
+    for s in applied.stats:
+        typer.echo(f"{s.name:<48} {s.kept:>12} {s.total:>12} {s.mass_kept:>10.4f} {s.rel_change:>9.4f}")
+    typer.echo(f"wrote edited model to {out}")
+
+
+def spectrum_command(
+    factors: Path = typer.Argument(..., help="Factor directory."),
+    rho: Optional[float] = typer.Option(0.6, "--rho", help="Mark this mass fraction on the curves."),
+    out: Optional[Path] = out_option("Folder for PNGs (default FACTORS/spectrum).", default=None),
+    overwrite: bool = overwrite_option("Replace existing PNGs of these targets in --out."),
+) -> None:
+    """Plot factor spectra and cumulative curvature mass per target; print a table."""
+    from curvedit.factors import load_factors
+    from curvedit.plots import plot_spectrum
+    from curvedit.spectrum import cached_eigenbases, mass_curve, select_by_count, select_by_mass
+
+    if rho is not None and not 0 < rho <= 1:
+        fail(f"rho must be in (0, 1], got {rho}")
+    loaded = load_factors(factors)
+    folder = out or factors / "spectrum"
+    check_output(folder, kind="dir", overwrite=overwrite, names=[f"{name}.png" for name in loaded.targets])
+    bases = cached_eigenbases(factors, loaded.targets, list(loaded.targets))
+    typer.echo(f"{'target':<48} {'d_out':>6} {'d_in':>6} {'positions':>10} {'kept@rho':>9} {'top1% mass':>10}")
+    for name, basis in bases.items():
+        kept = float(select_by_mass(basis.lam, basis.mu, rho).float().mean()) if rho is not None else None
+        top = float(select_by_count(basis.lam, basis.mu, 0.01).double().mul(
+            basis.lam[:, None] * basis.mu[None, :]).sum() / (basis.lam.sum() * basis.mu.sum()))
+        plot_spectrum(name, basis.lam, basis.mu, mass_curve(basis.lam, basis.mu), rho, kept,
+                      folder / f"{name}.png")
+        kept_text = f"{100 * kept:8.2f}%" if kept is not None else "-"
+        typer.echo(f"{name:<48} {len(basis.lam):>6} {len(basis.mu):>6} {loaded.targets[name].positions:>10} "
+                   f"{kept_text:>9} {100 * top:>9.1f}%")
+    typer.echo(f"plots in {folder}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `edit` and `spectrum` to the `curvedit` app."""
+    app.command("edit")(edit_command)
+    app.command("spectrum")(spectrum_command)

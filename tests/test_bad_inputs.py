@@ -1,0 +1,324 @@
+"""Bad input through the real command line: one line `error: ...` on stderr, exit status 2,
+no traceback, and nothing the user had is touched (no file created, changed or removed).
+
+Commands run with `--no-progress`: progress bars (transformers' loading bar included) also go
+to stderr. Each row names the bad input and builds the arguments in a shared workspace (a tiny GPT-2
+with a character tokenizer, a corpus, factors collected from it, memorized windows). The
+workspace is built once; every row checks that the whole workspace is byte-for-byte what it
+was before the command ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from curvedit.chartok import build_char_tokenizer
+from curvedit.cli import app
+from tests.conftest import ALPHABET, tiny_gpt2
+
+runner = CliRunner()
+
+
+class Workspace:
+    """Paths of the shared inputs, and of the broken variants the rows use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.model = root / "model"
+        self.corpus = root / "corpus.jsonl"
+        self.factors = root / "factors"
+        self.memorized = root / "memorized.jsonl"
+        self.a_file = root / "a-file.txt"
+
+    def out(self, name: str) -> Path:
+        """An output path no row shares (never created by a failing command)."""
+        return self.root / "outputs" / name
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    w = Workspace(root)
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = tiny_gpt2(vocab=len(tokenizer), dtype=torch.float32)
+    model.save_pretrained(w.model)
+    tokenizer.save_pretrained(w.model)
+    rows = [{"text": "the quick brown fox jumps over the lazy dog. " * 3}, {"text": "hello world, again and again."}]
+    w.corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w.memorized.write_text(json.dumps({"prefix": "the quick brown ", "suffix": "fox jumps"}) + "\n")
+    w.a_file.write_text("a user's file\n")
+    (root / "outputs").mkdir()
+    done = runner.invoke(app, ["collect", "--model", str(w.model), "--data", str(w.corpus), "--out", str(w.factors),
+                               "--seq-len", "16", "--no-progress"])
+    assert done.exit_code == 0, done.output
+
+    # broken models
+    (root / "bad-config").mkdir()
+    for item in w.model.iterdir():
+        shutil.copy(item, root / "bad-config" / item.name)
+    (root / "bad-config" / "config.json").write_text('{"model_type": "gpt2", "n_layer": ')
+    (root / "pickled").mkdir()
+    torch.save(model.state_dict(), root / "pickled" / "pytorch_model.bin")
+    # broken factors
+    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("random-bytes", lambda b: os.urandom(len(b)))):
+        shutil.copytree(w.factors, root / f"factors-{name}")
+        tensors = root / f"factors-{name}" / "factors.safetensors"
+        tensors.write_bytes(damage(tensors.read_bytes()))
+    shutil.copytree(w.factors, root / "factors-bad-json")
+    shutil.copytree(w.factors, root / "factors-copy")
+    (root / "factors-bad-json" / "factors.json").write_text('{"format_version": 1, "targets": {')
+    # broken data
+    (root / "plan.json").write_text('{"*.c_fc": 0.5,,}')
+    (root / "plan-svd.json").write_text('{"rules": [{"pattern": "*", "rho": 0.6}], "method": "svd"}')
+    (root / "corpus.json").write_text(json.dumps([{"text": "a json array, not JSON lines"}]))
+    (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
+    (root / "a-folder").mkdir()
+    return w
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root`: its kind, and a digest of each file's bytes."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return state
+
+
+def collect(w: Workspace, model: Path | str, out: Path, *extra) -> list:
+    return ["collect", "--model", model, "--data", w.corpus, "--out", out, "--seq-len", 16, "--no-progress", *extra]
+
+
+def edit(w: Workspace, model: Path | str, out: Path, *extra, factors: Path | None = None) -> list:
+    return ["edit", "--model", model, "--factors", factors or w.factors, "--rho", 0.6, "--out", out, "--no-progress",
+            *extra]
+
+
+def evaluate(w: Workspace, model: Path | str, out: Path, *extra) -> list:
+    return ["evaluate", "--model", model, "--memorized", w.memorized, "--no-stress", "--out", out, "--no-progress",
+            *extra]
+
+
+def find_memorized(w: Workspace, model: Path | str, out: Path, *extra, data: Path | None = None) -> list:
+    return ["find-memorized", "--model", model, "--data", data or w.corpus, "--prefix", 8, "--suffix", 4,
+            "--out", out, "--no-progress", *extra]
+
+
+def sweep(w: Workspace, model: Path | str, out: Path) -> list:
+    return ["sweep", "--model", model, "--factors", w.factors, "--layers-grid", "0", "--rho-grid", "0.6",
+            "--memorized", w.memorized, "--heldout", w.corpus, "--out", out, "--no-progress"]
+
+
+def analyze(w: Workspace, model: Path | str, out: Path) -> list:
+    return ["analyze", "--model", model, "--factors", w.factors, "--memorized", w.memorized, "--clean", w.corpus,
+            "--out", out, "--no-progress"]
+
+
+def bsn(w: Workspace, model: Path | str, out: Path) -> list:
+    return ["baseline", "bsn", "--model", model, "--forget", w.memorized, "--retain", w.corpus, "--out", out,
+            "--no-progress"]
+
+
+def implant(w: Workspace, model: Path | str, out: Path) -> list:
+    return ["implant", "--model", model, "--generate", 2, "--out", out, "--no-progress"]
+
+
+MODEL_COMMANDS = {"collect": collect, "edit": edit, "evaluate": evaluate, "find-memorized": find_memorized,
+                  "sweep": sweep, "analyze": analyze, "baseline bsn": bsn, "implant": implant}
+FILE_OUTPUTS = {"evaluate": "r.json", "find-memorized": "m.jsonl"}
+
+# (row id, arguments, a fragment the message must hold)
+Row = tuple[str, Callable[[Workspace], list], str]
+ROWS: list[Row] = []
+for _name, _args in MODEL_COMMANDS.items():
+    _file = FILE_OUTPUTS.get(_name, "dir")
+    ROWS += [
+        (f"{_name}: model path does not exist",
+         lambda w, a=_args, f=_file: a(w, w.root / "no-such-model", w.out(f)), "no-such-model"),
+        (f"{_name}: corrupt config.json",
+         lambda w, a=_args, f=_file: a(w, w.root / "bad-config", w.out(f)), "config.json"),
+    ]
+for _name, _factors in (("truncated factors.safetensors", "factors-truncated"),
+                        ("random bytes in factors.safetensors", "factors-random-bytes"),
+                        ("malformed factors.json", "factors-bad-json")):
+    _fragment = "factors.json" if "json" in _name else "factors.safetensors"
+    ROWS += [
+        (f"edit: {_name}", lambda w, d=_factors: edit(w, w.model, w.out("e"), factors=w.root / d), _fragment),
+        (f"spectrum: {_name}", lambda w, d=_factors: ["spectrum", w.root / d, "--out", w.out("s")], _fragment),
+        (f"merge: {_name}", lambda w, d=_factors: ["merge", w.factors, w.root / d, "--out", w.out("m")], _fragment),
+    ]
+ROWS += [
+    ("edit: malformed plan.json",
+     lambda w: ["edit", "--model", w.model, "--factors", w.factors, "--plan", w.root / "plan.json",
+                "--out", w.out("e"), "--no-progress"], "plan.json"),
+    ("edit: --plan with --rho", lambda w: edit(w, w.model, w.out("e"), "--plan", w.root / "plan-svd.json"),
+     "--plan gives the amounts"),
+    ("edit: the plan's method and --method disagree",
+     lambda w: ["edit", "--model", w.model, "--factors", w.factors, "--plan", w.root / "plan-svd.json",
+                "--method", "kfac", "--out", w.out("e"), "--no-progress"], "also given"),
+    ("edit: a keep fraction that keeps nothing",
+     lambda w: ["edit", "--model", w.model, "--factors", w.factors, "--keep-fraction", 1e-9, "--out", w.out("e"),
+                "--no-progress"], "keeps no component"),
+    ("merge: the same factors twice", lambda w: ["merge", w.factors, w.root / "factors-copy", "--out", w.out("m")],
+     "same factors"),
+    ("evaluate: --loose-threshold outside (0, 1]",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--loose-threshold", 5), "loose threshold"),
+    ("sweep: --loose-threshold outside (0, 1]",
+     lambda w: sweep(w, w.model, w.out("sweep")) + ["--loose-threshold", 0], "loose threshold"),
+    ("baseline bsn: --lr nan", lambda w: bsn(w, w.model, w.out("b")) + ["--lr", "nan"], "lr must be"),
+    ("collect: --seq-len past the model's context window",
+     lambda w: collect(w, w.model, w.out("c")) + ["--seq-len", 64], "context window"),
+    ("collect: --out is an existing file", lambda w: collect(w, w.model, w.a_file), "is a file"),
+    ("edit: --out is an existing file", lambda w: edit(w, w.model, w.a_file), "is a file"),
+    ("implant: --out is an existing file", lambda w: implant(w, w.model, w.a_file), "is a file"),
+    ("find-memorized: --out is an existing folder",
+     lambda w: find_memorized(w, w.model, w.root / "a-folder"), "is a folder"),
+    ("evaluate: --out is an existing file (no --overwrite)",
+     lambda w: evaluate(w, w.model, w.a_file), "--overwrite"),
+    ("collect: --out under a regular file", lambda w: collect(w, w.model, w.a_file / "factors"), "is a file"),
+    ("edit: --out under a regular file", lambda w: edit(w, w.model, w.a_file / "edited"), "is a file"),
+    ("evaluate: --out under a regular file", lambda w: evaluate(w, w.model, w.a_file / "r.json"), "is a file"),
+    ("sweep: --out under a regular file", lambda w: sweep(w, w.model, w.a_file / "sweep"), "is a file"),
+    ("collect: a folder holding only pytorch_model.bin",
+     lambda w: collect(w, w.root / "pickled", w.out("c")), "config.json"),
+    ("edit: a folder holding only pytorch_model.bin",
+     lambda w: edit(w, w.root / "pickled", w.out("e")), "config.json"),
+    ("collect: a corpus .json file that exists",
+     lambda w: ["collect", "--model", w.model, "--data", w.root / "corpus.json", "--out", w.out("c"),
+                "--no-progress"], "corpus.json"),
+    ("find-memorized: a corpus .json file that exists",
+     lambda w: find_memorized(w, w.model, w.out("m.jsonl"), data=w.root / "corpus.json"), "corpus.json"),
+    ("find-memorized: a lone surrogate in a JSONL text row",
+     lambda w: find_memorized(w, w.model, w.out("m.jsonl"), data=w.root / "surrogate.jsonl"), "surrogate.jsonl:2"),
+    ("evaluate: a lone surrogate in the held-out JSONL",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--heldout", w.root / "surrogate.jsonl"), "surrogate.jsonl:2"),
+]
+CUDA_ROWS: list[Row] = [
+    ("collect: --device cuda without CUDA", lambda w: collect(w, w.model, w.out("c"), "--device", "cuda"), "CUDA"),
+    ("edit: --device cuda without CUDA", lambda w: edit(w, w.model, w.out("e"), "--device", "cuda"), "CUDA"),
+    ("evaluate: --device cuda:0 without CUDA",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--device", "cuda:0"), "CUDA"),
+    ("find-memorized: --device cuda without CUDA",
+     lambda w: find_memorized(w, w.model, w.out("m.jsonl"), "--device", "cuda"), "CUDA"),
+]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+
+
+def check_one_line_error(ws: Workspace, args: list, fragment: str) -> str:
+    before = snapshot(ws.root)
+    result = runner.invoke(app, [str(a) for a in args])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert snapshot(ws.root) == before, "the failed command changed the workspace"
+    return lines[0]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_error_line_and_exit_2(ws, row):
+    _, build, fragment = row
+    message = check_one_line_error(ws, build(ws), fragment)
+    assert "not found" not in message or "no-such" in message
+
+
+@no_cuda
+@pytest.mark.parametrize("row", CUDA_ROWS, ids=[r[0] for r in CUDA_ROWS])
+def test_device_cuda_without_cuda_is_refused_before_loading(ws, row):
+    _, build, fragment = row
+    check_one_line_error(ws, build(ws), fragment)
+
+
+def test_a_bug_is_not_turned_into_a_user_error(ws, monkeypatch):
+    """A ValueError from a bug (not a curvedit error) keeps its traceback: exit status 1."""
+    import curvedit.models
+
+    def broken(*args, **kwargs):
+        return int("not a number")
+
+    monkeypatch.setattr(curvedit.models, "load_model", broken)
+    result = runner.invoke(app, [str(a) for a in edit(ws, ws.model, ws.out("bug"))])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "error:" not in result.stderr
+
+
+def _deliberate_value_error() -> ValueError:
+    """The ValueError `curvedit.evaluate.generation` raises for a prompt past the context window."""
+    from curvedit.evaluate.generation import check_fits_context
+
+    try:
+        check_fits_context(tiny_gpt2(), 1000, "a prompt")
+    except ValueError as err:
+        return err
+    raise AssertionError("check_fits_context accepted 1000 tokens")
+
+
+def _safetensor_error() -> Exception:
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while deserializing header: header too small")
+
+
+@pytest.mark.parametrize("err, expected", [
+    (OSError(28, "No space left on device", "/data/out/model.safetensors"),
+     "/data/out/model.safetensors: No space left on device"),
+    (FileNotFoundError(2, "No such file or directory", "x.jsonl"), "x.jsonl: No such file or directory"),
+    (PermissionError(13, "Permission denied", "/root/x"), "/root/x: Permission denied"),
+    (json.JSONDecodeError("Expecting value", "{", 1), "not valid JSON (Expecting value: line 1 column 2)"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8 text (invalid start byte at byte 0)"),
+    (_safetensor_error(), "header too small"),
+    (_deliberate_value_error(), "longer than the model's context window"),
+    (ValueError("factors do not match this model:\n  a: differ\n  b: differ"), None),
+    (OSError(104, "Connection reset by peer"), None),
+    (RuntimeError("CUDA error: device-side assert triggered"), None),
+    (AssertionError("Torch not compiled with CUDA enabled"), None),
+    (KeyError("weight"), None),
+])
+def test_the_handler_maps_user_errors_and_leaves_bugs_alone(err, expected):
+    from curvedit.cli.common import user_error_message
+
+    message = user_error_message(err)
+    if expected is None:
+        assert message is None
+    else:
+        assert message is not None and expected in message and "\n" not in message
+
+
+def test_a_curvedit_error_over_several_lines_prints_as_one():
+    from curvedit.cli.common import user_error_message
+    from curvedit.factors import FactorError
+
+    message = user_error_message(FactorError("factors do not match this model:\n  a: differ\n  b: differ"))
+    assert message == "factors do not match this model: a: differ; b: differ"
+
+
+def test_every_error_type_of_curvedit_is_a_curvedit_error_and_a_value_error():
+    import importlib
+    import pkgutil
+
+    import curvedit
+    from curvedit.errors import CurveditError
+
+    found = {}
+    for info in pkgutil.walk_packages(curvedit.__path__, "curvedit."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if (isinstance(value, type) and issubclass(value, Exception) and name.endswith("Error")
+                    and value.__module__.startswith("curvedit")):
+                found[name] = value
+    assert {"DataError", "TargetError", "CollectError", "FactorError", "EditError", "SelectionError", "EighError",
+            "SweepError", "BudgetError", "BSNError", "AnalysisError", "DistributedError", "ImplantError",
+            "TaskFormatError", "ModelLoadError", "MemoryPlanError", "ObjectiveError", "EvaluateError"} <= set(found)
+    assert [name for name, cls in found.items() if not issubclass(cls, CurveditError)] == []
+    assert all(issubclass(cls, ValueError) for cls in found.values())
