@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from curvedit.data import DataError, Record
+from curvedit.evaluate.generation import greedy_generate
+from curvedit.evaluate import memorization
 from curvedit.evaluate.memorization import (
     FindOptions, Window, evaluate_recitation, find_memorized, found_to_row, read_memorized, teacher_forced_match,
     write_jsonl)
@@ -90,6 +93,24 @@ def test_near_duplicate_windows_are_dropped(reciter):
 def test_max_memorized_stops_early(reciter, corpus):
     result = find_memorized(reciter.model, reciter.tokenizer, corpus, options(max_memorized=2))
     assert len(result.found) == 2
+
+
+def test_candidates_of_several_batches_are_decoded_together(reciter, corpus, monkeypatch):
+    """Batches of 2 windows hold one memorized window each: candidates wait for a full decoding batch,
+    or for as many as could reach `max_memorized`, which stops where one batch at a time would."""
+    decoded = []
+
+    def counting_generate(model, prompts, *args, **kwargs):
+        decoded.append(len(prompts))
+        return greedy_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(memorization, "greedy_generate", counting_generate)
+    pairs = FindOptions(prefix_len=PREFIX, suffix_len=SUFFIX, batch_size=2, progress=False)
+    result = find_memorized(reciter.model, reciter.tokenizer, corpus, pairs)
+    assert [f.window.document for f in result.found] == [0, 2, 4, 6] and decoded == [2, 2]
+    capped = find_memorized(reciter.model, reciter.tokenizer, corpus, replace(pairs, max_memorized=3))
+    assert (capped.windows, capped.prefiltered, capped.memorized, len(capped.found)) == (6, 3, 3, 3)
+    assert decoded[2:] == [2, 1]
 
 
 def test_input_id_rows_need_no_tokenizer(reciter):

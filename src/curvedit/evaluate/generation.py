@@ -9,7 +9,8 @@ the attention mask, so a padded prompt sees exactly the positions it would see a
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+import weakref
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -69,39 +70,111 @@ class _ForwardSpec:
         self.logits_to_keep = "logits_to_keep" in params
 
 
-def forward_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    keep_last: int | None = None,
-) -> torch.Tensor:
-    """Logits of a padded batch, with position ids that ignore left padding.
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: each real token's index among the real tokens of its row."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward_kwargs(spec: _ForwardSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Keyword arguments of a cache-free forward over a padded batch.
+
+    Raises:
+        ValueError: the batch is left padded and the model takes no `position_ids`.
+    """
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if spec.position_ids:
+        kwargs["position_ids"] = _position_ids(attention_mask)
+    elif bool((attention_mask[:, 0] == 0).any()):
+        raise ValueError("this model's forward takes no position_ids, so left-padded batches would be mis-positioned")
+    return kwargs
+
+
+HEAD_CHUNK_ELEMENTS = 1 << 24
+"""At most this many logits (positions x vocabulary) are computed at once by `kept_logits` (64 MiB in float32)."""
+
+_FULL_LOGITS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+"""Models found not to compute their logits as their output embeddings applied to their decoder's output."""
+
+
+def _decoder_hidden(model: torch.nn.Module, spec: _ForwardSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.nn.Linear] | None:
+    """The decoder's final hidden states and the LM head, when the model's logits are `head(hidden)`.
+
+    One forward pass that computes logits at the last position only (`logits_to_keep=1`)
+    while a hook keeps the decoder's output. The model counts as separable when those
+    logits equal its output embeddings applied to the kept hidden state at the last
+    position, bit for bit (a model that rescales or soft-caps its logits does not);
+    a model that is not is remembered and not tried again.
 
     Args:
         model: an HF causal LM.
+        spec: its forward's keyword arguments.
         input_ids: long (B, T), left or right padded.
         attention_mask: long (B, T), 1 at real tokens.
-        keep_last: return only the logits of the last `keep_last` positions (computed
-            only there when the model supports `logits_to_keep`).
 
     Returns:
-        Logits (B, T or keep_last, V) in the model's dtype.
+        (hidden (B, T, H), head), or None: the model takes no `logits_to_keep`, has no
+        linear output embeddings or decoder, or its logits are not `head(hidden)`.
+
+    Raises:
+        ValueError: the batch is left padded and the model takes no `position_ids`.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not spec.logits_to_keep or not isinstance(head, torch.nn.Linear) or not hasattr(model, "get_decoder") \
+            or model in _FULL_LOGITS:
+        return None
+    captured: list[Any] = []
+    handle = model.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        logits = model(**_forward_kwargs(spec, input_ids, attention_mask), logits_to_keep=1).logits
+    finally:
+        handle.remove()
+    hidden = captured[0] if len(captured) == 1 else None
+    if (not isinstance(hidden, torch.Tensor) or hidden.shape[:2] != input_ids.shape
+            or not torch.equal(logits[:, -1], head(hidden[:, -1:])[:, -1].to(logits.dtype))):
+        _FULL_LOGITS.add(model)
+        return None
+    return hidden, head
+
+
+@torch.inference_mode()
+def kept_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Logits at the kept positions of a padded batch only, a bounded chunk at a time.
+
+    The model runs once. Where its logits are its LM head applied to its decoder's
+    final hidden states (`_decoder_hidden` checks), the head is applied only to the
+    kept positions' hidden states, at most `HEAD_CHUNK_ELEMENTS` logits at a time, so
+    neither the time nor the memory of 49k-way logits is spent where they are not
+    needed. Otherwise the logits of every position are computed and the kept ones are
+    handed out in the same chunks.
+
+    Args:
+        model: an HF causal LM.
+        input_ids: long (B, T), left or right padded (position ids ignore the padding).
+        attention_mask: long (B, T), 1 at real tokens.
+        keep: bool (B, T), the positions whose logits are wanted.
+
+    Returns:
+        An iterator of (rows, logits): `rows` is the slice of the kept positions, in
+        row-major order, that `logits` (len(rows), V) in the model's dtype covers.
 
     Raises:
         ValueError: the batch is left padded and the model takes no `position_ids`.
     """
     spec = _ForwardSpec(model)
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    left_padded = bool((attention_mask[:, 0] == 0).any())
-    if spec.position_ids:
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    elif left_padded:
-        raise ValueError("this model's forward takes no position_ids, so left-padded batches would be mis-positioned")
-    if keep_last is not None and spec.logits_to_keep:
-        kwargs["logits_to_keep"] = keep_last
-    logits = model(**kwargs).logits
-    return logits[:, -keep_last:] if keep_last is not None else logits
+    split = _decoder_hidden(model, spec, input_ids, attention_mask)
+    if split is None:
+        kept, head = model(**_forward_kwargs(spec, input_ids, attention_mask)).logits[keep], None
+        vocab = kept.shape[-1]
+    else:
+        hidden, head = split
+        kept, vocab = hidden[keep], head.out_features
+    step = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    for start in range(0, kept.shape[0], step):
+        chunk = kept[start : start + step]
+        yield slice(start, start + chunk.shape[0]), chunk if head is None else head(chunk)
 
 
 @torch.inference_mode()
@@ -120,7 +193,7 @@ def _generate_batch(
     mask = batch["attention_mask"].to(device)
     if not spec.position_ids and bool((mask == 0).any()):
         raise ValueError("this model's forward takes no position_ids, so left-padded batches would be mis-positioned")
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = _position_ids(mask)
     generated = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache = None

@@ -2,7 +2,7 @@
 
 A window is a prefix P (default 64 tokens) followed by a suffix S (default 48 tokens)
 of one document. It is *memorized* when greedy decoding of |S| tokens from P gives S
-exactly (METHOD.md section 4).
+exactly (docs/method.md sections 4-6).
 
 Recitation metrics, with d the token-level Levenshtein distance between the generated
 and the true suffix and L = |S|:
@@ -28,7 +28,7 @@ from rapidfuzz.distance import Levenshtein
 
 from curvedit.data import DataError, Record, batched, iter_jsonl, pad_batch, read_records
 from curvedit.distributed import current_context, map_batches
-from curvedit.evaluate.generation import check_fits_context, forward_logits, greedy_generate, model_device
+from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,8 @@ def teacher_forced_match(model: torch.nn.Module, windows: Sequence[Window], pad_
     """Whether the arg-max prediction equals the true token at every suffix position.
 
     One forward pass over prefix + suffix (left padded, so every suffix ends at the
-    last column); only the logits of the suffix positions are computed when the model
-    supports it.
+    last column); logits are computed only at the positions that predict the suffix
+    (see `kept_logits`).
 
     Args:
         model: an HF causal LM.
@@ -222,9 +222,11 @@ def teacher_forced_match(model: torch.nn.Module, windows: Sequence[Window], pad_
     batch = pad_batch([w.prefix_ids + w.suffix_ids for w in windows], pad_id, padding_side="left")
     device = model_device(model)
     ids = batch["input_ids"].to(device)
-    logits = forward_logits(model, ids, batch["attention_mask"].to(device), keep_last=suffix_len + 1)
-    predicted = logits[:, :-1].argmax(dim=-1)
-    return predicted == ids[:, -suffix_len:]
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, -suffix_len - 1 : -1] = True
+    predicted = torch.cat([logits.argmax(dim=-1)
+                           for _, logits in kept_logits(model, ids, batch["attention_mask"].to(device), keep)])
+    return predicted.view(len(windows), suffix_len) == ids[:, -suffix_len:]
 
 
 class NearDuplicateFilter:
@@ -282,7 +284,9 @@ def find_memorized(
     Each batch of windows first goes through one teacher-forced forward pass; only the
     windows whose arg-max equals the true token at every suffix position are decoded
     greedily (batched, KV cache) to confirm. (Both tests agree in exact arithmetic;
-    the decode guards against numerical differences between the two passes.)
+    the decode guards against numerical differences between the two passes.) The
+    candidates of successive batches are pooled until they fill a decoding batch, so
+    that rare memorized windows do not each cost |S| decoding steps.
 
     Args:
         model: an HF causal LM in eval mode.
@@ -325,14 +329,20 @@ def find_memorized(
     bar = tqdm(total=len(windows) if isinstance(windows, list) else None, unit="window",
                desc="find-memorized", disable=not options.progress)
     world = current_context().world_size
+    pending: list[tuple[list[Window], list[bool]]] = []  # screened batches whose candidates await decoding
     for round_chunks in batched(batched(windows, options.batch_size), world):  # one batch per rank
         if options.mode == "quotes":
             for window in itertools.chain.from_iterable(round_chunks):
                 check_fits_context(model, len(window.prefix_ids) + len(window.suffix_ids),
                                    f"{window.source} row {window.document}: prefix + suffix")
-        screened = map_batches(round_chunks, 1, lambda one: [_screen(model, one[0], options, pad_id)])
-        if _account(result, round_chunks, screened, dedup, options, bar):
-            break
+        passed = map_batches(round_chunks, 1, lambda one: [_prefilter(model, one[0], options, pad_id)])
+        pending += zip(round_chunks, passed)
+        if sum(sum(flags) for _, flags in pending) >= _decode_at(result, options, world):
+            settled, pending = pending, []
+            if _settle(model, result, settled, dedup, options, pad_id, bar):
+                break
+    if pending:
+        _settle(model, result, pending, dedup, options, pad_id, bar)
     bar.close()
     if result.windows == 0:
         raise DataError(_no_window_message(corpus, stats["documents"], options))
@@ -341,29 +351,42 @@ def find_memorized(
     return result
 
 
-def _screen(model: torch.nn.Module, chunk: list[Window], options: FindOptions, pad_id: int
-            ) -> tuple[int, list[FoundWindow]]:
-    """Pre-filter (unless `keep_all`) and decode one batch of windows.
+def _prefilter(model: torch.nn.Module, chunk: list[Window], options: FindOptions, pad_id: int) -> list[bool]:
+    """Per window of a batch, whether it is a candidate to decode: passes the teacher-forced
+    pre-filter, or every window with `keep_all`."""
+    if options.keep_all:
+        return [True] * len(chunk)
+    return teacher_forced_match(model, chunk, pad_id).all(dim=1).tolist()
+
+
+def _decode_at(result: FindResult, options: FindOptions, world: int) -> int:
+    """How many pending candidates to gather before decoding them: a full decoding batch
+    per rank, or fewer when that many memorized windows would reach `max_memorized`
+    (so no batch is screened past the one where the search stops)."""
+    full = options.batch_size * world
+    if options.max_memorized is None:
+        return full
+    return min(full, options.max_memorized - (result.memorized - result.duplicates))
+
+
+def _settle(model: torch.nn.Module, result: FindResult, pending: list[tuple[list[Window], list[bool]]],
+            dedup: NearDuplicateFilter | None, options: FindOptions, pad_id: int, bar: Any) -> bool:
+    """Decode the candidates of screened batches together, then add the batches to the
+    result in corpus order (near-duplicate removal is order-dependent).
+
+    Candidates are pooled across batches because memorized windows are rare: a batch
+    with one candidate would otherwise pay |S| decoding steps for it alone.
 
     Returns:
-        (windows that passed the pre-filter, the decoded ones).
+        True once `max_memorized` windows are kept (later batches are then not counted,
+        as if they had not been examined).
     """
-    candidates = chunk
-    if not options.keep_all:
-        passed = teacher_forced_match(model, chunk, pad_id).all(dim=1).tolist()
-        candidates = [w for w, ok in zip(chunk, passed) if ok]
-    return len(candidates), _decode(model, candidates, options, pad_id)
-
-
-def _account(result: FindResult, chunks: list[list[Window]], screened: list[tuple[int, list[FoundWindow]]],
-             dedup: NearDuplicateFilter | None, options: FindOptions, bar: Any) -> bool:
-    """Add screened batches to the result in corpus order (near-duplicate removal is
-    order-dependent); True once `max_memorized` windows are kept (later batches are then
-    not counted, as if they had not been examined)."""
-    for chunk, (passed, decoded) in zip(chunks, screened):
+    candidates = [w for chunk, passed in pending for w, ok in zip(chunk, passed) if ok]
+    decoded = iter(_decode(model, candidates, options, pad_id))
+    for chunk, passed in pending:
         result.windows += len(chunk)
-        result.prefiltered += passed
-        for found in decoded:
+        result.prefiltered += sum(passed)
+        for found in itertools.islice(decoded, sum(passed)):
             if found.memorized:
                 result.memorized += 1
                 if dedup is not None and not dedup.admit(found.window.prefix_ids + found.window.suffix_ids):

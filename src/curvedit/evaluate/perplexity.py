@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from curvedit.data import DataError, pad_batch, read_records, token_sequences
 from curvedit.distributed import map_batches
-from curvedit.evaluate.generation import check_fits_context, forward_logits, model_device
+from curvedit.evaluate.generation import check_fits_context, kept_logits, model_device
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,12 @@ def perplexity(
 
     def batch_nll(chunk: list[Sequence[int]]) -> list[tuple[float, int]]:
         ids, mask = _padded(chunk, pad_id, device)
-        logits = forward_logits(model, ids, mask)[:, :-1].float()
         counted = mask[:, 1:].bool()
-        losses = F.cross_entropy(logits[counted], ids[:, 1:][counted], reduction="none")
-        return [(float(losses.double().sum()), int(counted.sum()))]
+        targets = ids[:, 1:][counted]
+        predicting = F.pad(counted, (0, 1))  # position t predicts token t + 1
+        nll = sum(F.cross_entropy(logits.float(), targets[rows], reduction="none").double().sum()
+                  for rows, logits in kept_logits(model, ids, mask, predicting))
+        return [(float(nll), int(counted.sum()))]
 
     per_batch = map_batches(sequences, batch_size, batch_nll)
     total = 0.0
@@ -120,9 +122,27 @@ class NextTokenRankings:
 
 @torch.inference_mode()
 def _topk_per_position(
-    model: torch.nn.Module, sequences: Sequence[Sequence[int]], k: int, pad_id: int, batch_size: int
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], k: int, pad_id: int, batch_size: int,
+    *, probabilities: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (probabilities, ids) at every real position, flattened in sequence order (on CPU)."""
+    """Top-k next tokens at every real position, flattened in sequence order (on CPU).
+
+    Args:
+        model: an HF causal LM.
+        sequences: token-id sequences.
+        k: ranking depth.
+        pad_id: padding id.
+        batch_size: sequences per forward pass.
+        probabilities: also normalise the top-k logits into probabilities (a log-sum-exp
+            over the vocabulary per position); otherwise the values are the float32 logits.
+
+    Returns:
+        (values (N, k) descending, token ids (N, k)).
+
+    Raises:
+        DataError: no sequence.
+        ValueError: k < 1 or above the vocabulary size, or a sequence too long.
+    """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if not sequences:
@@ -132,14 +152,19 @@ def _topk_per_position(
 
     def batch_topk(chunk: list[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ids, mask = _padded(chunk, pad_id, device)
-        logits = forward_logits(model, ids, mask)[mask.bool()].float()
-        if k > logits.shape[-1]:
-            raise ValueError(f"k = {k} exceeds the vocabulary size {logits.shape[-1]}")
-        top = logits.softmax(dim=-1).topk(k, dim=-1)
-        return [(top.values.cpu(), top.indices.cpu())]
+        values, indices = [], []
+        for _, logits in kept_logits(model, ids, mask, mask.bool()):
+            if k > logits.shape[-1]:
+                raise ValueError(f"k = {k} exceeds the vocabulary size {logits.shape[-1]}")
+            logits = logits.float()
+            top = logits.topk(k, dim=-1)
+            values.append(((top.values - logits.logsumexp(dim=-1, keepdim=True)).exp() if probabilities
+                           else top.values).cpu())
+            indices.append(top.indices.cpu())
+        return [(torch.cat(values), torch.cat(indices))]
 
     per_batch = map_batches(sequences, batch_size, batch_topk)
-    return torch.cat([p for p, _ in per_batch]), torch.cat([i for _, i in per_batch])
+    return torch.cat([v for v, _ in per_batch]), torch.cat([i for _, i in per_batch])
 
 
 def next_token_rankings(
@@ -162,7 +187,7 @@ def next_token_rankings(
         DataError: no sequence.
         ValueError: k < 1 or above the vocabulary size, or a sequence too long.
     """
-    probs, indices = _topk_per_position(model, sequences, k, pad_id, batch_size)
+    probs, indices = _topk_per_position(model, sequences, k, pad_id, batch_size, probabilities=True)
     return NextTokenRankings(probs=probs, indices=indices)
 
 
@@ -228,7 +253,7 @@ def ndcg_at_k(
         ValueError: sequences that do not match the reference rankings.
         DataError: no sequence.
     """
-    _, indices = _topk_per_position(model, sequences, reference.k, pad_id, batch_size)
+    _, indices = _topk_per_position(model, sequences, reference.k, pad_id, batch_size, probabilities=False)
     per_position = ndcg_from_rankings(indices, reference)
     return NDCGResult(ndcg=float(per_position.mean()), k=reference.k, positions=per_position.numel())
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from curvedit.data import DataError, iter_jsonl, pad_batch
 from curvedit.distributed import map_batches
-from curvedit.evaluate.generation import check_fits_context, forward_logits, greedy_generate, model_device
+from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -289,13 +289,15 @@ def choice_scores(
     def batch_scores(chunk: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         batch = pad_batch([ctx + cont for ctx, cont in chunk], pad_id, padding_side="right")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = forward_logits(model, ids, mask)[:, :-1].float()
-        token_logp = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         starts = torch.tensor([len(ctx) - 1 for ctx, _ in chunk], device=device)[:, None]
         lengths = torch.tensor([len(cont) for _, cont in chunk], device=device)[:, None]
-        target_pos = torch.arange(token_logp.shape[1], device=device)[None, :]
-        in_continuation = (target_pos >= starts) & (target_pos < starts + lengths)
-        sums = (token_logp * in_continuation).sum(dim=1)
+        position = torch.arange(ids.shape[1], device=device)[None, :]
+        predicting = (position >= starts) & (position < starts + lengths)  # position t predicts token t + 1
+        targets = ids.roll(-1, dims=1)[predicting]
+        row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(ids)[predicting]
+        sums = torch.zeros(len(chunk), device=device)
+        for rows, logits in kept_logits(model, ids, mask, predicting):
+            sums.index_add_(0, row_of[rows], -F.cross_entropy(logits.float(), targets[rows], reduction="none"))
         return list(zip(sums.tolist(), lengths[:, 0].tolist()))
 
     return map_batches(pairs, batch_size, batch_scores)
