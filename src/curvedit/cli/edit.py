@@ -24,7 +24,8 @@ def edit_command(
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="JSON plan: {pattern: rho} or {rules: [...]}."),
     method: Optional[str] = typer.Option(None, "--method", help="kfac, svd, random or lowest [default: the plan's, "
                                                                 "else kfac]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random control [default: the plan's, else 0]."),
+    seed: Optional[int] = typer.Option(None, "--seed",
+                                       help="Seed of the random control [default: the plan's, else 0]."),
     device: str = DeviceOpt,
     eigh_precision: str = typer.Option("float64", "--eigh-precision",
                                        help="float64, or float32 (faster on GPUs) checked by its residual, "
