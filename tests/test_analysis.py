@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from curvedit.analysis import (AnalysisError, BandOptions, band_analysis, band_bounds, band_labels,
                                task_family_shares, write_task_families)
 from curvedit.cli import app
-from curvedit.evaluate.memorization import Window
+from curvedit.windows import Window
 from curvedit.factors import TargetFactors
 from curvedit.spectrum import eigenbasis
 from curvedit.targets import Target

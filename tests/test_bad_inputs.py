@@ -82,6 +82,8 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "corpus.json").write_text(json.dumps([{"text": "a json array, not JSON lines"}]))
     (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
     (root / "a-folder").mkdir()
+    (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
+    (root / "windows-outside.jsonl").write_text(json.dumps({"prefix_ids": [3, 4, 5], "suffix_ids": [99, 4]}) + "\n")
     return w
 
 
@@ -155,11 +157,24 @@ for _name, _factors in (("truncated factors.safetensors", "factors-truncated"),
         (f"edit: {_name}", lambda w, d=_factors: edit(w, w.model, w.out("e"), factors=w.root / d), _fragment),
         (f"spectrum: {_name}", lambda w, d=_factors: ["spectrum", w.root / d, "--out", w.out("s")], _fragment),
         (f"merge: {_name}", lambda w, d=_factors: ["merge", w.factors, w.root / d, "--out", w.out("m")], _fragment),
+        (f"analyze: {_name}", lambda w, d=_factors: ["analyze", "--model", w.model, "--factors", w.root / d,
+                                                    "--memorized", w.memorized, "--clean", w.corpus,
+                                                    "--out", w.out("a"), "--no-progress"], _fragment),
     ]
 ROWS += [
     ("edit: malformed plan.json",
      lambda w: ["edit", "--model", w.model, "--factors", w.factors, "--plan", w.root / "plan.json",
                 "--out", w.out("e"), "--no-progress"], "plan.json"),
+    ("collect: input_ids outside the vocabulary",
+     lambda w: ["collect", "--model", w.model, "--data", w.root / "ids-outside.jsonl", "--out", w.out("c"),
+                "--seq-len", 16, "--no-progress"], "token id 99 is outside"),
+    ("evaluate: memorized windows outside the vocabulary",
+     lambda w: ["evaluate", "--model", w.model, "--memorized", w.root / "windows-outside.jsonl", "--no-stress",
+                "--out", w.out("r.json"), "--no-progress"], "token id 99 is outside"),
+    ("find-memorized: input_ids outside the vocabulary",
+     lambda w: find_memorized(w, w.model, w.out("m.jsonl"), data=w.root / "ids-outside.jsonl") + ["--prefix", 2,
+                                                                                                 "--suffix", 2],
+     "token id 99 is outside"),
     ("edit: --plan with --rho", lambda w: edit(w, w.model, w.out("e"), "--plan", w.root / "plan-svd.json"),
      "--plan gives the amounts"),
     ("edit: the plan's method and --method disagree",
@@ -254,7 +269,7 @@ def test_a_bug_is_not_turned_into_a_user_error(ws, monkeypatch):
 
 
 def _deliberate_value_error() -> ValueError:
-    """The ValueError `curvedit.evaluate.generation` raises for a prompt past the context window."""
+    """The EvaluateError `curvedit.evaluate.generation` raises for a prompt past the context window."""
     from curvedit.evaluate.generation import check_fits_context
 
     try:

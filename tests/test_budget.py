@@ -14,7 +14,7 @@ from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches
 from curvedit.demo.pipeline import match_perplexity
 from curvedit.edit import EditPlan, EditRule, apply_edit
-from curvedit.evaluate.memorization import Window
+from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.factors import save_factors
 from curvedit.spectrum import load_bases

@@ -13,8 +13,8 @@ from curvedit.data import DataError, Record
 from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate import memorization
 from curvedit.evaluate.memorization import (
-    FindOptions, Window, evaluate_recitation, find_memorized, found_to_row, read_memorized, teacher_forced_match,
-    write_jsonl)
+    FindOptions, evaluate_recitation, find_memorized, found_to_row, teacher_forced_match)
+from curvedit.windows import Window, read_memorized, write_jsonl
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from curvedit.evaluate.memorization import NearDuplicateFilter, Window, longest_prefix_match, recitation_metrics
+from curvedit.evaluate.memorization import NearDuplicateFilter, longest_prefix_match, recitation_metrics
+from curvedit.windows import Window
 from curvedit.evaluate.perplexity import NextTokenRankings, ndcg_from_rankings
 from curvedit.evaluate.report import retention
 from curvedit.evaluate.results import flatten_metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from curvedit.evaluate.memorization import Window
+from curvedit.windows import Window
 from curvedit.evaluate.stress import StressOptions, score_continuations, stress_test
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 

@@ -15,7 +15,7 @@ from conftest import Interrupt
 from curvedit.canaries import STYLES, Canary, generate_canaries, read_canaries
 from curvedit.cli import app
 from curvedit.data import DataError
-from curvedit.evaluate.memorization import read_memorized
+from curvedit.windows import read_memorized
 from curvedit.implant import (
     ImplantError, ImplantOptions, canary_stream, implant, model_weights_sha256, step_batch)
 

@@ -8,7 +8,7 @@ from gguf_helpers import tiny_llama, write_tiny_llama_gguf
 
 from curvedit.implant import ImplantOptions
 from curvedit.studies.smollm2 import VARIANTS, StudyOptions, run_study, split_halves
-from curvedit.evaluate.memorization import Window
+from curvedit.windows import Window
 
 
 def test_halves_split_each_style_evenly():

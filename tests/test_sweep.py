@@ -11,7 +11,8 @@ from curvedit.cli import app
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches
 from curvedit.edit import EditPlan, EditRule, apply_edit
-from curvedit.evaluate.memorization import Window, evaluate_recitation
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.factors import save_factors
 from curvedit.spectrum import load_bases

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from curvedit.data import DataError, batched, pad_batch, read_records
 from curvedit.errors import CurveditError
-from curvedit.evaluate.memorization import Window
+from curvedit.windows import Window
 from curvedit.spectrum import Eigenbasis
 from curvedit.targets import Target
 

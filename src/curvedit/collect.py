@@ -395,7 +395,7 @@ def collect_factors(
     """
     options = options or CollectOptions()
     if options.label_mode not in LABEL_MODES:
-        raise ValueError(f"unknown label mode {options.label_mode!r}; choose one of {LABEL_MODES}")
+        raise CollectError(f"unknown label mode {options.label_mode!r}; choose one of {LABEL_MODES}")
     if options.accumulate_dtype not in ACCUMULATE_DTYPES:
         raise ValueError(f"accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}")
     if options.checkpoint_every < 1:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from curvedit.canaries import Canary
 from curvedit.data import DataError, pad_batch
 from curvedit.errors import CurveditError
-from curvedit.evaluate.memorization import Window, evaluate_recitation
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.io import write_json, write_safetensors
 
@@ -366,7 +367,7 @@ def save_implanted(model: nn.Module, tokenizer: Any, out: str | Path, canaries: 
         The output folder.
     """
     from curvedit import __version__  # noqa: PLC0415
-    from curvedit.evaluate.memorization import write_jsonl  # noqa: PLC0415
+    from curvedit.windows import write_jsonl  # noqa: PLC0415
 
     out = Path(out)
     model.save_pretrained(out)

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from curvedit.budget import KNOBS, bisect_amount
 from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
-from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.spectrum import load_bases
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
@@ -363,7 +364,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         factor_dir: the factor directory (may be None only for method "svd").
         grid: the settings to try.
         memorized_windows: prefix/suffix windows the model recites (e.g. from
-            `curvedit.evaluate.memorization.read_memorized`).
+            `curvedit.windows.read_memorized`).
         heldout_sequences: held-out token sequences for perplexity.
         options: `SweepOptions`.
 

@@ -478,7 +478,7 @@ def read_forget_sequences(path: str | Path, tokenizer: Any | None, *, seq_len: i
         DataError: a malformed line.
         FileNotFoundError: the file does not exist.
     """
-    from curvedit.evaluate.memorization import read_memorized  # noqa: PLC0415
+    from curvedit.windows import read_memorized  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():
@@ -561,7 +561,7 @@ def bsn_within_budget(model: nn.Module, targets: Sequence[Target], forget: Seque
         targets: the weights to mask.
         forget: token sequences to unlearn.
         retain: token sequences to keep.
-        tune_windows: memorized windows (`curvedit.evaluate.memorization.Window`) scored
+        tune_windows: memorized windows (`curvedit.windows.Window`) scored
             for the choice.
         heldout: held-out sequences for perplexity.
         ratios: mask ratios to try.

@@ -50,7 +50,7 @@ def bsn_command(
     from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_manifest, read_forget_sequences
     from curvedit.data import check_corpus_source, read_records, token_sequences
     from curvedit.edit import save_edited_model
-    from curvedit.evaluate.memorization import default_pad_id
+    from curvedit.windows import default_pad_id
     from curvedit.models import load_model
     from curvedit.targets import select_targets
 

@@ -9,7 +9,7 @@ import typer
 
 from curvedit.cli.common import (
     DeviceOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail, model_option, out_option, overwrite_option,
-    preset_option, target_spec, targets_option)
+    preset_option, resumable, target_spec, targets_option)
 
 # Files of an unfinished collection in its --out folder (continued with --resume).
 CHECKPOINT_FILES = ("checkpoint.*",)
@@ -24,7 +24,9 @@ def collect_command(
     targets: Optional[list[str]] = targets_option(),
     layers: Optional[str] = LayersOpt,
     labels: str = typer.Option("sampled", "--labels", help="sampled (true Fisher) or gold (empirical Fisher)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Sequence length for packing text / cutting input_ids."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length for packing text / cutting "
+                                                                  "input_ids [default: 512, or the model's context "
+                                                                  "window if shorter]."),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Token budget (LMs) / image count (vision)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the label sampler."),
@@ -88,13 +90,14 @@ def collect_command(
                             progress=progress and ctx.is_main)
         chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
         context = context_window(loaded.model)
-        if loaded.kind == "causal-lm" and context is not None and seq_len > context:
+        if loaded.kind == "causal-lm" and context is not None and seq_len is not None and seq_len > context:
             fail(f"--seq-len {seq_len} is longer than the model's context window of {context} tokens")
+        seq_len = seq_len or min(512, context or 512)
         plan = plan_memory(loaded.model, chosen, batch_size, seq_len, accumulate, layers_per_pass, device,
                            ranks_sharing_memory=ctx.local_world_size if device == "cpu" else 1,
                            gradient_checkpointing=gradient_checkpointing,
                            weight_shards=ctx.world_size if fsdp else 1)
-        if ctx.is_main:
+        if ctx.is_main and (progress or not plan.fits):  # like the progress bars: --no-progress hides it
             typer.echo(plan.table(), err=True)
         if memory_check and not all_agree(plan.fits, ctx):
             reason = (f"needs about {plan.needed_bytes / 2**30:.1f} GiB, {plan.available_bytes / 2**30:.1f} GiB "
@@ -122,7 +125,8 @@ def collect_command(
             objective = None
             options.total_tokens = max_tokens
             options.extra = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size}
-        factors = collect_factors(loaded.model, batches, chosen, objective, options, model_name=model)
+        with resumable(out, f"the last checkpoint (every {checkpoint_every} batches)"):
+            factors = collect_factors(loaded.model, batches, chosen, objective, options, model_name=model)
         if ctx.is_main:
             save_factors(factors, out)
             for stale in ("checkpoint.safetensors", "checkpoint.json"):

@@ -18,9 +18,7 @@ import contextlib
 import errno
 import fnmatch
 import json
-import os
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Optional, Sequence
 
@@ -37,6 +35,22 @@ EXIT_USER_ERROR = 2
 # Errors
 
 
+@contextlib.contextmanager
+def resumable(out: Path, what: str) -> Iterator[None]:
+    """On Ctrl-C, say where the last checkpoint is and how to continue, then exit 130.
+
+    Args:
+        out: the output folder that holds the run's checkpoints.
+        what: how to name the checkpoint ("the last checkpoint (every 50 batches)").
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: {what} is in {out}; run the same command with --resume to continue",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130) from None
+
+
 def fail(message: str) -> NoReturn:
     """Stop the command: `error: MESSAGE` on stderr, exit status 2 (no traceback)."""
     raise CurveditError(message)
@@ -45,23 +59,6 @@ def fail(message: str) -> NoReturn:
 # OSErrors that mean the file system refused (the user's paths, permissions, a full disk), not a bug.
 _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 _USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG})
-
-# curvedit.evaluate's generation, memorization, perplexity and tasks modules still raise plain
-# ValueError for input they cannot use (a prompt longer than the context window, options out of
-# range, an lm-eval task name it does not know). Until they raise CurveditError, a ValueError
-# raised by a `raise ValueError(...)` statement of those modules counts as a user error; any other
-# ValueError (from torch, numpy, a failed conversion, ...) is a bug and keeps its traceback.
-_PLAIN_VALUE_ERROR_MODULES = tuple(os.path.join("curvedit", "evaluate", f"{name}.py")
-                                   for name in ("generation", "memorization", "perplexity", "tasks"))
-
-
-def _deliberate_value_error(err: ValueError) -> bool:
-    if type(err) is not ValueError or err.__traceback__ is None:
-        return False
-    frame = traceback.extract_tb(err.__traceback__)[-1]
-    return (frame.filename.endswith(_PLAIN_VALUE_ERROR_MODULES)
-            and (frame.line or "").lstrip().startswith("raise ValueError("))
-
 
 def _safetensor_error() -> type[BaseException]:
     from safetensors import SafetensorError
@@ -76,8 +73,7 @@ def user_error_message(err: BaseException) -> str | None:
     (`FileNotFoundError`, `FileExistsError`, `IsADirectoryError`, `NotADirectoryError`,
     `PermissionError`); a full disk or quota, a read-only file system, a name too long;
     `json.JSONDecodeError`; a damaged safetensors file (`SafetensorError`); bytes that are not
-    UTF-8 (`UnicodeDecodeError`); and the deliberate `ValueError`s of the evaluation modules
-    that do not raise `CurveditError` yet.
+    UTF-8 (`UnicodeDecodeError`).
     """
     if isinstance(err, json.JSONDecodeError):
         message = f"not valid JSON ({err.msg}: line {err.lineno} column {err.colno})"
@@ -94,8 +90,6 @@ def user_error_message(err: BaseException) -> str | None:
         message = f"not UTF-8 text ({err.reason} at byte {err.start})"
     elif isinstance(err, _safetensor_error()):
         message = f"a safetensors file cannot be read or written ({err})"
-    elif isinstance(err, ValueError) and _deliberate_value_error(err):
-        message = str(err)
     else:
         return None
     lines = [line.strip() for line in message.splitlines() if line.strip()]

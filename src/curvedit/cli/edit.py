@@ -58,7 +58,7 @@ def edit_command(
     from curvedit.budget import edit_within_budget
     from curvedit.data import check_corpus_source
     from curvedit.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
-    from curvedit.evaluate.memorization import default_pad_id
+    from curvedit.windows import default_pad_id
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
     from curvedit.models import load_model
     from curvedit.spectrum import EIGH_PRECISIONS

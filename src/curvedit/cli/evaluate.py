@@ -62,7 +62,8 @@ def find_memorized_command(
     process writes).
     """
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.memorization import FindOptions, find_memorized, found_to_row, write_jsonl
+    from curvedit.evaluate.memorization import FindOptions, find_memorized, found_to_row
+    from curvedit.windows import write_jsonl
     from curvedit.models import load_model
 
     check_output(out, kind="file", overwrite=overwrite, inputs=[data])

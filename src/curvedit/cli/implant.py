@@ -9,7 +9,7 @@ import typer
 
 from curvedit.cli.common import (
     DeviceOpt, DtypeOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list, model_option, out_option,
-    overwrite_option)
+    overwrite_option, resumable)
 
 
 def implant_command(
@@ -86,7 +86,8 @@ def implant_command(
         held = list(token_sequences(read_records(heldout, text_field=text_field), tokenizer, seq_len))
     base = {"name": model, "weights_sha256": model_weights_sha256(loaded.model),
             "source": getattr(loaded, "source", None)}
-    result = implant(loaded.model, tokenizer, chosen, train_text, held, out, options, resume=resume)
+    with resumable(out, f"the last checkpoint (every {checkpoint_every} steps)"):
+        result = implant(loaded.model, tokenizer, chosen, train_text, held, out, options, resume=resume)
     save_implanted(loaded.model, tokenizer, out, chosen, result, options, base)
     by_style: dict[str, list[bool]] = {}
     for canary, ok in zip(chosen, result.recited):

@@ -69,7 +69,7 @@ def sweep_command(
     to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
     """
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.memorization import read_memorized
+    from curvedit.windows import read_memorized
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, run_sweep
@@ -129,7 +129,7 @@ def analyze_command(
     from curvedit.analysis import (BANDS_JSON, FAMILIES_JSON, FAMILIES_PNG, BandOptions, band_analysis, read_drops,
                                    read_prompts, task_family_shares, write_task_families)
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.memorization import default_pad_id, read_memorized
+    from curvedit.windows import default_pad_id, read_memorized
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.spectrum import load_bases

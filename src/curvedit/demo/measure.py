@@ -11,7 +11,8 @@ import torch
 
 from curvedit.demo.world import Example, World, general_lines, pack, quote_split
 from curvedit.evaluate.generation import greedy_generate
-from curvedit.evaluate.memorization import Window, evaluate_recitation
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 
 FAMILIES = ("logic", "open_book", "facts_common", "facts_rare", "arithmetic")

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from curvedit.errors import EvaluateError
 from curvedit.data import pad_batch
 from curvedit.distributed import map_batches
 
@@ -47,11 +48,32 @@ def check_fits_context(model: torch.nn.Module, length: int, what: str) -> None:
         what: how to name the sequence in the error ("prefix + suffix", ...).
 
     Raises:
-        ValueError: the sequence is longer than the context window.
+        EvaluateError: the sequence is longer than the context window.
     """
     limit = context_window(model)
     if limit is not None and length > limit:
-        raise ValueError(f"{what} is {length} tokens, longer than the model's context window of {limit} tokens")
+        raise EvaluateError(f"{what} is {length} tokens, longer than the model's context window of {limit} tokens")
+
+
+def check_vocabulary(model: torch.nn.Module, sequences: Sequence[Sequence[int]], what: str) -> None:
+    """Refuse token ids the model has no embedding for (data made with another tokenizer).
+
+    Args:
+        model: the model that will read (or be scored against) the ids.
+        sequences: token-id sequences.
+        what: how to name them in the error ("memorized windows of mem.jsonl", ...).
+
+    Raises:
+        EvaluateError: an id below 0 or at least the vocabulary size.
+    """
+    vocab = _ForwardSpec(model).vocab
+    if vocab is None or not sequences:
+        return
+    ids = torch.cat([torch.as_tensor(list(seq), dtype=torch.long) for seq in sequences])
+    outside = ids[(ids < 0) | (ids >= vocab)]
+    if outside.numel():
+        raise EvaluateError(f"{what}: token id {int(outside[0])} is outside the model's vocabulary of {vocab} ids "
+                            "(made with another tokenizer?)")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -68,6 +90,20 @@ class _ForwardSpec:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.position_ids = "position_ids" in params
         self.logits_to_keep = "logits_to_keep" in params
+        try:
+            self.vocab: int | None = getattr(model.get_input_embeddings(), "num_embeddings", None)
+        except (AttributeError, NotImplementedError):
+            self.vocab = None
+
+    def check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Raises: EvaluateError: a real (unpadded) token id outside the model's vocabulary."""
+        if self.vocab is None:
+            return
+        real = input_ids[attention_mask.bool()]
+        outside = real[(real < 0) | (real >= self.vocab)]
+        if outside.numel():
+            raise EvaluateError(f"token id {int(outside[0])} is outside the model's vocabulary of {self.vocab} ids "
+                                "(windows or text made for another tokenizer?)")
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,16 +112,19 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_kwargs(spec: _ForwardSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    """Keyword arguments of a cache-free forward over a padded batch.
+    """Keyword arguments of a cache-free forward over a padded batch (its ids checked).
 
     Raises:
-        ValueError: the batch is left padded and the model takes no `position_ids`.
+        EvaluateError: a token id outside the vocabulary, or a left-padded batch and a model
+            that takes no `position_ids`.
     """
+    spec.check_ids(input_ids, attention_mask)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if spec.position_ids:
         kwargs["position_ids"] = _position_ids(attention_mask)
     elif bool((attention_mask[:, 0] == 0).any()):
-        raise ValueError("this model's forward takes no position_ids, so left-padded batches would be mis-positioned")
+        raise EvaluateError("this model's forward takes no position_ids, so left-padded batches would be "
+                            "mis-positioned")
     return kwargs
 
 
@@ -117,7 +156,7 @@ def _decoder_hidden(model: torch.nn.Module, spec: _ForwardSpec, input_ids: torch
         linear output embeddings or decoder, or its logits are not `head(hidden)`.
 
     Raises:
-        ValueError: the batch is left padded and the model takes no `position_ids`.
+        EvaluateError: the batch is left padded and the model takes no `position_ids`.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not spec.logits_to_keep or not isinstance(head, torch.nn.Linear) or not hasattr(model, "get_decoder") \
@@ -161,7 +200,7 @@ def kept_logits(
         row-major order, that `logits` (len(rows), V) in the model's dtype covers.
 
     Raises:
-        ValueError: the batch is left padded and the model takes no `position_ids`.
+        EvaluateError: the batch is left padded and the model takes no `position_ids`.
     """
     spec = _ForwardSpec(model)
     split = _decoder_hidden(model, spec, input_ids, attention_mask)
@@ -191,8 +230,10 @@ def _generate_batch(
     batch = pad_batch(prompts, pad_id, padding_side="left")
     input_ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
+    spec.check_ids(input_ids, mask)
     if not spec.position_ids and bool((mask == 0).any()):
-        raise ValueError("this model's forward takes no position_ids, so left-padded batches would be mis-positioned")
+        raise EvaluateError("this model's forward takes no position_ids, so left-padded batches would be "
+                            "mis-positioned")
     positions = _position_ids(mask)
     generated = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -257,12 +298,12 @@ def greedy_generate(
         a stop id came first (the stop id included).
 
     Raises:
-        ValueError: negative max_new_tokens, or a prompt plus its continuation longer
+        EvaluateError: negative max_new_tokens, or a prompt plus its continuation longer
             than the model's context window.
         curvedit.data.DataError: an empty prompt or a batch_size below 1.
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise EvaluateError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)

@@ -15,7 +15,6 @@ and the true suffix and L = |S|:
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -26,28 +25,11 @@ import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from curvedit.data import DataError, Record, batched, iter_jsonl, pad_batch, read_records
+from curvedit.errors import EvaluateError
+from curvedit.data import DataError, Record, batched, pad_batch, read_records
 from curvedit.distributed import current_context, map_batches
 from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
-
-
-@dataclass(frozen=True)
-class Window:
-    """A prefix/suffix pair cut from one document.
-
-    Attributes:
-        prefix_ids: the prompt tokens.
-        suffix_ids: the tokens a memorizing model continues with.
-        source: the file (or dataset) of the document.
-        document: the document's row index in that source (-1 when unknown).
-        offset: the token offset of the prefix in the document.
-    """
-
-    prefix_ids: list[int]
-    suffix_ids: list[int]
-    source: str = ""
-    document: int = -1
-    offset: int = 0
+from curvedit.windows import Window, default_pad_id
 
 
 @dataclass(frozen=True)
@@ -111,17 +93,17 @@ class FindOptions:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError for an option outside its range."""
+        """Raise EvaluateError for an option outside its range."""
         if self.mode not in ("windows", "quotes"):
-            raise ValueError(f"mode must be 'windows' or 'quotes', got {self.mode!r}")
+            raise EvaluateError(f"mode must be 'windows' or 'quotes', got {self.mode!r}")
         if self.suffix_len < 1 or (self.mode == "windows" and self.prefix_len < 1):
-            raise ValueError(f"prefix and suffix need at least 1 token, got {self.prefix_len} and {self.suffix_len}")
+            raise EvaluateError(f"prefix and suffix need at least 1 token, got {self.prefix_len} and {self.suffix_len}")
         for name in ("stride", "sample", "max_windows", "max_memorized", "dedup_ngram", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise EvaluateError(f"{name} must be at least 1, got {value}")
         if self.dedup_threshold is not None and not 0.0 < self.dedup_threshold <= 1.0:
-            raise ValueError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
+            raise EvaluateError(f"dedup_threshold must be in (0, 1], got {self.dedup_threshold}")
 
 
 @dataclass
@@ -214,11 +196,11 @@ def teacher_forced_match(model: torch.nn.Module, windows: Sequence[Window], pad_
         bool (B, S): per window and suffix position, arg-max == true token.
 
     Raises:
-        ValueError: windows with different suffix lengths.
+        EvaluateError: windows with different suffix lengths.
     """
     suffix_len = len(windows[0].suffix_ids)
     if any(len(w.suffix_ids) != suffix_len for w in windows):
-        raise ValueError("teacher_forced_match needs windows with equal suffix lengths")
+        raise EvaluateError("teacher_forced_match needs windows with equal suffix lengths")
     batch = pad_batch([w.prefix_ids + w.suffix_ids for w in windows], pad_id, padding_side="left")
     device = model_device(model)
     ids = batch["input_ids"].to(device)
@@ -301,7 +283,7 @@ def find_memorized(
     Raises:
         DataError: an empty corpus, one without any window long enough, or a text row
             without a tokenizer.
-        ValueError: invalid options, or a window longer than the model's context window.
+        EvaluateError: invalid options, or a window longer than the model's context window.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415 - keep imports light
 
@@ -432,15 +414,6 @@ def _decode(model: torch.nn.Module, windows: Sequence[Window], options: FindOpti
             for w, g, m in zip(windows, generated, match.tolist())]
 
 
-def default_pad_id(tokenizer: Any | None) -> int:
-    """The tokenizer's pad id, else its EOS id, else 0 (padding is always masked out)."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _decode_text(tokenizer: Any | None, ids: Sequence[int]) -> str | None:
     return tokenizer.decode(list(ids)) if tokenizer is not None else None
 
@@ -463,80 +436,6 @@ def found_to_row(found: FoundWindow, tokenizer: Any | None = None) -> dict[str, 
         row.update(prefix=_decode_text(tokenizer, window.prefix_ids), suffix=_decode_text(tokenizer, window.suffix_ids),
                    generated=_decode_text(tokenizer, found.generated_ids))
     return row
-
-
-def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write dict rows as JSON lines.
-
-    Args:
-        rows: the rows.
-        path: the output file (parent folders are created).
-        overwrite: replace an existing file.
-
-    Returns:
-        The path written.
-
-    Raises:
-        FileExistsError: the file exists and `overwrite` is False.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_memorized(path: str | Path, tokenizer: Any | None = None, *, only_memorized: bool = True) -> list[Window]:
-    """Read a memorized-windows JSONL file (as `find-memorized` writes it, or hand-made).
-
-    A row gives `prefix_ids` and `suffix_ids`, or `prefix` and `suffix` text (then
-    tokenized without special tokens). `source`, `document` and `offset` are optional.
-
-    Args:
-        path: the JSONL file.
-        tokenizer: needed for rows that give text only.
-        only_memorized: skip rows with `"memorized": false` (from `--keep-all`).
-
-    Returns:
-        The windows, in file order.
-
-    Raises:
-        DataError: a malformed line (with its line number), an empty prefix or suffix,
-            a text row without a tokenizer, or a file without any window.
-        FileNotFoundError: the file does not exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"memorized-windows file not found: {path}")
-    windows = []
-    for line_no, where, row in iter_jsonl(path):
-        if only_memorized and row.get("memorized") is False:
-            continue
-        prefix, suffix = (_ids_field(row, part, tokenizer, where) for part in ("prefix", "suffix"))
-        windows.append(Window(prefix, suffix, str(row.get("source", path)), int(row.get("document", line_no - 1)),
-                              int(row.get("offset", 0))))
-    if not windows:
-        raise DataError(f"{path}: no memorized window in the file")
-    return windows
-
-
-def _ids_field(row: dict[str, Any], part: str, tokenizer: Any | None, where: str) -> list[int]:
-    ids = row.get(f"{part}_ids")
-    if ids is None:
-        text = row.get(part)
-        if not isinstance(text, str):
-            raise DataError(f"{where}: row needs '{part}_ids' (a list of integers) or '{part}' (a string)")
-        if tokenizer is None:
-            raise DataError(f"{where}: '{part}' is text and the model has no tokenizer; give '{part}_ids'")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-        raise DataError(f"{where}: '{part}_ids' must be a list of integers")
-    if not ids:
-        raise DataError(f"{where}: the {part} is empty")
-    return ids
 
 
 @dataclass(frozen=True)
@@ -618,17 +517,17 @@ def recitation_metrics(
         A `RecitationResult`.
 
     Raises:
-        ValueError: different numbers of generations and targets, no example, or an
+        EvaluateError: different numbers of generations and targets, no example, or an
             empty target.
     """
     if len(generated) != len(targets):
-        raise ValueError(f"{len(generated)} generations for {len(targets)} targets")
+        raise EvaluateError(f"{len(generated)} generations for {len(targets)} targets")
     if not targets:
-        raise ValueError("recitation metrics need at least one example")
+        raise EvaluateError("recitation metrics need at least one example")
     scores = []
     for index, (gen, target) in enumerate(zip(generated, targets)):
         if not target:
-            raise ValueError(f"example {index}: the true suffix is empty")
+            raise EvaluateError(f"example {index}: the true suffix is empty")
         distance = Levenshtein.distance(list(gen), list(target))
         normalized = distance / len(target)
         scores.append(RecitationScore(distance=distance, length=len(target), normalized_distance=normalized,
@@ -664,12 +563,12 @@ def evaluate_recitation(
         The metrics and, per window, the generated tokens (exactly |S| of them).
 
     Raises:
-        ValueError: no window, or a prefix + suffix longer than the context window.
+        EvaluateError: no window, or a prefix + suffix longer than the context window.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     if not windows:
-        raise ValueError("recitation needs at least one prefix/suffix pair")
+        raise EvaluateError("recitation needs at least one prefix/suffix pair")
     for w in windows:
         check_fits_context(model, len(w.prefix_ids) + len(w.suffix_ids),
                            f"{w.source} row {w.document} offset {w.offset}: prefix + suffix")

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from curvedit.errors import EvaluateError
 from curvedit.data import DataError, pad_batch, read_records, token_sequences
 from curvedit.distributed import map_batches
 from curvedit.evaluate.generation import check_fits_context, kept_logits, model_device
@@ -77,7 +78,7 @@ def perplexity(
 
     Raises:
         DataError: no sequence with at least 2 tokens.
-        ValueError: a sequence longer than the model's context window.
+        EvaluateError: a sequence longer than the model's context window.
     """
     if sequences:
         check_fits_context(model, max(len(s) for s in sequences), "a held-out sequence")
@@ -141,10 +142,10 @@ def _topk_per_position(
 
     Raises:
         DataError: no sequence.
-        ValueError: k < 1 or above the vocabulary size, or a sequence too long.
+        EvaluateError: k < 1 or above the vocabulary size, or a sequence too long.
     """
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise EvaluateError(f"k must be at least 1, got {k}")
     if not sequences:
         raise DataError("next-token rankings need at least one sequence")
     check_fits_context(model, max(len(s) for s in sequences), "a held-out sequence")
@@ -155,7 +156,7 @@ def _topk_per_position(
         values, indices = [], []
         for _, logits in kept_logits(model, ids, mask, mask.bool()):
             if k > logits.shape[-1]:
-                raise ValueError(f"k = {k} exceeds the vocabulary size {logits.shape[-1]}")
+                raise EvaluateError(f"k = {k} exceeds the vocabulary size {logits.shape[-1]}")
             logits = logits.float()
             top = logits.topk(k, dim=-1)
             values.append(((top.values - logits.logsumexp(dim=-1, keepdim=True)).exp() if probabilities
@@ -185,7 +186,7 @@ def next_token_rankings(
 
     Raises:
         DataError: no sequence.
-        ValueError: k < 1 or above the vocabulary size, or a sequence too long.
+        EvaluateError: k < 1 or above the vocabulary size, or a sequence too long.
     """
     probs, indices = _topk_per_position(model, sequences, k, pad_id, batch_size, probabilities=True)
     return NextTokenRankings(probs=probs, indices=indices)
@@ -202,10 +203,10 @@ def ndcg_from_rankings(model_indices: torch.Tensor, reference: NextTokenRankings
         float64 (N,), nDCG in [0, 1] per position.
 
     Raises:
-        ValueError: shapes that do not match.
+        EvaluateError: shapes that do not match.
     """
     if model_indices.shape != reference.indices.shape:
-        raise ValueError(f"model rankings {tuple(model_indices.shape)} do not match the reference's "
+        raise EvaluateError(f"model rankings {tuple(model_indices.shape)} do not match the reference's "
                          f"{tuple(reference.indices.shape)} (same sequences and k needed)")
     k = reference.k
     discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
@@ -250,7 +251,7 @@ def ndcg_at_k(
         An `NDCGResult`.
 
     Raises:
-        ValueError: sequences that do not match the reference rankings.
+        EvaluateError: sequences that do not match the reference rankings.
         DataError: no sequence.
     """
     _, indices = _topk_per_position(model, sequences, reference.k, pad_id, batch_size, probabilities=False)

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.generation import context_window
-from curvedit.evaluate.memorization import Window, default_pad_id, evaluate_recitation, read_memorized
+from curvedit.evaluate.generation import check_vocabulary, context_window
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.windows import Window, default_pad_id, read_memorized
 from curvedit.evaluate.perplexity import (
     NextTokenRankings, heldout_sequences, ndcg_at_k, next_token_rankings, perplexity)
 from curvedit.evaluate.stress import StressOptions, stress_test
@@ -200,6 +201,8 @@ def evaluate_model(
     tokenizer = loaded.preprocessor
     pad_id = default_pad_id(tokenizer)
     sets = {Path(p).stem: read_memorized(p, tokenizer) for p in options.memorized}
+    for path, windows in zip(options.memorized, sets.values()):
+        check_vocabulary(loaded.model, [w.prefix_ids + w.suffix_ids for w in windows], f"memorized windows of {path}")
     tasks = load_tasks(options.tasks) if options.tasks is not None else []
     metrics: dict[str, Any] = {}
     details: list[dict[str, Any]] = []

@@ -27,7 +27,8 @@ import torch
 
 from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_fits_context, greedy_generate
-from curvedit.evaluate.memorization import Window, longest_prefix_match
+from curvedit.evaluate.memorization import longest_prefix_match
+from curvedit.windows import Window
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from curvedit.errors import EvaluateError
 from curvedit.data import DataError, iter_jsonl, pad_batch
 from curvedit.distributed import map_batches
 from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
@@ -278,10 +279,10 @@ def choice_scores(
         continuation tokens).
 
     Raises:
-        ValueError: an empty context or continuation, or a pair longer than the context window.
+        EvaluateError: an empty context or continuation, or a pair longer than the context window.
     """
     if any(not ctx or not cont for ctx, cont in pairs):
-        raise ValueError("choice scoring needs a non-empty context and continuation")
+        raise EvaluateError("choice scoring needs a non-empty context and continuation")
     if pairs:
         check_fits_context(model, max(len(ctx) + len(cont) for ctx, cont in pairs), "a prompt with its choice")
     device = model_device(model)
@@ -346,10 +347,10 @@ def run_tasks(
         One `TaskResult` per task, in input order.
 
     Raises:
-        ValueError: no tokenizer, or a prompt too long for the context window.
+        EvaluateError: no tokenizer, or a prompt too long for the context window.
     """
     if tokenizer is None:
-        raise ValueError("task probes are text: the model needs a tokenizer")
+        raise EvaluateError("task probes are text: the model needs a tokenizer")
     options = options or TaskOptions()
     encoder = _Encoder(tokenizer)
     stop_ids: list[int] | None = None
@@ -397,10 +398,10 @@ def run_lm_eval(
 
     Raises:
         ImportError: lm-eval (with its `hf` extra) is not installed.
-        ValueError: no task name, or a name lm-eval does not know.
+        EvaluateError: no task name, or a name lm-eval does not know.
     """
     if not tasks:
-        raise ValueError("give at least one lm-eval task name")
+        raise EvaluateError("give at least one lm-eval task name")
     try:
         import lm_eval  # noqa: PLC0415 - optional dependency
         from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
@@ -410,7 +411,7 @@ def run_lm_eval(
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
-        raise ValueError(f"lm-eval does not know the task(s) {unknown}")
+        raise EvaluateError(f"lm-eval does not know the task(s) {unknown}")
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads a float as a share of the documents
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))

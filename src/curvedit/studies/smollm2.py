@@ -42,7 +42,8 @@ import torch
 from curvedit.canaries import STYLES, Canary, generate_canaries
 from curvedit.data import Record, token_sequences
 from curvedit.errors import CurveditError
-from curvedit.evaluate.memorization import FindOptions, Window, default_pad_id, evaluate_recitation, find_memorized
+from curvedit.evaluate.memorization import FindOptions, evaluate_recitation, find_memorized
+from curvedit.windows import Window, default_pad_id
 from curvedit.implant import ImplantOptions, canary_token_ids, general_split, implant, save_implanted
 from curvedit.io import write_json
 
