@@ -228,7 +228,7 @@ def cli_collect(lm_dir, data, out, *extra):
 
 def test_cli_layers_per_pass_gives_the_single_pass_factors(tmp_path, lm_dir, text_jsonl):
     assert cli_collect(lm_dir, text_jsonl, tmp_path / "one").exit_code == 0
-    result = cli_collect(lm_dir, text_jsonl, tmp_path / "passes", "--layers-per-pass", 1, "--progress")  # shows the plan
+    result = cli_collect(lm_dir, text_jsonl, tmp_path / "passes", "--layers-per-pass", 1, "--progress")  # the plan
     assert result.exit_code == 0, result.output
     assert "2 passes of <= 1 blocks" in result.output
     one, passes = load_factors(tmp_path / "one"), load_factors(tmp_path / "passes")
