@@ -431,7 +431,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
         def matched(m: str = method) -> dict[str, Any]:
             search = bisect_amount(model, targets, bases, ppl_text, mode="match", target_ppl=kfac_ppl,
-                                   unedited_ppl=unedited_ppl, method=m, seed=seed, steps=options.bisect_steps + 2,
+                                   unedited_ppl=unedited_ppl, method=m, seed=seed,
+                                   steps=options.bisect_steps + (7 if m == "svd" else 2),  # SVD is steep near 1
                                    tolerance=0.005, batch_size=options.batch_size, pad_id=pad_id,
                                    compute_dtype=options.compute_dtype)
             plan = EditPlan([search.rule()], method=m, seed=seed, compute_dtype=options.compute_dtype)
@@ -538,10 +539,19 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, float]:
     return cached(options.cache / "base-probes.json", _key({"items": options.probe_items, "v": 1}), compute)
 
 
+def _matched(variant: dict[str, Any], tolerance: float = 0.02) -> bool:
+    """Whether a perplexity-matched control reached K-FAC's perplexity within `tolerance`
+    (a control that cannot be matched is no comparison at equal cost)."""
+    search = variant["matched"]
+    return search["edited"] and abs(search["perplexity"] / search["target_perplexity"] - 1) <= tolerance
+
+
 def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options: StudyOptions) -> dict[str, Any]:
     """Means over seeds per variant, retention of the probes the base model gets right,
     and the issue's targets checked per seed."""
     used = sorted(f for f, acc in base_probe.items() if acc >= options.probe_min_accuracy)
+    # retention is measured against the implanted model: families it no longer gets right say nothing
+    kept = [f for f in used if all(s["variants"]["unedited"]["probes"].get(f) for s in seeds)]
     table: dict[str, Any] = {}
     for name in VARIANTS:
         rows = [s["variants"][name] for s in seeds if name in s["variants"]]
@@ -560,8 +570,7 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options
             "perplexity": mean(lambda r, u: r["perplexity"]),
             "ppl_ratio": mean(lambda r, u: r["perplexity"] / u["perplexity"]),
             "ndcg10": mean(lambda r, u: r["ndcg10"]),
-            "probe_retention": {f: mean(lambda r, u, f=f: r["probes"][f] / u["probes"][f] if u["probes"][f] else 0.0)
-                                for f in used},
+            "probe_retention": {f: mean(lambda r, u, f=f: r["probes"][f] / u["probes"][f]) for f in kept},
             "stress_exact": {k: mean(lambda r, u, k=k: r["stress"][k]["exact"] or 0.0)
                              for k in rows[0]["stress"]},
             "by_style": {st: {m: mean(lambda r, u, st=st, m=m: r["heldout_by_style"].get(st, {}).get(m, 0.0))
@@ -577,10 +586,11 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options
             "kfac_strict<=0.05": kfac["heldout"]["strict"] <= 0.05,
             "kfac_loose<=0.10": kfac["heldout"]["loose"] <= 0.10,
             "kfac_ppl<=1.05x": kfac["perplexity"] <= 1.05 * unedited["perplexity"],
+            **{f"{name}_matched_within_2%": _matched(v[name]) for name in ("random_ppl", "svd")},
             "random_ppl_loose>=2x_kfac": v["random_ppl"]["heldout"]["loose"] >= 2 * kfac["heldout"]["loose"] - 1e-12,
             "svd_loose>=2x_kfac": v["svd"]["heldout"]["loose"] >= 2 * kfac["heldout"]["loose"] - 1e-12,
         })
-    return {"variants": table, "probes_used": used, "targets": checks}
+    return {"variants": table, "probes_used": used, "probes_for_retention": kept, "targets": checks}
 
 
 def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
