@@ -337,3 +337,16 @@ def test_every_error_type_of_curvedit_is_a_curvedit_error_and_a_value_error():
             "TaskFormatError", "ModelLoadError", "MemoryPlanError", "ObjectiveError", "EvaluateError"} <= set(found)
     assert [name for name, cls in found.items() if not issubclass(cls, CurveditError)] == []
     assert all(issubclass(cls, ValueError) for cls in found.values())
+
+
+def test_ctrl_c_during_collection_says_where_the_checkpoint_is(ws, monkeypatch):
+    import curvedit.collect
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(curvedit.collect, "collect_factors", interrupted)
+    out = ws.out("interrupted")
+    result = runner.invoke(app, [str(a) for a in collect(ws, ws.model, out, "--checkpoint-every", 7)])
+    assert result.exit_code == 130
+    assert f"the last checkpoint (every 7 batches) is in {out}" in result.stderr and "--resume" in result.stderr
