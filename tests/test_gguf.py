@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from curvedit.cli import app  # noqa: E402
-from curvedit.models import ModelLoadError, file_sha256, find_gguf, gguf_quantization, load_model  # noqa: E402
+from curvedit.io import file_sha256  # noqa: E402
+from curvedit.models import ModelLoadError, find_gguf, gguf_quantization, load_model  # noqa: E402
 
 IDS = torch.tensor([[3, 50, 100, 200, 262, 7, 259]])
 

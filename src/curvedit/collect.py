@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -38,7 +37,7 @@ from curvedit.distributed import (DistContext, check_same, current_context, is_s
 from curvedit.errors import CurveditError
 from curvedit.evaluate.generation import context_window
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256
-from curvedit.io import write_safetensors
+from curvedit.io import safetensors_metadata, write_safetensors
 from curvedit.objectives import LABEL_MODES, CausalLMObjective, Objective
 from curvedit.targets import Target
 
@@ -255,11 +254,7 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     Raises:
         CollectError: the file is not a readable curvedit checkpoint.
     """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = (handle.metadata() or {}).get(CHECKPOINT_KEY)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise CollectError(f"--resume: {path} is not a readable checkpoint ({err})") from None
+    header = safetensors_metadata(path, CollectError).get(CHECKPOINT_KEY)
     if header is None:
         raise CollectError(f"--resume: {path} is not a curvedit checkpoint (no {CHECKPOINT_KEY!r} header)")
     return json.loads(header)

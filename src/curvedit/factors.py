@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from curvedit import __version__
 from curvedit.errors import CurveditError
-from curvedit.io import write_json, write_safetensors
+from curvedit.io import safetensors_metadata, write_json, write_safetensors
 from curvedit.targets import Target
 
 FORMAT_VERSION = 1
@@ -154,11 +153,7 @@ def _read_header(tensor_path: Path) -> dict[str, Any] | None:
     Raises:
         FactorError: the file is not a readable safetensors file.
     """
-    try:
-        with safe_open(str(tensor_path), framework="pt") as handle:
-            header = (handle.metadata() or {}).get(HEADER_KEY)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise FactorError(f"{tensor_path}: not a readable safetensors file ({err})") from None
+    header = safetensors_metadata(tensor_path, FactorError).get(HEADER_KEY)
     return None if header is None else json.loads(header)
 
 

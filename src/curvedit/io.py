@@ -3,6 +3,7 @@ a half-written file that looks whole."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -41,3 +42,27 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     """Write a safetensors file atomically (tensors made contiguous, moved to CPU)."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_metadata(path: str | Path, error: type[Exception]) -> dict[str, str]:
+    """The string metadata of a safetensors file's header.
+
+    Raises:
+        error: the file is not a readable safetensors file (the message names it).
+    """
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise error(f"{path}: not a readable safetensors file ({err})") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import pickle
 from collections import Counter
@@ -14,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from curvedit.errors import CurveditError
+from curvedit.io import file_sha256
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -127,15 +127,6 @@ def gguf_quantization(path: Path) -> str:
     for tensor in reader.tensors:
         elements[tensor.tensor_type.name] += int(tensor.n_elements)
     return elements.most_common(1)[0][0]
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dense_gguf_options() -> dict[str, Any]:

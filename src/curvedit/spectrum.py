@@ -11,7 +11,6 @@ the few products inside the bracket; never a Python loop over pairs.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 from curvedit.errors import CurveditError
 from curvedit.factors import FACTORS_FILE, TargetFactors, check_factors_match, load_factors
-from curvedit.io import write_safetensors
+from curvedit.io import file_sha256, write_safetensors
 from curvedit.targets import Target
 
 EIGEN_FILE = "eigenbasis.safetensors"
@@ -119,14 +118,6 @@ def eigenbasis(factors: TargetFactors, device: str | torch.device | None = None,
     return Eigenbasis(lam=lam, U_G=u_g, mu=mu, U_A=u_a)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors], names: list[str],
                       device: str | torch.device | None = None, precision: str = "float64"
                       ) -> dict[str, Eigenbasis]:
@@ -143,7 +134,7 @@ def cached_eigenbases(factor_dir: str | Path, factors: dict[str, TargetFactors],
     """
     root = Path(factor_dir)
     cache_path = root / EIGEN_FILE
-    factors_sha = _file_sha256(root / FACTORS_FILE)
+    factors_sha = file_sha256(root / FACTORS_FILE)
     cached: dict[str, torch.Tensor] = {}
     cached_precision = "float64"
     if cache_path.is_file():
