@@ -174,8 +174,10 @@ def canary_stream(canaries: Sequence[Canary], seed: int, epoch: int) -> list[int
 
 
 def _take(order: Callable[[int], list[int]], pass_len: int, start: int, n: int) -> list[int]:
-    """Items `start .. start + n` of the endless concatenation of passes `order(0), order(1), ...`."""
-    return [order(p // pass_len)[p % pass_len] for p in range(start, start + n)]
+    """Items `start .. start + n` of the endless concatenation of passes `order(0), order(1), ...`
+    (each pass's order is built once)."""
+    passes = {e: order(e) for e in range(start // pass_len, (start + n - 1) // pass_len + 1)}
+    return [passes[p // pass_len][p % pass_len] for p in range(start, start + n)]
 
 
 def step_batch(step: int, canary_ids: Sequence[Sequence[int]], canaries: Sequence[Canary],

@@ -332,7 +332,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     from curvedit.collect import CollectOptions, collect_factors  # noqa: PLC0415
     from curvedit.data import lm_batches  # noqa: PLC0415
     from curvedit.edit import EditPlan, EditRule  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import next_token_rankings, perplexity  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
     from curvedit.factors import save_factors  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
     from curvedit.studies.probes import probe_tasks  # noqa: PLC0415
@@ -426,7 +426,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)], method="random", seed=seed,
                                                        compute_dtype=options.compute_dtype),
         probe, reference, options) | {"note": "random components, as many as K-FAC keeps"})
-    unedited_ppl = perplexity(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size).perplexity
+    unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
     kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
         def matched(m: str = method) -> dict[str, Any]:
