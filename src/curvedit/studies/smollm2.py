@@ -205,14 +205,6 @@ def split_halves(windows: Sequence[Window], styles: Sequence[str], seed: int) ->
     return tune, heldout
 
 
-def _window_dict(w: Window) -> dict[str, Any]:
-    return asdict(w)
-
-
-def _window(d: dict[str, Any]) -> Window:
-    return Window(**d)
-
-
 def style_of(window: Window) -> str:
     """The canary style recorded in a canary window's source ("canary:words" -> "words")."""
     return window.source.split(":", 1)[1] if window.source.startswith("canary:") else window.source
@@ -359,10 +351,10 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     def found() -> dict[str, Any]:
         windows, styles = find_canaries(model, tokenizer, manifest, options)
         tune, heldout = split_halves(windows, styles, seed)
-        return {"tune": [_window_dict(w) for w in tune], "heldout": [_window_dict(w) for w in heldout]}
+        return {"tune": [asdict(w) for w in tune], "heldout": [asdict(w) for w in heldout]}
 
     halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found))
-    tune, heldout = [_window(d) for d in halves["tune"]], [_window(d) for d in halves["heldout"]]
+    tune, heldout = [Window(**d) for d in halves["tune"]], [Window(**d) for d in halves["heldout"]]
     if not tune or not heldout:
         raise StudyError(f"seed {seed}: the implanted model recites {len(tune) + len(heldout)} canaries; need at "
                          "least 2 (raise the implant steps or learning rate)")
