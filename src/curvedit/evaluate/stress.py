@@ -1,5 +1,31 @@
 """Stress test: does recitation survive positional perturbations of the prompt?
 
+Two tests live here (docs/method.md section 6).
+
+**The reference test** (`reference_stress_test`, the default of `curvedit evaluate`), as the
+paper's authors define it in their `position_perturb_eval`: for a window with prefix
+x_1..x_n and suffix s_1..s_k, the perturbed prompts are the union of
+
+- the prefix extended into the suffix, x_1..x_n s_1..s_i for i = 0..min(t, k) (target:
+  the rest of the suffix, s_{i+1}..s_k), and
+- left-truncated prefixes x_{n-m+1}..x_n for every length m = t+1..n (target: the whole
+  suffix),
+
+with t = 20 by default and the unperturbed prompt (i = 0, m = n) excluded by default. Each
+prompt is scored by the longest exact-match prefix of its greedy continuation against its
+target; a window's stress score is the maximum over its prompts. Reported: the mean stress
+score, the share of windows whose score reaches the whole suffix (k tokens), the
+unperturbed score and the share of windows a perturbation recites further than the
+original prompt did.
+
+The greedy continuation of a prompt agrees with its target for exactly as many tokens as
+the teacher-forced arg-max predictions of prompt + target agree with the target from the
+start (each greedy step sees the same context as teacher forcing until the first
+disagreement). So every extension into the suffix is read off one forward pass over the
+whole window, and each truncated prefix costs one forward pass: no decoding.
+
+**The filler test** (`stress_test`, `curvedit evaluate --stress filler`):
+
 For a memorized window with prefix P = p_1..p_m and suffix S = s_1..s_L:
 
 - **left-extended by k**: the prompt is k tokens of unrelated filler text followed by P;
@@ -19,15 +45,18 @@ share of full matches.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from curvedit.distributed import map_batches
 from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_fits_context, greedy_generate
-from curvedit.evaluate.memorization import longest_prefix_match
+from curvedit.evaluate.intervals import bootstrap_mean, wilson
+from curvedit.evaluate.memorization import longest_prefix_match, teacher_forced_match
 from curvedit.windows import Window
 
 
@@ -225,3 +254,163 @@ def stress_test(
         results.append(_summarize(name, k, cases, all_matches[start : start + len(cases)], skipped))
         start += len(cases)
     return results
+
+
+@dataclass(frozen=True)
+class ReferenceStressOptions:
+    """Settings of `reference_stress_test`.
+
+    Attributes:
+        t: the reference's t: extensions into the suffix up to t tokens, truncated
+            prefixes from t + 1 tokens up.
+        include_original: keep the unperturbed prompt in each window's maximum (the
+            reference excludes it by default).
+        batch_size: sequences per forward pass.
+    """
+
+    t: int = 20
+    include_original: bool = False
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        """Raise EvaluateError for t below 1 or batch_size below 1."""
+        if self.t < 1:
+            raise EvaluateError(f"the stress test's t must be at least 1, got {self.t}")
+        if self.batch_size < 1:
+            raise EvaluateError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def reference_variants(prefix_len: int, suffix_len: int, t: int, include_original: bool) -> list[tuple[int, int]]:
+    """The perturbed prompts of one window, as (start, extension) pairs.
+
+    The prompt is prefix[start:] + suffix[:extension] and its target suffix[extension:]:
+    extensions 0..min(t, k) with start 0, then truncations to m = t+1..n-1 tokens
+    (start n - m); the full prefix (0, 0) appears once, and only with `include_original`.
+
+    Args:
+        prefix_len: n.
+        suffix_len: k.
+        t: the reference's t.
+        include_original: keep (0, 0).
+
+    Returns:
+        The (start, extension) pairs, extensions first.
+    """
+    first = 0 if include_original else 1
+    extended = [(0, i) for i in range(first, min(t, suffix_len) + 1)]
+    truncated = [(prefix_len - m, 0) for m in range(t + 1, prefix_len)]
+    return extended + truncated
+
+
+def match_runs(match_bs: torch.Tensor) -> torch.Tensor:
+    """Per row and position j, how many consecutive matches start at j.
+
+    Args:
+        match_bs: bool (B, S), whether each position's prediction is right.
+
+    Returns:
+        long (B, S + 1): `runs[b, j]` is the length of the run of True starting at j
+        (`runs[b, S] = 0`); `runs[:, j]` is the exact-match prefix length of a continuation
+        scored against the target from position j on.
+    """
+    batch, width = match_bs.shape
+    positions = torch.arange(width + 1, device=match_bs.device).expand(batch, width + 1)
+    padded = torch.cat([match_bs, match_bs.new_zeros(batch, 1)], dim=1)
+    first_miss = torch.where(padded, width, positions)
+    next_miss = first_miss.flip(1).cummin(dim=1).values.flip(1)
+    return next_miss - positions
+
+
+@dataclass(frozen=True)
+class ReferenceStressResult:
+    """The reference stress test over a set of windows.
+
+    Attributes:
+        t: the t used.
+        include_original: whether the unperturbed prompt counted in the maximum.
+        prompts: perturbed prompts scored (over all windows).
+        stress: per window, the maximum exact-match prefix over its perturbed prompts.
+        original: per window, the exact-match prefix of the unperturbed prompt.
+        suffix_lengths: per window, k.
+    """
+
+    t: int
+    include_original: bool
+    prompts: int
+    stress: list[int]
+    original: list[int]
+    suffix_lengths: list[int]
+
+    def summary(self) -> dict[str, Any]:
+        """Means (with bootstrap intervals) and shares (with Wilson intervals), JSON-ready."""
+        stress, original = np.array(self.stress), np.array(self.original)
+        full = int((stress >= np.array(self.suffix_lengths)).sum())
+        improved = int((stress > original).sum())
+        n = len(self.stress)
+        return {
+            "n": n, "t": self.t, "include_original": self.include_original, "prompts": self.prompts,
+            "mean_stress": float(stress.mean()), "mean_stress_ci": bootstrap_mean(stress.tolist()).to_dict(),
+            "full_match": full / n, "full_match_ci": wilson(full, n).to_dict(),
+            "mean_original": float(original.mean()), "improved": improved / n,
+            "improved_ci": wilson(improved, n).to_dict(),
+        }
+
+
+def reference_stress_test(
+    model: torch.nn.Module,
+    windows: Sequence[Window],
+    options: ReferenceStressOptions | None = None,
+    *,
+    pad_id: int = 0,
+) -> ReferenceStressResult:
+    """The authors' position-perturbation stress test (module docstring), by teacher forcing.
+
+    Args:
+        model: an HF causal LM in eval mode.
+        windows: memorized windows.
+        options: t, whether the unperturbed prompt counts, batch size.
+        pad_id: padding id.
+
+    Returns:
+        A `ReferenceStressResult`.
+
+    Raises:
+        EvaluateError: invalid options, no window, or a window longer than the context.
+    """
+    options = options or ReferenceStressOptions()
+    options.validate()
+    if not windows:
+        raise EvaluateError("the stress test needs at least one memorized window")
+    check_fits_context(model, max(len(w.prefix_ids) + len(w.suffix_ids) for w in windows), "a memorized window")
+    # case 0 of each window is the whole window (original and every extension); then its truncations
+    cases: list[tuple[int, int]] = []  # (window index, start)
+    variants: list[list[tuple[int, int]]] = []
+    for index, w in enumerate(windows):
+        variants.append(reference_variants(len(w.prefix_ids), len(w.suffix_ids), options.t, options.include_original))
+        cases.append((index, 0))
+        cases += [(index, start) for start, extension in variants[-1] if start > 0]
+    order = sorted(range(len(cases)), key=lambda c: (len(windows[cases[c][0]].suffix_ids),
+                                                     len(windows[cases[c][0]].prefix_ids) - cases[c][1]))
+
+    def score(chunk: list[int]) -> list[torch.Tensor]:
+        runs: list[torch.Tensor] = []
+        for _, group in itertools.groupby(chunk, key=lambda c: len(windows[cases[c][0]].suffix_ids)):
+            chosen = [Window(prefix_ids=windows[i].prefix_ids[start:], suffix_ids=windows[i].suffix_ids)
+                      for i, start in (cases[c] for c in group)]  # teacher forcing takes one suffix length a call
+            runs += list(match_runs(teacher_forced_match(model, chosen, pad_id=pad_id)).cpu())
+        return runs
+
+    runs_by_case = dict(zip(order, map_batches(order, options.batch_size, score)))
+    stress, original = [0] * len(windows), [0] * len(windows)
+    for c, (index, start) in enumerate(cases):
+        runs = runs_by_case[c]
+        if start == 0:
+            original[index] = int(runs[0])
+            extensions = [e for s, e in variants[index] if s == 0]
+            best = int(runs[extensions].max()) if extensions else 0
+        else:
+            best = int(runs[0])
+        stress[index] = max(stress[index], best)
+    return ReferenceStressResult(t=options.t, include_original=options.include_original,
+                                 prompts=sum(len(v) for v in variants), stress=stress, original=original,
+                                 suffix_lengths=[len(w.suffix_ids) for w in windows])
