@@ -75,14 +75,42 @@ def test_longest_prefix_match():
     assert longest_prefix_match([], [1]) == 0
 
 
-def test_ndcg_is_one_for_the_reference_ranking_and_hand_computed_otherwise():
+def test_probability_graded_ndcg_by_hand():
     reference = NextTokenRankings(probs=torch.tensor([[0.5, 0.3, 0.2]]), indices=torch.tensor([[4, 7, 1]]))
     assert ndcg_from_rankings(torch.tensor([[4, 7, 1]]), reference).item() == pytest.approx(1.0)
     # model ranks 7 first, an unranked token (gain 0) second, 4 third
     dcg = 0.3 / math.log2(2) + 0.0 + 0.5 / math.log2(4)
     idcg = 0.5 / math.log2(2) + 0.3 / math.log2(3) + 0.2 / math.log2(4)
+    assert ndcg_from_rankings(torch.tensor([[7, 9, 4]]), reference, "probability").item() == pytest.approx(dcg / idcg)
+    assert ndcg_from_rankings(torch.tensor([[8, 9, 10]]), reference, "probability").item() == 0.0
+
+
+def test_rank_graded_ndcg_by_hand():
+    # the paper's code: the reference's r-th token has relevance k + 1 - r (here 3, 2, 1)
+    reference = NextTokenRankings(probs=torch.tensor([[0.5, 0.3, 0.2]]), indices=torch.tensor([[4, 7, 1]]))
+    assert ndcg_from_rankings(torch.tensor([[4, 7, 1]]), reference).item() == pytest.approx(1.0)
+    dcg = 2 / math.log2(2) + 0.0 + 3 / math.log2(4)  # 7 (relevance 2) first, unranked 9, then 4 (relevance 3)
+    idcg = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
     assert ndcg_from_rankings(torch.tensor([[7, 9, 4]]), reference).item() == pytest.approx(dcg / idcg)
     assert ndcg_from_rankings(torch.tensor([[8, 9, 10]]), reference).item() == 0.0
+    with pytest.raises(ValueError, match="unknown nDCG gain"):
+        ndcg_from_rankings(torch.tensor([[4, 7, 1]]), reference, "logit")
+
+
+@pytest.mark.parametrize("gain", ["rank", "probability"])
+def test_ndcg_matches_a_loop_over_positions(gain):
+    generator = torch.Generator().manual_seed(0)
+    k, vocab, rows = 10, 14, 50  # a small vocabulary so that the rankings share tokens
+    reference_ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(rows)])
+    model_ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(rows)])
+    probs = torch.rand(rows, k, generator=generator).sort(dim=1, descending=True).values
+    got = ndcg_from_rankings(model_ids, NextTokenRankings(probs=probs, indices=reference_ids), gain)
+    for row in range(rows):
+        relevance = {int(t): (k - r if gain == "rank" else float(probs[row, r]))
+                     for r, t in enumerate(reference_ids[row])}
+        dcg = sum(relevance.get(int(t), 0.0) / math.log2(r + 2) for r, t in enumerate(model_ids[row]))
+        idcg = sum(relevance[int(t)] / math.log2(r + 2) for r, t in enumerate(reference_ids[row]))
+        assert got[row].item() == pytest.approx(dcg / idcg, rel=1e-12)
 
 
 def test_ndcg_rejects_rankings_of_other_positions():

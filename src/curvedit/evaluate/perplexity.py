@@ -7,13 +7,16 @@ before it and padded positions count for nothing.
 nDCG@k compares the next-token ranking of a model with that of a reference model (the
 unedited one) at every real position of the held-out text:
 
-- the ideal ranking is the reference's own top-k tokens; a token's gain is its
-  reference probability if it is among the reference's top-k, else 0;
-- DCG = sum over the model's top-k ranks i = 1..k of gain(token_i) / log2(i + 1);
-- nDCG = DCG / IDCG, where IDCG is the DCG of the reference's top-k (so nDCG = 1 when
-  the model ranks the reference's top-k in the same order), averaged over positions.
+- a token's relevance comes from the reference's top-k: with the default `rank` gain (the
+  paper's code), the reference's r-th token has relevance k + 1 - r (10 for its top-1,
+  1 for its 10th at k = 10); with the `probability` gain, its reference probability;
+  tokens outside the reference's top-k have relevance 0;
+- DCG = sum over the model's top-k ranks r = 1..k of relevance(token_r) / log2(r + 1);
+- nDCG = DCG / IDCG, where IDCG is the DCG of the reference's own top-k (so nDCG = 1 when
+  the model ranks the reference's top-k in the same order), averaged over positions,
+  with a bootstrap interval over held-out sequences.
 
-Restricting gains to the reference's top-k means the reference's contribution is just
+Restricting relevance to the reference's top-k means the reference's contribution is just
 k (probability, id) pairs per position, computed once and kept while the reference is
 freed before the edited model is loaded.
 """
@@ -31,6 +34,7 @@ from curvedit.errors import EvaluateError
 from curvedit.data import DataError, pad_batch, read_records, token_sequences
 from curvedit.distributed import map_batches
 from curvedit.evaluate.generation import check_fits_context, kept_logits, model_device
+from curvedit.evaluate.intervals import Interval, bootstrap_ratio
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,23 @@ class PerplexityResult:
         nll: total negative log-likelihood (nats), summed in float64.
         tokens: predicted tokens counted (padding and first positions excluded).
         sequences: sequences read.
+        sequence_nll: per sequence, its summed NLL.
+        sequence_tokens: per sequence, its predicted tokens.
     """
 
     perplexity: float
     nll: float
     tokens: int
     sequences: int
+    sequence_nll: tuple[float, ...] = ()
+    sequence_tokens: tuple[int, ...] = ()
+
+    def interval(self) -> Interval:
+        """Bootstrap interval of the perplexity over held-out sequences (exp of the
+        interval of NLL per token, each sequence keeping its NLL and token count)."""
+        per_token = bootstrap_ratio(self.sequence_nll, self.sequence_tokens)
+        return Interval(value=self.perplexity, low=math.exp(per_token.low), high=math.exp(per_token.high),
+                        n=per_token.n, method=per_token.method)
 
 
 def _padded(chunk: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,18 +104,22 @@ def perplexity(
         counted = mask[:, 1:].bool()
         targets = ids[:, 1:][counted]
         predicting = F.pad(counted, (0, 1))  # position t predicts token t + 1
-        nll = sum(F.cross_entropy(logits.float(), targets[rows], reduction="none").double().sum()
-                  for rows, logits in kept_logits(model, ids, mask, predicting))
-        return [(float(nll), int(counted.sum()))]
+        nll = torch.cat([F.cross_entropy(logits.float(), targets[rows], reduction="none").double()
+                         for rows, logits in kept_logits(model, ids, mask, predicting)]
+                        or [torch.zeros(0, dtype=torch.float64, device=device)])  # 1-token sequences predict nothing
+        counts = counted.sum(dim=1).tolist()  # kept positions are row-major: split them back per sequence
+        return [(float(part.sum()), count) for part, count in zip(nll.cpu().split(counts), counts)]
 
-    per_batch = map_batches(sequences, batch_size, batch_nll)
+    per_sequence = map_batches(sequences, batch_size, batch_nll)
     total = 0.0
-    for nll, _ in per_batch:  # summed in batch order, however the batches were shared out
+    for nll, _ in per_sequence:  # summed in sequence order, however the batches were shared out
         total += nll
-    tokens = sum(count for _, count in per_batch)
+    tokens = sum(count for _, count in per_sequence)
     if tokens == 0:
         raise DataError("perplexity needs at least one sequence of 2 or more tokens")
-    return PerplexityResult(perplexity=math.exp(total / tokens), nll=total, tokens=tokens, sequences=len(sequences))
+    return PerplexityResult(perplexity=math.exp(total / tokens), nll=total, tokens=tokens, sequences=len(sequences),
+                            sequence_nll=tuple(n for n, _ in per_sequence),
+                            sequence_tokens=tuple(c for _, c in per_sequence))
 
 
 @dataclass(frozen=True)
@@ -192,27 +211,45 @@ def next_token_rankings(
     return NextTokenRankings(probs=probs, indices=indices)
 
 
-def ndcg_from_rankings(model_indices: torch.Tensor, reference: NextTokenRankings) -> torch.Tensor:
+NDCG_GAINS = ("rank", "probability")
+NDCG_DEFINITIONS = {
+    "rank": "relevance k+1-r for the reference's r-th token (0 outside its top-k), discount 1/log2(r+1) over the "
+            "model's top-k, normalised by the reference's own DCG; mean over held-out positions",
+    "probability": "relevance = the reference's probability of the token (0 outside its top-k), discount "
+                   "1/log2(r+1) over the model's top-k, normalised by the reference's own DCG; mean over positions",
+}
+
+
+def ndcg_from_rankings(model_indices: torch.Tensor, reference: NextTokenRankings, gain: str = "rank") -> torch.Tensor:
     """Per-position nDCG@k of a model's top-k token ids against the reference's.
 
     Args:
         model_indices: long (N, k), the model's top-k ids per position, best first.
         reference: the reference's top-k (probabilities descending, ids) per position.
+        gain: "rank" (the reference's r-th token has relevance k + 1 - r) or
+            "probability" (its reference probability); tokens outside the reference's
+            top-k have relevance 0.
 
     Returns:
         float64 (N,), nDCG in [0, 1] per position.
 
     Raises:
-        EvaluateError: shapes that do not match.
+        EvaluateError: shapes that do not match, or an unknown gain.
     """
     if model_indices.shape != reference.indices.shape:
         raise EvaluateError(f"model rankings {tuple(model_indices.shape)} do not match the reference's "
-                         f"{tuple(reference.indices.shape)} (same sequences and k needed)")
+                            f"{tuple(reference.indices.shape)} (same sequences and k needed)")
+    if gain not in NDCG_GAINS:
+        raise EvaluateError(f"unknown nDCG gain {gain!r}; choose one of {', '.join(NDCG_GAINS)}")
     k = reference.k
     discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    if gain == "rank":
+        relevance = torch.arange(k, 0, -1, dtype=torch.float64).expand(reference.indices.shape)
+    else:
+        relevance = reference.probs.double()
     same = model_indices[:, :, None] == reference.indices[:, None, :]
-    gains = (same.double() * reference.probs.double()[:, None, :]).sum(dim=-1)
-    return (gains @ discount) / (reference.probs.double() @ discount)
+    gains = (same.double() * relevance[:, None, :]).sum(dim=-1)
+    return (gains @ discount) / (relevance @ discount)
 
 
 @dataclass(frozen=True)
@@ -223,11 +260,21 @@ class NDCGResult:
         ndcg: mean nDCG@k over positions.
         k: ranking depth.
         positions: positions averaged over.
+        gain: "rank" or "probability".
+        sequence_sums: per held-out sequence, the sum of its positions' nDCG.
+        sequence_positions: per held-out sequence, its positions.
     """
 
     ndcg: float
     k: int
     positions: int
+    gain: str = "rank"
+    sequence_sums: tuple[float, ...] = ()
+    sequence_positions: tuple[int, ...] = ()
+
+    def interval(self) -> Interval:
+        """Bootstrap interval of the mean nDCG over held-out sequences."""
+        return bootstrap_ratio(self.sequence_sums, self.sequence_positions)
 
 
 def ndcg_at_k(
@@ -237,6 +284,7 @@ def ndcg_at_k(
     *,
     pad_id: int = 0,
     batch_size: int = 8,
+    gain: str = "rank",
 ) -> NDCGResult:
     """Mean nDCG@k of the model's next-token rankings against a reference's (module docstring).
 
@@ -246,17 +294,21 @@ def ndcg_at_k(
         reference: from `next_token_rankings` on the reference model.
         pad_id: padding id.
         batch_size: sequences per forward pass.
+        gain: "rank" (the reference's definition) or "probability" (see `ndcg_from_rankings`).
 
     Returns:
-        An `NDCGResult`.
+        An `NDCGResult` (its `interval()` is over held-out sequences).
 
     Raises:
-        EvaluateError: sequences that do not match the reference rankings.
+        EvaluateError: sequences that do not match the reference rankings, or an unknown gain.
         DataError: no sequence.
     """
     _, indices = _topk_per_position(model, sequences, reference.k, pad_id, batch_size, probabilities=False)
-    per_position = ndcg_from_rankings(indices, reference)
-    return NDCGResult(ndcg=float(per_position.mean()), k=reference.k, positions=per_position.numel())
+    per_position = ndcg_from_rankings(indices, reference, gain)
+    lengths = [len(s) for s in sequences]
+    sums = tuple(float(part.sum()) for part in per_position.split(lengths))
+    return NDCGResult(ndcg=float(per_position.mean()), k=reference.k, positions=per_position.numel(), gain=gain,
+                      sequence_sums=sums, sequence_positions=tuple(lengths))
 
 
 def heldout_sequences(source: Any, tokenizer: Any | None, *, seq_len: int, max_tokens: int | None,
