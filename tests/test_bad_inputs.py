@@ -81,6 +81,7 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "plan-svd.json").write_text('{"rules": [{"pattern": "*", "rho": 0.6}], "method": "svd"}')
     (root / "corpus.json").write_text(json.dumps([{"text": "a json array, not JSON lines"}]))
     (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
+    (root / "tiny.jsonl").write_text(json.dumps({"text": "too short"}) + "\n")
     (root / "a-folder").mkdir()
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
     (root / "windows-outside.jsonl").write_text(json.dumps({"prefix_ids": [3, 4, 5], "suffix_ids": [99, 4]}) + "\n")
@@ -106,7 +107,7 @@ def edit(w: Workspace, model: Path | str, out: Path, *extra, factors: Path | Non
 
 
 def evaluate(w: Workspace, model: Path | str, out: Path, *extra) -> list:
-    return ["evaluate", "--model", model, "--memorized", w.memorized, "--no-stress", "--out", out, "--no-progress",
+    return ["evaluate", "--model", model, "--memorized", w.memorized, "--stress", "none", "--out", out, "--no-progress",
             *extra]
 
 
@@ -169,7 +170,7 @@ ROWS += [
      lambda w: ["collect", "--model", w.model, "--data", w.root / "ids-outside.jsonl", "--out", w.out("c"),
                 "--seq-len", 16, "--no-progress"], "token id 99 is outside"),
     ("evaluate: memorized windows outside the vocabulary",
-     lambda w: ["evaluate", "--model", w.model, "--memorized", w.root / "windows-outside.jsonl", "--no-stress",
+     lambda w: ["evaluate", "--model", w.model, "--memorized", w.root / "windows-outside.jsonl", "--stress", "none",
                 "--out", w.out("r.json"), "--no-progress"], "token id 99 is outside"),
     ("find-memorized: input_ids outside the vocabulary",
      lambda w: find_memorized(w, w.model, w.out("m.jsonl"), data=w.root / "ids-outside.jsonl") + ["--prefix", 2,
@@ -187,6 +188,24 @@ ROWS += [
      "same factors"),
     ("evaluate: --loose-threshold outside (0, 1]",
      lambda w: evaluate(w, w.model, w.out("r.json"), "--loose-threshold", 5), "loose threshold"),
+    ("evaluate: --stress of an unknown kind",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--stress", "shuffle"), "--stress must be"),
+    ("evaluate: --stress-t 0", lambda w: evaluate(w, w.model, w.out("r.json"), "--stress", "reference",
+                                                  "--stress-t", 0), "t must be at least 1"),
+    ("evaluate: --ndcg-gain of an unknown kind",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--ndcg-gain", "logit"), "unknown nDCG gain"),
+    ("evaluate: --mia without --memorized",
+     lambda w: ["evaluate", "--model", w.model, "--heldout", w.corpus, "--mia", w.corpus, "--out", w.out("r.json"),
+                "--no-progress"], "give --memorized"),
+    ("evaluate: --mia text shorter than one memorized window",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--mia", w.root / "tiny.jsonl"), "no window of 25 tokens"),
+    ("evaluate: --min-k 0", lambda w: evaluate(w, w.model, w.out("r.json"), "--mia", w.corpus, "--min-k", 0),
+     "min-k% needs k"),
+    ("evaluate: --samples -1", lambda w: evaluate(w, w.model, w.out("r.json"), "--samples", -1), "--samples"),
+    ("evaluate: --temperature 0", lambda w: evaluate(w, w.model, w.out("r.json"), "--samples", 4,
+                                                     "--temperature", 0), "temperature"),
+    ("evaluate: --reference without --heldout or --mia",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--reference", w.model), "--mia"),
     ("sweep: --loose-threshold outside (0, 1]",
      lambda w: sweep(w, w.model, w.out("sweep")) + ["--loose-threshold", 0], "loose threshold"),
     ("baseline bsn: --lr nan", lambda w: bsn(w, w.model, w.out("b")) + ["--lr", "nan"], "lr must be"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -14,6 +16,13 @@ def pyplot():
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
+
+
+def spans(values: Sequence[float], ratio: float) -> bool:
+    """Whether positive finite `values` span more than `ratio` times (then a log axis reads better)."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    return bool(finite) and len(finite) == len([v for v in values if math.isfinite(v)]) and \
+        max(finite) / min(finite) > ratio
 
 
 def save_figure(fig, out: str | Path) -> Path:

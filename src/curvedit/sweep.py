@@ -27,7 +27,6 @@ the point's `bisection`. These points go through the same front and choice.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -438,7 +437,7 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
     Returns:
         The PNG path.
     """
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
+    from curvedit.plots import pyplot, save_figure, spans  # noqa: PLC0415
 
     plt = pyplot()
     metric = result.options.metric
@@ -459,8 +458,7 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
         chosen = result.points[result.chosen]
         ax.scatter([ppl[result.chosen]], [mem[result.chosen]], marker="*", s=220, color="tab:orange",
                    edgecolor="k", label=f"chosen: {chosen.label}", zorder=5)
-    finite = [v for v in ppl + [base.perplexity] if math.isfinite(v)]
-    if finite and max(finite) / min(finite) > 20:
+    if spans(ppl + [base.perplexity], 3.0):
         ax.set_xscale("log")
     ax.set_xlabel("held-out perplexity")
     ax.set_ylabel(f"memorization ({metric}, %)")

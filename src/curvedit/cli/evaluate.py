@@ -90,7 +90,8 @@ def find_memorized_command(
 def evaluate_command(
     model: str = model_option("Model under test (name or directory)."),
     out: Path = out_option("Results JSON (details go to OUT.details.jsonl)."),
-    reference: Optional[str] = typer.Option(None, help="Reference model for nDCG (needs --heldout)."),
+    reference: Optional[str] = typer.Option(
+        None, help="Reference (unedited) model: nDCG (needs --heldout) and the reference MIA score (needs --mia)."),
     memorized: Optional[List[Path]] = typer.Option(None, help="Memorized-windows JSONL; repeat for several sets."),
     heldout: Optional[Path] = typer.Option(None, help="Held-out corpus for perplexity / nDCG / stress filler."),
     heldout_seq_len: int = typer.Option(512, help="Held-out sequence length."),
@@ -102,9 +103,21 @@ def evaluate_command(
     lm_eval_fewshot: Optional[int] = typer.Option(None, help="lm-eval few-shot count."),
     lm_eval_include: Optional[Path] = typer.Option(None, help="Folder of custom lm-eval task YAML files."),
     ndcg_k: int = typer.Option(10, help="nDCG depth."),
-    stress: bool = typer.Option(True, help="Run the positional stress test on the memorized sets."),
-    left_extend: str = typer.Option("16,32", help="Stress: filler tokens to prepend, comma-separated."),
-    right_shift: str = typer.Option("8,16", help="Stress: window shifts in tokens, comma-separated."),
+    ndcg_gain: str = typer.Option("rank", help="nDCG relevance: rank (the paper's code: 10 for the reference's "
+                                               "top-1 ... 1 for its 10th) or probability."),
+    stress: str = typer.Option("reference", help="Stress test on the memorized sets: reference (the paper's "
+                                                 "position perturbations), filler, or none."),
+    stress_t: int = typer.Option(20, help="Stress (reference): extensions up to t tokens, truncations from t+1."),
+    stress_original: bool = typer.Option(False, help="Stress (reference): count the unperturbed prompt in the max."),
+    left_extend: str = typer.Option("16,32", help="Stress (filler): filler tokens to prepend, comma-separated."),
+    right_shift: str = typer.Option("8,16", help="Stress (filler): window shifts in tokens, comma-separated."),
+    mia: Optional[Path] = typer.Option(None, help="Non-member corpus: membership-inference AUROCs of the memorized "
+                                                  "windows against windows of this text."),
+    mia_max: int = typer.Option(1000, help="At most this many non-member windows."),
+    min_k: float = typer.Option(20.0, help="k (percent) of the Min-K% and Min-K%++ scores."),
+    samples: int = typer.Option(0, help="Sampled extraction: chance that one of N sampled continuations is the "
+                                        "suffix (0: skip)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the sampled extraction."),
     loose_threshold: float = typer.Option(0.75, help="Loose accuracy threshold on 1 - d/L."),
     batch_size: int = typer.Option(16, help="Sequences per batch."),
     name: Optional[str] = typer.Option(None, help="Run name in reports (default: the model)."),
@@ -122,31 +135,37 @@ def evaluate_command(
     """
     from curvedit.data import check_corpus_source
     from curvedit.evaluate.results import details_path, write_results
+    from curvedit.evaluate.privacy import PrivacyOptions
     from curvedit.evaluate.runner import EvaluateOptions
-    from curvedit.evaluate.stress import StressOptions
+    from curvedit.evaluate.stress import ReferenceStressOptions, StressOptions
 
-    inputs = [*(memorized or ()), *(p for p in (heldout, tasks) if p is not None)]
+    inputs = [*(memorized or ()), *(p for p in (heldout, tasks, mia) if p is not None)]
     check_output(out, kind="file", overwrite=overwrite, inputs=inputs)
     check_output(details_path(out), kind="file", overwrite=overwrite, inputs=inputs, option="--out (details file)")
-    stress_options = StressOptions(left_extend=int_list(left_extend, "--left-extend"),
-                                   right_shift=int_list(right_shift, "--right-shift"),
-                                   batch_size=batch_size) if stress else None
+    if stress not in ("reference", "filler", "none"):
+        fail(f"--stress must be reference, filler or none, got {stress!r}")
+    stress_options = {
+        "reference": lambda: ReferenceStressOptions(t=stress_t, include_original=stress_original,
+                                                    batch_size=batch_size),
+        "filler": lambda: StressOptions(left_extend=int_list(left_extend, "--left-extend"),
+                                        right_shift=int_list(right_shift, "--right-shift"), batch_size=batch_size),
+        "none": lambda: None}[stress]()
     options = EvaluateOptions(
         memorized=tuple(memorized or ()), heldout=heldout, heldout_seq_len=heldout_seq_len,
         heldout_max_tokens=heldout_max_tokens, tasks=tasks, task_limit=task_limit,
         lm_eval_tasks=tuple(t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()),
         lm_eval_limit=lm_eval_limit, lm_eval_fewshot=lm_eval_fewshot, lm_eval_include=lm_eval_include,
-        ndcg_k=ndcg_k, stress=stress_options, loose_threshold=loose_threshold, batch_size=batch_size,
-        text_field=text_field)
+        ndcg_k=ndcg_k, ndcg_gain=ndcg_gain, stress=stress_options, loose_threshold=loose_threshold,
+        batch_size=batch_size, text_field=text_field, mia=mia, mia_max_nonmembers=mia_max,
+        privacy=PrivacyOptions(k_percent=min_k, samples=samples, temperature=temperature, batch_size=batch_size))
     options.validate()
-    if stress_options is not None:
-        stress_options.validate()
-    if reference is not None and heldout is None:
-        fail("--reference is used for nDCG, which needs --heldout")
+    if reference is not None and heldout is None and mia is None:
+        fail("--reference is used for nDCG (needs --heldout) and the reference MIA score (needs --mia); give one")
     if options.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
         fail("--lm-eval-tasks needs lm-evaluation-harness: pip install 'lm-eval[hf]'")
-    if heldout is not None:
-        check_corpus_source(heldout)
+    for corpus in (heldout, mia):
+        if corpus is not None:
+            check_corpus_source(corpus)
     with _process_group(device) as (ctx, device):
         if ctx.distributed and options.lm_eval_tasks:
             fail("--lm-eval-tasks needs a single process (lm-eval shards with its own launcher); "
@@ -164,22 +183,22 @@ def evaluate_command(
 
 def _evaluate(model: str, reference: Optional[str], options: "EvaluateOptions", device: str, dtype: Optional[str],
               name: Optional[str]) -> "Evaluation":
-    """Load the model (and first the reference, for nDCG, freed after its rankings) and run the evaluation."""
+    """Load the model (and first the reference, freed once its rankings and losses are kept) and evaluate."""
     import torch
 
-    from curvedit.evaluate.runner import evaluate_model, reference_rankings
+    from curvedit.evaluate.runner import evaluate_model, reference_side
     from curvedit.models import load_model
 
-    rankings = None
+    side = None
     if reference is not None:
         ref = load_model(reference, device=device, dtype=dtype, progress=options.progress)
-        rankings = reference_rankings(ref, options)
+        side = reference_side(ref, options)
         del ref
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     loaded = load_model(model, device=device, dtype=dtype, progress=options.progress)
-    return evaluate_model(loaded, options, reference=rankings, reference_name=reference, name=name)
+    return evaluate_model(loaded, options, reference=side, reference_name=reference, name=name)
 
 
 def report_command(

@@ -1,4 +1,4 @@
-"""Evaluation of memorization and general ability (docs/method.md sections 4-6).
+"""Evaluation of memorization and general ability (docs/method.md sections 4-7).
 
 Modules:
     generation: batched greedy decoding with a KV cache and left padding.

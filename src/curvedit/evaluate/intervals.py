@@ -1,4 +1,5 @@
-"""Uncertainty of reported numbers: Wilson intervals for rates, bootstrap intervals for means.
+"""Uncertainty of reported numbers: Wilson intervals for rates, bootstrap intervals for means
+(docs/method.md section 8).
 
 - A rate `k / n` (strict or loose accuracy, task accuracy, a share of examples) gets the
   Wilson score interval at confidence `1 - alpha` (z = 1.96 for 95%):
@@ -113,3 +114,12 @@ def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float], 
     low, high = np.quantile(ratios, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Interval(value=float(num.sum() / den.sum()), low=float(low), high=float(high), n=int(num.size),
                     method="bootstrap")
+
+
+def format_interval(interval: dict[str, float] | Interval, percent: bool = False, digits: int = 3) -> str:
+    """`value [low, high]` for tables: percent with one decimal (ends rounded to whole
+    percents), else `digits` decimals."""
+    i = interval.to_dict() if isinstance(interval, Interval) else interval
+    if percent:
+        return f"{100 * i['value']:.1f} [{100 * i['low']:.0f}, {100 * i['high']:.0f}]"
+    return f"{i['value']:.{digits}f} [{i['low']:.{digits}f}, {i['high']:.{digits}f}]"

@@ -2,7 +2,7 @@
 
 A window is a prefix P (default 64 tokens) followed by a suffix S (default 48 tokens)
 of one document. It is *memorized* when greedy decoding of |S| tokens from P gives S
-exactly (docs/method.md sections 4-6).
+exactly (docs/method.md sections 4-7).
 
 Recitation metrics, with d the token-level Levenshtein distance between the generated
 and the true suffix and L = |S|:

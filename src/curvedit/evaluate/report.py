@@ -6,18 +6,25 @@ report gives the retention, 100 * value / reference value. Retention reads "shar
 the reference score" for scores where higher is better; for perplexity and the
 average normalized distance a value above 100% means higher (worse perplexity, less
 memorization).
+
+Every value with an interval in its results file is shown as `value [low, high]`; a cell
+marked `≈` is a run whose interval overlaps the reference's, so the difference between
+them is not clear at 95%. Bar charts draw the intervals as error bars, and put a metric
+on a log axis when its values span more than 3x.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.results import flatten_metrics, read_results
+from curvedit.evaluate.intervals import Interval
+from curvedit.evaluate.results import flatten_intervals, flatten_metrics, read_results
+from curvedit.plots import spans
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,13 @@ class Run:
         name: the run's name.
         path: its results file.
         metrics: its flattened metrics.
+        intervals: the metrics' intervals, where the results file has them.
     """
 
     name: str
     path: Path
     metrics: dict[str, float]
+    intervals: dict[str, dict] = field(default_factory=dict)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -68,7 +77,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     runs = []
     for (path, doc), name in zip(documents, names):
         unique = name if names.count(name) == 1 else f"{name} ({path.stem})"
-        runs.append(Run(unique, path, flatten_metrics(doc["metrics"])))
+        runs.append(Run(unique, path, flatten_metrics(doc["metrics"]), flatten_intervals(doc["metrics"])))
     if len({run.name for run in runs}) != len(runs):
         raise EvaluateError("two results files have the same run name and file stem; rename one")
     return runs
@@ -87,6 +96,19 @@ def _fmt(value: float | None, percent: bool = False) -> str:
     return f"{value:.1f}%" if percent else f"{value:.4g}"
 
 
+def _cell(run: Run, metric: str, reference: Run) -> str:
+    """`value [low, high]`, marked ≈ when the interval overlaps the reference's."""
+    value = run.metrics.get(metric)
+    interval = run.intervals.get(metric)
+    if value is None or interval is None:
+        return _fmt(value)
+    text = f"{_fmt(value)} [{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
+    other = reference.intervals.get(metric)
+    if run is not reference and other is not None and Interval(**interval).overlaps(Interval(**other)):
+        text += " ≈"
+    return text
+
+
 def _metric_names(runs: Sequence[Run]) -> list[str]:
     return list(dict.fromkeys(name for run in runs for name in run.metrics))
 
@@ -102,7 +124,7 @@ def _tables(runs: Sequence[Run], reference: Run) -> tuple[list[str], list[list[s
     metrics = _metric_names(runs)
     others = [run for run in runs if run is not reference]
     value_header = ["metric", *(run.name for run in runs)]
-    value_rows = [[m, *(_fmt(run.metrics.get(m)) for run in runs)] for m in metrics]
+    value_rows = [[m, *(_cell(run, m, reference) for run in runs)] for m in metrics]
     keep_header = ["metric", *(run.name for run in others)]
     keep_rows = [[m, *(_fmt(retention(run.metrics.get(m), reference.metrics.get(m)), percent=True) for run in others)]
                  for m in metrics]
@@ -134,11 +156,18 @@ def _bar_chart(path: Path, family: str, metrics: list[str], runs: Sequence[Run])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes.flat, metrics):
         values = [run.metrics.get(metric, float("nan")) for run in runs]
-        bars = ax.bar(range(len(runs)), values, color=[colors[i % len(colors)] for i in range(len(runs))])
+        bounds = [run.intervals.get(metric) for run in runs]
+        errors = [[v - b["low"] if b else 0.0 for v, b in zip(values, bounds)],
+                  [b["high"] - v if b else 0.0 for v, b in zip(values, bounds)]]
+        bars = ax.bar(range(len(runs)), values, color=[colors[i % len(colors)] for i in range(len(runs))],
+                      yerr=errors if any(bounds) else None, capsize=3, error_kw={"lw": 0.8})
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         present = [v for v in values if not math.isnan(v)]
-        if present and min(present) >= 0:
-            ax.set_ylim(0, 1.15 * max(present) if max(present) > 0 else 1)
+        highs = [b["high"] for b in bounds if b] + present
+        if spans(present, 3.0):
+            ax.set_yscale("log")
+        elif present and min(present) >= 0:
+            ax.set_ylim(0, 1.15 * max(highs) if max(highs) > 0 else 1)
         ax.set_title(metric.removeprefix(f"{family}/") or metric, fontsize=9)
         ax.set_xticks(range(len(runs)), [run.name for run in runs], rotation=30, ha="right", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
@@ -187,7 +216,9 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, options: Repo
     sources = ", ".join(f"{run.name} = `{run.path}`" for run in runs)
     markdown = [
         "# curvedit evaluation report", "", f"Runs: {sources}.", f"Reference: **{reference.name}**.", "",
-        "## Metrics", "", _markdown_table(value_header, value_rows), ""]
+        "## Metrics", "", "Values with an interval show its 95% range; ≈ marks a run whose interval overlaps the "
+        f"reference's ({reference.name}): the difference is not clear.", "",
+        _markdown_table(value_header, value_rows), ""]
     if len(runs) > 1:
         markdown += ["## Retention (% of the reference)", "", _markdown_table(keep_header, keep_rows), ""]
     markdown += ["## Charts", "", *(f"![{family}]({chart.name})" for family, chart in charts.items()), ""]

@@ -3,20 +3,29 @@
 `results.json` holds one object:
 
     {"schema": "curvedit-evaluation/1",
-     "config": {"name", "model", "reference", "curvedit_version", "created", "options"},
+     "config": {"name", "model", "reference", "curvedit_version", "created", "stress_test", "options"},
      "metrics": {
         "recitation": {SET: {"n", "strict", "loose", "avg_normalized_distance", "loose_threshold"}},
+        "extraction": {SET: {"n", "exact_memorization", "extraction_strength",
+                             ["samples", "sampled_extraction", "sample_probability"]}},
+        "mia": {SET: {"members", "nonmembers", "k_percent",
+                      "loss" | "zlib" | "min_k" | "min_k_plus_plus" | "reference": {"auroc"}}},
         "perplexity": {"perplexity", "tokens", "sequences"},
-        "ndcg": {"ndcg@10", "positions"},
+        "ndcg": {"ndcg@10", "positions", "gain", "definition"},
         "tasks": {TASK: {"accuracy", "n"}},
         "lm_eval": {TASK: {"acc,none", ...}},
-        "stress": {SET: {"original" | "left_extend_K" | "right_shift_K":
-                         {"n", "skipped", "mean_prefix_match", "mean_prefix_fraction", "exact"}}}},
+        "stress": {SET: {"reference": {"n", "t", "include_original", "prompts", "mean_stress",
+                                       "full_match", "mean_original", "improved"}}
+                   or, with --stress filler,
+                   {SET: {"original" | "left_extend_K" | "right_shift_K":
+                          {"n", "skipped", "mean_prefix_match", "mean_prefix_fraction", "exact"}}}},
      "notes": [...],
      "details": "results.details.jsonl"}
 
+Beside a metric `X`, `X_ci` holds its 95% interval: {"value", "low", "high", "n",
+"method"} (Wilson for rates, bootstrap over examples or sequences for means and AUROCs).
 Only the parts that were run are present. Per-example rows (one JSON object per line,
-with a "metric" field: "recitation" or "task") go to the side file named in "details".
+with a "metric" field: "recitation", "extraction" or "task") go to the side file named in "details".
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from curvedit.errors import EvaluateError
 from curvedit.evaluate.runner import Evaluation
 
 SCHEMA = "curvedit-evaluation/1"
-COUNT_KEYS = frozenset({"n", "tokens", "sequences", "positions", "skipped", "loose_threshold"})
+COUNT_KEYS = frozenset({"n", "tokens", "sequences", "positions", "skipped", "loose_threshold", "members",
+                        "nonmembers", "k_percent", "t", "prompts", "samples"})
+CI_SUFFIX = "_ci"
 
 
 def details_path(path: str | Path) -> Path:
@@ -95,9 +106,9 @@ def read_results(path: str | Path) -> dict[str, Any]:
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Flatten nested metrics into "a/b/c" -> value, keeping only scores.
 
-    Counts and settings (n, tokens, sequences, positions, skipped, loose_threshold)
-    and missing values (None) are left out; so is the perplexity's inner name
-    (`perplexity/perplexity` becomes `perplexity`, `ndcg/ndcg@10` becomes `ndcg@10`).
+    Counts and settings (n, tokens, sequences, positions, skipped, loose_threshold, ...),
+    intervals (`*_ci`) and missing values (None) are left out; so is the perplexity's
+    inner name (`perplexity/perplexity` becomes `perplexity`, `ndcg/ndcg@10` becomes `ndcg@10`).
 
     Args:
         metrics: the "metrics" object of a results file.
@@ -109,10 +120,32 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}/{key}" if prefix else key
+        if key.endswith(CI_SUFFIX):
+            continue
         if isinstance(value, dict):
             flat.update(flatten_metrics(value, name))
         elif key not in COUNT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[_collapse(name)] = float(value)
+    return flat
+
+
+def flatten_intervals(metrics: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """The intervals of nested metrics, named as `flatten_metrics` names their metrics.
+
+    Args:
+        metrics: the "metrics" object of a results file.
+        prefix: key prefix (for recursion).
+
+    Returns:
+        Metric name -> its interval ({"value", "low", "high", "n", "method"}).
+    """
+    flat: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else key
+        if key.endswith(CI_SUFFIX) and isinstance(value, dict):
+            flat[_collapse(name.removesuffix(CI_SUFFIX))] = value
+        elif isinstance(value, dict):
+            flat.update(flatten_intervals(value, name))
     return flat
 
 
