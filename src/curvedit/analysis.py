@@ -1,5 +1,5 @@
 """Activation bands by curvature order: do memorized inputs live in the low-curvature
-directions? (docs/method.md section 7; the paper's Figures 2 and 4.)
+directions? (docs/method.md section 9; the paper's Figures 2 and 4.)
 
 For a target `y = W x` with K-FAC factors `A = U_A diag(mu) U_A^T` and `G`, component
 `(i, j)` has curvature mass `lam_i * mu_j`, so all the components that eigenvector `v_j`

@@ -1,4 +1,4 @@
-"""Baselines the K-FAC edit is compared with (docs/method.md section 8).
+"""Baselines the K-FAC edit is compared with (docs/method.md section 10).
 
 Modules:
     balanced_subnet: BalancedSubnet (Sakarvadia et al. 2025), a learned sparse mask over
