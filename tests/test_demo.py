@@ -82,8 +82,17 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     for name, row in results["variants"].items():
         assert SCHEMA <= set(row) and "settings" in row, name
         assert all(0 <= row[k] <= 1 for k in SCHEMA - {"perplexity"})
-    assert {"train_or_load", "collect", "sweep", "kfac", "report"} <= set(results["timings_s"])
+        for key in ("memorized_heldout_loose", "perplexity", "ndcg10", "stress_full", "exact_memorization",
+                    "sampled_extraction", "mia_loss", "mia_min_k_plus_plus"):
+            interval = row[f"{key}_ci"]
+            assert interval["low"] <= row[key] <= interval["high"], (name, key)
+    assert results["variants"]["unedited"]["ndcg10"] == 1.0  # the unedited model against its own ranking
+    assert set(results["label_seeds"]["per_seed"]) == {"0", "1"}
+    assert results["label_seeds"]["per_seed"]["0"]["perplexity"] == results["variants"]["kfac"]["perplexity"]
+    assert {"train_or_load", "collect", "sweep", "kfac", "report", "label_seeds"} <= set(results["timings_s"])
     report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Privacy and extraction" in report and "## Spread over label-sampling seeds" in report
+    assert "| kfac | " in report and " [" in report  # cells carry intervals
     assert "| kfac |" in report and (tmp_path / "demo" / "retention.png").is_file()
     assert "analysis/bands_layer" in report and "analysis/families.png" in report
     assert (tmp_path / "demo" / "sweep" / "sweep.json").is_file()

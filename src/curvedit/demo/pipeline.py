@@ -18,12 +18,14 @@ import torch
 
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches
-from curvedit.demo.measure import FAMILIES, WorldProbe, heldout_sequences, measure, quote_windows, string_windows
+from curvedit.demo.measure import (
+    FAMILIES, WorldProbe, heldout_sequences, measure, nonmember_strings, quote_windows, string_windows)
 from curvedit.demo.train import TrainConfig, cached_model_dir, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized
+from curvedit.evaluate.perplexity import next_token_rankings
 from curvedit.factors import save_factors
 from curvedit.io import write_json
 from curvedit.spectrum import load_bases
@@ -61,7 +63,9 @@ class DemoOptions:
         bsn_lr: BalancedSubnet learning rate on the scores (the paper's 0.3 is for OLMo-7B;
             on the demo model it left recall untouched after 20 epochs at every ratio tried,
             3.0 removes it).
-        seed: evaluation and control seed.
+        seed: evaluation and control seed (also the factors' label-sampling seed).
+        label_seeds: further label-sampling seeds of the factor collection: the chosen edit
+            is re-applied with each one's factors to measure the spread of its outcome.
         progress: show progress bars.
         all_candidates: measure recitation on every candidate window, memorized or not
             (for plumbing checks on models that memorized nothing).
@@ -84,6 +88,7 @@ class DemoOptions:
     bsn_epochs: int = 20
     bsn_lr: float = 3.0
     seed: int = 0
+    label_seeds: tuple[int, ...] = (1, 2)
     progress: bool = True
     all_candidates: bool = False
 
@@ -96,7 +101,7 @@ def smoke_options(out: Path) -> DemoOptions:
                         warmup_steps=5)
     return DemoOptions(out=out, train=train, prefix_chars=16, factor_tokens=4000, layer_grid=("1", "0-1"),
                        keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
-                       bsn_ratios=(0.05,), bsn_epochs=1,
+                       bsn_ratios=(0.05,), bsn_epochs=1, label_seeds=(1,),
                        heldout_lines=100, progress=False, all_candidates=True)
 
 
@@ -154,11 +159,14 @@ def write_results_and_report(results: dict[str, Any], out: Path, timer: Timer,
 
 
 def build_probe(world: World, tokenizer: Any, options: DemoOptions, memorized: dict[str, list]) -> WorldProbe:
-    """Windows of the memorized sets, held-out text, and fresh test items."""
+    """Windows of the memorized sets, held-out text, fresh test items and never-trained strings
+    (as many as the memorized strings, at least 24)."""
+    nonmembers = nonmember_strings(world, max(len(world.memorized), 24), options.seed + 4)
     return WorldProbe(tune=memorized["tune"], heldout=memorized["heldout"], quotes=memorized["quotes"],
                       text=heldout_sequences(world, tokenizer, options.heldout_lines, options.train.seq_len,
                                              options.seed + 1),
-                      tests=evaluation_examples(world, options.tests_per_family, options.seed + 2))
+                      tests=evaluation_examples(world, options.tests_per_family, options.seed + 2),
+                      nonmembers=[tokenizer(s, add_special_tokens=False)["input_ids"] for s in nonmembers])
 
 
 def find_world_memorized(model, tokenizer, world: World, options: DemoOptions) -> dict[str, list]:
@@ -185,8 +193,10 @@ def find_world_memorized(model, tokenizer, world: World, options: DemoOptions) -
     return found
 
 
-def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets) -> Path:
-    """Factors (sampled labels) on the world's general text; written to `out/factors`."""
+def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets,
+                          label_seed: int | None = None) -> Path:
+    """Factors (sampled labels) on the world's general text; written to `out/factors`, or to
+    `out/factors-seed-S` for another label-sampling seed S (the same text)."""
     rng = random.Random(options.seed + 3)
     windows = list(pack(factor_corpus(world, options, rng), options.train.seq_len))
     sequences, total = [], 0
@@ -196,11 +206,12 @@ def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, 
         total += len(ids)
         if total >= options.factor_tokens:
             break
+    seed = options.seed if label_seed is None else label_seed
     factors = collect_factors(model, lm_batches(sequences, 32, 0), targets, options=CollectOptions(
-        seed=options.seed, progress=options.progress, total_tokens=total,
+        seed=seed, progress=options.progress, total_tokens=total,
         description=f"demo world general text, {options.factor_memorized_share:.1%} memorized strings/quotes",
         extra={"seq_len": options.train.seq_len, "memorized_share": options.factor_memorized_share}))
-    return save_factors(factors, options.out / "factors")
+    return save_factors(factors, options.out / ("factors" if label_seed is None else f"factors-seed-{seed}"))
 
 
 def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl: float, bases, seed: int,
@@ -296,6 +307,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     factor_dir = timer.stage("collect", lambda: collect_world_factors(model, tokenizer, world, options, all_targets))
     bases = load_bases(all_targets, factor_dir)
 
+    probe.rankings = next_token_rankings(model, probe.text[: probe.ndcg_sequences], batch_size=64)
     unedited = timer.stage("measure_unedited", lambda: measure(model, tokenizer, probe))
     grid = SweepGrid(layers=options.layer_grid, matrices=(options.matrices,), rho=options.rho_grid,
                      keep_fraction=options.keep_grid)
@@ -342,6 +354,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                        "settings": {"layers": chosen.layers, "matrices": chosen.matrices, **bsn_settings},
                        "timings_s": round(time.perf_counter() - start, 1)}
     timer.stage("analysis", lambda: run_analysis(model, tokenizer, probe, targets, bases, variants, options.out))
+    label_seeds = timer.stage("label_seeds", lambda: label_seed_spread(model, tokenizer, world, probe, targets,
+                                                                       EditPlan([rule]), variants["kfac"], options))
 
     results = {
         "variants": variants,
@@ -355,6 +369,29 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                 "amount_kind": chosen.amount_kind, "amount": chosen.amount,
                                 "tune_loose": chosen.loose, "perplexity": chosen.perplexity},
                      "prefix_chars": options.prefix_chars},
+        "label_seeds": label_seeds,
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
+
+
+SPREAD_KEYS = ("memorized_heldout_strict", "memorized_heldout_loose", "quotes_loose", "perplexity")
+
+
+def label_seed_spread(model, tokenizer, world: World, probe: WorldProbe, targets, plan: EditPlan,
+                      kfac: dict[str, Any], options: DemoOptions) -> dict[str, Any]:
+    """The chosen K-FAC edit with factors collected under other label-sampling seeds (same
+    text, same plan): held-out and quote recall and perplexity per seed, and their range
+    over all seeds (the main run's included)."""
+    per_seed = {str(options.seed): {k: kfac[k] for k in SPREAD_KEYS}}
+    for seed in options.label_seeds:
+        factor_dir = collect_world_factors(model, tokenizer, world, options, targets, label_seed=seed)
+        applied = apply_edit(targets, plan, load_bases(targets, factor_dir))
+        try:
+            metrics = measure(model, tokenizer, probe, ("heldout", "quotes", "perplexity"))
+        finally:
+            applied.undo()
+        per_seed[str(seed)] = {k: metrics[k] for k in SPREAD_KEYS}
+    spread = {k: {"min": min(r[k] for r in per_seed.values()), "max": max(r[k] for r in per_seed.values())}
+              for k in SPREAD_KEYS}
+    return {"per_seed": per_seed, "spread": spread}

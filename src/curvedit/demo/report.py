@@ -1,5 +1,6 @@
-"""The demo report: a Markdown table like the paper's, a retention-by-family chart like its
-Figure 3, the chosen settings and the timings of each stage."""
+"""The demo report: a Markdown table like the paper's (every cell with its 95% interval), the
+privacy and extraction metrics, the spread over label-sampling seeds, a retention-by-family
+chart like its Figure 3, the chosen settings and the timings of each stage."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from curvedit.demo.measure import FAMILIES
+from curvedit.evaluate.intervals import format_interval
 from curvedit.plots import pyplot, save_figure
 
 VARIANT_ORDER = ("unedited", "kfac", "svd", "random", "random_ppl", "bsn")
@@ -16,8 +18,25 @@ MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune
                   ("quotes_loose", "quotes loose"))
 
 
+PRIVACY_COLUMNS = (("ndcg10", "nDCG@10 (rank)", False), ("stress_mean", "stress: max prefix", False),
+                   ("stress_full", "stress: whole suffix %", True), ("exact_memorization", "exact mem. %", True),
+                   ("extraction_strength", "extraction strength %", True),
+                   ("sampled_extraction", "sampled extraction %", True), ("mia_loss", "AUROC loss", False),
+                   ("mia_zlib", "AUROC zlib", False), ("mia_min_k", "AUROC min-k", False),
+                   ("mia_min_k_plus_plus", "AUROC min-k++", False))
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
+
+
+def _cell(row: dict[str, Any], key: str, percent: bool, digits: int = 3) -> str:
+    """`value [low, high]` when the row holds the interval, else the value alone; "-" when absent."""
+    if key not in row:
+        return "-"
+    if f"{key}_ci" in row:
+        return format_interval(row[f"{key}_ci"], percent, digits)
+    return _pct(row[key]) if percent else f"{row[key]:.{digits}f}"
 
 
 def _variants(results: dict[str, Any]) -> list[str]:
@@ -25,18 +44,49 @@ def _variants(results: dict[str, Any]) -> list[str]:
 
 
 def memorization_table(results: dict[str, Any]) -> str:
-    """Markdown: recitation (%; lev = average normalized Levenshtein distance) and perplexity."""
+    """Markdown: recitation (%; lev = average normalized Levenshtein distance) and perplexity,
+    each with its 95% interval."""
     header = ["variant", *[label for _, label in MEMORY_COLUMNS], "perplexity"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in _variants(results):
         row = results["variants"][name]
-        cells = [(_pct(row[k]) if not k.endswith("lev") else f"{row[k]:.3f}") for k, _ in MEMORY_COLUMNS]
-        lines.append("| " + " | ".join([name, *cells, f"{row['perplexity']:.4f}"]) + " |")
+        cells = [_cell(row, k, percent=not k.endswith("lev")) for k, _ in MEMORY_COLUMNS]
+        lines.append("| " + " | ".join([name, *cells, _cell(row, "perplexity", False, 4)]) + " |")
+    return "\n".join(lines)
+
+
+def privacy_table(results: dict[str, Any]) -> str:
+    """Markdown: nDCG, the reference stress test, extraction and membership-inference AUROCs
+    on the held-out memorized strings, with 95% intervals."""
+    header = ["variant", *[label for _, label, _ in PRIVACY_COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in _variants(results):
+        row = results["variants"][name]
+        digits = {"stress_mean": 1}
+        lines.append("| " + " | ".join([name, *[_cell(row, k, pct, digits.get(k, 2 if k.startswith("mia") else 3))
+                                                for k, _, pct in PRIVACY_COLUMNS]]) + " |")
+    return "\n".join(lines)
+
+
+def label_seed_table(results: dict[str, Any]) -> str:
+    """Markdown: the chosen K-FAC edit with factors from each label-sampling seed."""
+    spread = results.get("label_seeds")
+    if not spread:
+        return "(not measured)"
+    lines = ["| label seed | held-out strict | held-out loose | quotes loose | perplexity |", "|---|---|---|---|---|"]
+    for seed, row in spread["per_seed"].items():
+        lines.append(f"| {seed} | {_pct(row['memorized_heldout_strict'])} | {_pct(row['memorized_heldout_loose'])} | "
+                     f"{_pct(row['quotes_loose'])} | {row['perplexity']:.4f} |")
+    r = spread["spread"]
+    lines.append(f"| range | {_pct(r['memorized_heldout_strict']['min'])}-{_pct(r['memorized_heldout_strict']['max'])}"
+                 f" | {_pct(r['memorized_heldout_loose']['min'])}-{_pct(r['memorized_heldout_loose']['max'])} | "
+                 f"{_pct(r['quotes_loose']['min'])}-{_pct(r['quotes_loose']['max'])} | "
+                 f"{r['perplexity']['min']:.4f}-{r['perplexity']['max']:.4f} |")
     return "\n".join(lines)
 
 
 def family_table(results: dict[str, Any]) -> str:
-    """Markdown: accuracy per family (%) and retention relative to unedited."""
+    """Markdown: accuracy per family (%, 95% Wilson interval) and retention relative to unedited."""
     base = results["variants"]["unedited"]
     header = ["variant", *FAMILIES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -45,7 +95,7 @@ def family_table(results: dict[str, Any]) -> str:
         cells = []
         for family in FAMILIES:
             retention = f" ({100 * row[family] / base[family]:.0f}%)" if name != "unedited" and base[family] else ""
-            cells.append(_pct(row[family]) + retention)
+            cells.append(_cell(row, family, True) + retention)
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -89,9 +139,11 @@ Memorized windows found by `find_memorized` (recited verbatim by the unedited mo
 tune {found['tune']}/{candidates['tune']}, held-out {found['heldout']}/{candidates['heldout']},
 quotes {found['quotes']}/{candidates['quotes']}. Metrics on memorized sets are over those windows.
 
-## Recitation (%) and perplexity
+## Recitation (%) and perplexity, with 95% intervals
 
 {memorization_table(results)}
+
+Intervals: Wilson for rates, bootstrap over windows for lev, over held-out sequences for perplexity.
 
 Chosen on the tune half only (lowest tune loose accuracy with perplexity at most
 {results['settings']['ppl_budget']}x unedited): layers `{chosen['layers']}`, matrices `{chosen['matrices']}`,
@@ -100,6 +152,26 @@ Factors: {results['settings']['factor_tokens']} tokens of general text, sampled 
 {100 * results['settings']['factor_memorized_share']:.1f}% of them memorized strings/quotes.
 
 {notes}
+
+## Privacy and extraction (held-out memorized strings), with 95% intervals
+
+{privacy_table(results)}
+
+nDCG@10 against the unedited model's ranking (the paper's rank-graded relevance). Stress: the
+paper's position perturbations (t = 20), longest exact-match prefix over all perturbed prompts
+per window (mean, tokens) and the share of windows whose whole suffix comes back. Exact
+memorization: teacher-forced share of suffix tokens predicted exactly; extraction strength:
+1 - j/k for the fewest suffix tokens j given before the rest is predicted exactly; sampled
+extraction: chance that one of 100 samples at temperature 1 is the suffix. AUROC: held-out
+memorized strings against never-trained strings of the same generator (0.5 = indistinguishable).
+Definitions: docs/method.md.
+
+## Spread over label-sampling seeds
+
+The chosen K-FAC edit, re-applied with factors collected on the same text under other seeds
+of the sampled labels:
+
+{label_seed_table(results)}
 
 ## Accuracy by family (%; retention vs unedited in parentheses)
 
