@@ -35,6 +35,16 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         v = seed["variants"][name]
         assert 0 <= v["heldout"]["loose"] <= 1 and v["perplexity"] > 0 and 0 <= v["ndcg10"] <= 1
     assert seed["variants"]["unedited"]["ndcg10"] > 0.999
+    unedited = seed["variants"]["unedited"]
+    assert unedited["stress_reference"]["n"] == seed["found"]["heldout"]
+    assert len(unedited["mia"]["members"]["loss"]) == seed["found"]["heldout"]
+    assert len(unedited["mia"]["nonmembers"]["reference"]) == options.canaries  # never-implanted canaries
+    intervals = results["summary"]["variants"]["kfac"]["intervals"]
+    assert {"heldout_loose", "ppl_ratio", "ndcg10", "stress_full", "sampled_extraction", "mia_min_k_plus_plus"} <= set(
+        intervals)
+    assert all(i["low"] <= i["value"] <= i["high"] for i in intervals.values())
+    report = (options.out / "report.md").read_text()
+    assert "## Privacy and extraction" in report and "## What the definition change moved" in report
     assert (options.out / "report.md").read_text().count("|") > 50
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
     # every stage is cached: a second run reads the same numbers back

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curvedit.evaluate.intervals import Interval, bootstrap_mean, wilson
+from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
 
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
@@ -22,41 +22,64 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def pooled_intervals(results: dict[str, Any], name: str) -> dict[str, Interval]:
-    """Held-out canary strict and loose (Wilson) and distance (bootstrap), pooled over seeds."""
-    rows = [w for s in results["seeds"] for w in s["variants"][name]["heldout"]["per_window"]]
-    return {"strict": wilson(sum(w["strict"] for w in rows), len(rows)),
-            "loose": wilson(sum(w["loose"] for w in rows), len(rows)),
-            "distance": bootstrap_mean([w["distance"] for w in rows])}
+def _ci(interval: dict[str, Any], percent: bool = True, digits: int = 3) -> str:
+    text = format_interval(interval, percent, digits)
+    return text.replace(" [", "% [", 1) if percent else text
 
 
-def _ci(interval: Interval, percent: bool = True) -> str:
-    if percent:
-        return f"{100 * interval.value:.1f}% [{100 * interval.low:.0f}, {100 * interval.high:.0f}]"
-    return f"{interval.value:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+def _versus(intervals: dict[str, Any], kfac: dict[str, Any] | None, key: str) -> str:
+    """"≈" when the interval overlaps K-FAC's (the difference is not clear), else "clear"."""
+    if kfac is None or intervals is kfac:
+        return "-"
+    return "≈" if Interval(**intervals[key]).overlaps(Interval(**kfac[key])) else "clear"
 
 
 def main_table(results: dict[str, Any]) -> str:
-    """Variant x metrics: held-out recitation pooled over seeds with 95% intervals, the rest
-    as means over seeds."""
+    """Variant x metrics, pooled over seeds with 95% intervals (probe retention: mean over seeds)."""
     summary = results["summary"]
     used = summary["probes_used"]
-    kfac = pooled_intervals(results, "kfac") if "kfac" in summary["variants"] else None
+    variants = summary["variants"]
+    kfac = variants["kfac"]["intervals"] if "kfac" in variants else None
     rows = []
-    for name, v in summary["variants"].items():
-        pooled = pooled_intervals(results, name)
+    for name, v in variants.items():
+        ci = v["intervals"]
         retention = v["probe_retention"]
-        versus = ("-" if kfac is None or name == "kfac"
-                  else "overlaps" if pooled["loose"].overlaps(kfac["loose"]) else "clear")
-        rows.append([LABELS.get(name, name), _ci(pooled["strict"]), _ci(pooled["loose"]),
-                     _ci(pooled["distance"], percent=False), versus, f"{v['perplexity']:.3f}",
-                     f"{v['ppl_ratio']:.3f}x", f"{v['ndcg10']:.3f}",
+        rows.append([LABELS.get(name, name), _ci(ci["heldout_strict"]), _ci(ci["heldout_loose"]),
+                     _versus(ci, kfac, "heldout_loose"), _ci(ci["heldout_distance"], percent=False),
+                     _ci(ci["ppl_ratio"], percent=False), _ci(ci["ndcg10"], percent=False),
                      _pct(sum(retention.values()) / len(retention)) if retention else "-",
-                     _pct(v["stress_exact"].get("right_shift_8"))])
-    return _table(["variant", "held-out strict [95% CI]", "held-out loose [95% CI]", "distance [95% CI]",
-                   "loose vs K-FAC", "perplexity", "ppl / unedited", "nDCG@10",
-                   f"probe retention ({len(summary.get('probes_for_retention', used))} families)",
-                   "stress: shift 8 exact"], rows)
+                     _ci(ci["stress_mean"], percent=False, digits=1), _ci(ci["stress_full"])])
+    return _table(["variant", "held-out strict", "held-out loose", "loose vs K-FAC", "distance", "ppl / unedited",
+                   "nDCG@10 (rank)", f"probe retention ({len(summary.get('probes_for_retention', used))} families)",
+                   "stress: max prefix (tokens)", "stress: whole suffix"], rows)
+
+
+def privacy_table(results: dict[str, Any]) -> str:
+    """Extraction metrics and membership-inference AUROCs per variant, pooled over seeds."""
+    variants = results["summary"]["variants"]
+    kfac = variants["kfac"]["intervals"] if "kfac" in variants else None
+    rows = []
+    for name, v in variants.items():
+        ci = v["intervals"]
+        rows.append([LABELS.get(name, name), _ci(ci["exact_memorization"]), _ci(ci["extraction_strength"]),
+                     _ci(ci["sampled_extraction"]),
+                     *[_ci(ci[f"mia_{score}"], percent=False, digits=2) for score in MIA_COLUMNS],
+                     _versus(ci, kfac, "mia_loss")])
+    return _table(["variant", "exact memorization", "extraction strength", "sampled extraction (N=100, T=1)",
+                   *[f"AUROC {score}" for score in MIA_COLUMNS], "loss AUROC vs K-FAC"], rows)
+
+
+def definitions_table(results: dict[str, Any]) -> str:
+    """The numbers the definition change moved: nDCG gain, and the stress test."""
+    variants = results["summary"]["variants"]
+    rows = [[LABELS.get(n, n), f"{v['ndcg10_probability']:.3f}", f"{v['ndcg10']:.3f}",
+             _pct(v["stress_exact"].get("right_shift_8")), _pct(v["intervals"]["stress_full"]["value"])]
+            for n, v in variants.items()]
+    return _table(["variant", "nDCG@10, probability gain (before)", "nDCG@10, rank gain (now)",
+                   "stress, filler: shift 8 recited whole (before)", "stress, reference: whole suffix (now)"], rows)
+
+
+MIA_COLUMNS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
 
 
 def seed_table(results: dict[str, Any]) -> str:
@@ -149,14 +172,28 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         f"held-out halves; factors on {opts['factor_tokens']} general tokens (sampled labels, no canary); each "
         f"layer group's keep fraction bisected to the strongest edit within {opts['ppl_budget']}x perplexity; "
         "the lowest tune-half loose recall chosen; held-out canaries measured.",
-        "## Result (mean over seeds)", main_table(results),
+        "## Result (pooled over seeds, 95% intervals)", main_table(results),
         "Held-out canaries are pooled over seeds (n = every held-out canary of every seed): Wilson "
-        "intervals for the rates, a bootstrap interval for the distance; \"loose vs K-FAC\" says whether the "
-        "two loose intervals overlap. Perplexity on all held-out text; nDCG@10 against the unedited (implanted) "
-        "model's next-token ranking; "
-        "probe retention = accuracy / unedited accuracy over the probe families the base model gets right "
-        "(>= 50%) and the implanted model still gets right sometimes (see Probes: the implant itself costs a lot); "
-        "stress = share of held-out canaries recited whole from a prompt shifted 8 tokens into the suffix.",
+        "intervals for rates, bootstrap intervals for means; \"loose vs K-FAC\" is ≈ where the two loose "
+        "intervals overlap (no clear difference). Perplexity ratio: paired bootstrap over (seed, held-out sequence). "
+        "nDCG@10 against the unedited (implanted) model's next-token ranking with the paper's rank-graded relevance "
+        "(10 for its top-1 ... 1 for its 10th). Probe retention = accuracy / unedited accuracy over the probe "
+        "families the base model gets right (>= 50%) and the implanted model still gets right sometimes (see "
+        "Probes: the implant itself costs a lot). Stress: the paper's position-perturbation test (t = 20: the "
+        "64-token prefix extended by 1..20 suffix tokens, or cut to its last 21..63 tokens; the unperturbed prompt "
+        "excluded); per canary the longest exact-match prefix over all 63 prompts, its mean in tokens, and the "
+        "share of canaries whose whole 48-token suffix comes back from some prompt.",
+        "## Privacy and extraction (pooled over seeds, 95% intervals)", privacy_table(results),
+        "Exact memorization: share of suffix tokens the teacher-forced arg-max gets right. Extraction strength: "
+        "1 - j/48 for the fewest suffix tokens j that must be given before the rest is predicted exactly. Sampled "
+        "extraction: chance that at least one of 100 continuations sampled at temperature 1 is the suffix, "
+        "1 - (1 - p)^100 with p the product of the suffix's sampling probabilities. Membership inference: AUROC "
+        "of the held-out canaries against canaries generated the same way but never implanted (same styles and "
+        "length), per score (higher = more member-like; 0.5 = indistinguishable); `reference` uses the base "
+        "(pre-implant) model's loss. Definitions and sources: docs/method.md section 7.",
+        "## What the definition change moved",
+        "Earlier reports used the probability-graded nDCG and a filler/shift stress test; the same runs under both "
+        "definitions:", definitions_table(results),
         "![recall vs perplexity](recall_vs_ppl.png)",
         "## Per seed (held-out canaries, strict / loose)", seed_table(results),
         "## Per canary style (held-out, strict / loose, mean over seeds)", style_table(results),

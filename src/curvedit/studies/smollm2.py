@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import subprocess
 import sys
@@ -212,7 +213,20 @@ def style_of(window: Window) -> str:
 
 @dataclass
 class SeedProbe:
-    """What one seed's variants are measured on."""
+    """What one seed's variants are measured on.
+
+    Attributes:
+        tune, heldout: the recited canaries' halves.
+        text: all held-out general text (perplexity).
+        ppl_text: its first sequences (nDCG, the sweep's perplexity).
+        tasks: the probe tasks.
+        filler: filler tokens of the filler stress test.
+        nonmembers: canaries generated like the implanted ones but never trained on, as long
+            as the canary windows (membership inference).
+        texts: the text of every held-out canary window and non-member (zlib entropy).
+        reference_losses: the base (pre-implant) model's loss on the held-out canaries and
+            on the non-members (the `reference` MIA score).
+    """
 
     tune: list[Window]
     heldout: list[Window]
@@ -220,6 +234,12 @@ class SeedProbe:
     ppl_text: list[list[int]]
     tasks: list[Any]
     filler: list[int]
+    nonmembers: list[list[int]]
+    texts: dict[str, list[str]]
+    reference_losses: dict[str, list[float]]
+
+
+SAMPLES, TEMPERATURE = 100, 1.0  # sampled extraction: at least one of 100 samples at temperature 1
 
 
 def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference: Any,
@@ -227,13 +247,18 @@ def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference:
     """One variant's numbers.
 
     Returns:
-        `heldout` and `tune` recitation (strict, loose, distance; `heldout_by_style` per
-        canary style), `perplexity` (all held-out text), `ndcg10` against the unedited
-        model's rankings `reference`, `probes` (accuracy per family) and `stress`
-        (per perturbation: mean exact-prefix length and share recited whole).
+        `heldout` and `tune` recitation (strict, loose, distance, per window;
+        `heldout_by_style` per canary style), `perplexity` (all held-out text, with its
+        per-sequence NLL), `ndcg10` (rank gain, the paper's) and `ndcg10_probability`
+        against the unedited model's rankings `reference`, with per-sequence sums,
+        `probes` (accuracy per family), `stress_reference` (the paper's position
+        perturbations, per window), `stress` (the filler test, per perturbation),
+        `extraction` (exact memorization, extraction strength, sampled extraction, per
+        window) and `mia` (every membership score of the held-out canaries and the non-members).
     """
     from curvedit.evaluate.perplexity import ndcg_at_k, perplexity  # noqa: PLC0415
-    from curvedit.evaluate.stress import StressOptions, stress_test  # noqa: PLC0415
+    from curvedit.evaluate.privacy import extraction_metrics, membership_scores, sequence_stats  # noqa: PLC0415
+    from curvedit.evaluate.stress import StressOptions, reference_stress_test, stress_test  # noqa: PLC0415
     from curvedit.evaluate.tasks import TaskOptions, run_tasks  # noqa: PLC0415
 
     pad_id = default_pad_id(tokenizer)
@@ -254,13 +279,30 @@ def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference:
                                               for k in ("strict", "loose", "distance")}}
     stress = stress_test(model, probe.heldout, StressOptions(left_extend=(16,), right_shift=(8, 16), batch_size=bs),
                          filler_ids=probe.filler, pad_id=pad_id)
+    reference_stress = reference_stress_test(model, probe.heldout, pad_id=pad_id)
+    ppl = perplexity(model, probe.text, pad_id=pad_id, batch_size=bs)
+    ndcg = {gain: ndcg_at_k(model, probe.ppl_text, reference, pad_id=pad_id, batch_size=bs, gain=gain)
+            for gain in ("rank", "probability")}
+    members = [w.prefix_ids + w.suffix_ids for w in probe.heldout]
+    member_stats = sequence_stats(model, members, pad_id=pad_id, batch_size=bs, temperature=TEMPERATURE)
+    nonmember_stats = sequence_stats(model, probe.nonmembers, pad_id=pad_id, batch_size=bs)
+    mia = {group: {name: values.tolist() for name, values in membership_scores(
+        stats, probe.texts[group], reference_losses=probe.reference_losses[group]).items()}
+        for group, stats in (("members", member_stats), ("nonmembers", nonmember_stats))}
     return {
         "heldout": heldout, "heldout_by_style": by_style, "tune": recitation(probe.tune),
-        "perplexity": perplexity(model, probe.text, pad_id=pad_id, batch_size=bs).perplexity,
-        "ndcg10": ndcg_at_k(model, probe.ppl_text, reference, pad_id=pad_id, batch_size=bs).ndcg,
+        "perplexity": ppl.perplexity, "sequence_nll": list(ppl.sequence_nll),
+        "sequence_tokens": list(ppl.sequence_tokens),
+        "ndcg10": ndcg["rank"].ndcg, "ndcg10_probability": ndcg["probability"].ndcg,
+        "ndcg10_sums": {gain: list(r.sequence_sums) for gain, r in ndcg.items()},
+        "ndcg10_positions": list(ndcg["rank"].sequence_positions),
         "probes": {r.name: r.accuracy for r in run_tasks(model, tokenizer, probe.tasks, TaskOptions(batch_size=bs),
                                                          pad_id=pad_id)},
         "stress": {r.key: {"mean_prefix_match": r.mean_prefix_match, "exact": r.exact} for r in stress},
+        "stress_reference": {k: v for k, v in reference_stress.summary().items() if not k.endswith("_ci")}
+        | {"per_window": reference_stress.stress, "suffix_lengths": reference_stress.suffix_lengths},
+        "extraction": extraction_metrics(member_stats, [len(w.suffix_ids) for w in probe.heldout], SAMPLES),
+        "mia": mia,
     }
 
 
@@ -396,13 +438,19 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
     bases = load_bases(targets, factor_dir)
     text = data.heldout
+    nonmembers = canary_token_ids(generate_canaries(options.canaries, seed + NONMEMBER_SEED, STYLES, options.counts),
+                                  tokenizer, options.implant.prefix_len + options.implant.suffix_len)
+    members = [w.prefix_ids + w.suffix_ids for w in heldout]
     probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
                       tasks=[t for t in probe_tasks(options.probe_items, seed=1234) if t.name in probes_used],
-                      filler=[t for s in text[-4:] for t in s])
+                      filler=[t for s in text[-4:] for t in s], nonmembers=nonmembers,
+                      texts={"members": [tokenizer.decode(ids) for ids in members],
+                             "nonmembers": [tokenizer.decode(ids) for ids in nonmembers]},
+                      reference_losses=base_losses(base_dir, {"members": members, "nonmembers": nonmembers}, options))
     reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
     kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
                          compute_dtype=options.compute_dtype)
-    variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 1,
+    variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 2,
                         "probes": list(probes_used), "bsn": [options.bsn_ratios, options.bsn_epochs,
                                                                     options.bsn_lr]})
     variants: dict[str, Any] = {}
@@ -463,6 +511,20 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                                    for p in swept["points"]],
                       "baseline": swept["baseline"]},
             "variants": variants, "timings_s": timings}
+
+
+NONMEMBER_SEED = 10_000  # non-member canaries of seed s are generated with seed s + 10000
+
+
+def base_losses(base_dir: Path, groups: dict[str, list[list[int]]], options: StudyOptions) -> dict[str, list[float]]:
+    """The base (pre-implant) model's loss on every window of each group (the reference MIA score)."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from curvedit.evaluate.privacy import sequence_stats  # noqa: PLC0415
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
+    return {name: [s.loss for s in sequence_stats(base, sequences, batch_size=options.batch_size)]
+            for name, sequences in groups.items()}
 
 
 def perplexity_after(model, targets, bases, plan, sequences, pad_id: int, batch_size: int) -> float:
@@ -538,6 +600,44 @@ def _matched(variant: dict[str, Any], tolerance: float = 0.02) -> bool:
     return search["edited"] and abs(search["perplexity"] / search["target_perplexity"] - 1) <= tolerance
 
 
+def pooled_intervals(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """95% intervals of one variant pooled over seeds, from (variant, unedited) per seed.
+
+    Rates (held-out strict / loose, the stress test's full matches) get Wilson intervals
+    over every held-out canary of every seed; means (distance, stress score, exact
+    memorization, extraction strength, sampled extraction) bootstrap intervals over the
+    same canaries; the perplexity ratio to unedited a paired bootstrap over (seed,
+    held-out sequence) units (`exp(sum(NLL - NLL_unedited) / sum(tokens))`); nDCG@10 a
+    bootstrap over (seed, sequence); each MIA AUROC a bootstrap stratified by seed
+    (members are compared with non-members of their own seed only).
+    """
+    from curvedit.evaluate.intervals import Interval, bootstrap_mean, bootstrap_ratio, wilson  # noqa: PLC0415
+    from curvedit.evaluate.privacy import MIA_SCORES, stratified_auroc_interval  # noqa: PLC0415
+
+    windows = [w for v, _ in pairs for w in v["heldout"]["per_window"]]
+    stress = [(score, k) for v, _ in pairs
+              for score, k in zip(v["stress_reference"]["per_window"], v["stress_reference"]["suffix_lengths"])]
+    nll = [a - b for v, u in pairs for a, b in zip(v["sequence_nll"], u["sequence_nll"])]
+    per_token = bootstrap_ratio(nll, [t for v, _ in pairs for t in v["sequence_tokens"]])
+    intervals: dict[str, Interval] = {
+        "heldout_strict": wilson(sum(w["strict"] for w in windows), len(windows)),
+        "heldout_loose": wilson(sum(w["loose"] for w in windows), len(windows)),
+        "heldout_distance": bootstrap_mean([w["distance"] for w in windows]),
+        "ppl_ratio": Interval(math.exp(per_token.value), math.exp(per_token.low), math.exp(per_token.high),
+                              per_token.n, per_token.method),
+        "ndcg10": bootstrap_ratio([x for v, _ in pairs for x in v["ndcg10_sums"]["rank"]],
+                                  [n for v, _ in pairs for n in v["ndcg10_positions"]]),
+        "stress_mean": bootstrap_mean([score for score, _ in stress]),
+        "stress_full": wilson(sum(score >= k for score, k in stress), len(stress)),
+    }
+    for name in ("exact_memorization", "extraction_strength", "sampled_extraction"):
+        intervals[name] = bootstrap_mean([x for v, _ in pairs for x in v["extraction"]["per_window"][name]])
+    for name in MIA_SCORES:
+        intervals[f"mia_{name}"] = stratified_auroc_interval(
+            [(v["mia"]["members"][name], v["mia"]["nonmembers"][name]) for v, _ in pairs])
+    return {name: interval.to_dict() for name, interval in intervals.items()}
+
+
 def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options: StudyOptions) -> dict[str, Any]:
     """Means over seeds per variant, retention of the probes the base model gets right,
     and the issue's targets checked per seed."""
@@ -567,6 +667,8 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options
                              for k in rows[0]["stress"]},
             "by_style": {st: {m: mean(lambda r, u, st=st, m=m: r["heldout_by_style"].get(st, {}).get(m, 0.0))
                               for m in ("strict", "loose")} for st in STYLES},
+            "ndcg10_probability": mean(lambda r, u: r["ndcg10_probability"]),
+            "intervals": pooled_intervals([(r, s["variants"]["unedited"]) for r, s in zip(rows, seeds)]),
         }
     checks = []
     for s in seeds:
