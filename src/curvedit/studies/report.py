@@ -130,6 +130,16 @@ def targets_table(results: dict[str, Any]) -> str:
                                     for c in checks])
 
 
+def timing_table(results: dict[str, Any]) -> str:
+    """Seconds per stage and seed, as computed (a stage read back from the cache shows the time of
+    the run that computed it; "-" where the cache predates kept timings)."""
+    seeds = results["seeds"]
+    stages = list(dict.fromkeys(k for s in seeds for k in s["timings_s"]))
+    rows = [[stage, *["-" if s["timings_s"].get(stage) is None else f"{s['timings_s'][stage]:.0f}" for s in seeds]]
+            for stage in stages]
+    return _table(["stage", *[f"seed {s['seed']}" for s in seeds]], rows)
+
+
 def recall_figure(results: dict[str, Any], path: Path) -> Path:
     """Held-out loose recall against perplexity ratio, every variant and seed."""
     plt = pyplot()
@@ -199,6 +209,7 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "## Per canary style (held-out, strict / loose, mean over seeds)", style_table(results),
         "## Probes", probe_table(results),
         "## Targets of the issue", targets_table(results),
+        "## Time per stage (seconds)", timing_table(results),
         "## Figures per seed",
         "\n".join(f"- seed {s}: [sweep](seed-{s}/sweep.png), band analysis in [seed-{s}/analysis](seed-{s}/analysis)"
                   for s in seeds),

@@ -126,14 +126,21 @@ def _key(data: Any) -> str:
 
 
 def cached(path: Path, key: str, compute: Callable[[], Any]) -> Any:
-    """Read `path` when it holds the result of `key`, else compute, write and return it."""
+    """Read `path` when it holds the result of `key`, else compute, write (with the seconds
+    the computation took) and return it."""
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return stored["value"]
+    start = time.perf_counter()
     value = compute()
-    write_json(path, {"key": key, "value": value})
+    write_json(path, {"key": key, "value": value, "seconds": round(time.perf_counter() - start, 1)})
     return value
+
+
+def compute_seconds(path: Path) -> float | None:
+    """The seconds a stage's cache file says its computation took (None when it does not say)."""
+    return json.loads(path.read_text()).get("seconds") if path.is_file() else None
 
 
 def obtain_gguf(options: StudyOptions) -> Path:
@@ -331,13 +338,14 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     stamp = out / "study-key.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return out
+    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     canaries = generate_canaries(options.canaries, seed, STYLES, options.counts)
     result = implant(model, tokenizer, canaries, data.train, data.ppl_subset(options.ppl_sequences), out,
                      implant_options, resume=(out / ".implant-state" / "state.json").is_file())
     save_implanted(model, tokenizer, out, canaries, result, implant_options, base)
-    write_json(stamp, {"key": key})
+    write_json(stamp, {"key": key, "seconds": round(time.perf_counter() - start, 1)})
     return out
 
 
@@ -374,16 +382,19 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     from curvedit.targets import TargetSpec, select_targets  # noqa: PLC0415
 
     folder = options.cache / f"seed-{seed}"
-    timings: dict[str, float] = {}
+    timings: dict[str, float | None] = {}
 
-    def stage(name: str, fn: Callable[[], Any]) -> Any:
+    def stage(name: str, fn: Callable[[], Any], record: Path | None = None) -> Any:
+        """Run a stage; a cached stage's time is the one its cache file `record` kept from the run
+        that computed it (None when the file predates kept timings)."""
         log(f"seed {seed}: {name}")
         start = time.perf_counter()
         value = fn()
-        timings[name] = round(time.perf_counter() - start, 1)
+        timings[name] = compute_seconds(record) if record is not None else round(time.perf_counter() - start, 1)
         return value
 
-    implanted = stage("implant", lambda: implant_seed(base_dir, seed, data, options, base))
+    implanted = stage("implant", lambda: implant_seed(base_dir, seed, data, options, base),
+                      options.cache / f"seed-{seed}" / "implanted" / "study-key.json")
     manifest = json.loads((implanted / "curvedit-implant.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(implanted, dtype=torch.float32).to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(implanted)
@@ -395,7 +406,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         tune, heldout = split_halves(windows, styles, seed)
         return {"tune": [asdict(w) for w in tune], "heldout": [asdict(w) for w in heldout]}
 
-    halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found))
+    halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found), folder / "found.json")
     tune, heldout = [Window(**d) for d in halves["tune"]], [Window(**d) for d in halves["heldout"]]
     if not tune or not heldout:
         raise StudyError(f"seed {seed}: the implanted model recites {len(tune) + len(heldout)} canaries; need at "
@@ -417,7 +428,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         save_factors(factors, factor_dir)
         return str(factor_dir)
 
-    stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect))
+    stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
     ppl_text = data.ppl_subset(options.ppl_sequences)
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
@@ -431,7 +442,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         result.write(options.out / f"seed-{seed}")
         return result.to_dict()
 
-    swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep))
+    swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep), folder / "sweep.key.json")
     if swept.get("chosen") is None:
         raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {folder}/sweep")
     chosen = swept["points"][swept["chosen"]]
@@ -456,7 +467,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     variants: dict[str, Any] = {}
 
     def variant(name: str, compute: Callable[[], dict[str, Any]]) -> None:
-        variants[name] = stage(name, lambda: cached(folder / "variants" / f"{name}.json", variant_key, compute))
+        record = folder / "variants" / f"{name}.json"
+        variants[name] = stage(name, lambda: cached(record, variant_key, compute), record)
 
     variant("unedited", lambda: measure(model, tokenizer, probe, reference, options))
     variant("kfac", lambda: _edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference,
