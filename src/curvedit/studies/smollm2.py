@@ -109,9 +109,9 @@ class StudyOptions:
     compute_dtype: str = "float32"
     probe_items: int = 30
     probe_min_accuracy: float = 0.5
-    bsn_ratios: tuple[float, ...] = (0.01,)
-    bsn_epochs: int = 2
-    bsn_lr: float = 1.0
+    bsn_ratios: tuple[float, ...] = (0.01, 0.03)
+    bsn_epochs: int = 4
+    bsn_lr: float = 2.0
     batch_size: int = 16
     progress: bool = True
 
