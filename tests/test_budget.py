@@ -101,8 +101,18 @@ def test_match_mode_lands_near_the_target_and_the_demo_uses_it(trained):
                           target_ppl=1.05 * unedited, steps=10, tolerance=0.03)
     assert len(early.steps) < 10 and abs(early.perplexity / early.target_perplexity - 1) <= 0.03
     probe = SimpleNamespace(text=trained.heldout)
-    assert match_perplexity(trained.model, probe, trained.targets, "kfac", 1.05 * unedited, trained.bases, 0,
-                            tolerance=0.03) == (early.amount, early.perplexity)
+    demo = match_perplexity(trained.model, probe, trained.targets, "kfac", 1.05 * unedited, unedited, trained.bases, 0)
+    assert demo.matches() and abs(demo.perplexity - 1.05 * unedited) <= 0.1 * 0.05 * unedited
+
+
+def test_match_mode_returns_an_edit_even_when_the_unedited_model_is_closer(trained):
+    unedited = perplexity(trained.model, trained.heldout).perplexity
+    # a target a hair above unedited: the unedited model is closer than any edit tried in 3 steps
+    search = bisect_amount(trained.model, trained.targets, trained.bases, trained.heldout, mode="match",
+                           target_ppl=unedited * (1 + 1e-9), unedited_ppl=unedited, steps=3)
+    assert search.edited and search.amount < 1.0
+    gaps = [abs(s.perplexity / search.target_perplexity - 1) for s in search.steps]
+    assert abs(search.perplexity / search.target_perplexity - 1) == min(gaps)
 
 
 def test_nothing_within_the_target_returns_no_edit(trained):

@@ -64,6 +64,15 @@ class BudgetStep:
     fits: bool
 
 
+MATCH_SHARE = 0.1  # a matched control lands within 10% of the target's perplexity rise
+
+
+def match_tolerance(target_ppl: float, unedited_ppl: float, share: float = MATCH_SHARE) -> float:
+    """The relative tolerance of `bisect_amount` that stops a "match" search within `share`
+    of the target's perplexity rise over unedited."""
+    return share * abs(target_ppl - unedited_ppl) / target_ppl
+
+
 @dataclass
 class BudgetSearch:
     """The outcome of `bisect_amount`.
@@ -91,6 +100,13 @@ class BudgetSearch:
     ppl_budget: float | None
     edited: bool
     steps: list[BudgetStep] = field(default_factory=list)
+
+    def matches(self, share: float = MATCH_SHARE) -> bool:
+        """Whether a "match" search reached its target: an edit whose perplexity is within
+        `share` of the target's rise over unedited (10%: a control matched to an edit that
+        raised perplexity by 4% lands within 0.4%)."""
+        rise = self.target_perplexity - self.unedited_perplexity
+        return self.edited and abs(self.perplexity - self.target_perplexity) <= share * abs(rise)
 
     def rule(self, pattern: str = "*") -> EditRule:
         """The edit rule of the chosen amount, for targets matching `pattern`."""
@@ -168,7 +184,8 @@ def bisect_amount(
         bases: name -> eigenbasis for every target (None only for method "svd").
         heldout_sequences: held-out token sequences for perplexity.
         mode: "within" (smallest amount whose perplexity is at most the target) or
-            "match" (amount whose perplexity is closest to the target).
+            "match" (the tried amount whose perplexity is closest to the target; never the
+            unedited model, even when it is closer: a matched control must be an edit).
         budget: the target as a ratio to the unedited perplexity (>= 1; 1.1 = 10% above).
         target_ppl: the target as a perplexity (instead of `budget`).
         unedited_ppl: the unedited model's perplexity on `heldout_sequences`, when known
@@ -220,7 +237,7 @@ def bisect_amount(
         tried.append(BudgetStep(amount=mid, perplexity=ppl, kept=sum(s.kept for s in applied.stats),
                                 total=sum(s.total for s in applied.stats), fits=fits))
         gap = abs(ppl / target - 1)
-        if (fits if mode == "within" else gap < abs(reached / target - 1)):
+        if (fits if mode == "within" else len(tried) == 1 or gap < abs(reached / target - 1)):
             amount, reached = mid, ppl
         bar.set_postfix(amount=f"{mid:.4f}", ppl=f"{ppl:.4f}")
         lo, hi = (lo, mid) if fits else (mid, hi)

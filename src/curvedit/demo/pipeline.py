@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -30,6 +30,9 @@ from curvedit.factors import save_factors
 from curvedit.io import write_json
 from curvedit.spectrum import load_bases
 from curvedit.targets import TargetSpec, select_targets
+
+if TYPE_CHECKING:
+    from curvedit.budget import BudgetSearch
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
 
@@ -214,19 +217,21 @@ def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, 
     return save_factors(factors, options.out / ("factors" if label_seed is None else f"factors-seed-{seed}"))
 
 
-def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl: float, bases, seed: int,
-                     tolerance: float = 0.02, steps: int = 10) -> tuple[float, float]:
+def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl: float, unedited_ppl: float, bases,
+                     seed: int, steps: int = 14) -> "BudgetSearch":
     """Bisect the keep fraction of a control so its perplexity matches `target_ppl`
-    (`curvedit.budget.bisect_amount` in mode "match").
+    (`curvedit.budget.bisect_amount` in mode "match"), stopping once within 10% of the
+    target's rise over `unedited_ppl`.
 
     Returns:
-        (keep fraction, perplexity reached): the first within `tolerance`, else the closest.
+        The search: the first amount within that tolerance, else the closest tried
+        (`search.matches()` says which).
     """
-    from curvedit.budget import bisect_amount  # noqa: PLC0415
+    from curvedit.budget import bisect_amount, match_tolerance  # noqa: PLC0415
 
-    search = bisect_amount(model, targets, bases, probe.text, mode="match", target_ppl=target_ppl, method=method,
-                           seed=seed, steps=steps, tolerance=tolerance, batch_size=64)
-    return search.amount, search.perplexity
+    return bisect_amount(model, targets, bases, probe.text, mode="match", target_ppl=target_ppl,
+                         unedited_ppl=unedited_ppl, method=method, seed=seed, steps=steps,
+                         tolerance=match_tolerance(target_ppl, unedited_ppl), batch_size=64)
 
 
 def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
@@ -341,11 +346,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                               {"note": "same number of components as kfac, chosen at random"}))
     kfac_ppl = variants["kfac"]["perplexity"]
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
-        keep, reached = timer.stage(f"{name}_match", lambda m=method: match_perplexity(
-            model, probe, targets, m, kfac_ppl, bases, options.seed))
-        timer.stage(name, lambda n=name, m=method, k=keep, r=reached: run_variant(
-            n, EditPlan([EditRule(keep_fraction=k)], method=m, seed=options.seed),
-            {"note": f"keep fraction chosen so perplexity matches kfac's ({r:.4f} vs {kfac_ppl:.4f})"}))
+        search = timer.stage(f"{name}_match", lambda m=method: match_perplexity(
+            model, probe, targets, m, kfac_ppl, unedited["perplexity"], bases, options.seed))
+        timer.stage(name, lambda n=name, m=method, s=search: run_variant(
+            n, EditPlan([s.rule()], method=m, seed=options.seed),
+            {"matched": s.matches(), "note": f"keep fraction {s.amount:.5f} chosen so perplexity matches kfac's "
+                                             f"({s.perplexity:.4f} vs {kfac_ppl:.4f}; "
+                                             f"{'within' if s.matches() else 'NOT within'} 10% of its rise)"}))
 
     start = time.perf_counter()
     bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets,
