@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from curvedit.demo.measure import FAMILIES
-from curvedit.evaluate.intervals import format_interval
+from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
 
 VARIANT_ORDER = ("unedited", "kfac", "svd", "random", "random_ppl", "bsn")
@@ -30,13 +30,21 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def _cell(row: dict[str, Any], key: str, percent: bool, digits: int = 3) -> str:
-    """`value [low, high]` when the row holds the interval, else the value alone; "-" when absent."""
+def _cell(row: dict[str, Any], key: str, percent: bool, digits: int = 3, versus: dict[str, Any] | None = None) -> str:
+    """`value [low, high]` when the row holds the interval, else the value alone; "-" when
+    absent; marked ≈ when the interval overlaps the one of the `versus` row (K-FAC)."""
     if key not in row:
         return "-"
-    if f"{key}_ci" in row:
-        return format_interval(row[f"{key}_ci"], percent, digits)
-    return _pct(row[key]) if percent else f"{row[key]:.{digits}f}"
+    if f"{key}_ci" not in row:
+        return _pct(row[key]) if percent else f"{row[key]:.{digits}f}"
+    text = format_interval(row[f"{key}_ci"], percent, digits)
+    if versus is not None and versus is not row and f"{key}_ci" in versus:
+        if Interval(**row[f"{key}_ci"]).overlaps(Interval(**versus[f"{key}_ci"])):
+            text += " ≈"
+    return text
+
+
+OVERLAP_NOTE = "≈: the 95% interval overlaps K-FAC's (no clear difference from K-FAC)."
 
 
 def _variants(results: dict[str, Any]) -> list[str]:
@@ -50,8 +58,9 @@ def memorization_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in _variants(results):
         row = results["variants"][name]
-        cells = [_cell(row, k, percent=not k.endswith("lev")) for k, _ in MEMORY_COLUMNS]
-        lines.append("| " + " | ".join([name, *cells, _cell(row, "perplexity", False, 4)]) + " |")
+        kfac = results["variants"].get("kfac")
+        cells = [_cell(row, k, not k.endswith("lev"), versus=kfac) for k, _ in MEMORY_COLUMNS]
+        lines.append("| " + " | ".join([name, *cells, _cell(row, "perplexity", False, 4, kfac)]) + " |")
     return "\n".join(lines)
 
 
@@ -63,7 +72,8 @@ def privacy_table(results: dict[str, Any]) -> str:
     for name in _variants(results):
         row = results["variants"][name]
         digits = {"stress_mean": 1}
-        lines.append("| " + " | ".join([name, *[_cell(row, k, pct, digits.get(k, 2 if k.startswith("mia") else 3))
+        kfac = results["variants"].get("kfac")
+        lines.append("| " + " | ".join([name, *[_cell(row, k, pct, digits.get(k, 2 if k.startswith("mia") else 3), kfac)
                                                 for k, _, pct in PRIVACY_COLUMNS]]) + " |")
     return "\n".join(lines)
 
@@ -95,7 +105,7 @@ def family_table(results: dict[str, Any]) -> str:
         cells = []
         for family in FAMILIES:
             retention = f" ({100 * row[family] / base[family]:.0f}%)" if name != "unedited" and base[family] else ""
-            cells.append(_cell(row, family, True) + retention)
+            cells.append(_cell(row, family, True, versus=results["variants"].get("kfac")) + retention)
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -144,6 +154,7 @@ quotes {found['quotes']}/{candidates['quotes']}. Metrics on memorized sets are o
 {memorization_table(results)}
 
 Intervals: Wilson for rates, bootstrap over windows for lev, over held-out sequences for perplexity.
+{OVERLAP_NOTE}
 
 Chosen on the tune half only (lowest tune loose accuracy with perplexity at most
 {results['settings']['ppl_budget']}x unedited): layers `{chosen['layers']}`, matrices `{chosen['matrices']}`,
@@ -164,7 +175,7 @@ memorization: teacher-forced share of suffix tokens predicted exactly; extractio
 1 - j/k for the fewest suffix tokens j given before the rest is predicted exactly; sampled
 extraction: chance that one of 100 samples at temperature 1 is the suffix. AUROC: held-out
 memorized strings against never-trained strings of the same generator (0.5 = indistinguishable).
-Definitions: docs/method.md.
+Definitions: docs/method.md. {OVERLAP_NOTE}
 
 ## Spread over label-sampling seeds
 
