@@ -26,7 +26,7 @@ def test_save_load_round_trip_keeps_tensors_and_metadata(tmp_path, gpt2):
     factors, targets = collect(gpt2, SEQS)
     save_factors(factors, tmp_path)
     meta = json.loads((tmp_path / "factors.json").read_text())
-    assert meta["format_version"] == 1 and meta["collection"]["label_mode"] == "gold"
+    assert meta["format_version"] == 2 and meta["collection"]["label_mode"] == "gold"
     assert meta["targets"]["transformer.h.0.mlp.c_fc"] == {
         "d_in": 16, "d_out": 64, "positions": sum(len(s) - 1 for s in SEQS), "transposed": True,
         "weight_sha256": factors.targets["transformer.h.0.mlp.c_fc"].weight_sha256}

@@ -166,6 +166,7 @@ def bisect_amount(
     method: str = "kfac",
     seed: int = 0,
     compute_dtype: str = "float64",
+    masses: str = "kfac",
     device: str | None = None,
     steps: int = 10,
     tolerance: float = 0.0,
@@ -194,6 +195,7 @@ def bisect_amount(
         method: the edit method (`curvedit.edit.METHODS`).
         seed: seed of the "random" control.
         compute_dtype: "float64" or "float32" for the basis change.
+        masses: "kfac" or "ekfac" (see `curvedit.edit.EditPlan`).
         device: where to do the edit's linear algebra (default: the weights' device).
         steps: candidates at most (the amount is resolved to `2**-steps`).
         tolerance: stop early once a candidate's perplexity is within this relative
@@ -214,7 +216,8 @@ def bisect_amount(
     _validate(heldout_sequences, targets, mode, knob, budget, target_ppl, steps, tolerance, batch_size)
 
     def plan(amount: float) -> EditPlan:
-        return EditPlan([EditRule("*", **{knob: amount})], method=method, seed=seed, compute_dtype=compute_dtype)
+        return EditPlan([EditRule("*", **{knob: amount})], method=method, seed=seed, compute_dtype=compute_dtype,
+                        masses=masses)
 
     def measure() -> float:
         return perplexity(model, heldout_sequences, pad_id=pad_id, batch_size=batch_size).perplexity
@@ -259,6 +262,7 @@ def edit_within_budget(
     method: str = "kfac",
     seed: int = 0,
     compute_dtype: str = "float64",
+    masses: str = "kfac",
     device: str | None = None,
     eigh_precision: str = "float64",
     steps: int = 10,
@@ -279,6 +283,7 @@ def edit_within_budget(
         method: the edit method.
         seed: seed of the "random" control.
         compute_dtype: "float64" or "float32" for the basis change.
+        masses: "kfac" or "ekfac" (see `curvedit.edit.EditPlan`).
         device: where to run eigh and the basis change.
         eigh_precision: "float64" or "float32" (see `curvedit.spectrum.sym_eigh`).
         steps: bisection steps (resolution `2**-steps`).
@@ -301,7 +306,8 @@ def edit_within_budget(
             raise EditError(f"method {method!r} needs a factor directory")
         bases = load_bases(targets, factor_dir, device, eigh_precision)
     search = bisect_amount(model, targets, bases, heldout_sequences, mode="within", budget=budget, knob=knob,
-                           method=method, seed=seed, compute_dtype=compute_dtype, device=device, steps=steps,
+                           method=method, seed=seed, compute_dtype=compute_dtype, masses=masses, device=device,
+                           steps=steps,
                            batch_size=batch_size, pad_id=pad_id, progress=progress)
-    plan = EditPlan([search.rule()], method=method, seed=seed, compute_dtype=compute_dtype)
+    plan = EditPlan([search.rule()], method=method, seed=seed, compute_dtype=compute_dtype, masses=masses)
     return search, apply_edit(targets, plan, bases, device)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from curvedit.errors import CurveditError
-from curvedit.spectrum import (Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
-                               staircase, staircase_mask)
+from curvedit.spectrum import (MASSES, Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
+                               select_by_masses, staircase, staircase_mask)
 from curvedit.targets import Target
 
 METHODS = ("kfac", "svd", "random", "lowest")
@@ -74,16 +74,21 @@ class EditPlan:
         method: one of `METHODS`.
         seed: seed of the "random" control.
         compute_dtype: "float64" (default) or "float32" for the basis change.
+        masses: what ranks the components: "kfac" (`lam_i * mu_j`) or "ekfac" (the
+            eigenvalue-corrected `S` stored by `collect --eigencorrect`).
     """
 
     rules: list[EditRule]
     method: str = "kfac"
     seed: int = 0
     compute_dtype: str = "float64"
+    masses: str = "kfac"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise EditError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.masses not in MASSES:
+            raise EditError(f"unknown masses {self.masses!r}; choose one of {MASSES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise EditError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
         if not self.rules:
@@ -101,7 +106,7 @@ class EditPlan:
         raise EditError(f"no rule of the plan matches target {name} (patterns: {[r.pattern for r in self.rules]})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "seed": self.seed, "compute_dtype": self.compute_dtype,
+        return {"method": self.method, "seed": self.seed, "compute_dtype": self.compute_dtype, "masses": self.masses,
                 "rules": [asdict(r) for r in self.rules]}
 
     @classmethod
@@ -111,7 +116,7 @@ class EditPlan:
 
         Args:
             path: the JSON file.
-            given: `method`, `seed`, `compute_dtype` given elsewhere (the command line);
+            given: `method`, `seed`, `compute_dtype`, `masses` given elsewhere (the command line);
                 None values are ignored. The plan's own value wins where only it gives
                 one; a value given both ways must agree.
 
@@ -129,7 +134,7 @@ class EditPlan:
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values()):
                 raise EditError(f"{path}: the short form maps patterns to rho values (numbers)")
             data = {"rules": [{"pattern": k, "rho": v} for k, v in data.items()]}
-        unknown = set(data) - {"rules", "method", "seed", "compute_dtype"}
+        unknown = set(data) - {"rules", "method", "seed", "compute_dtype", "masses"}
         if unknown:
             raise EditError(f"{path}: unknown key(s) {sorted(unknown)}")
         if not isinstance(data["rules"], list) or not all(isinstance(r, dict) for r in data["rules"]):
@@ -206,11 +211,28 @@ def change_basis_and_mask(weight_oi: torch.Tensor, basis: Eigenbasis, mask: torc
     return u_g @ (coeffs * mask) @ u_a.T
 
 
-def kfac_mask(basis: Eigenbasis, rule: EditRule) -> torch.Tensor:
-    """The K-FAC selection for a rule: top mass (`rho`) or top count (`keep_fraction`)."""
+def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac") -> torch.Tensor:
+    """The curvature selection for a rule: top mass (`rho`) or top count (`keep_fraction`),
+    ranked by the K-FAC products `lam_i * mu_j` or (masses "ekfac") by the basis' `S`.
+
+    Raises:
+        EditError: masses "ekfac" and the basis holds no `S`.
+    """
+    if masses == "ekfac":
+        if basis.S is None:
+            raise EditError("masses 'ekfac' need eigenvalue-corrected factors: run collect --eigencorrect")
+        return select_by_masses(basis.S, rule.rho, rule.keep_fraction)
     if rule.rho is not None:
         return select_by_mass(basis.lam, basis.mu, rule.rho)
     return select_by_count(basis.lam, basis.mu, rule.keep_fraction)
+
+
+def kept_mass(basis: Eigenbasis, mask: torch.Tensor, masses: str = "kfac") -> float:
+    """Share of the total mass (K-FAC products, or `S` for "ekfac") the mask keeps."""
+    if masses == "ekfac" and basis.S is not None:
+        total = float(basis.S.double().sum())
+        return float(basis.S.double()[mask].sum()) / total if total else 0.0
+    return mass_fraction(basis.lam, basis.mu, mask)
 
 
 def control_mask(basis: Eigenbasis, kept: int, method: str, generator: torch.Generator) -> torch.Tensor:
@@ -278,14 +300,12 @@ def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasi
             else:
                 if bases is None or target.name not in bases:
                     raise EditError(f"{target.name}: no eigenbasis (factors) for method {plan.method!r}")
-                basis = bases[target.name]
-                basis = Eigenbasis(*(getattr(basis, k).to(device=weight.device, dtype=dtype)
-                                     for k in ("lam", "U_G", "mu", "U_A")))
-                mask = kfac_mask(basis, rule)
+                basis = bases[target.name].to(weight.device, dtype)
+                mask = kfac_mask(basis, rule, plan.masses)
                 if plan.method != "kfac":
                     mask = control_mask(basis, int(mask.sum()), plan.method, generator)
                 edited = change_basis_and_mask(weight, basis, mask)
-                kept, total, mass = int(mask.sum()), mask.numel(), mass_fraction(basis.lam, basis.mu, mask)
+                kept, total, mass = int(mask.sum()), mask.numel(), kept_mass(basis, mask, plan.masses)
             rel = float(torch.linalg.norm(edited - weight) / torch.linalg.norm(weight).clamp(min=1e-30))
             originals[target.name] = target.module.weight.detach().clone()
             target.set_weight_oi(edited)
@@ -322,6 +342,7 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         EditError: factors missing for a method that needs them, or a target no rule matches.
         SelectionError: a keep fraction that keeps no component of a target.
     """
+    from curvedit.factors import without_eigencorrections  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
 
     for target in targets:  # before any eigendecomposition is computed or cached
@@ -335,6 +356,11 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
     if plan.method != "svd":
         if factor_dir is None:
             raise EditError(f"method {plan.method!r} needs a factor directory")
+        if plan.masses == "ekfac":
+            missing = without_eigencorrections(factor_dir, [t.name for t in targets])
+            if missing:
+                raise EditError(f"masses 'ekfac' need eigenvalue-corrected factors, and {factor_dir} has none for "
+                                f"{missing[0]}{' and others' if len(missing) > 1 else ''}: run collect --eigencorrect")
         bases = load_bases(targets, factor_dir, device, eigh_precision)
     return apply_edit(targets, plan, bases, device)
 

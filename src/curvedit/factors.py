@@ -1,12 +1,17 @@
 """The factor files: K-FAC factors per target, their identity, load/save/merge/validate.
 
-On disk (format version 1), a directory with:
+On disk (format version 2; version 1 files, which cannot hold `NAME.S`, are still read), a
+directory with:
 - `factors.safetensors`: for each target module name `NAME`, `NAME.A` (`d_in x d_in`) and
   `NAME.G` (`d_out x d_out`), the *means* of `x x^T` and `g g^T` over the target's counted
-  positions.
+  positions; after `collect --eigencorrect`, also `NAME.S` (`d_out x d_in`), the
+  eigenvalue-corrected masses `mean (u_i^T g)^2 (v_j^T x)^2` in the eigenbasis of A and G
+  (see `curvedit.eigencorrect`).
 - `factors.json`: `format_version`, `curvedit_version`, `model` (`name`, `config_hash`,
   `weights_hash`), `collection` (label mode, dtype, seq len, data description, ...), and
-  `targets`: per `NAME`, `d_in`, `d_out`, `positions`, `weight_sha256`, `transposed`.
+  `targets`: per `NAME`, `d_in`, `d_out`, `positions`, `weight_sha256`, `transposed`, and with
+  `NAME.S` an `eigencorrected` entry: the positions it averages and the SHA-256 of the
+  eigenbasis it was measured in (`basis_sha256`).
   The same description is stored in the safetensors header (key "curvedit"), which is the
   one `load_factors` trusts; the JSON file is its readable copy and must agree with it.
 """
@@ -29,7 +34,8 @@ from curvedit.errors import CurveditError
 from curvedit.io import safetensors_metadata, write_json, write_safetensors
 from curvedit.targets import Target
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "factors.json"
 HEADER_KEY = "curvedit"
@@ -50,6 +56,9 @@ class TargetFactors:
         positions: the number of counted positions.
         weight_sha256: hash of the target weight (as float32 `(d_out, d_in)`) at collection.
         transposed: whether the module stores its weight transposed (Conv1D).
+        S: `(d_out, d_in)` eigenvalue-corrected masses in the eigenbasis of G and A, or None.
+        S_positions: the positions S averages.
+        S_basis_sha256: SHA-256 of the eigenbasis S was measured in (`basis_sha256`).
     """
 
     A: torch.Tensor
@@ -57,6 +66,9 @@ class TargetFactors:
     positions: int
     weight_sha256: str = ""
     transposed: bool = False
+    S: torch.Tensor | None = None
+    S_positions: int = 0
+    S_basis_sha256: str = ""
 
     @property
     def d_in(self) -> int:
@@ -138,6 +150,10 @@ def save_factors(factors: FactorSet, out_dir: str | Path) -> Path:
         tensors[f"{name}.G"] = tf.G
         targets_meta[name] = {"d_in": tf.d_in, "d_out": tf.d_out, "positions": int(tf.positions),
                               "weight_sha256": tf.weight_sha256, "transposed": tf.transposed}
+        if tf.S is not None:
+            tensors[f"{name}.S"] = tf.S
+            targets_meta[name]["eigencorrected"] = {"positions": int(tf.S_positions),
+                                                    "basis_sha256": tf.S_basis_sha256}
     meta = {"format_version": FORMAT_VERSION, "curvedit_version": __version__, "model": factors.model,
             "collection": factors.collection, "targets": targets_meta}
     write_safetensors(out / FACTORS_FILE, tensors, metadata={"format": "curvedit-factors",
@@ -188,8 +204,9 @@ def load_factors(factor_dir: str | Path, device: str | torch.device = "cpu") -> 
         raise FactorError(f"{meta_path} disagrees with the description stored in {FACTORS_FILE} (a write was "
                           f"interrupted, or the JSON was edited): collect again, or delete {META_FILE} to use the "
                           "tensors' own description")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FactorError(f"{root}: factor format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise FactorError(f"{root}: factor format version {meta.get('format_version')} is not one of "
+                          f"{READABLE_VERSIONS}")
     tensors = load_file(str(tensor_path), device=str(device))
     targets: dict[str, TargetFactors] = {}
     for name, info in (meta.get("targets") or {}).items():
@@ -203,12 +220,34 @@ def load_factors(factor_dir: str | Path, device: str | torch.device = "cpu") -> 
         if a_ii.shape != (d_in, d_in) or g_oo.shape != (d_out, d_out):
             raise FactorError(f"{root}: {name} tensors have shapes {tuple(a_ii.shape)}, {tuple(g_oo.shape)}, "
                               f"but the description says d_in={d_in}, d_out={d_out}")
+        corrected = info.get("eigencorrected")
+        s_oi = tensors.get(f"{name}.S") if corrected else None
+        if corrected and (s_oi is None or s_oi.shape != (d_out, d_in)):
+            raise FactorError(f"{root}: {name}: the description promises eigenvalue-corrected masses "
+                              f"({d_out} x {d_in}), the file holds {None if s_oi is None else tuple(s_oi.shape)}")
         targets[name] = TargetFactors(A=a_ii, G=g_oo, positions=positions,
                                       weight_sha256=info.get("weight_sha256", ""),
-                                      transposed=info.get("transposed", False))
+                                      transposed=info.get("transposed", False), S=s_oi,
+                                      S_positions=int(corrected["positions"]) if corrected else 0,
+                                      S_basis_sha256=corrected["basis_sha256"] if corrected else "")
     if not targets:
         raise FactorError(f"{root}: the factor files describe no target")
     return FactorSet(targets=targets, model=meta.get("model", {}), collection=meta.get("collection", {}))
+
+
+def without_eigencorrections(factor_dir: str | Path, names: list[str]) -> list[str]:
+    """The names among `names` whose factors hold no eigenvalue-corrected masses (read from
+    the description alone, before any tensor is loaded or eigenbasis computed).
+
+    Raises:
+        FactorError: not a readable factor directory.
+    """
+    root = Path(factor_dir)
+    if not (root / FACTORS_FILE).is_file():
+        raise FactorError(f"{root}: not a factor directory (needs {FACTORS_FILE} and {META_FILE})")
+    meta = _read_header(root / FACTORS_FILE) or _read_json(root / META_FILE)
+    described = meta.get("targets") or {}
+    return [n for n in names if not (described.get(n) or {}).get("eigencorrected")]
 
 
 def check_factors_match(factors: FactorSet, targets: list[Target], *, check_weights: bool = True) -> None:

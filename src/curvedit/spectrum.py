@@ -11,6 +11,7 @@ the few products inside the bracket; never a Python loop over pairs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from curvedit.errors import CurveditError
-from curvedit.factors import FACTORS_FILE, TargetFactors, check_factors_match, load_factors
+from curvedit.factors import FACTORS_FILE, FactorError, TargetFactors, check_factors_match, load_factors
 from curvedit.io import file_sha256, write_safetensors
 from curvedit.targets import Target
 
@@ -40,12 +41,32 @@ class Eigenbasis:
         U_G: `(d_out, d_out)` eigenvectors of G (columns).
         mu: `(d_in,)` eigenvalues of A.
         U_A: `(d_in, d_in)` eigenvectors of A (columns).
+        S: `(d_out, d_in)` eigenvalue-corrected masses measured in this basis
+            (`curvedit.eigencorrect`), or None.
     """
 
     lam: torch.Tensor
     U_G: torch.Tensor
     mu: torch.Tensor
     U_A: torch.Tensor
+    S: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str | None, dtype: torch.dtype) -> "Eigenbasis":
+        """A copy on `device` in `dtype` (S too, when present)."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+        return Eigenbasis(move(self.lam), move(self.U_G), move(self.mu), move(self.U_A), move(self.S))
+
+
+MASSES = ("kfac", "ekfac")
+
+
+def basis_sha256(basis: Eigenbasis) -> str:
+    """SHA-256 of an eigenbasis' eigenvectors as float64 bytes (`U_G`, then `U_A`)."""
+    digest = hashlib.sha256()
+    for matrix in (basis.U_G, basis.U_A):
+        digest.update(matrix.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 EIGH_PRECISIONS = ("float64", "float32")
@@ -183,7 +204,28 @@ def load_bases(targets: list[Target], factor_dir: str | Path, device: str | torc
     """
     factors = load_factors(factor_dir)
     check_factors_match(factors, targets)
-    return cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device, precision)
+    bases = cached_eigenbases(factor_dir, factors.targets, [t.name for t in targets], device, precision)
+    for name, basis in bases.items():
+        tf = factors.targets[name]
+        if tf.S is None:
+            continue
+        if basis_sha256(basis) != tf.S_basis_sha256:
+            raise FactorError(f"{factor_dir}: {name}: the eigenvalue-corrected masses were measured in another "
+                              "eigenbasis than the one in use (eigenbasis.safetensors recomputed elsewhere?); run "
+                              "collect --eigencorrect again")
+        basis.S = tf.S.to(basis.lam)
+    return bases
+
+
+def refresh_eigenbasis_cache(cache_path: Path, factor_dir: str | Path) -> None:
+    """Point an eigenbasis cache at the current factor file after a rewrite that kept A and G
+    (adding eigenvalue-corrected masses), so the basis they were measured in stays in use."""
+    if not cache_path.is_file():
+        return
+    with safe_open(str(cache_path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    write_safetensors(cache_path, load_file(str(cache_path)),
+                      metadata={**meta, "factors_sha256": file_sha256(Path(factor_dir) / FACTORS_FILE)})
 
 
 def _row_counts(lam: torch.Tensor, mu: torch.Tensor, t: float, strict: bool) -> torch.Tensor:
@@ -376,6 +418,46 @@ def select_by_count(lam: torch.Tensor, mu: torch.Tensor, keep_fraction: float) -
         raise SelectionError(f"keep fraction {keep_fraction} keeps no component of {lam.shape[0]} x {mu.shape[0]} "
                              f"(the edit would zero the weight); the smallest useful fraction is {0.5 / total:.2g}")
     return staircase_mask(staircase(lam, mu, count, "count"), mu.shape[0])
+
+
+def select_by_masses(masses_oi: torch.Tensor, rho: float | None = None, keep_fraction: float | None = None
+                     ) -> torch.Tensor:
+    """Keep the components of highest mass in a general `(m, n)` mass matrix (EK-FAC's S):
+    the fewest, in descending mass, whose mass reaches `rho` of the total, or the top
+    `round(keep_fraction * m * n)`; ties broken by row-major order.
+
+    Args:
+        masses_oi: `(m, n)` non-negative masses.
+        rho: fraction of the total mass to keep, in (0, 1].
+        keep_fraction: fraction of the components to keep, in (0, 1].
+
+    Returns:
+        `(m, n)` bool mask of kept components.
+
+    Raises:
+        SelectionError: both or neither amount, an amount outside (0, 1], negative or
+            non-finite or all-zero masses, or a selection keeping nothing.
+    """
+    if (rho is None) == (keep_fraction is None):
+        raise SelectionError("give exactly one of rho and keep_fraction")
+    amount = rho if rho is not None else keep_fraction
+    if not 0 < amount <= 1:
+        raise SelectionError(f"{'rho' if rho is not None else 'keep fraction'} must be in (0, 1], got {amount}")
+    flat = masses_oi.double().flatten()
+    if not torch.isfinite(flat).all() or bool((flat < 0).any()) or float(flat.sum()) == 0:
+        raise SelectionError("eigenvalue-corrected masses must be finite, non-negative and not all zero")
+    if amount == 1:
+        return torch.ones_like(masses_oi, dtype=torch.bool)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    if rho is not None:
+        count = int(torch.searchsorted(flat[order].cumsum(0), rho * float(flat.sum()))) + 1
+    else:
+        count = round(keep_fraction * flat.numel())
+    if count == 0:
+        raise SelectionError(f"keep fraction {keep_fraction} keeps no component of {tuple(masses_oi.shape)}")
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=masses_oi.device)
+    mask[order[: min(count, flat.numel())]] = True
+    return mask.view(masses_oi.shape)
 
 
 def mass_fraction(lam: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor) -> float:

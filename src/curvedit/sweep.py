@@ -41,7 +41,7 @@ from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import load_bases
+from curvedit.spectrum import MASSES, load_bases
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 
 METRICS = ("strict", "loose", "similarity")
@@ -132,6 +132,7 @@ class SweepOptions:
         batch_size: sequences per forward pass / decoding batch.
         seed: seed of the "random" control method.
         compute_dtype: "float64" or "float32" for the basis change.
+        masses: "kfac" or "ekfac" component ranking (see `curvedit.edit.EditPlan`).
         device: where to do the edit's linear algebra (default: the weights' device).
         progress: show a progress bar over the points.
         bisect_budget: instead of the grid's amounts, bisect one amount per (layers x
@@ -146,6 +147,7 @@ class SweepOptions:
     batch_size: int = 16
     seed: int = 0
     compute_dtype: str = "float64"
+    masses: str = "kfac"
     device: str | None = None
     progress: bool = True
     bisect_budget: bool = False
@@ -153,12 +155,14 @@ class SweepOptions:
     bisect_steps: int = 10
 
     def validate(self) -> None:
-        """Raises: SweepError: an unknown metric, a non-positive budget, or bisection
+        """Raises: SweepError: an unknown metric or masses, a non-positive budget, or bisection
         without a budget >= 1, with an unknown knob or fewer than 1 step."""
         if not 0 < self.loose_threshold <= 1:
             raise SweepError(f"the loose threshold is a share of the suffix in (0, 1], got {self.loose_threshold}")
         if self.metric not in METRICS:
             raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
+        if self.masses not in MASSES:
+            raise SweepError(f"unknown masses {self.masses!r}; choose one of {MASSES}")
         if self.ppl_budget is not None and not self.ppl_budget > 0:
             raise SweepError(f"the perplexity budget must be positive, got {self.ppl_budget}")
         if self.bisect_budget:
@@ -407,11 +411,11 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             search = bisect_amount(model, point_targets[layers, matrices], bases, heldout_sequences, mode="within",
                                    budget=options.ppl_budget, unedited_ppl=baseline.perplexity, knob=kind,
                                    method=grid.method, seed=options.seed, compute_dtype=options.compute_dtype,
-                                   device=options.device, steps=options.bisect_steps,
+                                   masses=options.masses, device=options.device, steps=options.bisect_steps,
                                    batch_size=options.batch_size, pad_id=pad_id)
             value, bisection = search.amount, search.to_dict()
         plan = EditPlan([EditRule("*", **{kind: value})], method=grid.method, seed=options.seed,
-                        compute_dtype=options.compute_dtype)
+                        compute_dtype=options.compute_dtype, masses=options.masses)
         applied = apply_edit(point_targets[layers, matrices], plan, bases, options.device)
         try:
             metrics = _evaluate(model, memorized_windows, heldout_sequences, pad_id, options)

@@ -49,6 +49,9 @@ def collect_command(
     fsdp: bool = typer.Option(
         False, "--fsdp", help="Under torchrun: shard the weights over the processes (FSDP2, one unit per block); "
                               "the model is loaded on the CPU and only its shards move to the device."),
+    eigencorrect: bool = typer.Option(
+        False, "--eigencorrect", help="A second pass over the data: the eigenvalue-corrected (EK-FAC) mass of every "
+                                      "component, stored as NAME.S (edit --masses ekfac uses it)."),
     memory_check: bool = typer.Option(
         True, "--memory-check/--no-memory-check", help="Refuse to start when the memory plan (printed first) "
                                                       "says the run will not fit in the device's free memory."),
@@ -86,6 +89,8 @@ def collect_command(
     try:
         if fsdp and not ctx.distributed:
             fail("--fsdp shards the weights over several processes: launch with torchrun --nproc-per-node N (N >= 2)")
+        if fsdp and eigencorrect:
+            fail("--eigencorrect does not support --fsdp yet (data parallel torchrun works)")
         loaded = load_model(model, device="cpu" if fsdp else device, dtype=model_dtype,
                             progress=progress and ctx.is_main)
         chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
@@ -136,6 +141,13 @@ def collect_command(
                        f"{next(iter(factors.targets.values())).positions} positions"
                        + (f", {ctx.world_size} processes)" if ctx.distributed else ")"))
         barrier(ctx)
+        if eigencorrect:
+            from curvedit.eigencorrect import eigencorrect_factors
+
+            eigencorrect_factors(loaded.model, batches, chosen, out, objective, options)
+            if ctx.is_main:
+                typer.echo(f"added eigenvalue-corrected masses (NAME.S) for {len(chosen)} targets to {out}")
+            barrier(ctx)
     finally:
         destroy()
 

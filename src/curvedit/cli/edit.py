@@ -32,6 +32,8 @@ def edit_command(
                                             "falling back to float64."),
     compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
                                                 help="float64 (default) or float32 for the edit's matrix products."),
+    masses: Optional[str] = typer.Option(None, "--masses", help="What ranks the components: kfac (lam_i * mu_j, "
+                                                                "default) or ekfac (needs collect --eigencorrect)."),
     ppl_budget: Optional[float] = typer.Option(
         None, "--ppl-budget", help="Instead of --rho/--keep-fraction/--plan: bisect the strongest edit of the selected "
                                    "targets whose held-out perplexity stays within this x the unedited one (needs "
@@ -83,11 +85,10 @@ def edit_command(
     if ppl_budget is not None:
         plan = None
     elif plan_file is not None:
-        plan = EditPlan.from_json(plan_file, method=method, seed=seed,
-                                  **({"compute_dtype": compute_dtype} if compute_dtype else {}))
+        plan = EditPlan.from_json(plan_file, method=method, seed=seed, compute_dtype=compute_dtype, masses=masses)
     else:
         plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method or "kfac",
-                        seed=seed or 0, compute_dtype=compute_dtype or "float64")
+                        seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac")
     loaded = load_model(model, device=device, progress=progress)
     chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
     if plan is not None:
@@ -99,8 +100,8 @@ def edit_command(
         search, applied = edit_within_budget(
             loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, method=method or "kfac",
             seed=seed or 0, compute_dtype=compute_dtype or "float64", device=device, eigh_precision=eigh_precision,
-            steps=budget_steps, batch_size=batch_size, pad_id=default_pad_id(loaded.preprocessor),
-            progress=progress)
+            masses=masses or "kfac", steps=budget_steps, batch_size=batch_size,
+            pad_id=default_pad_id(loaded.preprocessor), progress=progress)
         if not search.edited:
             typer.echo(search.table(), err=True)
             fail(f"no {budget_knob} below 1 keeps the perplexity within x{ppl_budget:g} of the unedited "

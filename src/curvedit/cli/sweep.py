@@ -57,6 +57,8 @@ def sweep_command(
     loose_threshold: float = typer.Option(0.75, "--loose-threshold"),
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="Seed of the random control."),
+    masses: str = typer.Option("kfac", "--masses", help="Component ranking: kfac or ekfac (needs collect "
+                                                        "--eigencorrect)."),
     text_field: str = TextFieldOpt,
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -77,7 +79,7 @@ def sweep_command(
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
                      keep_fraction=float_list(keep_grid, "--keep-grid"), method=method)
     options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
-                           batch_size=batch_size, seed=seed, device=device, progress=progress,
+                           batch_size=batch_size, seed=seed, masses=masses, device=device, progress=progress,
                            bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps)
     grid.validate(bisect=bisect_budget)
     options.validate()
