@@ -196,29 +196,45 @@ def find_world_memorized(model, tokenizer, world: World, options: DemoOptions) -
     return found
 
 
-def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets,
-                          label_seed: int | None = None) -> Path:
-    """Factors (sampled labels) on the world's general text; written to `out/factors`, or to
-    `out/factors-seed-S` for another label-sampling seed S (the same text)."""
+def factor_sequences(tokenizer, world: World, options: DemoOptions) -> list[list[int]]:
+    """The token sequences the factors are collected on (general text, see `factor_corpus`)."""
     rng = random.Random(options.seed + 3)
-    windows = list(pack(factor_corpus(world, options, rng), options.train.seq_len))
     sequences, total = [], 0
-    for window in windows:
+    for window in pack(factor_corpus(world, options, rng), options.train.seq_len):
         ids = tokenizer(window, add_special_tokens=False)["input_ids"]
         sequences.append(ids)
         total += len(ids)
         if total >= options.factor_tokens:
             break
+    return sequences
+
+
+def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets,
+                          label_seed: int | None = None) -> Path:
+    """Factors (sampled labels) on the world's general text; written to `out/factors`, or to
+    `out/factors-seed-S` for another label-sampling seed S (the same text)."""
+    sequences = factor_sequences(tokenizer, world, options)
     seed = options.seed if label_seed is None else label_seed
     factors = collect_factors(model, lm_batches(sequences, 32, 0), targets, options=CollectOptions(
-        seed=seed, progress=options.progress, total_tokens=total,
+        seed=seed, progress=options.progress, total_tokens=sum(len(s) for s in sequences),
         description=f"demo world general text, {options.factor_memorized_share:.1%} memorized strings/quotes",
         extra={"seq_len": options.train.seq_len, "memorized_share": options.factor_memorized_share}))
     return save_factors(factors, options.out / ("factors" if label_seed is None else f"factors-seed-{seed}"))
 
 
+def eigencorrect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets, factor_dir: Path) -> None:
+    """Add EK-FAC masses (`collect --eigencorrect`) to the demo's factors: a second pass over
+    the same general text, same label seed."""
+    from curvedit.eigencorrect import eigencorrect_factors  # noqa: PLC0415
+
+    sequences = factor_sequences(tokenizer, world, options)
+    eigencorrect_factors(model, lm_batches(sequences, 32, 0), targets, factor_dir, options=CollectOptions(
+        seed=options.seed, progress=options.progress, total_tokens=sum(len(s) for s in sequences),
+        description="demo world general text (the factors' text)"))
+
+
 def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl: float, unedited_ppl: float, bases,
-                     seed: int, steps: int = 14) -> "BudgetSearch":
+                     seed: int, steps: int = 14, masses: str = "kfac") -> "BudgetSearch":
     """Bisect the keep fraction of a control so its perplexity matches `target_ppl`
     (`curvedit.budget.bisect_amount` in mode "match"), stopping once within 10% of the
     target's rise over `unedited_ppl`.
@@ -230,7 +246,7 @@ def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl:
     from curvedit.budget import bisect_amount, match_tolerance  # noqa: PLC0415
 
     return bisect_amount(model, targets, bases, probe.text, mode="match", target_ppl=target_ppl,
-                         unedited_ppl=unedited_ppl, method=method, seed=seed, steps=steps,
+                         unedited_ppl=unedited_ppl, method=method, seed=seed, steps=steps, masses=masses,
                          tolerance=match_tolerance(target_ppl, unedited_ppl), batch_size=64)
 
 
@@ -353,6 +369,17 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             {"matched": s.matches(), "note": f"keep fraction {s.amount:.5f} chosen so perplexity matches kfac's "
                                              f"({s.perplexity:.4f} vs {kfac_ppl:.4f}; "
                                              f"{'within' if s.matches() else 'NOT within'} 10% of its rise)"}))
+
+    timer.stage("eigencorrect", lambda: eigencorrect_world_factors(model, tokenizer, world, options, targets,
+                                                                   factor_dir))
+    bases = load_bases(targets, factor_dir)  # now with the EK-FAC masses
+    search = timer.stage("ekfac_match", lambda: match_perplexity(
+        model, probe, targets, "kfac", kfac_ppl, unedited["perplexity"], bases, options.seed, masses="ekfac"))
+    timer.stage("ekfac", lambda: run_variant(
+        "ekfac", EditPlan([search.rule()], masses="ekfac"),
+        {"matched": search.matches(), "note": f"EK-FAC masses, keep fraction {search.amount:.5f} chosen so perplexity "
+                                              f"matches kfac's ({search.perplexity:.4f} vs {kfac_ppl:.4f}; "
+                                              f"{'within' if search.matches() else 'NOT within'} 10% of its rise)"}))
 
     start = time.perf_counter()
     bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets,
