@@ -2,9 +2,10 @@
 
 One module per command group, each adding its commands with `register(app)`:
 `collect` (collect, merge), `edit` (edit, spectrum), `evaluate` (find-memorized, evaluate,
-report), `sweep` (sweep, analyze), `baseline` (baseline bsn), `implant`, `study` (study
-smollm2) and `demo`. `common` holds what they share: the options, the output guard and the
-error handler every command runs inside (errors print one line `error: ...`, exit status 2).
+report), `sweep` (sweep, analyze), `baseline` (baseline bsn), `implant`, `attack` (attack
+relearn, attack quantize), `study` (study smollm2) and `demo`. `common` holds what they share:
+the options, the output guard and the error handler every command runs inside (errors print
+one line `error: ...`, exit status 2).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import typer
 
 from curvedit import __version__
-from curvedit.cli import baseline, collect, demo, edit, evaluate, implant, study, sweep
+from curvedit.cli import attack, baseline, collect, demo, edit, evaluate, implant, study, sweep
 from curvedit.cli.common import CurveditGroup, fail, target_spec
 
 __all__ = ["app", "fail", "target_spec"]
@@ -33,5 +34,5 @@ def version() -> None:
     typer.echo(__version__)
 
 
-for _module in (collect, edit, evaluate, sweep, baseline, implant, study, demo):
+for _module in (collect, edit, evaluate, sweep, baseline, implant, attack, study, demo):
     _module.register(app)
