@@ -92,6 +92,12 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     assert {"train_or_load", "collect", "sweep", "kfac", "report", "label_seeds"} <= set(results["timings_s"])
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "## Privacy and extraction" in report and "## Spread over label-sampling seeds" in report
+    attacks = results["variants"]["kfac"]["attacks"]
+    assert [r["step"] for r in attacks["relearn_tune"]] == [0, 2] and [r["bits"] for r in attacks["quantize"]] == [
+        None, 8, 4]
+    assert attacks["relearn_general"][0]["loose"] == results["variants"]["kfac"]["memorized_heldout_loose"]
+    assert "attacks" in results["variants"]["bsn"] and "## Does the edit last?" in report
+    assert (tmp_path / "demo" / "durability.png").is_file()
     assert "| kfac | " in report and " [" in report  # cells carry intervals
     assert "| kfac |" in report and (tmp_path / "demo" / "retention.png").is_file()
     assert "analysis/bands_layer" in report and "analysis/families.png" in report

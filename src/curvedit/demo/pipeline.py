@@ -66,6 +66,10 @@ class DemoOptions:
         bsn_lr: BalancedSubnet learning rate on the scores (the paper's 0.3 is for OLMo-7B;
             on the demo model it left recall untouched after 20 epochs at every ratio tried,
             3.0 removes it).
+        attack_steps: fine-tuning steps after which the durability attacks re-measure recall
+            (empty: no attacks).
+        attack_lr: the attacker's AdamW learning rate (the demo model trained at 3e-3).
+        attack_bits: quantization widths of the quantization attack.
         seed: evaluation and control seed (also the factors' label-sampling seed).
         label_seeds: further label-sampling seeds of the factor collection: the chosen edit
             is re-applied with each one's factors to measure the spread of its outcome.
@@ -90,6 +94,9 @@ class DemoOptions:
     bsn_ratios: tuple[float, ...] = (0.03, 0.1)
     bsn_epochs: int = 20
     bsn_lr: float = 3.0
+    attack_steps: tuple[int, ...] = (0, 10, 30, 100)
+    attack_lr: float = 1e-3
+    attack_bits: tuple[int, ...] = (8, 4)
     seed: int = 0
     label_seeds: tuple[int, ...] = (1, 2)
     progress: bool = True
@@ -104,7 +111,7 @@ def smoke_options(out: Path) -> DemoOptions:
                         warmup_steps=5)
     return DemoOptions(out=out, train=train, prefix_chars=16, factor_tokens=4000, layer_grid=("1", "0-1"),
                        keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
-                       bsn_ratios=(0.05,), bsn_epochs=1, label_seeds=(1,),
+                       bsn_ratios=(0.05,), bsn_epochs=1, label_seeds=(1,), attack_steps=(0, 2),
                        heldout_lines=100, progress=False, all_candidates=True)
 
 
@@ -250,12 +257,36 @@ def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl:
                          tolerance=match_tolerance(target_ppl, unedited_ppl), batch_size=64)
 
 
+def durability(model, world: World, tokenizer, probe: WorldProbe, options: DemoOptions) -> dict[str, Any]:
+    """The durability attacks on the model as it is now (`curvedit.attack`): fine-tuning on
+    fresh general text and on the tune half, re-measuring held-out recall and perplexity after
+    `attack_steps`, and round-to-nearest quantization at `attack_bits` (groups of 32 inputs).
+    The model is left as it was."""
+    from curvedit.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve  # noqa: PLC0415
+
+    if not options.attack_steps:
+        return {}
+
+    def judge(m) -> dict[str, Any]:
+        return recall_and_perplexity(m, probe.heldout, probe.text, batch_size=64)
+
+    relearn = RelearnOptions(steps=options.attack_steps, lr=options.attack_lr, batch_size=16, seed=options.seed,
+                             progress=False)
+    general = heldout_sequences(world, tokenizer, 800, options.train.seq_len, options.seed + 5)
+    tune = [w.prefix_ids + w.suffix_ids for w in probe.tune]
+    return {"relearn_general": relearn_curve(model, general, judge, relearn),
+            "relearn_tune": relearn_curve(model, tune, judge, relearn),
+            "quantize": quantization_rows(model, judge, options.attack_bits, group_size=32)}
+
+
 def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
-            options: DemoOptions) -> tuple[dict[str, float], dict[str, Any]]:
+            options: DemoOptions, while_applied: Callable[[], dict[str, Any]] | None = None
+            ) -> tuple[dict[str, float], dict[str, Any]]:
     """BalancedSubnet with the tune half as forget set and general text as retain set, for
     each ratio in `bsn_ratios`; keeps the ratio with the lowest tune-half loose recall within
     the perplexity budget (the same rule the K-FAC sweep uses), or, if none fits, the one of
-    lowest perplexity. The model is restored afterwards.
+    lowest perplexity. `while_applied` runs on the BalancedSubnet model (its result is kept
+    under "attacks"). The model is restored afterwards.
 
     Returns:
         (metrics of the kept ratio, its settings).
@@ -269,6 +300,8 @@ def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
     choice = bsn_within_budget(model, targets, forget, retain, probe.tune, probe.text, options.bsn_ratios,
                                options.ppl_budget * unedited_ppl, bsn, batch_size=64)
     metrics = measure(model, tokenizer, probe)
+    if while_applied is not None:
+        metrics["attacks"] = while_applied()
     with torch.no_grad():
         for target, weight in zip(targets, originals):
             target.module.weight.copy_(weight)
@@ -345,10 +378,17 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
     variants: dict[str, dict[str, Any]] = {"unedited": {**unedited, "settings": {}}}
 
+    def attacks() -> dict[str, Any]:
+        return durability(model, world, tokenizer, probe, options)
+
+    variants["unedited"]["attacks"] = timer.stage("attacks_unedited", attacks)
+
     def run_variant(name: str, plan: EditPlan, extra: dict[str, Any]) -> None:
         start = time.perf_counter()
         applied = apply_edit(targets, plan, bases)
         metrics = measure(model, tokenizer, probe)
+        if name in ATTACKED:
+            metrics["attacks"] = attacks()
         applied.undo()
         kept = sum(s.kept for s in applied.stats)
         total = sum(s.total for s in applied.stats)
@@ -383,7 +423,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
     start = time.perf_counter()
     bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets,
-                                                                   unedited["perplexity"], options))
+                                                                   unedited["perplexity"], options, attacks))
     variants["bsn"] = {**bsn_metrics,
                        "settings": {"layers": chosen.layers, "matrices": chosen.matrices, **bsn_settings},
                        "timings_s": round(time.perf_counter() - start, 1)}
@@ -402,12 +442,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                      "chosen": {"layers": chosen.layers, "matrices": chosen.matrices,
                                 "amount_kind": chosen.amount_kind, "amount": chosen.amount,
                                 "tune_loose": chosen.loose, "perplexity": chosen.perplexity},
-                     "prefix_chars": options.prefix_chars},
+                     "prefix_chars": options.prefix_chars, "attack_lr": options.attack_lr},
         "label_seeds": label_seeds,
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
 
+
+ATTACKED = ("kfac", "ekfac", "svd", "random_ppl")  # and unedited, bsn: the durability attacks run on these
 
 SPREAD_KEYS = ("memorized_heldout_strict", "memorized_heldout_loose", "quotes_loose", "perplexity")
 

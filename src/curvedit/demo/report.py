@@ -129,6 +129,49 @@ def retention_chart(results: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def durability_table(results: dict[str, Any]) -> str:
+    """Markdown: held-out loose recall (%) after each relearning step count (on general text,
+    on the tune half) and after quantization, per attacked variant; perplexity at the end."""
+    attacked = [n for n in _variants(results) if results["variants"][n].get("attacks")]
+    if not attacked:
+        return "(not measured)"
+    first = results["variants"][attacked[0]]["attacks"]
+    steps = [row["step"] for row in first["relearn_general"]]
+    bits = [row["bits"] for row in first["quantize"] if row["bits"] is not None]
+    header = ["variant", *[f"general, {s} steps" for s in steps], *[f"tune half, {s} steps" for s in steps],
+              *[f"{b}-bit" for b in bits], "ppl after general", "ppl after tune half"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in attacked:
+        a = results["variants"][name]["attacks"]
+        cells = [_pct(r["loose"]) for r in a["relearn_general"]] + [_pct(r["loose"]) for r in a["relearn_tune"]]
+        cells += [_pct(r["loose"]) for r in a["quantize"] if r["bits"] is not None]
+        cells += [f"{a['relearn_general'][-1]['perplexity']:.3f}", f"{a['relearn_tune'][-1]['perplexity']:.3f}"]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def durability_chart(results: dict[str, Any], path: Path) -> Path | None:
+    """Held-out loose recall against fine-tuning steps, on general text and on the tune half."""
+    attacked = [n for n in _variants(results) if results["variants"][n].get("attacks")]
+    if not attacked:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, key, title in zip(axes, ("relearn_general", "relearn_tune"),
+                              ("fine-tuned on fresh general text", "fine-tuned on the tune half")):
+        for name in attacked:
+            rows = results["variants"][name]["attacks"][key]
+            ax.plot([r["step"] for r in rows], [100 * r["loose"] for r in rows], "-o", ms=4, label=name)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out loose recall (%)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def timings_table(timings: dict[str, float]) -> str:
     """Markdown table of seconds per stage."""
     rows = "\n".join(f"| {stage} | {seconds} |" for stage, seconds in timings.items())
@@ -138,6 +181,7 @@ def timings_table(timings: dict[str, float]) -> str:
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write `report.md` and `retention.png` into `out`; returns the report path."""
     retention_chart(results, out / "retention.png")
+    durability_chart(results, out / "durability.png")
     chosen = results["settings"]["chosen"]
     bands = "\n\n".join(f"![bands]({p.relative_to(out)})" for p in sorted((out / "analysis").glob("bands_layer*.png")))
     found, candidates = results["memorized_found"], results["memorized_candidates"]
@@ -183,6 +227,17 @@ The chosen K-FAC edit, re-applied with factors collected on the same text under 
 of the sampled labels:
 
 {label_seed_table(results)}
+
+## Does the edit last? (held-out loose recall, %)
+
+Every weight fine-tuned (AdamW, lr {results["settings"].get("attack_lr", "-")}, 16 sequences per step) on fresh
+general text, or on the tune half of the memorized strings (a relearning attack: does learning
+half bring back the other half?); and every block weight quantized round-to-nearest per output
+channel in groups of 32 inputs.
+
+{durability_table(results)}
+
+![durability](durability.png)
 
 ## Accuracy by family (%; retention vs unedited in parentheses)
 
