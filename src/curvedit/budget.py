@@ -35,6 +35,7 @@ from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.spectrum import Eigenbasis, load_bases
+from curvedit.targeted import attach_forget_masses, forget_masses
 from curvedit.targets import Target
 
 KNOBS = ("keep_fraction", "rho")
@@ -195,7 +196,7 @@ def bisect_amount(
         method: the edit method (`curvedit.edit.METHODS`).
         seed: seed of the "random" control.
         compute_dtype: "float64" or "float32" for the basis change.
-        masses: "kfac" or "ekfac" (see `curvedit.edit.EditPlan`).
+        masses: "kfac", "ekfac" or "targeted" (see `curvedit.edit.EditPlan`).
         device: where to do the edit's linear algebra (default: the weights' device).
         steps: candidates at most (the amount is resolved to `2**-steps`).
         tolerance: stop early once a candidate's perplexity is within this relative
@@ -263,6 +264,7 @@ def edit_within_budget(
     seed: int = 0,
     compute_dtype: str = "float64",
     masses: str = "kfac",
+    forget: Sequence[Any] | None = None,
     device: str | None = None,
     eigh_precision: str = "float64",
     steps: int = 10,
@@ -283,7 +285,8 @@ def edit_within_budget(
         method: the edit method.
         seed: seed of the "random" control.
         compute_dtype: "float64" or "float32" for the basis change.
-        masses: "kfac" or "ekfac" (see `curvedit.edit.EditPlan`).
+        masses: "kfac", "ekfac" or "targeted" (see `curvedit.edit.EditPlan`).
+        forget: the forget set's windows, for masses "targeted".
         device: where to run eigh and the basis change.
         eigh_precision: "float64" or "float32" (see `curvedit.spectrum.sym_eigh`).
         steps: bisection steps (resolution `2**-steps`).
@@ -305,6 +308,10 @@ def edit_within_budget(
         if factor_dir is None:
             raise EditError(f"method {method!r} needs a factor directory")
         bases = load_bases(targets, factor_dir, device, eigh_precision)
+        if masses == "targeted":
+            if not forget:
+                raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
+            attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
     search = bisect_amount(model, targets, bases, heldout_sequences, mode="within", budget=budget, knob=knob,
                            method=method, seed=seed, compute_dtype=compute_dtype, masses=masses, device=device,
                            steps=steps,

@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from curvedit.errors import CurveditError
 from curvedit.spectrum import (MASSES, Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
                                select_by_masses, staircase, staircase_mask)
+from curvedit.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
 from curvedit.targets import Target
 
 METHODS = ("kfac", "svd", "random", "lowest")
@@ -74,8 +75,9 @@ class EditPlan:
         method: one of `METHODS`.
         seed: seed of the "random" control.
         compute_dtype: "float64" (default) or "float32" for the basis change.
-        masses: what ranks the components: "kfac" (`lam_i * mu_j`) or "ekfac" (the
-            eigenvalue-corrected `S` stored by `collect --eigencorrect`).
+        masses: what ranks the components: "kfac" (`lam_i * mu_j`), "ekfac" (the
+            eigenvalue-corrected `S` stored by `collect --eigencorrect`) or "targeted" (the
+            ratio of a forget set's masses to the general ones, `curvedit.targeted`).
     """
 
     rules: list[EditRule]
@@ -222,14 +224,19 @@ def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac") -> torch.
         if basis.S is None:
             raise EditError("masses 'ekfac' need eigenvalue-corrected factors: run collect --eigencorrect")
         return select_by_masses(basis.S, rule.rho, rule.keep_fraction)
+    if masses == "targeted":
+        if basis.forget is None:
+            raise EditError("masses 'targeted' need a forget set's masses (edit --forget, curvedit.targeted)")
+        return targeted_mask(basis.forget, general_masses(basis), rule.rho, rule.keep_fraction)
     if rule.rho is not None:
         return select_by_mass(basis.lam, basis.mu, rule.rho)
     return select_by_count(basis.lam, basis.mu, rule.keep_fraction)
 
 
 def kept_mass(basis: Eigenbasis, mask: torch.Tensor, masses: str = "kfac") -> float:
-    """Share of the total mass (K-FAC products, or `S` for "ekfac") the mask keeps."""
-    if masses == "ekfac" and basis.S is not None:
+    """Share of the total mass (K-FAC products, or `S` for "ekfac" and, when present, for
+    "targeted") the mask keeps."""
+    if masses in ("ekfac", "targeted") and basis.S is not None:
         total = float(basis.S.double().sum())
         return float(basis.S.double()[mask].sum()) / total if total else 0.0
     return mass_fraction(basis.lam, basis.mu, mask)
@@ -322,7 +329,8 @@ MANIFEST_FILE = "curvedit-edit.json"
 
 
 def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_dir: str | Path | None = None,
-               device: str | torch.device | None = None, eigh_precision: str = "float64") -> AppliedEdit:
+               device: str | torch.device | None = None, eigh_precision: str = "float64",
+               forget: Sequence[Any] | None = None, pad_id: int = 0) -> AppliedEdit:
     """Check the factors against the model, get the (cached) eigenbases, apply the plan.
 
     Args:
@@ -333,6 +341,8 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         device: where to run eigh and the basis change.
         eigh_precision: "float64", or "float32" with a residual check and float64
             fallback (see `curvedit.spectrum.sym_eigh`).
+        forget: the forget set's windows (`curvedit.windows.Window`) for masses "targeted".
+        pad_id: padding id of the forget pass.
 
     Returns:
         The `AppliedEdit` (call `.undo()` to restore the model).
@@ -362,6 +372,10 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
                 raise EditError(f"masses 'ekfac' need eigenvalue-corrected factors, and {factor_dir} has none for "
                                 f"{missing[0]}{' and others' if len(missing) > 1 else ''}: run collect --eigencorrect")
         bases = load_bases(targets, factor_dir, device, eigh_precision)
+        if plan.masses == "targeted":
+            if not forget:
+                raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
+            attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
     return apply_edit(targets, plan, bases, device)
 
 

@@ -43,6 +43,7 @@ class Eigenbasis:
         U_A: `(d_in, d_in)` eigenvectors of A (columns).
         S: `(d_out, d_in)` eigenvalue-corrected masses measured in this basis
             (`curvedit.eigencorrect`), or None.
+        forget: `(d_out, d_in)` a forget set's masses in this basis (`curvedit.targeted`), or None.
     """
 
     lam: torch.Tensor
@@ -50,15 +51,17 @@ class Eigenbasis:
     mu: torch.Tensor
     U_A: torch.Tensor
     S: torch.Tensor | None = None
+    forget: torch.Tensor | None = None
 
     def to(self, device: torch.device | str | None, dtype: torch.dtype) -> "Eigenbasis":
-        """A copy on `device` in `dtype` (S too, when present)."""
+        """A copy on `device` in `dtype` (the optional masses too, when present)."""
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
-        return Eigenbasis(move(self.lam), move(self.U_G), move(self.mu), move(self.U_A), move(self.S))
+        return Eigenbasis(move(self.lam), move(self.U_G), move(self.mu), move(self.U_A), move(self.S),
+                          move(self.forget))
 
 
-MASSES = ("kfac", "ekfac")
+MASSES = ("kfac", "ekfac", "targeted")
 
 
 def basis_sha256(basis: Eigenbasis) -> str:

@@ -33,7 +33,11 @@ def edit_command(
     compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
                                                 help="float64 (default) or float32 for the edit's matrix products."),
     masses: Optional[str] = typer.Option(None, "--masses", help="What ranks the components: kfac (lam_i * mu_j, "
-                                                                "default) or ekfac (needs collect --eigencorrect)."),
+                                                                "default), ekfac (needs collect --eigencorrect) or "
+                                                                "targeted (needs --forget)."),
+    forget: Optional[Path] = typer.Option(None, "--forget", help="Memorized windows to target: remove the components "
+                                                                 "whose forget-set mass is largest relative to the "
+                                                                 "general mass (implies --masses targeted)."),
     ppl_budget: Optional[float] = typer.Option(
         None, "--ppl-budget", help="Instead of --rho/--keep-fraction/--plan: bisect the strongest edit of the selected "
                                    "targets whose held-out perplexity stays within this x the unedited one (needs "
@@ -60,7 +64,7 @@ def edit_command(
     from curvedit.budget import edit_within_budget
     from curvedit.data import check_corpus_source
     from curvedit.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
-    from curvedit.windows import default_pad_id
+    from curvedit.windows import default_pad_id, read_memorized
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
     from curvedit.models import load_model
     from curvedit.spectrum import EIGH_PRECISIONS
@@ -76,9 +80,15 @@ def edit_command(
         fail("give one of --rho, --keep-fraction or --plan")
     if plan_file is not None and (rho is not None or keep_fraction is not None):
         fail("--plan gives the amounts: give it without --rho or --keep-fraction")
+    if forget is not None and masses not in (None, "targeted"):
+        fail(f"--forget ranks components by the forget set's masses: give it without --masses {masses}")
+    if forget is None and masses == "targeted":
+        fail("--masses targeted needs --forget (the memorized windows to target)")
+    if forget is not None:
+        masses = "targeted"
     if eigh_precision not in EIGH_PRECISIONS:
         fail(f"--eigh-precision must be one of {', '.join(EIGH_PRECISIONS)}, got {eigh_precision!r}")
-    check_output(out, kind="dir", overwrite=overwrite, model=model)
+    check_output(out, kind="dir", overwrite=overwrite, model=model, inputs=[p for p in (forget,) if p is not None])
     if heldout is not None:
         check_corpus_source(heldout)
     search = None
@@ -91,8 +101,10 @@ def edit_command(
                         seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac")
     loaded = load_model(model, device=device, progress=progress)
     chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
+    forget_windows = read_memorized(forget, loaded.preprocessor) if forget is not None else None
+    pad_id = default_pad_id(loaded.preprocessor)
     if plan is not None:
-        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision)
+        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision, forget_windows, pad_id)
     else:
         sequences = load_heldout(loaded, EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
                                                          heldout_max_tokens=heldout_max_tokens,
@@ -100,13 +112,15 @@ def edit_command(
         search, applied = edit_within_budget(
             loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, method=method or "kfac",
             seed=seed or 0, compute_dtype=compute_dtype or "float64", device=device, eigh_precision=eigh_precision,
-            masses=masses or "kfac", steps=budget_steps, batch_size=batch_size,
-            pad_id=default_pad_id(loaded.preprocessor), progress=progress)
+            masses=masses or "kfac", forget=forget_windows, steps=budget_steps, batch_size=batch_size,
+            pad_id=pad_id, progress=progress)
         if not search.edited:
             typer.echo(search.table(), err=True)
             fail(f"no {budget_knob} below 1 keeps the perplexity within x{ppl_budget:g} of the unedited "
                  f"{search.unedited_perplexity:.4f}; nothing written (raise --ppl-budget or edit fewer targets)")
     manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
+    if forget is not None:
+        manifest["forget"] = {"path": str(forget), "windows": len(forget_windows)}
     if search is not None:
         manifest["budget"] = {**search.to_dict(), "heldout": {"path": str(heldout), "seq_len": heldout_seq_len,
                                                               "max_tokens": heldout_max_tokens,
