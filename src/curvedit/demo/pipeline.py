@@ -29,6 +29,7 @@ from curvedit.evaluate.perplexity import next_token_rankings
 from curvedit.factors import save_factors
 from curvedit.io import write_json
 from curvedit.spectrum import load_bases
+from curvedit.targeted import attach_forget_masses, forget_masses
 from curvedit.targets import TargetSpec, select_targets
 
 if TYPE_CHECKING:
@@ -421,6 +422,20 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                               f"matches kfac's ({search.perplexity:.4f} vs {kfac_ppl:.4f}; "
                                               f"{'within' if search.matches() else 'NOT within'} 10% of its rise)"}))
 
+    def targeted_search() -> Any:
+        attach_forget_masses(bases, forget_masses(model, probe.tune, targets, bases, batch_size=64))
+        return match_perplexity(model, probe, targets, "kfac", kfac_ppl, unedited["perplexity"], bases, options.seed,
+                                masses="targeted")
+
+    search = timer.stage("targeted_match", targeted_search)
+    timer.stage("targeted", lambda: run_variant(
+        "targeted", EditPlan([search.rule()], masses="targeted"),
+        {"matched": search.matches(), "note": f"forget set = the tune half; components of highest forget/general "
+                                              f"(EK-FAC) mass ratio removed, keep fraction {search.amount:.5f} chosen "
+                                              f"so perplexity matches kfac's ({search.perplexity:.4f} vs "
+                                              f"{kfac_ppl:.4f}; {'within' if search.matches() else 'NOT within'} "
+                                              "10% of its rise)"}))
+
     start = time.perf_counter()
     bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets,
                                                                    unedited["perplexity"], options, attacks))
@@ -449,7 +464,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     return write_results_and_report(results, options.out, timer, write_report)
 
 
-ATTACKED = ("kfac", "ekfac", "svd", "random_ppl")  # and unedited, bsn: the durability attacks run on these
+ATTACKED = ("kfac", "ekfac", "targeted", "svd", "random_ppl")  # and unedited, bsn: the durability attacks run on these
 
 SPREAD_KEYS = ("memorized_heldout_strict", "memorized_heldout_loose", "quotes_loose", "perplexity")
 

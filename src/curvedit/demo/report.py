@@ -11,7 +11,7 @@ from curvedit.demo.measure import FAMILIES
 from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
 
-VARIANT_ORDER = ("unedited", "kfac", "ekfac", "svd", "random", "random_ppl", "bsn")
+VARIANT_ORDER = ("unedited", "kfac", "ekfac", "targeted", "svd", "random", "random_ppl", "bsn")
 MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune loose"),
                   ("memorized_heldout_strict", "held-out strict"), ("memorized_heldout_loose", "held-out loose"),
                   ("memorized_heldout_lev", "held-out lev"), ("quotes_strict", "quotes strict"),
