@@ -434,7 +434,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
                                  progress=options.progress)
-    sweep_key = _key({"factors": factor_key, "grid": asdict(grid), "sweep": asdict(sweep_options) | {"progress": 0},
+    swept_with = {k: v for k, v in asdict(sweep_options).items() if k not in ("progress", "masses")}
+    swept_with |= {"progress": 0} | ({"masses": sweep_options.masses} if sweep_options.masses != "kfac" else {})
+    sweep_key = _key({"factors": factor_key, "grid": asdict(grid), "sweep": swept_with,
                       "tune": halves["tune"], "ppl": options.ppl_sequences})
 
     def sweep() -> dict[str, Any]:
