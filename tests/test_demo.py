@@ -1,6 +1,8 @@
 """The demo world, its training, and an end-to-end smoke run of `curvedit demo`."""
 
 import json
+
+import pytest
 import random
 
 import torch
@@ -98,6 +100,10 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     assert attacks["relearn_general"][0]["loose"] == results["variants"]["kfac"]["memorized_heldout_loose"]
     assert "attacks" in results["variants"]["bsn"] and "## Does the edit last?" in report
     assert (tmp_path / "demo" / "durability.png").is_file()
+    convergence = results["convergence"]
+    assert [r["tokens"] for r in convergence["rows"]] == [1000, 4000] and convergence["gold"] is not None
+    assert convergence["rows"][-1]["captured"] == pytest.approx(1.0)
+    assert "## How much data do the factors need?" in report and (tmp_path / "demo" / "converge.png").is_file()
     assert "| kfac | " in report and " [" in report  # cells carry intervals
     assert "| kfac |" in report and (tmp_path / "demo" / "retention.png").is_file()
     assert "analysis/bands_layer" in report and "analysis/families.png" in report

@@ -71,6 +71,8 @@ class DemoOptions:
             (empty: no attacks).
         attack_lr: the attacker's AdamW learning rate (the demo model trained at 3e-3).
         attack_bits: quantization widths of the quantization attack.
+        converge_tokens: token budgets of the convergence study (nested prefixes of the factors'
+            text; the last is the reference; empty: none).
         seed: evaluation and control seed (also the factors' label-sampling seed).
         label_seeds: further label-sampling seeds of the factor collection: the chosen edit
             is re-applied with each one's factors to measure the spread of its outcome.
@@ -98,6 +100,7 @@ class DemoOptions:
     attack_steps: tuple[int, ...] = (0, 10, 30, 100)
     attack_lr: float = 1e-3
     attack_bits: tuple[int, ...] = (8, 4)
+    converge_tokens: tuple[int, ...] = (10_000, 30_000, 100_000, 300_000)
     seed: int = 0
     label_seeds: tuple[int, ...] = (1, 2)
     progress: bool = True
@@ -113,6 +116,7 @@ def smoke_options(out: Path) -> DemoOptions:
     return DemoOptions(out=out, train=train, prefix_chars=16, factor_tokens=4000, layer_grid=("1", "0-1"),
                        keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
                        bsn_ratios=(0.05,), bsn_epochs=1, label_seeds=(1,), attack_steps=(0, 2),
+                       converge_tokens=(1000, 4000),
                        heldout_lines=100, progress=False, all_candidates=True)
 
 
@@ -446,8 +450,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     label_seeds = timer.stage("label_seeds", lambda: label_seed_spread(model, tokenizer, world, probe, targets,
                                                                        EditPlan([rule]), variants["kfac"], options))
 
+    convergence = timer.stage("converge", lambda: converge_study(model, tokenizer, world, probe, targets, rule,
+                                                                options))
     results = {
         "variants": variants,
+        "convergence": convergence,
         "world": asdict(options.train.world),
         "memorized_found": found,
         "memorized_candidates": {"tune": len(world.tune), "heldout": len(world.heldout), "quotes": len(world.quotes)},
@@ -462,6 +469,24 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
+
+
+def converge_study(model, tokenizer, world: World, probe: WorldProbe, targets, rule: EditRule,
+                   options: DemoOptions) -> dict[str, Any] | None:
+    """`curvedit converge` on the demo: factors on nested prefixes of the factors' text, each
+    budget's selection (the chosen rule, on the chosen targets) against the largest, gold vs
+    sampled labels, and the held-out recall and perplexity of the edit made with each."""
+    from curvedit.attack import recall_and_perplexity  # noqa: PLC0415
+    from curvedit.converge import ConvergeOptions, plot_convergence, run_convergence  # noqa: PLC0415
+
+    if not options.converge_tokens:
+        return None
+    result = run_convergence(model, factor_sequences(tokenizer, world, options), targets, options.out / "converge",
+                             ConvergeOptions(budgets=options.converge_tokens, rule=rule, batch_size=32,
+                                             seed=options.seed, progress=options.progress),
+                             evaluate=lambda m: recall_and_perplexity(m, probe.heldout, probe.text, batch_size=64))
+    plot_convergence(result, options.out / "converge.png")
+    return result
 
 
 ATTACKED = ("kfac", "ekfac", "targeted", "svd", "random_ppl")  # and unedited, bsn: the durability attacks run on these

@@ -172,6 +172,23 @@ def durability_chart(results: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def convergence_table(results: dict[str, Any]) -> str:
+    """Markdown: per token budget, the share of the largest budget's kept mass its selection
+    captures, and the held-out recall and perplexity of the edit made with it."""
+    conv = results.get("convergence")
+    if not conv:
+        return "(not measured)"
+    lines = ["| factors | captured share | held-out strict | held-out loose | perplexity |", "|---|---|---|---|---|"]
+    for row in conv["rows"]:
+        lines.append(f"| {row['tokens']} tokens, sampled labels | {row['captured']:.4f} | {_pct(row['strict'])} | "
+                     f"{_pct(row['loose'])} | {row['perplexity']:.4f} |")
+    gold = conv.get("gold")
+    if gold:
+        lines.append(f"| {gold['tokens']} tokens, gold labels | {gold['captured_gold_in_sampled']:.4f} | "
+                     f"{_pct(gold['strict'])} | {_pct(gold['loose'])} | {gold['perplexity']:.4f} |")
+    return "\n".join(lines)
+
+
 def timings_table(timings: dict[str, float]) -> str:
     """Markdown table of seconds per stage."""
     rows = "\n".join(f"| {stage} | {seconds} |" for stage, seconds in timings.items())
@@ -238,6 +255,16 @@ channel in groups of 32 inputs.
 {durability_table(results)}
 
 ![durability](durability.png)
+
+## How much data do the factors need?
+
+The chosen edit made with factors from nested prefixes of the factors' text; "captured share" is
+the share of the largest budget's kept curvature mass that each budget's own selection holds
+(1 = the same subspace; docs/method.md section 12).
+
+{convergence_table(results)}
+
+![convergence](converge.png)
 
 ## Accuracy by family (%; retention vs unedited in parentheses)
 
