@@ -101,3 +101,35 @@ def interrupted(batches, after):
         if index == after:
             raise Interrupt
         yield batch
+
+
+def target_io(model, targets, ids, loss_of_logits):
+    """One unbatched forward/backward: per target, its input x and the gradient of
+    `loss_of_logits(logits)` with respect to its output, both `(T, d)` (the brute-force side
+    of the factor tests)."""
+    store = {}
+    hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: store.__setitem__(n, (i[0], o)))
+             for t in targets]
+    for t in targets:
+        t.module.weight.requires_grad_(True)
+    try:
+        logits = model(input_ids=ids).logits[0]
+        for _, out in store.values():
+            out.retain_grad()
+        loss_of_logits(logits).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: (x[0], out.grad[0]) for name, (x, out) in store.items()}
+
+
+def char_model_dir(root, letters: str = "abcdefgh"):
+    """A tiny float32 GPT-2 with a character tokenizer, saved to `root/m` (for CLI tests)."""
+    from curvedit.chartok import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(letters)
+    model = tiny_gpt2(dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(root / "m")
+    tokenizer.save_pretrained(root / "m")
+    return root / "m"

@@ -13,7 +13,7 @@ from curvedit.collect import CollectError, CollectOptions, collect_factors
 from curvedit.data import pad_batch
 from curvedit.objectives import CustomObjective, ImageClassificationObjective
 from curvedit.targets import TargetSpec, select_targets
-from tests.conftest import tiny_gpt2, tiny_olmo2, tiny_vit
+from tests.conftest import target_io, tiny_gpt2, tiny_olmo2, tiny_vit
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2], [5, 1, 4]]
 
@@ -27,25 +27,13 @@ def brute_force_lm(model, targets, seqs):
     sums = {t.name: [0, 0] for t in targets}
     count = 0
     for seq in seqs:
-        store = {}
-        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: store.__setitem__(n, (i[0], o)))
-                 for t in targets]
-        for t in targets:
-            t.module.weight.requires_grad_(True)
         ids = torch.tensor([seq])
-        logits = model(input_ids=ids).logits[0]
-        for _, out in store.values():
-            out.retain_grad()
-        loss = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
-        loss.backward()
-        for h in hooks:
-            h.remove()
+        io = target_io(model, targets, ids, lambda logits: F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
         n = len(seq) - 1
         count += n
-        for name, (x, out) in store.items():
-            xs, gs = x[0, :n], out.grad[0, :n]
-            sums[name][0] = sums[name][0] + sum(torch.outer(v, v) for v in xs)
-            sums[name][1] = sums[name][1] + sum(torch.outer(v, v) for v in gs)
+        for name, (x, g) in io.items():
+            sums[name][0] = sums[name][0] + sum(torch.outer(v, v) for v in x[:n])
+            sums[name][1] = sums[name][1] + sum(torch.outer(v, v) for v in g[:n])
     return {name: (a / count, g / count) for name, (a, g) in sums.items()}, count
 
 

@@ -15,7 +15,7 @@ from curvedit.edit import EditRule, kfac_mask
 from curvedit.factors import FactorError, FactorSet, TargetFactors
 from curvedit.spectrum import eigenbasis
 from curvedit.targets import TargetSpec, select_targets
-from tests.conftest import tiny_gpt2
+from tests.conftest import char_model_dir, tiny_gpt2
 
 
 def random_factors(seed: int, d_out: int = 3, d_in: int = 4) -> TargetFactors:
@@ -75,13 +75,7 @@ def test_convergence_run_compares_every_budget_with_the_last(tmp_path):
 
 
 def test_cli_converge_both_modes(tmp_path):
-    from curvedit.chartok import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer("abcdefgh")
-    model = tiny_gpt2(dtype=torch.float32)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    char_model_dir(tmp_path)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abcdefgh"[i:] + "hgfedcba"[:i] * 3}) + "\n"
                                               for i in range(8)) * 4)
     runner = CliRunner()

@@ -24,7 +24,7 @@ from curvedit.factors import FactorError, load_factors, save_factors
 from curvedit.spectrum import (Eigenbasis, SelectionError, basis_sha256, eigenbasis, load_bases, select_by_count,
                                select_by_mass, select_by_masses)
 from curvedit.targets import TargetSpec, select_targets
-from tests.conftest import tiny_gpt2, tiny_olmo2
+from tests.conftest import char_model_dir, target_io, tiny_gpt2, tiny_olmo2
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2], [5, 1, 4]]
 
@@ -37,24 +37,14 @@ def brute_force_s(model, targets, bases, seqs):
     """mean over positions of (U_G^T (g x^T) U_A)^2, one sequence at a time, gold labels."""
     sums, count = {t.name: 0 for t in targets}, 0
     for seq in seqs:
-        store = {}
-        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: store.__setitem__(n, (i[0], o)))
-                 for t in targets]
-        for t in targets:
-            t.module.weight.requires_grad_(True)
         ids = torch.tensor([seq])
-        logits = model(input_ids=ids).logits[0]
-        for _, out in store.values():
-            out.retain_grad()
-        F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").backward()
-        for h in hooks:
-            h.remove()
+        io = target_io(model, targets, ids, lambda logits: F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
         n = len(seq) - 1
         count += n
-        for name, (x, out) in store.items():
+        for name, (x, g) in io.items():
             basis = bases[name]
             for position in range(n):
-                per_position = torch.outer(out.grad[0, position], x[0, position])  # g x^T, (d_out, d_in)
+                per_position = torch.outer(g[position], x[position])  # g x^T, (d_out, d_in)
                 sums[name] = sums[name] + (basis.U_G.T @ per_position @ basis.U_A).square()
     return {name: total / count for name, total in sums.items()}
 
@@ -185,20 +175,14 @@ def test_ekfac_edit_ranks_by_the_stored_masses(corrected_dir):
 
 
 def test_cli_collect_eigencorrect_then_edit_with_ekfac_masses(tmp_path):
-    model = tiny_gpt2(dtype=torch.float32)
-    from curvedit.chartok import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer("abcdefgh")
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    model = char_model_dir(tmp_path)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abcdefgh" * 3 + t}) + "\n" for t in "abcdefgh"))
     runner = CliRunner()
-    done = runner.invoke(app, ["collect", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "c.jsonl"),
+    done = runner.invoke(app, ["collect", "--model", str(model), "--data", str(tmp_path / "c.jsonl"),
                                "--out", str(tmp_path / "f"), "--seq-len", "16", "--eigencorrect", "--no-progress"])
     assert done.exit_code == 0, done.output
     assert all(tf.S is not None for tf in load_factors(tmp_path / "f").targets.values())
-    edited = runner.invoke(app, ["edit", "--model", str(tmp_path / "m"), "--factors", str(tmp_path / "f"),
+    edited = runner.invoke(app, ["edit", "--model", str(model), "--factors", str(tmp_path / "f"),
                                  "--keep-fraction", "0.5", "--masses", "ekfac", "--out", str(tmp_path / "e"),
                                  "--no-progress"])
     assert edited.exit_code == 0, edited.output

@@ -19,7 +19,7 @@ from curvedit.spectrum import SelectionError, eigenbasis, load_bases
 from curvedit.targeted import forget_masses, general_masses, targeted_mask
 from curvedit.targets import TargetSpec, select_targets
 from curvedit.windows import Window
-from tests.conftest import tiny_gpt2, tiny_olmo2
+from tests.conftest import char_model_dir, target_io, tiny_olmo2
 
 WINDOWS = [Window([1, 2, 3], [4, 5]), Window([6, 7], [8, 9, 10]), Window([2, 4, 6, 8], [3])]
 
@@ -42,25 +42,15 @@ def brute_force_forget(model, targets, bases, windows):
     """mean over suffix-predicting positions of (U_G^T (g x^T) U_A)^2, one window at a time."""
     sums, count = {t.name: 0 for t in targets}, 0
     for w in windows:
-        store = {}
-        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: store.__setitem__(n, (i[0], o)))
-                 for t in targets]
-        for t in targets:
-            t.module.weight.requires_grad_(True)
         ids = torch.tensor([w.prefix_ids + w.suffix_ids])
-        logits = model(input_ids=ids).logits[0]
-        for _, out in store.values():
-            out.retain_grad()
         positions = range(len(w.prefix_ids) - 1, len(w.prefix_ids) + len(w.suffix_ids) - 1)
-        loss = sum(F.cross_entropy(logits[p][None], ids[0, p + 1][None], reduction="sum") for p in positions)
-        loss.backward()
-        for h in hooks:
-            h.remove()
+        io = target_io(model, targets, ids, lambda logits: sum(
+            F.cross_entropy(logits[p][None], ids[0, p + 1][None], reduction="sum") for p in positions))
         count += len(positions)
-        for name, (x, out) in store.items():
+        for name, (x, g) in io.items():
             basis = bases[name]
             for p in positions:
-                sums[name] = sums[name] + (basis.U_G.T @ torch.outer(out.grad[0, p], x[0, p]) @ basis.U_A).square()
+                sums[name] = sums[name] + (basis.U_G.T @ torch.outer(g[p], x[p]) @ basis.U_A).square()
     return {name: total / count for name, total in sums.items()}
 
 
@@ -101,13 +91,7 @@ def test_targeted_edit_removes_the_highest_ratio_components(tmp_path):
 
 
 def test_cli_edit_forget(tmp_path):
-    from curvedit.chartok import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer("abcdefgh")
-    model = tiny_gpt2(dtype=torch.float32)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    char_model_dir(tmp_path)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abcdefgh" * 3 + t}) + "\n" for t in "abcdefgh"))
     (tmp_path / "forget.jsonl").write_text(json.dumps({"prefix": "abcde", "suffix": "fgh"}) + "\n")
     runner = CliRunner()
