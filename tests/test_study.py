@@ -25,7 +25,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         implant=ImplantOptions(prefix_len=8, suffix_len=8, lr=1e-2, max_steps=80, eval_every=20, seq_len=48,
                                general_per_step=2, target_recall=1.0, checkpoint_every=0),
         ppl_sequences=8, factor_tokens=1500, layer_grid=("1", "0-1"), ppl_budget=100.0, bisect_steps=3,
-        probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False)
+        probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False, beyond_seeds=(0,))
     results = run_study(options, log=lambda _: None)
     seed = results["seeds"][0]
     assert set(seed["variants"]) == set(VARIANTS)
@@ -45,6 +45,11 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert all(i["low"] <= i["value"] <= i["high"] for i in intervals.values())
     report = (options.out / "report.md").read_text()
     assert "## Privacy and extraction" in report and "## What the definition change moved" in report
+    beyond = seed["beyond"]
+    assert set(beyond["variants"]) == {"ekfac", "targeted"} and set(beyond["attacks"]) == {"unedited", "kfac",
+                                                                                            "targeted", "bsn"}
+    assert [r["step"] for r in beyond["attacks"]["kfac"]["relearn_tune"]] == [0, 10, 30]
+    assert "## Beyond the paper" in report
     assert (options.out / "report.md").read_text().count("|") > 50
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
     # every stage is cached: a second run reads the same numbers back

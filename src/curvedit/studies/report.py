@@ -9,7 +9,8 @@ from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
 
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
-          "random_ppl": "random, matched ppl", "svd": "SVD, matched ppl", "bsn": "BalancedSubnet"}
+          "random_ppl": "random, matched ppl", "svd": "SVD, matched ppl", "bsn": "BalancedSubnet",
+          "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl"}
 COMMAND = "curvedit study smollm2"
 
 
@@ -130,6 +131,43 @@ def targets_table(results: dict[str, Any]) -> str:
                                     for c in checks])
 
 
+def beyond_tables(results: dict[str, Any]) -> list[str]:
+    """The work beyond the paper, for the seeds that have it: EK-FAC and targeted edits against
+    K-FAC at the same perplexity, and the durability attacks."""
+    sections = []
+    for s in results["seeds"]:
+        extra = s.get("beyond")
+        if not extra:
+            continue
+        v = s["variants"]
+        unedited_ppl = v["unedited"]["perplexity"]
+        rows = []
+        for name, row in [("kfac", v["kfac"]), *extra["variants"].items()]:
+            ex = row["extraction"]
+            rows.append([LABELS.get(name, name), _pct(row["heldout"]["strict"]), _pct(row["heldout"]["loose"]),
+                         f"{row['heldout']['distance']:.3f}", f"{row['perplexity'] / unedited_ppl:.3f}x",
+                         f"{row['stress_reference']['mean_stress']:.1f}", _pct(ex["exact_memorization"]),
+                         f"{row['kept_components'] / row['total_components']:.3f}"])
+        sections += [f"### Seed {s['seed']}: EK-FAC masses and the targeted edit at K-FAC's perplexity",
+                     _table(["edit", "held-out strict", "held-out loose", "distance", "ppl / unedited",
+                             "stress: max prefix", "exact memorization", "components kept"], rows)]
+        attacks = extra["attacks"]
+        first = next(iter(attacks.values()))
+        steps = [r["step"] for r in first["relearn_tune"]]
+        bits = [r["bits"] for r in first["quantize"] if r["bits"] is not None]
+        rows = [[LABELS.get(name, name), *[_pct(r["loose"]) for r in a["relearn_tune"]],
+                 *[_pct(r["loose"]) for r in a["quantize"] if r["bits"] is not None],
+                 f"{a['relearn_tune'][-1]['perplexity']:.3f}"] for name, a in attacks.items()]
+        settings = extra["settings"]
+        sections += [f"### Seed {s['seed']}: does the edit last? (held-out loose recall)",
+                     f"Every weight fine-tuned on the tune-half canaries (AdamW, lr {settings['attack_lr']}, "
+                     f"{settings['attack_batch']} canaries per step), and every block weight quantized "
+                     "round-to-nearest per output channel in groups of 128.",
+                     _table(["variant", *[f"{n} steps" for n in steps], *[f"{b}-bit" for b in bits],
+                             "ppl after relearning"], rows)]
+    return sections
+
+
 def timing_table(results: dict[str, Any]) -> str:
     """Seconds per stage and seed, as computed (a stage read back from the cache shows the time of
     the run that computed it; "-" where the cache predates kept timings)."""
@@ -209,6 +247,8 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "## Per canary style (held-out, strict / loose, mean over seeds)", style_table(results),
         "## Probes", probe_table(results),
         "## Targets of the issue", targets_table(results),
+        *(["## Beyond the paper", *beyond_tables(results)] if any(s.get("beyond") for s in results["seeds"])
+          else []),
         "## Time per stage (seconds)", timing_table(results),
         "## Figures per seed",
         "\n".join(f"- seed {s}: [sweep](seed-{s}/sweep.png), band analysis in [seed-{s}/analysis](seed-{s}/analysis)"

@@ -86,6 +86,8 @@ class StudyOptions:
         bsn_epochs: BalancedSubnet epochs.
         bsn_lr: BalancedSubnet learning rate.
         batch_size: sequences per evaluation batch.
+        beyond_seeds: seeds that also get the work beyond the paper (EK-FAC, targeted edit,
+            durability attacks; `beyond_paper`), run after every seed's main results are written.
         progress: show progress bars.
     """
 
@@ -113,6 +115,7 @@ class StudyOptions:
     bsn_epochs: int = 4
     bsn_lr: float = 2.0
     batch_size: int = 16
+    beyond_seeds: tuple[int, ...] = (0,)
     progress: bool = True
 
     @property
@@ -199,6 +202,16 @@ class StudyData:
     def ppl_subset(self, n: int) -> list[list[int]]:
         """The first `n` held-out sequences (perplexity in the sweep and the controls)."""
         return self.heldout[:n]
+
+    def factor_sequences(self, tokens: int) -> list[list[int]]:
+        """The leading training sequences holding at least `tokens` tokens (the factors' text)."""
+        sequences, total = [], 0
+        for seq in self.train:
+            sequences.append(seq)
+            total += len(seq)
+            if total >= tokens:
+                break
+        return sequences
 
 
 def split_halves(windows: Sequence[Window], styles: Sequence[str], seed: int) -> tuple[list[Window], list[Window]]:
@@ -365,8 +378,10 @@ def find_canaries(model, tokenizer, manifest: dict[str, Any], options: StudyOpti
 
 
 def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
-             probes_used: Sequence[str], log: Callable[[str], None]) -> dict[str, Any]:
-    """Every stage for one implant seed; returns its results (also cached per stage)."""
+             probes_used: Sequence[str], log: Callable[[str], None], beyond: bool = False) -> dict[str, Any]:
+    """Every stage for one implant seed; returns its results (also cached per stage). With
+    `beyond`, also the work beyond the paper (`beyond_paper`: EK-FAC masses, the targeted edit,
+    durability attacks), under "beyond"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     from curvedit.baselines.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
@@ -415,14 +430,11 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     factor_dir = folder / "factors"
     factor_key = _key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch})
 
+    factor_text = data.factor_sequences(options.factor_tokens)
+
     def collect() -> str:
-        sequences, total = [], 0
-        for seq in data.train:
-            sequences.append(seq)
-            total += len(seq)
-            if total >= options.factor_tokens:
-                break
-        factors = collect_factors(model, lm_batches(sequences, options.factor_batch, pad_id), targets_all,
+        total = sum(len(s) for s in factor_text)
+        factors = collect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets_all,
                                   options=CollectOptions(seed=seed, progress=options.progress, total_tokens=total,
                                                          description="pydoc_data.topics (general text, no canary)"))
         save_factors(factors, factor_dir)
@@ -514,6 +526,15 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
 
     variant("bsn", bsn)
+    extra = None
+    if beyond:
+        def compute_beyond() -> dict[str, Any]:
+            return beyond_paper(model, tokenizer, targets, bases, factor_dir, factor_text, probe, reference, options,
+                                seed=seed, kfac_plan=kfac_plan, kfac_ppl=kfac_ppl, unedited_ppl=unedited_ppl,
+                                bsn_ratio=variants["bsn"]["bsn"]["ratio"], retain=data.train)
+        beyond_key = _key({"variants": variant_key, "beyond": asdict(BEYOND), "v": 1})
+        extra = stage("beyond", lambda: cached(folder / "beyond.json", beyond_key, compute_beyond),
+                      folder / "beyond.json")
     layers = sorted({t.layer for t in targets})
     shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
     stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
@@ -525,7 +546,99 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                                                       "strict", "loose", "perplexity")}
                                                    for p in swept["points"]],
                       "baseline": swept["baseline"]},
-            "variants": variants, "timings_s": timings}
+            "variants": variants, "timings_s": timings, **({"beyond": extra} if extra is not None else {})}
+
+
+@dataclass(frozen=True)
+class BeyondSettings:
+    """The work beyond the paper on the study (one seed; see `beyond_paper`).
+
+    Attributes:
+        attack_steps: relearning steps on the tune half after which held-out recall is measured.
+        attack_lr: the attacker's AdamW learning rate.
+        attack_batch: canaries per relearning step.
+        attack_bits: quantization widths.
+        attacked: the variants attacked.
+    """
+
+    attack_steps: tuple[int, ...] = (0, 10, 30)
+    attack_lr: float = 1e-4
+    attack_batch: int = 4
+    attack_bits: tuple[int, ...] = (4,)
+    attacked: tuple[str, ...] = ("unedited", "kfac", "targeted", "bsn")
+
+
+BEYOND = BeyondSettings()
+
+
+def beyond_paper(model, tokenizer, targets, bases, factor_dir: Path, factor_text: list[list[int]], probe: SeedProbe,
+                 reference: Any, options: StudyOptions, *, seed: int, kfac_plan: Any, kfac_ppl: float,
+                 unedited_ppl: float, bsn_ratio: float, retain: list[list[int]]) -> dict[str, Any]:
+    """EK-FAC masses (a second pass over the factors' text) and the targeted edit (forget set =
+    the tune half), each matched to K-FAC's perplexity and measured like the other variants;
+    then relearning on the tune half and quantization of unedited, K-FAC, targeted and
+    BalancedSubnet, judged by held-out canary recall and perplexity."""
+    from curvedit.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve  # noqa: PLC0415
+    from curvedit.baselines.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
+    from curvedit.budget import bisect_amount, match_tolerance  # noqa: PLC0415
+    from curvedit.collect import CollectOptions  # noqa: PLC0415
+    from curvedit.data import lm_batches  # noqa: PLC0415
+    from curvedit.edit import EditPlan, apply_edit  # noqa: PLC0415
+    from curvedit.eigencorrect import eigencorrect_factors  # noqa: PLC0415
+    from curvedit.spectrum import load_bases  # noqa: PLC0415
+    from curvedit.targeted import attach_forget_masses, forget_masses  # noqa: PLC0415
+
+    pad_id = default_pad_id(tokenizer)
+    eigencorrect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets, factor_dir,
+                         options=CollectOptions(seed=seed, progress=options.progress,
+                                                total_tokens=sum(len(s) for s in factor_text)))
+    corrected = load_bases(targets, factor_dir)
+    attach_forget_masses(corrected, forget_masses(model, probe.tune, targets, corrected, pad_id=pad_id,
+                                                  batch_size=options.batch_size))
+    out: dict[str, Any] = {"variants": {}, "attacks": {}, "settings": asdict(BEYOND)}
+    plans = {"kfac": kfac_plan}
+    for name in ("ekfac", "targeted"):
+        search = bisect_amount(model, targets, corrected, probe.ppl_text, mode="match", target_ppl=kfac_ppl,
+                               unedited_ppl=unedited_ppl, masses=name, steps=options.bisect_steps + 2,
+                               tolerance=match_tolerance(kfac_ppl, unedited_ppl), batch_size=options.batch_size,
+                               pad_id=pad_id, compute_dtype=options.compute_dtype)
+        plans[name] = EditPlan([search.rule()], masses=name, compute_dtype=options.compute_dtype)
+        out["variants"][name] = _edit_and_measure(model, tokenizer, targets, corrected, plans[name], probe, reference,
+                                                  options) | {"matched": search.to_dict()}
+
+    def judge(m) -> dict[str, Any]:
+        return recall_and_perplexity(m, probe.heldout, probe.ppl_text, pad_id=pad_id, batch_size=options.batch_size)
+
+    relearn = RelearnOptions(steps=BEYOND.attack_steps, lr=BEYOND.attack_lr, batch_size=BEYOND.attack_batch, seed=seed,
+                             progress=options.progress)
+    tune_text = [w.prefix_ids + w.suffix_ids for w in probe.tune]
+
+    def attack() -> dict[str, Any]:
+        return {"relearn_tune": relearn_curve(model, tune_text, judge, relearn, pad_id=pad_id),
+                "quantize": quantization_rows(model, judge, BEYOND.attack_bits, group_size=128)}
+
+    for name in BEYOND.attacked:
+        if name in plans:
+            applied = apply_edit(targets, plans[name], corrected)
+            try:
+                out["attacks"][name] = attack()
+            finally:
+                applied.undo()
+        elif name == "bsn":
+            originals = [t.module.weight.detach().clone() for t in targets]
+            try:
+                bsn_within_budget(model, targets, tune_text, retain[: max(4 * len(tune_text), 32)], probe.tune,
+                                  probe.ppl_text, (bsn_ratio,), options.ppl_budget * unedited_ppl,
+                                  BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=16,
+                                             progress=options.progress), pad_id=pad_id, batch_size=options.batch_size)
+                out["attacks"][name] = attack()
+            finally:
+                with torch.no_grad():
+                    for target, weight in zip(targets, originals):
+                        target.module.weight.copy_(weight)
+        else:
+            out["attacks"][name] = attack()
+    return out
 
 
 NONMEMBER_SEED = 10_000  # non-member canaries of seed s are generated with seed s + 10000
@@ -721,8 +834,6 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
     from transformers import AutoTokenizer  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
-    from curvedit.studies.report import write_study_report  # noqa: PLC0415
-
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
     options.out.mkdir(parents=True, exist_ok=True)
@@ -734,9 +845,23 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
     used = sorted(f for f, acc in base_probe.items() if acc >= options.probe_min_accuracy)
     log(f"probe accuracy of the base model: {base_probe}; used: {used}")
     seeds = [run_seed(base_dir, seed, data, options, base, used, log) for seed in options.seeds]
+    results = write_results(seeds, options, base, data, base_probe, start)
+    for seed in options.beyond_seeds:
+        if seed in options.seeds:
+            seeds[options.seeds.index(seed)] = run_seed(base_dir, seed, data, options, base, used, log, beyond=True)
+            results = write_results(seeds, options, base, data, base_probe, start)
+    return results
+
+
+def write_results(seeds: list[dict[str, Any]], options: StudyOptions, base: dict[str, Any], data: StudyData,
+                  base_probe: dict[str, float], start: float) -> dict[str, Any]:
+    """Summarize the seeds, write `results.json` and the report; return the results."""
+    from curvedit.studies.report import write_study_report  # noqa: PLC0415
+
     results = {
         "model": base, "device": options.device,
-        "data": {"general": "pydoc_data.topics", "train_sequences": len(train), "heldout_sequences": len(heldout),
+        "data": {"general": "pydoc_data.topics", "train_sequences": len(data.train),
+                 "heldout_sequences": len(data.heldout),
                  "seq_len": options.implant.seq_len},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "base_probes": base_probe, "seeds": seeds, "summary": summarize(seeds, base_probe, options),
