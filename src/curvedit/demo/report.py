@@ -143,9 +143,9 @@ def durability_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in attacked:
         a = results["variants"][name]["attacks"]
-        cells = [_pct(r["loose"]) for r in a["relearn_general"]] + [_pct(r["loose"]) for r in a["relearn_tune"]]
-        cells += [_pct(r["loose"]) for r in a["quantize"] if r["bits"] is not None]
-        cells += [f"{a['relearn_general'][-1]['perplexity']:.3f}", f"{a['relearn_tune'][-1]['perplexity']:.3f}"]
+        cells = [_cell(r, "loose", True) for r in a["relearn_general"] + a["relearn_tune"]]
+        cells += [_cell(r, "loose", True) for r in a["quantize"] if r["bits"] is not None]
+        cells += [_cell(a[key][-1], "perplexity", False) for key in ("relearn_general", "relearn_tune")]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -179,13 +179,13 @@ def convergence_table(results: dict[str, Any]) -> str:
     if not conv:
         return "(not measured)"
     lines = ["| factors | captured share | held-out strict | held-out loose | perplexity |", "|---|---|---|---|---|"]
-    for row in conv["rows"]:
-        lines.append(f"| {row['tokens']} tokens, sampled labels | {row['captured']:.4f} | {_pct(row['strict'])} | "
-                     f"{_pct(row['loose'])} | {row['perplexity']:.4f} |")
     gold = conv.get("gold")
+    labelled = [(f"{row['tokens']} tokens, sampled labels", row, row["captured"]) for row in conv["rows"]]
     if gold:
-        lines.append(f"| {gold['tokens']} tokens, gold labels | {gold['captured_gold_in_sampled']:.4f} | "
-                     f"{_pct(gold['strict'])} | {_pct(gold['loose'])} | {gold['perplexity']:.4f} |")
+        labelled.append((f"{gold['tokens']} tokens, gold labels", gold, gold["captured_gold_in_sampled"]))
+    for label, row, captured in labelled:
+        lines.append(f"| {label} | {captured:.4f} | {_cell(row, 'strict', True)} | {_cell(row, 'loose', True)} | "
+                     f"{_cell(row, 'perplexity', False, 4)} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curvedit.evaluate.intervals import Interval, format_interval
+from curvedit.evaluate.intervals import Interval, format_interval, wilson
 from curvedit.plots import pyplot, save_figure
 
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
@@ -83,18 +83,26 @@ def definitions_table(results: dict[str, Any]) -> str:
 MIA_COLUMNS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
 
 
+def _rates(windows: list[dict[str, Any]]) -> str:
+    """`strict / loose` of some held-out canaries, each with its 95% Wilson interval."""
+    if not windows:
+        return "-"
+    return " / ".join(_ci(wilson(sum(w[k] for w in windows), len(windows)).to_dict()) for k in ("strict", "loose"))
+
+
 def seed_table(results: dict[str, Any]) -> str:
-    """Per seed: implant, found canaries, the chosen edit, K-FAC and controls' held-out loose recall."""
+    """Per seed: implant, found canaries, the chosen edit, K-FAC and controls' held-out recall."""
     rows = []
     for s in results["seeds"]:
         v, chosen = s["variants"], s["sweep"]["chosen"]
         imp = s["implant"]
-        rows.append([str(s["seed"]), f"{imp['steps']}", _pct(imp["recall"]),
+        canaries = len(s["canaries"])
+        rows.append([str(s["seed"]), f"{imp['steps']}",
+                     _ci(wilson(round(imp["recall"] * canaries), canaries).to_dict()),
                      f"{imp['perplexity_before']:.3f} -> {imp['perplexity_after']:.3f}",
                      f"{s['found']['tune']}+{s['found']['heldout']}",
                      f"layers {chosen['layers']} {chosen['matrices']}, keep {chosen['amount']:.3f}",
-                     *[f"{_pct(v[n]['heldout']['strict'])} / {_pct(v[n]['heldout']['loose'])}" for n in
-                       ("unedited", "kfac", "random_ppl", "svd", "bsn")],
+                     *[_rates(v[n]["heldout"]["per_window"]) for n in ("unedited", "kfac", "random_ppl", "svd", "bsn")],
                      f"{v['kfac']['perplexity'] / v['unedited']['perplexity']:.3f}x"])
     return _table(["seed", "implant steps", "canaries recited", "ppl base -> implanted", "found (tune+held-out)",
                    "chosen edit", "unedited strict/loose", "K-FAC", "random (ppl)", "SVD (ppl)", "BSN",
@@ -102,11 +110,11 @@ def seed_table(results: dict[str, Any]) -> str:
 
 
 def style_table(results: dict[str, Any]) -> str:
-    """Held-out strict / loose per canary style, means over seeds."""
+    """Held-out strict / loose per canary style, pooled over seeds, with 95% Wilson intervals."""
     variants = results["summary"]["variants"]
     styles = list(next(iter(variants.values()))["by_style"])
-    rows = [[LABELS.get(n, n), *[f"{_pct(v['by_style'][st]['strict'])} / {_pct(v['by_style'][st]['loose'])}"
-                                 for st in styles]] for n, v in variants.items()]
+    rows = [[LABELS.get(n, n), *[_rates([w for s in results["seeds"] for w in s["variants"][n]["heldout"]["per_window"]
+                                         if w["style"] == st]) for st in styles]] for n in variants]
     return _table(["variant", *[f"{st} strict / loose" for st in styles]], rows)
 
 
@@ -115,11 +123,13 @@ def probe_table(results: dict[str, Any]) -> str:
     base = results["base_probes"]
     names = list(results["summary"]["variants"])
     rows = []
+    items = results["options"]["probe_items"]
     for family, acc in base.items():
-        per = [sum(s["variants"][n]["probes"].get(family, float("nan")) for s in results["seeds"])
-               / len(results["seeds"]) for n in names]
-        rows.append([family, _pct(acc), "yes" if family in results["summary"]["probes_used"] else "no",
-                     *[_pct(x) for x in per]])
+        per = [[s["variants"][n]["probes"].get(family) for s in results["seeds"]] for n in names]
+        cells = ["-" if None in values else _ci(wilson(round(sum(values) * items), items * len(values)).to_dict())
+                 for values in per]
+        rows.append([family, _ci(wilson(round(acc * items), items).to_dict()),
+                     "yes" if family in results["summary"]["probes_used"] else "no", *cells])
     return _table(["probe", "base model", "used", *[LABELS.get(n, n) for n in names]], rows)
 
 
@@ -243,9 +253,9 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "Earlier reports used the probability-graded nDCG and a filler/shift stress test; the same runs under both "
         "definitions:", definitions_table(results),
         "![recall vs perplexity](recall_vs_ppl.png)",
-        "## Per seed (held-out canaries, strict / loose)", seed_table(results),
-        "## Per canary style (held-out, strict / loose, mean over seeds)", style_table(results),
-        "## Probes", probe_table(results),
+        "## Per seed (held-out canaries, strict / loose, 95% intervals)", seed_table(results),
+        "## Per canary style (held-out, strict / loose, pooled over seeds, 95% intervals)", style_table(results),
+        "## Probes (accuracy pooled over seeds, 95% intervals)", probe_table(results),
         "## Targets of the issue", targets_table(results),
         *(["## Beyond the paper", *beyond_tables(results)] if any(s.get("beyond") for s in results["seeds"])
           else []),
