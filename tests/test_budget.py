@@ -115,6 +115,16 @@ def test_match_mode_returns_an_edit_even_when_the_unedited_model_is_closer(train
     assert abs(search.perplexity / search.target_perplexity - 1) == min(gaps)
 
 
+def test_an_amount_that_rounds_to_keeping_everything_is_no_edit(trained):
+    # SVD keeps round(keep_fraction * rank) singular values: amounts near 1 keep all of them
+    unedited = perplexity(trained.model, trained.heldout).perplexity
+    search = bisect_amount(trained.model, trained.targets, None, trained.heldout, mode="match", method="svd",
+                           target_ppl=unedited * (1 + 1e-9), unedited_ppl=unedited, steps=12)
+    assert any(step.kept == step.total for step in search.steps)  # the case arises
+    chosen = [step for step in search.steps if step.amount == search.amount]
+    assert search.edited and chosen and chosen[0].kept < chosen[0].total
+
+
 def test_nothing_within_the_target_returns_no_edit(trained):
     unedited = perplexity(trained.model, trained.heldout).perplexity
     search = bisect_amount(trained.model, trained.targets, trained.bases, trained.heldout, target_ppl=0.5 * unedited,

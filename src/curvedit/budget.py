@@ -87,7 +87,9 @@ class BudgetSearch:
         unedited_perplexity: held-out perplexity of the unedited model.
         target_perplexity: the perplexity aimed at.
         ppl_budget: the target as a multiple of `unedited_perplexity`, when given so.
-        edited: False when no amount below 1.0 was chosen (mode "within": none fits).
+        edited: whether the chosen amount removes anything (False: none fits in mode "within",
+            or no tried amount removed a component, as when an SVD keep fraction just below 1
+            rounds to every singular value).
         steps: every candidate, in the order tried.
     """
 
@@ -226,7 +228,7 @@ def bisect_amount(
     plan(1.0)  # an unknown method or dtype fails before any measurement
     unedited = measure() if unedited_ppl is None else unedited_ppl
     target = budget * unedited if budget is not None else target_ppl
-    amount, reached = 1.0, unedited
+    amount, reached, edited = 1.0, unedited, False
     lo, hi = 0.0, 1.0
     tried: list[BudgetStep] = []
     bar = tqdm(range(steps), unit="step", desc=f"{knob} for ppl {target:.4g}", disable=not progress)
@@ -238,18 +240,20 @@ def bisect_amount(
         finally:
             applied.undo()
         fits = ppl <= target
-        tried.append(BudgetStep(amount=mid, perplexity=ppl, kept=sum(s.kept for s in applied.stats),
-                                total=sum(s.total for s in applied.stats), fits=fits))
+        step = BudgetStep(amount=mid, perplexity=ppl, kept=sum(s.kept for s in applied.stats),
+                          total=sum(s.total for s in applied.stats), fits=fits)
+        tried.append(step)
+        removes = step.kept < step.total  # an amount just below 1 may round to keeping everything (svd)
         gap = abs(ppl / target - 1)
-        if (fits if mode == "within" else len(tried) == 1 or gap < abs(reached / target - 1)):
-            amount, reached = mid, ppl
+        if removes and (fits if mode == "within" else not edited or gap < abs(reached / target - 1)):
+            amount, reached, edited = mid, ppl, True
         bar.set_postfix(amount=f"{mid:.4f}", ppl=f"{ppl:.4f}")
         lo, hi = (lo, mid) if fits else (mid, hi)
-        if gap <= tolerance and (fits or mode == "match"):
+        if removes and gap <= tolerance and (fits or mode == "match"):
             break
     return BudgetSearch(mode=mode, knob=knob, method=method, amount=amount, perplexity=reached,
                         unedited_perplexity=unedited, target_perplexity=target, ppl_budget=budget,
-                        edited=amount < 1.0, steps=tried)
+                        edited=edited, steps=tried)
 
 
 def edit_within_budget(
