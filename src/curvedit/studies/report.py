@@ -165,8 +165,8 @@ def beyond_tables(results: dict[str, Any]) -> list[str]:
         first = next(iter(attacks.values()))
         steps = [r["step"] for r in first["relearn_tune"]]
         bits = [r["bits"] for r in first["quantize"] if r["bits"] is not None]
-        rows = [[LABELS.get(name, name), *[_pct(r["loose"]) for r in a["relearn_tune"]],
-                 *[_pct(r["loose"]) for r in a["quantize"] if r["bits"] is not None],
+        rows = [[LABELS.get(name, name), *[_ci(r["loose_ci"]) for r in a["relearn_tune"]],
+                 *[_ci(r["loose_ci"]) for r in a["quantize"] if r["bits"] is not None],
                  f"{a['relearn_tune'][-1]['perplexity']:.3f}"] for name, a in attacks.items()]
         settings = extra["settings"]
         sections += [f"### Seed {s['seed']}: does the edit last? (held-out loose recall)",
