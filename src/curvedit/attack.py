@@ -214,16 +214,13 @@ def recall_and_perplexity(model: nn.Module, windows: Sequence[Any], sequences: S
                           pad_id: int = 0, batch_size: int = 16) -> dict[str, Any]:
     """What an attack is judged by: greedy recitation of the windows (strict, loose, distance,
     with 95% intervals) and, when `sequences` are given, held-out perplexity with its interval."""
-    from curvedit.evaluate.intervals import bootstrap_mean, wilson  # noqa: PLC0415
     from curvedit.evaluate.memorization import evaluate_recitation  # noqa: PLC0415
     from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
 
     result, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=batch_size)
-    row: dict[str, Any] = {
-        "n": result.n, "strict": result.strict, "loose": result.loose, "distance": result.avg_normalized_distance,
-        "strict_ci": wilson(sum(e.strict for e in result.examples), result.n).to_dict(),
-        "loose_ci": wilson(sum(e.loose for e in result.examples), result.n).to_dict(),
-        "distance_ci": bootstrap_mean([e.normalized_distance for e in result.examples]).to_dict()}
+    row: dict[str, Any] = {"n": result.n, "strict": result.strict, "loose": result.loose,
+                           "distance": result.avg_normalized_distance,
+                           **{f"{k}_ci": interval for k, interval in result.intervals().items()}}
     if sequences:
         ppl = perplexity(model, sequences, pad_id=pad_id, batch_size=batch_size)
         row["perplexity"], row["perplexity_ci"] = ppl.perplexity, ppl.interval().to_dict()

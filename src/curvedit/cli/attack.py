@@ -112,7 +112,7 @@ def quantize_command(
 ) -> None:
     """Round-to-nearest quantization (per output channel, in groups) of every block weight,
     and recall of --memorized (and --heldout perplexity) before and after."""
-    from curvedit.attack import AttackError, quantization_rows, recall_and_perplexity
+    from curvedit.attack import quantization_rows, recall_and_perplexity
     from curvedit.data import check_corpus_source
 
     widths = int_list(bits, "--bits")
@@ -124,11 +124,8 @@ def quantize_command(
     if heldout is not None:
         check_corpus_source(heldout)
     loaded, targets, sequences, pad_id = _load(model, memorized, heldout, device, text_field, progress)
-    try:
-        rows = quantization_rows(loaded.model, lambda m: recall_and_perplexity(m, targets, sequences, pad_id=pad_id),
-                                 widths, group_size or None)
-    except AttackError as err:
-        fail(str(err))
+    rows = quantization_rows(loaded.model, lambda m: recall_and_perplexity(m, targets, sequences, pad_id=pad_id),
+                             widths, group_size or None)
     for row in rows:
         ppl = f", perplexity {row['perplexity']:.4f}" if "perplexity" in row else ""
         typer.echo(f"{'as is' if row['bits'] is None else str(row['bits']) + '-bit':>7}: strict {row['strict']:.3f}, "

@@ -14,7 +14,7 @@ import torch
 
 from curvedit.demo.world import LETTERS, Example, World, general_lines, pack, quote_split
 from curvedit.evaluate.generation import greedy_generate
-from curvedit.evaluate.intervals import bootstrap_mean, wilson
+from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import NextTokenRankings, ndcg_at_k, perplexity
 from curvedit.evaluate.privacy import auroc_interval, extraction_metrics, membership_scores, sequence_stats
@@ -122,9 +122,9 @@ def measure(model: torch.nn.Module, tokenizer: Any, probe: WorldProbe,
             result, _ = evaluate_recitation(model, windows, batch_size=64)
             out[f"{key}_strict"], out[f"{key}_loose"] = result.strict, result.loose
             out[f"{key}_lev"] = result.avg_normalized_distance
-            out[f"{key}_strict_ci"] = wilson(sum(e.strict for e in result.examples), result.n).to_dict()
-            out[f"{key}_loose_ci"] = wilson(sum(e.loose for e in result.examples), result.n).to_dict()
-            out[f"{key}_lev_ci"] = bootstrap_mean([e.normalized_distance for e in result.examples]).to_dict()
+            ci = result.intervals()
+            out[f"{key}_strict_ci"], out[f"{key}_loose_ci"], out[f"{key}_lev_ci"] = (
+                ci["strict"], ci["loose"], ci["distance"])
     if every or "perplexity" in want:
         ppl = perplexity(model, probe.text, batch_size=64)
         out["perplexity"], out["perplexity_ci"] = ppl.perplexity, ppl.interval().to_dict()

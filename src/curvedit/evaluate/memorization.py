@@ -28,6 +28,7 @@ from rapidfuzz.distance import Levenshtein
 from curvedit.errors import EvaluateError
 from curvedit.data import DataError, Record, batched, pad_batch, read_records
 from curvedit.distributed import current_context, map_batches
+from curvedit.evaluate.intervals import bootstrap_mean, wilson
 from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
 from curvedit.windows import Window, default_pad_id
 
@@ -483,6 +484,13 @@ class RecitationResult:
         """The aggregate metrics as a JSON-ready dict."""
         return {"n": self.n, "strict": self.strict, "loose": self.loose,
                 "avg_normalized_distance": self.avg_normalized_distance, "loose_threshold": self.loose_threshold}
+
+    def intervals(self) -> dict[str, dict[str, float | int | str]]:
+        """95% intervals, JSON-ready: `strict` and `loose` (Wilson), `distance` (bootstrap
+        over the examples' normalized distances)."""
+        return {"strict": wilson(sum(e.strict for e in self.examples), self.n).to_dict(),
+                "loose": wilson(sum(e.loose for e in self.examples), self.n).to_dict(),
+                "distance": bootstrap_mean([e.normalized_distance for e in self.examples]).to_dict()}
 
 
 def longest_prefix_match(generated: Sequence[int], target: Sequence[int]) -> int:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collections import Counter
-
 from curvedit.data import DataError
 from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_vocabulary, context_window
-from curvedit.evaluate.intervals import bootstrap_mean, wilson
+from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.privacy import (
     PrivacyOptions, extraction_metrics, membership_inference, sequence_stats)
@@ -254,10 +253,9 @@ def _recitation(loaded: LoadedModel, sets: dict[str, list[Window]], options: Eva
     for name, windows in sets.items():
         result, generated = evaluate_recitation(loaded.model, windows, pad_id=pad_id, batch_size=options.batch_size,
                                                 loose_threshold=options.loose_threshold, progress=options.progress)
+        ci = result.intervals()
         metrics["recitation"][name] = result.summary() | {
-            "strict_ci": wilson(sum(e.strict for e in result.examples), result.n).to_dict(),
-            "loose_ci": wilson(sum(e.loose for e in result.examples), result.n).to_dict(),
-            "avg_normalized_distance_ci": bootstrap_mean([e.normalized_distance for e in result.examples]).to_dict()}
+            "strict_ci": ci["strict"], "loose_ci": ci["loose"], "avg_normalized_distance_ci": ci["distance"]}
         for index, (window, score, ids) in enumerate(zip(windows, result.examples, generated)):
             row = {"metric": "recitation", "set": name, "index": index, "source": window.source,
                    "document": window.document, "offset": window.offset, **dataclasses.asdict(score),
