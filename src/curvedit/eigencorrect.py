@@ -33,7 +33,7 @@ from curvedit.collect import (
 from curvedit.distributed import current_context, is_sharded_model, reduce_sums
 from curvedit.factors import FactorSet, TargetFactors, check_factors_match, load_factors, save_factors
 from curvedit.objectives import CausalLMObjective, Objective
-from curvedit.spectrum import EIGEN_FILE, Eigenbasis, basis_sha256, cached_eigenbases, refresh_eigenbasis_cache
+from curvedit.spectrum import Eigenbasis, basis_sha256, cached_eigenbases, refresh_eigenbasis_cache
 from curvedit.targets import Target
 
 
@@ -194,5 +194,5 @@ def eigencorrect_factors(
     factors.collection = {**factors.collection, "eigencorrected": {"seed": options.seed, "data": options.description}}
     if current_context().is_main:
         save_factors(factors, factor_dir)
-        refresh_eigenbasis_cache(Path(factor_dir) / EIGEN_FILE, factor_dir)
+        refresh_eigenbasis_cache(factor_dir)
     return factors

@@ -220,9 +220,11 @@ def load_bases(targets: list[Target], factor_dir: str | Path, device: str | torc
     return bases
 
 
-def refresh_eigenbasis_cache(cache_path: Path, factor_dir: str | Path) -> None:
-    """Point an eigenbasis cache at the current factor file after a rewrite that kept A and G
-    (adding eigenvalue-corrected masses), so the basis they were measured in stays in use."""
+def refresh_eigenbasis_cache(factor_dir: str | Path) -> None:
+    """Point a factor folder's eigenbasis cache at its current factor file after a rewrite that
+    kept A and G (adding eigenvalue-corrected masses), so the basis they were measured in stays
+    in use."""
+    cache_path = Path(factor_dir) / EIGEN_FILE
     if not cache_path.is_file():
         return
     with safe_open(str(cache_path), framework="pt") as handle:
