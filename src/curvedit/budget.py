@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -228,32 +228,99 @@ def bisect_amount(
     plan(1.0)  # an unknown method or dtype fails before any measurement
     unedited = measure() if unedited_ppl is None else unedited_ppl
     target = budget * unedited if budget is not None else target_ppl
-    amount, reached, edited = 1.0, unedited, False
+    found = bisect_edit(targets, plan, bases, measure, target, mode=mode, gap=lambda ppl: abs(ppl / target - 1),
+                        steps=steps, tolerance=tolerance, device=device, progress=progress,
+                        description=f"{knob} for ppl {target:.4g}")
+    tried = [BudgetStep(amount=step.amount, perplexity=step.value, kept=step.kept, total=step.total, fits=step.fits)
+             for step in found.steps]
+    return BudgetSearch(mode=mode, knob=knob, method=method, amount=found.amount,
+                        perplexity=found.value if found.edited else unedited, unedited_perplexity=unedited,
+                        target_perplexity=target, ppl_budget=budget, edited=found.edited, steps=tried)
+
+
+@dataclass(frozen=True)
+class BisectionStep:
+    """One candidate of `bisect_edit`: the amount tried, the measured value, the components
+    kept and in all (summed over the targets), and whether the value is at most the target."""
+
+    amount: float
+    value: float
+    kept: int
+    total: int
+    fits: bool
+
+
+@dataclass
+class Bisection:
+    """The outcome of `bisect_edit`.
+
+    Attributes:
+        amount: the chosen amount (1.0 when no candidate was chosen).
+        value: the measured value at `amount` (None when nothing was chosen).
+        edited: whether a candidate that removes something was chosen.
+        steps: every candidate, in the order tried.
+    """
+
+    amount: float
+    value: float | None
+    edited: bool
+    steps: list[BisectionStep]
+
+
+def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases: dict[str, Eigenbasis] | None,
+                measure: Callable[[], float], target: float, *, mode: str, gap: Callable[[float], float],
+                steps: int, tolerance: float = 0.0, device: str | None = None, progress: bool = False,
+                description: str = "bisect") -> Bisection:
+    """Bisect the amount kept, on (0, 1), for a measured value that rises as less is kept
+    (held-out perplexity, held-out error).
+
+    Each candidate is applied in memory, measured and undone bit for bit (also when the
+    measurement fails). A candidate whose value is at most `target` moves the search down,
+    one above it moves it up.
+
+    Args:
+        targets: the weights edited together (one amount).
+        plan: amount -> the edit plan to apply.
+        bases: name -> eigenbasis (None only for method "svd").
+        measure: the value of the model as it is now.
+        target: the value aimed at.
+        mode: "within" (the smallest amount whose value is at most `target`) or "match"
+            (the amount whose value is closest to `target` by `gap`).
+        gap: value -> its distance from the target.
+        steps: candidates at most (resolution `2**-steps`).
+        tolerance: stop once a candidate that removes something is within this `gap` (in
+            mode "within", only one that fits); 0 runs every step.
+        device: where to do the edit's linear algebra.
+        progress: show a progress bar.
+        description: the progress bar's label.
+
+    Returns:
+        The chosen amount and every step. Only candidates that remove at least one
+        component can be chosen: an SVD keep fraction just below 1 may keep everything.
+    """
+    amount, reached, edited = 1.0, None, False
     lo, hi = 0.0, 1.0
-    tried: list[BudgetStep] = []
-    bar = tqdm(range(steps), unit="step", desc=f"{knob} for ppl {target:.4g}", disable=not progress)
+    tried: list[BisectionStep] = []
+    bar = tqdm(range(steps), unit="step", desc=description, disable=not progress)
     for _ in bar:
         mid = (lo + hi) / 2
         applied = apply_edit(targets, plan(mid), bases, device)
         try:
-            ppl = measure()
+            value = measure()
         finally:
             applied.undo()
-        fits = ppl <= target
-        step = BudgetStep(amount=mid, perplexity=ppl, kept=sum(s.kept for s in applied.stats),
-                          total=sum(s.total for s in applied.stats), fits=fits)
+        fits = value <= target
+        step = BisectionStep(amount=mid, value=value, kept=sum(s.kept for s in applied.stats),
+                             total=sum(s.total for s in applied.stats), fits=fits)
         tried.append(step)
-        removes = step.kept < step.total  # an amount just below 1 may round to keeping everything (svd)
-        gap = abs(ppl / target - 1)
-        if removes and (fits if mode == "within" else not edited or gap < abs(reached / target - 1)):
-            amount, reached, edited = mid, ppl, True
-        bar.set_postfix(amount=f"{mid:.4f}", ppl=f"{ppl:.4f}")
+        removes = step.kept < step.total
+        if removes and (fits if mode == "within" else not edited or gap(value) < gap(reached)):
+            amount, reached, edited = mid, value, True
+        bar.set_postfix(amount=f"{mid:.4f}", value=f"{value:.4f}")
         lo, hi = (lo, mid) if fits else (mid, hi)
-        if removes and gap <= tolerance and (fits or mode == "match"):
+        if removes and gap(value) <= tolerance and (fits or mode == "match"):
             break
-    return BudgetSearch(mode=mode, knob=knob, method=method, amount=amount, perplexity=reached,
-                        unedited_perplexity=unedited, target_perplexity=target, ppl_budget=budget,
-                        edited=edited, steps=tried)
+    return Bisection(amount=amount, value=reached, edited=edited, steps=tried)
 
 
 def edit_within_budget(
