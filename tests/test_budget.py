@@ -256,3 +256,12 @@ def test_cli_edit_refuses_a_budget_below_one(tmp_path, lm_dir, text_jsonl):
     result = run("edit", "--model", lm_dir, "--method", "svd", "--out", tmp_path / "out", "--ppl-budget", 0.9,
                  "--heldout", text_jsonl, "--heldout-seq-len", 16, "--no-progress")
     assert result.exit_code == 2 and "at least 1" in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_svd_amount_that_would_keep_nothing_is_skipped_as_too_strong(trained):
+    # any perplexity fits, so the search halves the keep fraction until it rounds to no singular value
+    search = bisect_amount(trained.model, trained.targets, None, trained.heldout, mode="within", method="svd",
+                           budget=1e9, steps=12)
+    assert len(search.steps) < 12  # the amounts that keep nothing were skipped, not measured
+    assert all(step.kept >= 1 for step in search.steps) and search.edited
+    assert search.amount == min(step.amount for step in search.steps)

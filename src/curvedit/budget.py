@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import Eigenbasis, load_bases
+from curvedit.spectrum import Eigenbasis, SelectionError, load_bases
 from curvedit.targeted import attach_forget_masses, forget_masses
 from curvedit.targets import Target
 
@@ -297,6 +297,8 @@ def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases:
     Returns:
         The chosen amount and every step. Only candidates that remove at least one
         component can be chosen: an SVD keep fraction just below 1 may keep everything.
+        An amount that would keep nothing at all (an SVD keep fraction below one singular
+        value) is skipped as too strong, without a step.
     """
     amount, reached, edited = 1.0, None, False
     lo, hi = 0.0, 1.0
@@ -304,7 +306,11 @@ def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases:
     bar = tqdm(range(steps), unit="step", desc=description, disable=not progress)
     for _ in bar:
         mid = (lo + hi) / 2
-        applied = apply_edit(targets, plan(mid), bases, device)
+        try:
+            applied = apply_edit(targets, plan(mid), bases, device)
+        except SelectionError:  # an amount that keeps nothing (SVD below one singular value): too strong
+            lo = mid
+            continue
         try:
             value = measure()
         finally:
