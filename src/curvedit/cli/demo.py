@@ -15,8 +15,8 @@ def demo_command(
                                      "demo-out/vision).", default=None),
     retrain: bool = typer.Option(False, "--retrain", help="Train the demo model even if a matching one exists."),
     smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run on a tiny world (checks the plumbing)."),
-    vision: bool = typer.Option(False, "--vision", help="Instead: a ViT that memorizes noisy labels on "
-                                                        "scikit-learn's digits, and the edit that undoes it."),
+    vision: bool = typer.Option(False, "--vision", help="Instead: a ViT that memorizes noisy labels in a "
+                                                        "generated glyph world, and the edit that undoes it."),
     progress: bool = ProgressOpt,
 ) -> None:
     """Run the paper end to end on a synthetic world: train, find, collect, sweep, edit, report."""

@@ -1,24 +1,27 @@
-"""Images for the vision demo: scikit-learn's bundled digits (no download) or a folder of
-images (`root/CLASS_NAME/*.png`), split into training and held-out images, with a fraction
-of the training labels replaced by random *wrong* labels.
+"""Images for the vision demo: the generated glyph world (`curvedit.demo.glyphs`, the
+default), scikit-learn's bundled digits (no download) or a folder of images
+(`root/CLASS_NAME/*.png`), split into training and held-out images, with a fraction of the
+training labels replaced by random *wrong* labels.
 
-Both sources go through the same `ViTImageProcessor` (resize to `image_size`, scale to
-[0, 1], normalise with mean 0.5 and std 0.5), which is saved with the trained model; so a
-digit exported as a PNG and read back from a folder gives the same pixel values.
+Every source ends in the same normalisation as the `ViTImageProcessor` saved with the
+trained model (resize to `image_size`, scale to [0, 1], normalise with mean 0.5 and std 0.5);
+so an image exported as a PNG and read back from a folder gives the same pixel values.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from curvedit.data import DataError, image_batches, image_folder
+from curvedit.demo.glyphs import GlyphWorldConfig, draw_glyph_world
 
 DIGITS = "digits"
+GLYPHS = "glyphs"
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,9 @@ class VisionDataConfig:
     """Which images, and how they are split and corrupted.
 
     Attributes:
-        source: "digits" (scikit-learn's 1,797 bundled 8x8 digits, loaded at run time) or
-            the path of an image folder laid out as `root/CLASS_NAME/*.png`.
+        source: "glyphs" (the generated glyph world, drawn by `world`), "digits"
+            (scikit-learn's 1,797 bundled 8x8 digits, loaded at run time) or the path of an
+            image folder laid out as `root/CLASS_NAME/*.png`.
         image_size: side of the (square) model input; images are resized to it.
         max_images: use only the first this many images of the source (None: all).
         heldout_fraction: share of the images held out (never trained on).
@@ -36,15 +40,17 @@ class VisionDataConfig:
         tune_fraction: share of the noisy training images used only to choose the edit;
             the rest measure it.
         seed: seed of the splits and of the label noise.
+        world: what the glyph world draws (used by source "glyphs" only).
     """
 
-    source: str = DIGITS
-    image_size: int = 8
+    source: str = GLYPHS
+    image_size: int = 16
     max_images: int | None = None
     heldout_fraction: float = 0.2
     noise_fraction: float = 0.1
     tune_fraction: float = 0.5
     seed: int = 0
+    world: GlyphWorldConfig = field(default_factory=GlyphWorldConfig)
 
     def validate(self) -> None:
         """Check the fractions and sizes.
@@ -93,6 +99,8 @@ class NoisySplit:
         noisy_tune: noisy training images used to choose the edit.
         noisy_eval: noisy training images used to measure it.
         clean: training images whose label was kept.
+        validation: held-out images set aside to choose the edit (empty unless split off
+            `heldout` with `split_validation`).
     """
 
     train: torch.Tensor
@@ -101,6 +109,7 @@ class NoisySplit:
     noisy_tune: torch.Tensor
     noisy_eval: torch.Tensor
     clean: torch.Tensor
+    validation: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @property
     def noisy(self) -> torch.Tensor:
@@ -110,7 +119,23 @@ class NoisySplit:
     def counts(self) -> dict[str, int]:
         """Sizes of each part, for reports."""
         return {"train": len(self.train), "heldout": len(self.heldout), "noisy": len(self.noisy),
-                "noisy_tune": len(self.noisy_tune), "noisy_eval": len(self.noisy_eval), "clean": len(self.clean)}
+                "noisy_tune": len(self.noisy_tune), "noisy_eval": len(self.noisy_eval), "clean": len(self.clean),
+                "validation": len(self.validation)}
+
+    def split_validation(self, fraction: float, seed: int) -> "NoisySplit":
+        """A copy whose held-out images are split at random into `validation` (a share
+        `fraction`, for choosing) and `heldout` (the rest, for reporting).
+
+        Raises:
+            DataError: a fraction outside (0, 1) or a split that leaves either part empty.
+        """
+        count = round(fraction * len(self.heldout))
+        if not 0 < fraction < 1 or not 0 < count < len(self.heldout):
+            raise DataError(f"validation fraction {fraction} of {len(self.heldout)} held-out images leaves a part "
+                            "empty")
+        order = torch.randperm(len(self.heldout), generator=torch.Generator().manual_seed(seed))
+        return replace(self, validation=self.heldout[order[:count]].sort().values,
+                       heldout=self.heldout[order[count:]].sort().values)
 
 
 def image_processor(image_size: int) -> Any:
@@ -123,6 +148,12 @@ def image_processor(image_size: int) -> Any:
 
     return Processor(do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True,
                              rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
+    """`(N, S, S, 3)` uint8 images as model inputs `(N, 3, S, S)`: the processor's scaling to
+    [0, 1] and normalisation with mean 0.5 and std 0.5, without a resize."""
+    return (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
 
 
 def digits_images() -> tuple[list[Any], list[int], list[str]]:
@@ -177,10 +208,15 @@ def load_images(config: VisionDataConfig, processor: Any | None = None) -> Label
                             for i in range(0, len(images), 256)])
         label_tensor = torch.tensor(labels)
         fingerprint = f"sklearn-digits-{len(images)}"
+    elif config.source == GLYPHS:
+        drawn, label_tensor, classes = draw_glyph_world(config.world, config.image_size)
+        drawn, label_tensor = drawn[:config.max_images], label_tensor[:config.max_images]
+        pixels = normalise_uint8(drawn)
+        fingerprint = config.world.fingerprint(config.image_size)
     else:
         root = Path(config.source)
         if not root.is_dir():
-            raise DataError(f"image source {config.source!r} is neither 'digits' nor a folder")
+            raise DataError(f"image source {config.source!r} is neither 'glyphs', 'digits' nor a folder")
         batches = list(image_batches(root, processor, 256, max_images=config.max_images))
         pixels = torch.cat([b["pixel_values"] for b in batches])
         label_tensor = torch.cat([b["labels"] for b in batches])

@@ -40,16 +40,16 @@ class VisionTrainConfig:
     """
 
     data: VisionDataConfig = field(default_factory=VisionDataConfig)
-    patch_size: int = 2
-    hidden: int = 64
-    layers: int = 4
+    patch_size: int = 4
+    hidden: int = 96
+    layers: int = 6
     heads: int = 4
-    intermediate: int = 256
-    epochs: int = 120
-    batch_size: int = 64
+    intermediate: int = 384
+    epochs: int = 40
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     seed: int = 0
 
     def config_hash(self, data_fingerprint: str) -> str:
