@@ -70,7 +70,8 @@ def test_an_exported_world_reads_back_through_the_folder_loader(tmp_path):
     ({"classes": "A"}, "two distinct classes"), ({"classes": "AA"}, "two distinct classes"),
     ({"fonts": ()}, "at least one font"), ({"fonts": ("Nope.ttf",)}, "not among matplotlib's fonts"),
     ({"scale": (0.9, 0.5)}, "scale must be a range"), ({"stroke": (2, 1)}, "bad stroke"),
-    ({"images": 0}, "images must be >= 1"),
+    ({"images": 0}, "images must be >= 1"), ({"contrast": (0.0, 0.5)}, "contrast must be a range"),
+    ({"rotation": -5.0}, "cannot be negative"),
 ])
 def test_bad_glyph_worlds_are_refused_by_name(kwargs, message):
     with pytest.raises(DataError, match=message):

@@ -75,8 +75,8 @@ class GlyphWorldConfig:
         """Check the settings.
 
         Raises:
-            DataError: fewer than two classes, a repeated class, no font, no image, or a
-                range that is empty or out of bounds.
+            DataError: fewer than two classes, a repeated class, no font, no image, a
+                range that is empty or out of bounds, or a negative largest change.
         """
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise DataError(f"the glyph world needs at least two distinct classes, got {self.classes!r}")
@@ -88,6 +88,11 @@ class GlyphWorldConfig:
             raise DataError(f"scale must be a range within (0, 1.5], got {self.scale}")
         if self.stroke[0] > self.stroke[1] or self.clutter < 0 or self.noise < 0:
             raise DataError(f"bad stroke {self.stroke}, clutter {self.clutter} or noise {self.noise}")
+        if not 0 < self.contrast[0] <= self.contrast[1] <= 1:
+            raise DataError(f"contrast must be a range within (0, 1], got {self.contrast}")
+        if min(self.rotation, self.shear, self.shift, self.tint, self.gradient) < 0:
+            raise DataError("rotation, shear, shift, tint and gradient are largest changes either way and cannot be "
+                            "negative")
 
     def fingerprint(self, image_size: int) -> str:
         """A short hash of the settings, the image side and the font files' sizes."""
