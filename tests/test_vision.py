@@ -177,6 +177,9 @@ def test_vision_demo_smoke_writes_report_and_results(tmp_path):
         (layers, method) for layers in (results["settings"]["chosen"]["kfac"]["layers"], "0,1")
         for method in ("kfac", "svd", "random")}
     assert any(c["method"] == "kfac" for c in results["frontier"])
+    chosen_layers = results["settings"]["chosen"]["kfac"]["layers"]
+    assert {p["layers"] for p in results["curve"]} == {chosen_layers, "0,1"}  # the chosen layers and first+last
+    assert len(results["curve"]) == len({chosen_layers, "0,1"}) * len(results["settings"]["rho_grid"])
     weights = Path(results["settings"]["model_dir"]) / "model.safetensors"
     written = weights.stat().st_mtime_ns
     again = CliRunner().invoke(app, ["demo", "--vision", "--smoke", "--out", str(out)])

@@ -295,11 +295,11 @@ def choose_candidate(candidates: list[Candidate], baseline: float, budget: float
                                        candidates[i].metrics["tune_memorized"], -candidates[i].metrics[guard], i))
 
 
-def _edit_and_measure(model, targets: list[Target], plan: EditPlan, bases, probe: Probe
-                      ) -> tuple[dict[str, float], list]:
+def _edit_and_measure(model, targets: list[Target], plan: EditPlan, bases, probe: Probe, intervals: bool = False
+                      ) -> tuple[dict[str, Any], list]:
     applied = apply_edit(targets, plan, bases)
     try:
-        return measure(model, probe), applied.stats
+        return measure(model, probe, intervals), applied.stats
     finally:
         applied.undo()
 
@@ -503,18 +503,20 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
 
     timer.stage("matched_controls", matched_variants)
 
+    last = options.train.layers - 1
+    frontier_groups = list(dict.fromkeys([chosen["kfac"].layers, f"0,{last}" if last else "0"]))
+
     def curve() -> list[dict[str, Any]]:
         points = []
-        for rho in options.rho_grid:
-            plan = EditPlan([EditRule(rho=rho)])
-            metrics, stats = _edit_and_measure(model, targets_of(chosen["kfac"].layers), plan, bases, eval_probe)
-            points.append({"rho": rho, "kept_fraction": sum(s.kept for s in stats) / sum(s.total for s in stats),
-                           **metrics})
+        for layers in frontier_groups:
+            for rho in options.rho_grid:
+                plan = EditPlan([EditRule(rho=rho)])
+                metrics, stats = _edit_and_measure(model, targets_of(layers), plan, bases, eval_probe, intervals=True)
+                points.append({"layers": layers, "rho": rho,
+                               "kept_fraction": sum(s.kept for s in stats) / sum(s.total for s in stats), **metrics})
         return points
 
     rho_curve = timer.stage("rho_curve", curve)
-    last = options.train.layers - 1
-    frontier_groups = list(dict.fromkeys([chosen["kfac"].layers, f"0,{last}" if last else "0"]))
     frontier_settings = [(method, layers, "keep_fraction", amount) for layers in frontier_groups
                          for method in ("kfac", "svd", "random") for amount in options.frontier_grid]
     frontier = timer.stage("frontier", lambda: sweep_candidates(model, targets_of, bases, eval_probe,

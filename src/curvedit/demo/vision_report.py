@@ -129,11 +129,11 @@ def frontier_table(results: dict[str, Any]) -> str:
 
 
 def curve_table(results: dict[str, Any]) -> str:
-    """Markdown: the K-FAC edit of the chosen layers at each rho (eval split, %)."""
-    lines = ["| rho | components kept | noisy labels memorized | true label on noisy images | held-out accuracy |",
-             "|---|---|---|---|---|"]
+    """Markdown: the K-FAC edit of each curve's layers at each rho (eval split, %)."""
+    lines = ["| layers | rho | components kept | noisy labels memorized | true label on noisy images | "
+             "held-out accuracy |", "|---|---|---|---|---|---|"]
     for point in results["curve"]:
-        lines.append(f"| {point['rho']:g} | {100 * point['kept_fraction']:.2f}% | " +
+        lines.append(f"| {point['layers']} | {point['rho']:g} | {100 * point['kept_fraction']:.2f}% | " +
                      " | ".join(_cell(point, key) for key, _ in COLUMNS[:3]) + " |")
     return "\n".join(lines)
 
@@ -183,27 +183,28 @@ def sweep_table(results: dict[str, Any], method: str = "kfac", top: int = 8) -> 
 
 
 def rho_curve_plot(results: dict[str, Any], path: Path) -> Path:
-    """The eval-split metrics of the K-FAC edit of the chosen layers against rho (x: 1 - rho,
-    log scale), with the unedited values as dashed lines."""
+    """Per layer group (the chosen one, first+last): the eval-split metrics of the K-FAC edit
+    against rho (x: 1 - rho, log scale), with the unedited values as dashed lines."""
     plt = pyplot()
-    curve = results["curve"]
     base = results["variants"]["unedited"]
-    chosen = results["settings"]["chosen"]["kfac"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    xs = [1 - p["rho"] for p in curve]
-    for (key, label), color in zip(COLUMNS[:3], ("tab:red", "tab:green", "tab:blue")):
-        ax.plot(xs, [100 * p[key] for p in curve], marker="o", color=color, label=label)
-        ax.axhline(100 * base[key], color=color, ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xticks(xs, [f"{p['rho']:g}" for p in curve])
-    ax.minorticks_off()
-    ax.set_xlabel("rho (curvature mass kept)")
-    ax.set_ylabel("%")
-    ax.set_ylim(-3, 103)
-    ax.set_title(f"K-FAC edit of {results['settings']['matrices']}, layers {chosen['layers']} "
-                 "(eval split; dashed: unedited)", fontsize=9)
-    ax.legend(fontsize=8, loc="best")
+    groups = list(dict.fromkeys(p["layers"] for p in results["curve"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.8), squeeze=False, sharey=True)
+    for ax, layers in zip(axes[0], groups):
+        curve = [p for p in results["curve"] if p["layers"] == layers]
+        xs = [1 - p["rho"] for p in curve]
+        for (key, label), color in zip(COLUMNS[:3], ("tab:red", "tab:green", "tab:blue")):
+            ax.plot(xs, [100 * p[key] for p in curve], marker="o", color=color, label=label)
+            ax.axhline(100 * base[key], color=color, ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xticks(xs, [f"{p['rho']:g}" for p in curve], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("rho (curvature mass kept)")
+        ax.set_ylim(-3, 103)
+        ax.set_title(f"K-FAC edit of {results['settings']['matrices']}, layers {layers} (eval split; dashed: "
+                     "unedited)", fontsize=8)
+    axes[0][0].set_ylabel("%")
+    axes[0][0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -291,7 +292,7 @@ memorization for the same cost.
 
 </details>
 
-## K-FAC against rho (layers `{kfac['layers']}`, eval split, %)
+## K-FAC against rho (the chosen layers and first+last, eval split, %)
 
 {curve_table(results)}
 
