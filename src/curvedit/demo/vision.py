@@ -463,12 +463,7 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
     def run_variant(name: str, layers: str, rule: EditRule, method: str, note: str, **extra: Any) -> None:
         start = time.perf_counter()
         plan = EditPlan([rule], method=method, seed=options.seed)
-        applied = apply_edit(targets_of(layers), plan, bases)
-        try:
-            metrics = measure(model, eval_probe, intervals=True)
-        finally:
-            applied.undo()
-        stats = applied.stats
+        metrics, stats = _edit_and_measure(model, targets_of(layers), plan, bases, eval_probe, intervals=True)
         variants[name] = {**metrics, "settings": {
             "layers": layers, "matrices": options.matrices, "plan": plan.to_dict(),
             "kept_components": sum(s.kept for s in stats), "total_components": sum(s.total for s in stats),
