@@ -388,20 +388,22 @@ def match_accuracy(model: torch.nn.Module, targets: list[Target], bases, method:
 
 
 def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
-    """Run the whole vision demo and write `results.json`, `report.md` and `rho_curve.png`
-    to `options.out`.
+    """Run the whole vision demo and write `results.json`, `report.md`, `rho_curve.png`,
+    `ablation.png` and `frontier.png` to `options.out`.
 
     Args:
         options: the settings (`smoke_vision_options` for a seconds-long plumbing check).
 
     Returns:
-        The results: `{"variants": {"unedited"|"kfac"|"svd"|"random": metrics + settings +
-        timings_s}, "settings": ..., "data": ..., "sweep": ..., "curve": ..., "timings_s": ...}`.
+        The results: `{"variants": {"unedited"|"kfac"|"svd_matched"|"random_matched"|"svd"|
+        "random": metrics + intervals + settings + timings_s}, "settings": ..., "data": ...,
+        "ablation": ..., "frontier": ..., "sweep": ..., "curve": ..., "timings_s": ...}`.
 
     Raises:
         curvedit.data.DataError: unusable images or splits.
-        ValueError: an unknown `positions` or a model shape that does not fit the images.
-        DemoError: no candidate edit keeps the clean-training accuracy within the budget.
+        ValueError: an unknown `positions` or `guard`, or a model shape that does not fit the
+            images.
+        DemoError: no candidate edit keeps the guard metric within the budget.
     """
     from transformers import ViTForImageClassification  # noqa: PLC0415
 
@@ -488,8 +490,7 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
         for method in ("svd", "random"):
             search = match_accuracy(model, targets_of(kfac.layers), bases, method, target, validation_probe,
                                     options.seed, options.match_steps, options.match_tolerance)
-            reached = None if search.value is None else 1 - search.value
-            matched = search.edited and abs(reached - target) <= options.match_tolerance
+            matched = search.edited and abs((1 - search.value) - target) <= options.match_tolerance
             run_variant(f"{method}_matched", kfac.layers, EditRule(keep_fraction=search.amount), method,
                         f"{method} on kfac's layers, keep fraction bisected to kfac's validation accuracy "
                         f"({'within' if matched else 'NOT within'} {100 * options.match_tolerance:g} point)",
