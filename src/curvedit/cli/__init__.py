@@ -3,9 +3,9 @@
 One module per command group, each adding its commands with `register(app)`:
 `collect` (collect, merge), `edit` (edit, spectrum), `evaluate` (find-memorized, evaluate,
 report), `sweep` (sweep, analyze), `baseline` (baseline bsn), `implant`, `attack` (attack
-relearn, attack quantize), `converge`, `study` (study smollm2) and `demo`. `common` holds what they share:
-the options, the output guard and the error handler every command runs inside (errors print
-one line `error: ...`, exit status 2).
+relearn, attack quantize), `sample` (sample, capabilities), `converge`, `study` (study
+smollm2) and `demo`. `common` holds what they share: the options, the output guard and the
+error handler every command runs inside (errors print one line `error: ...`, exit status 2).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import typer
 
 from curvedit import __version__
-from curvedit.cli import attack, baseline, collect, converge, demo, edit, evaluate, implant, study, sweep
+from curvedit.cli import attack, baseline, collect, converge, demo, edit, evaluate, implant, sample, study, sweep
 from curvedit.cli.common import CurveditGroup, fail, target_spec
 
 __all__ = ["app", "fail", "target_spec"]
@@ -34,5 +34,5 @@ def version() -> None:
     typer.echo(__version__)
 
 
-for _module in (collect, edit, evaluate, sweep, baseline, implant, attack, converge, study, demo):
+for _module in (collect, edit, evaluate, sweep, baseline, implant, sample, attack, converge, study, demo):
     _module.register(app)
