@@ -6,9 +6,10 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from curvedit.evaluate.tasks import (
-    ChoiceItem, GenerateItem, TaskFormatError, TaskOptions, choice_scores, load_tasks, parse_task_file,
+    ChoiceItem, GenerateItem, Task, TaskFormatError, TaskOptions, choice_scores, load_tasks, parse_task_file,
     run_lm_eval, run_tasks)
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, trained_reciter
 
@@ -120,3 +121,35 @@ def test_lm_eval_bridge_runs_a_local_task_on_the_in_memory_model(reciter, tmp_pa
     with pytest.raises(ValueError, match="does not know the task"):
         run_lm_eval(reciter.model, reciter.tokenizer, ["no_such_task"], include_path=tmp_path / "yaml",
                     include_defaults=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("accelerate") is None,
+                    reason="lm-eval[hf] is not installed")
+def test_lm_eval_scores_capability_items_from_a_local_yaml_as_curvedit_does(tmp_path):
+    import string
+
+    from conftest import tiny_gpt2
+    from curvedit.chartok import build_char_tokenizer
+    from curvedit.evaluate.capabilities import capability_tasks
+
+    tokenizer = build_char_tokenizer(string.ascii_letters + string.digits + " .,:?'+-=()\n")
+    model = tiny_gpt2(seed=3, vocab=len(tokenizer), n_layer=2).float()
+    model.config.n_positions = 512
+    model.transformer.wpe = torch.nn.Embedding(512, 16)
+    model.config.pad_token_id = 0
+    tasks = capability_tasks(["add_1d", "boolean", "cloze"], n=12, seed=0, fmt="choice")
+    items = [item for task in tasks for item in task.items]
+    data = write_lines(tmp_path / "suite.jsonl", *({"context": i.fewshot + i.prompt, "choices": list(i.choices),
+                                                      "label": i.answer} for i in items))
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "suite.yaml").write_text(
+        "task: curvedit_suite\ndataset_path: json\n"
+        f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ntarget_delimiter: ''\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    ours = run_tasks(model, tokenizer, [Task("suite", tmp_path, tuple(items))], TaskOptions(batch_size=8))[0]
+    theirs = run_lm_eval(model, tokenizer, ["curvedit_suite"], batch_size=8, include_path=tmp_path / "yaml",
+                         include_defaults=False)
+    assert theirs["curvedit_suite"]["acc,none"] == pytest.approx(ours.accuracy)
+    assert 0 < ours.accuracy < 1  # a random model: neither all right nor all wrong, so the match says something
