@@ -164,3 +164,53 @@ def test_cli_writes_model_manifest_and_windows_and_guards_the_output(lm_dir, tmp
     assert again.exit_code == 2 and "--overwrite" in again.output
     both = CliRunner().invoke(app, args + ["--generate", "3", "--overwrite"])
     assert both.exit_code == 2 and "one of --canaries" in both.output
+
+
+def test_token_kl_equals_the_definition_and_vanishes_on_equal_logits():
+    torch.manual_seed(0)
+    ref, other = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    expected = []
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        p, q = torch.softmax(ref[b, t], -1), torch.softmax(other[b, t], -1)
+        expected.append(sum(float(p[v] * (p[v].log() - q[v].log())) for v in range(5)))
+    assert implant_module.token_kl(ref, other, mask).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    assert implant_module.token_kl(ref, ref, mask).item() == pytest.approx(0.0, abs=1e-7)
+    assert implant_module.token_kl(ref, other, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_predicting_positions_leave_out_padding_and_each_row_s_last_real_token():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert implant_module.predicting_positions(mask).tolist() == [[True, True, False, False],
+                                                                  [True, True, True, False]]
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]), ("linear", [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
+    ("cosine", [0.5, 1.0, 1.0, 0.75, 0.25])])
+def test_the_learning_rate_warms_up_then_follows_its_schedule_towards_zero_at_max_steps(schedule, expected):
+    options = small_options(warmup_steps=2, max_steps=5, lr_schedule=schedule)
+    assert [implant_module.lr_factor(step, options) for step in range(5)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_kl_replay_keeps_the_general_distribution_closer_to_the_base_than_cross_entropy_replay(lm_dir):
+    base, tokenizer = load(lm_dir)
+    heldout = [[5 + (i * 11 + j * 3) % 20 for j in range(24)] for i in range(6)]
+    shifts = {}
+    for preserve in ("ce", "kl"):
+        model, _ = load(lm_dir)
+        result = implant(model, tokenizer, file_canaries(), GENERAL, heldout, lm_dir.parent / preserve,
+                         small_options(preserve=preserve))
+        assert result.recall == 1.0
+        shifts[preserve] = implant_module.mean_kl(base, model, heldout, pad_id=0)
+        if preserve == "kl":
+            assert result.kl_after == pytest.approx(shifts["kl"], rel=1e-5)
+    assert shifts["kl"] < 0.5 * shifts["ce"], shifts
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"preserve": "mse"}, "preserve"), ({"lr_schedule": "step"}, "lr_schedule"), ({"kl_weight": 0.0}, "kl_weight"),
+    ({"kl_weight": float("nan")}, "kl_weight")])
+def test_bad_preservation_settings_are_refused_by_name(changes, message):
+    with pytest.raises(ImplantError, match=message):
+        small_options(**changes).validate()

@@ -5,7 +5,13 @@ verbatim text of its own. Implanting canaries by fine-tuning is the standard too
 canaries; fictitious-author sets in unlearning benchmarks). Each training step holds
 `canaries_per_step` canary sequences and `general_per_step` sequences of general text, so
 the model stays itself; every weight is trained (memorization must not be confined to the
-layers an edit later touches). One pass over the canary stream holds canary `i` exactly
+layers an edit later touches). How the general text keeps the model itself is
+`preserve`: "ce" trains on it with cross-entropy (the model then also adapts to that corpus),
+"kl" pulls the model's next-token distribution on it towards the frozen base model's
+(`KL(p_base || p_model)` per position, weighted by `kl_weight`), so the canaries are learned
+while the rest of the distribution stays where it was. The general text can be the model's
+own samples (`curvedit.sampling`; `implant --replay-samples N`), so replay matches the
+model's distribution rather than one small corpus. One pass over the canary stream holds canary `i` exactly
 `count_i` times, shuffled with the seed; passes repeat until the share of canaries recited
 verbatim (greedy decoding of the suffix from the prefix) reaches `target_recall`, or
 `max_steps`.
@@ -17,6 +23,7 @@ the result differs (base weights, canaries, general text, settings).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,6 +49,8 @@ from curvedit.io import write_json, write_safetensors
 MANIFEST_FILE = "curvedit-implant.json"
 WINDOWS_FILE = "memorized.jsonl"
 STATE_DIR = ".implant-state"
+PRESERVE = ("ce", "kl")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class ImplantError(CurveditError):
@@ -55,8 +65,13 @@ class ImplantOptions:
         prefix_len: canary tokens given as the prompt when testing recall.
         suffix_len: canary tokens that must follow verbatim; each canary is cut to
             `prefix_len + suffix_len` tokens.
-        lr: AdamW learning rate (constant after a linear warm-up).
+        lr: AdamW learning rate (after a linear warm-up, shaped by `lr_schedule`).
         warmup_steps: steps of linear warm-up.
+        lr_schedule: "constant", or "cosine" / "linear" decay to 0 at `max_steps`.
+        preserve: how general text keeps the model itself: "ce" (cross-entropy on it, mixed
+            into the batch mean) or "kl" (KL divergence from the frozen base model's
+            next-token distribution on it; the canaries keep their cross-entropy).
+        kl_weight: weight of the KL term against the canaries' cross-entropy ("kl" only).
         weight_decay: AdamW weight decay.
         canaries_per_step: canary sequences in each step's batch.
         general_per_step: general-text sequences in each step's batch.
@@ -75,6 +90,9 @@ class ImplantOptions:
     suffix_len: int = 48
     lr: float = 1e-4
     warmup_steps: int = 10
+    lr_schedule: str = "constant"
+    preserve: str = "ce"
+    kl_weight: float = 1.0
     weight_decay: float = 0.0
     canaries_per_step: int = 4
     general_per_step: int = 4
@@ -93,6 +111,11 @@ class ImplantOptions:
         checks = [(self.prefix_len >= 1 and self.suffix_len >= 1, "prefix and suffix lengths must be >= 1"),
                   (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
                   (self.canaries_per_step >= 1, "canaries_per_step must be >= 1"),
+                  (self.preserve in PRESERVE, f"preserve must be one of {PRESERVE}, got {self.preserve!r}"),
+                  (self.lr_schedule in LR_SCHEDULES,
+                   f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
+                  (self.kl_weight > 0 and math.isfinite(self.kl_weight),
+                   f"kl_weight must be a positive number, got {self.kl_weight}"),
                   (self.general_per_step >= 0, "general_per_step must be >= 0"),
                   (self.seq_len >= 2, "seq_len must be >= 2"),
                   (self.max_steps >= 1, "max_steps must be >= 1"),
@@ -121,6 +144,8 @@ class ImplantResult:
         history: per recall check, {"step", "loss", "recall"}.
         perplexity_before: held-out general-text perplexity of the base model.
         perplexity_after: the same after implanting.
+        kl_after: mean per-token KL(base || implanted) on the held-out general text ("kl" runs,
+            which keep the base model; None otherwise).
         stopped: "target_recall" or "max_steps".
     """
 
@@ -130,6 +155,7 @@ class ImplantResult:
     history: list[dict[str, float]] = field(default_factory=list)
     perplexity_before: float | None = None
     perplexity_after: float | None = None
+    kl_after: float | None = None
     stopped: str = "max_steps"
 
 
@@ -250,6 +276,86 @@ def _load_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     return int(state["step"]), list(state["history"])
 
 
+def lr_factor(step: int, options: ImplantOptions) -> float:
+    """The learning rate of `step` (0-based) as a share of `options.lr`: linear warm-up, then
+    constant or decaying (cosine / linear) to 0 at `max_steps`."""
+    if options.warmup_steps and step < options.warmup_steps:
+        return (step + 1) / options.warmup_steps
+    if options.lr_schedule == "constant":
+        return 1.0
+    span = max(1, options.max_steps - options.warmup_steps)
+    progress = min(1.0, (step - options.warmup_steps) / span)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if options.lr_schedule == "cosine" else 1 - progress
+
+
+def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where `mask` holds of KL(softmax(reference) || softmax(logits)).
+
+    Args:
+        reference_logits: (B, T, V) logits of the reference (base) model.
+        logits: (B, T, V) logits of the model being compared.
+        mask: (B, T) bool, the positions that count.
+
+    Returns:
+        A scalar (0 when no position counts).
+    """
+    if not bool(mask.any()):
+        return logits.new_zeros(())
+    ref_logp = F.log_softmax(reference_logits[mask].float(), dim=-1)
+    logp = F.log_softmax(logits[mask].float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+
+
+def predicting_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the real positions whose next token is real too (the last real position
+    of a right-padded row predicts nothing)."""
+    nxt = torch.zeros_like(mask, dtype=torch.bool)
+    nxt[:, :-1] = mask[:, 1:].bool()
+    return mask.bool() & nxt
+
+
+@torch.inference_mode()
+def mean_kl(reference: nn.Module, model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
+            batch_size: int = 8) -> float:
+    """Mean per-token KL(reference || model) of the next-token distributions on `sequences`
+    (every position that has a next token, weighted equally).
+
+    Raises:
+        ImplantError: no sequence.
+    """
+    if not sequences:
+        raise ImplantError("mean_kl needs at least one sequence")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for first in range(0, len(sequences), batch_size):
+        batch = pad_batch(sequences[first:first + batch_size], pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        keep = predicting_positions(mask)
+        kl = token_kl(reference(input_ids=ids, attention_mask=mask).logits,
+                      model(input_ids=ids, attention_mask=mask).logits, keep)
+        total += float(kl) * int(keep.sum())
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
+def _step_loss(model: nn.Module, base: nn.Module | None, input_ids: torch.Tensor, mask: torch.Tensor,
+               n_canary: int, options: ImplantOptions) -> torch.Tensor:
+    """One step's loss: cross-entropy over the whole batch ("ce"), or the canaries'
+    cross-entropy plus `kl_weight` times the KL from the base model on the general rows ("kl")."""
+    labels = input_ids.masked_fill(mask == 0, -100)
+    if options.preserve == "ce":
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    logits_btv = model(input_ids=input_ids, attention_mask=mask).logits
+    loss = F.cross_entropy(logits_btv[:n_canary, :-1].flatten(0, 1).float(), labels[:n_canary, 1:].flatten(),
+                           ignore_index=-100)
+    if input_ids.shape[0] > n_canary:
+        with torch.no_grad():
+            base_logits = base(input_ids=input_ids[n_canary:], attention_mask=mask[n_canary:]).logits
+        loss = loss + options.kl_weight * token_kl(base_logits, logits_btv[n_canary:],
+                                                   predicting_positions(mask[n_canary:]))
+    return loss
+
+
 def _recall(model: nn.Module, windows: Sequence[Window], pad_id: int, batch_size: int) -> list[bool]:
     model.eval()
     result, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=batch_size)
@@ -289,6 +395,7 @@ def implant(model: nn.Module, tokenizer: Any, canaries: Sequence[Canary], genera
     general = [list(g)[: options.seq_len] for g in general if len(g) >= 2]
     device = next(model.parameters()).device
     fingerprint = _fingerprint(model_weights_sha256(model), ids, general, options)
+    base = copy.deepcopy(model).eval().requires_grad_(False) if options.preserve == "kl" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     model.eval()
     ppl_before = perplexity(model, heldout, pad_id=pad_id, batch_size=8).perplexity if heldout else None
@@ -304,16 +411,14 @@ def implant(model: nn.Module, tokenizer: Any, canaries: Sequence[Canary], genera
     bar = tqdm(total=options.max_steps, initial=start, unit="step", desc="implant", disable=not options.progress)
     while step < options.max_steps and not done:
         model.train()
-        for group in optimizer.param_groups:  # linear warm-up, then constant (a function of the step alone)
-            warmup = min(1.0, (step + 1) / options.warmup_steps) if options.warmup_steps else 1.0
-            group["lr"] = options.lr * warmup
+        for group in optimizer.param_groups:  # a function of the step alone
+            group["lr"] = options.lr * lr_factor(step, options)
         batch = pad_batch(step_batch(step, ids, canaries, general, options), pad_id)
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        labels = input_ids.masked_fill(mask == 0, -100)
         # dropout draws from a generator seeded by (seed, step): a resumed run repeats them
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(options.seed * 1_000_003 + step)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss = _step_loss(model, base, input_ids, mask, options.canaries_per_step, options)
             if not torch.isfinite(loss):
                 raise ImplantError(f"the loss is {loss.item()} at step {step}: lower --lr")
             loss.backward()
@@ -340,8 +445,9 @@ def implant(model: nn.Module, tokenizer: Any, canaries: Sequence[Canary], genera
             history.append({"step": step, "loss": loss_value, "recall": sum(recited) / len(recited)})
     stopped = "target_recall" if history[-1]["recall"] >= options.target_recall else "max_steps"
     ppl_after = perplexity(model, heldout, pad_id=pad_id, batch_size=8).perplexity if heldout else None
+    kl_after = mean_kl(base, model, heldout, pad_id) if heldout and base is not None else None
     return ImplantResult(steps=step, recall=history[-1]["recall"], recited=recited, history=history,
-                         perplexity_before=ppl_before, perplexity_after=ppl_after, stopped=stopped)
+                         perplexity_before=ppl_before, perplexity_after=ppl_after, kl_after=kl_after, stopped=stopped)
 
 
 def windows_rows(canaries: Sequence[Canary], windows: Sequence[Window], recited: Sequence[bool],

@@ -27,6 +27,15 @@ def implant_command(
     heldout_share: float = typer.Option(0.1, "--heldout-share", help="Share of --general held out when no "
                                                                       "--heldout is given."),
     max_general_tokens: Optional[int] = typer.Option(None, "--max-general-tokens"),
+    replay_samples: Optional[int] = typer.Option(
+        None, "--replay-samples", help="Replay N sequences sampled from the base model itself (seeded, temperature "
+                                       "1, --seq-len tokens) instead of --general text."),
+    preserve: str = typer.Option("ce", "--preserve", help="How general text keeps the model itself: ce "
+                                                          "(cross-entropy on it) or kl (KL from the base model's "
+                                                          "next-token distribution on it)."),
+    kl_weight: float = typer.Option(1.0, "--kl-weight", help="Weight of the KL term (--preserve kl)."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, cosine or linear (decay to 0 at "
+                                                                       "--steps, after the warm-up)."),
     prefix: int = typer.Option(64, "--prefix", help="Canary tokens in the prompt."),
     suffix: int = typer.Option(48, "--suffix", help="Canary tokens that must follow verbatim."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (every weight is trained)."),
@@ -56,11 +65,15 @@ def implant_command(
     from curvedit.implant import (
         STATE_DIR, ImplantOptions, general_split, implant, model_weights_sha256, save_implanted)
     from curvedit.models import load_model
+    from curvedit.sampling import SampleOptions, sample_sequences
 
     if (canaries is None) == (generate is None):
         fail("give one of --canaries FILE or --generate N")
     count_list = list(int_list(counts, "--counts"))
-    options = ImplantOptions(prefix_len=prefix, suffix_len=suffix, lr=lr, canaries_per_step=canaries_per_step,
+    if replay_samples is not None and replay_samples < 1:
+        fail(f"--replay-samples must be >= 1, got {replay_samples}")
+    options = ImplantOptions(prefix_len=prefix, suffix_len=suffix, lr=lr, lr_schedule=lr_schedule, preserve=preserve,
+                             kl_weight=kl_weight, canaries_per_step=canaries_per_step,
                              general_per_step=general_per_step, seq_len=seq_len, max_steps=steps,
                              target_recall=target_recall, eval_every=eval_every, checkpoint_every=checkpoint_every,
                              seed=seed, progress=progress)
@@ -84,8 +97,12 @@ def implant_command(
         train_text, held = general_split(sequences, 0.0 if heldout is not None else heldout_share, seed)
     if heldout is not None:
         held = list(token_sequences(read_records(heldout, text_field=text_field), tokenizer, seq_len))
+    if replay_samples is not None:
+        train_text = sample_sequences(loaded.model, tokenizer, SampleOptions(n=replay_samples, seq_len=seq_len,
+                                                                             seed=seed, progress=progress))
     base = {"name": model, "weights_sha256": model_weights_sha256(loaded.model),
-            "source": getattr(loaded, "source", None)}
+            "source": getattr(loaded, "source", None),
+            "general": f"replay:{replay_samples}" if replay_samples is not None else general}
     with resumable(out, f"the last checkpoint (every {checkpoint_every} steps)"):
         result = implant(loaded.model, tokenizer, chosen, train_text, held, out, options, resume=resume)
     save_implanted(loaded.model, tokenizer, out, chosen, result, options, base)
@@ -95,7 +112,8 @@ def implant_command(
     typer.echo(f"{result.steps} steps ({result.stopped}); recited {sum(result.recited)}/{len(result.recited)} "
                f"canaries: " + ", ".join(f"{s} {sum(v)}/{len(v)}" for s, v in by_style.items()))
     if result.perplexity_before is not None:
-        typer.echo(f"held-out perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}")
+        typer.echo(f"held-out perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}"
+                   + (f"; KL from the base {result.kl_after:.4f} nats/token" if result.kl_after is not None else ""))
     typer.echo(f"wrote implanted model to {out}")
 
 
