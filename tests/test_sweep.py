@@ -16,7 +16,7 @@ from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.factors import save_factors
 from curvedit.spectrum import load_bases
-from curvedit.sweep import (SweepError, SweepGrid, SweepOptions, SweepPoint, choose_point, pareto_front,
+from curvedit.sweep import (SweepError, SweepGrid, SweepOptions, SweepPoint, choose_point, exclusion, pareto_front,
                             run_sweep)
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
@@ -152,3 +152,55 @@ def test_cli_sweep(tmp_path, lm_dir, text_jsonl):
     assert (out / "sweep.png").is_file() and "unedited" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_a_point_is_excluded_with_its_reasons_and_the_choice_skips_excluded_points():
+    base = SweepPoint(perplexity=10.0, probes={"add": 0.8, "facts": 0.5, "logic": 0.5})
+    points = [SweepPoint(layers="0", amount_kind="rho", loose=0.0, perplexity=10.5, probes={"add": 0.2, "facts": 0.5}),
+              SweepPoint(layers="1", amount_kind="rho", loose=0.3, perplexity=10.2, probes={"add": 0.8, "facts": 0.45}),
+              SweepPoint(layers="2", amount_kind="rho", loose=0.1, perplexity=12.0, probes={"add": 0.8, "facts": 0.5})]
+    reasons = [exclusion(p, base, budget=1.1, probe_floor=0.9, usable=["add", "facts"]) for p in points]
+    assert reasons == ["add kept 25% < 90%", "", "perplexity 1.200x > 1.1x"]
+    assert exclusion(points[0], base, budget=1.1) == ""  # without a floor only the budget counts
+    assert choose_point(points, 10.0, 1.1) == 0
+    assert choose_point(points, 10.0, 1.1, allowed=[not r for r in reasons]) == 1
+    assert choose_point(points, 10.0, 1.1, allowed=[False, False, True]) is None
+
+
+def test_sweep_under_a_probe_floor_through_the_cli(tmp_path, lm_dir, text_jsonl):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from curvedit.evaluate.tasks import _Encoder, choice_scores
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+    encoder, rows = _Encoder(tokenizer), []
+    words = ["fox", "dog", "cat", "hen", "owl", "ram", "elk", "yak"]
+    for i in range(24):  # choice items whose answer is the unedited model's own pick: it scores 100%
+        prompt = f"{('the', 'a', 'one')[i // 8]} {words[i % 8]} and the"
+        choices = [f" {words[(i + 1) % 8]}", f" {words[(i + 3) % 8]}"]
+        scores = choice_scores(model, [encoder.split(prompt, c) for c in choices])
+        rows.append({"type": "choice", "prompt": prompt, "choices": choices,
+                     "answer": max(range(2), key=lambda k: scores[k][0])})
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    factors = tmp_path / "factors"
+    assert runner.invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out", str(factors),
+                               "--seq-len", "16", "--no-progress"]).exit_code == 0
+    memorized = tmp_path / "tune.jsonl"
+    memorized.write_text(json.dumps({"prefix": "the quick brown", "suffix": " fox jumps"}) + "\n")
+    args = ["sweep", "--model", str(lm_dir), "--factors", str(factors), "--layers-grid", "0;0-1",
+            "--matrices", "mlp", "--keep-grid", "0.02,0.5,0.98", "--memorized", str(memorized),
+            "--heldout", str(text_jsonl), "--heldout-seq-len", "16", "--ppl-budget", "100", "--no-progress",
+            "--tasks", str(tmp_path / "tasks"), "--probe-floor", "1.0", "--out", str(tmp_path / "sweep")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert data["usable_probes"] == ["mine"] and data["baseline"]["probes"] == {"mine": 1.0}
+    for p in data["points"]:
+        assert ("mine kept" in p["excluded"]) == (p["probes"]["mine"] < 1.0)
+        assert not (p["chosen"] and p["excluded"])
+    assert any(p["probes"]["mine"] < 1.0 for p in data["points"])  # the floor had something to exclude
+    assert "usable: mine" in result.output
+    no_tasks = runner.invoke(app, args[:-6] + ["--probe-floor", "0.9", "--out", str(tmp_path / "other")])
+    assert no_tasks.exit_code == 2 and "--probe-floor needs --tasks" in no_tasks.output

@@ -16,7 +16,15 @@ Pareto front: a point is on it when no other point is at least as good on both
 memorization and perplexity and strictly better on one; points with identical values do
 not dominate each other (both stay on the front). The chosen point is the one of lowest
 memorization among those whose perplexity is at most `budget` times the unedited one,
-ties going to the lower perplexity, then to grid order; it is always on the front.
+ties going to the lower perplexity, then to grid order; without a probe floor it is always
+on the front.
+
+Probe floor (`SweepOptions.probe_floor`, with task probes such as the capability suite):
+every point and the unedited model are also scored on the probes; the families the unedited
+model gets clearly above chance (`curvedit.evaluate.capabilities.score_families`) are the
+usable ones, and a point qualifies for the choice only when each usable family keeps at
+least `probe_floor` of its unedited accuracy. Each point that does not qualify records why
+(`SweepPoint.excluded`): over the perplexity budget, or the families below the floor.
 
 Bisection mode (`SweepOptions.bisect_budget`): instead of grid amounts, each (layer group
 x matrices) cell gets one point, at the strongest edit within the perplexity budget
@@ -38,7 +46,9 @@ from tqdm.auto import tqdm
 from curvedit.budget import KNOBS, bisect_amount
 from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
+from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
 from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.spectrum import MASSES, load_bases
@@ -139,6 +149,10 @@ class SweepOptions:
             matrices) cell: the strongest edit within `ppl_budget` (needs a budget >= 1).
         bisect_knob: what is bisected: "keep_fraction" or "rho".
         bisect_steps: bisection steps per cell (resolution `2**-steps`).
+        probe_floor: with task probes, a point qualifies only when every usable family keeps
+            at least this share of its unedited accuracy (None: probes are measured, not used).
+        probe_margin: a family is usable when the lower end of its unedited accuracy's 95%
+            interval is this far above chance.
     """
 
     metric: str = "loose"
@@ -153,6 +167,8 @@ class SweepOptions:
     bisect_budget: bool = False
     bisect_knob: str = "keep_fraction"
     bisect_steps: int = 10
+    probe_floor: float | None = None
+    probe_margin: float = 0.1
 
     def validate(self) -> None:
         """Raises: SweepError: an unknown metric or masses, a non-positive budget, or bisection
@@ -163,6 +179,8 @@ class SweepOptions:
             raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
         if self.masses not in MASSES:
             raise SweepError(f"unknown masses {self.masses!r}; choose one of {MASSES}")
+        if self.probe_floor is not None and not 0 < self.probe_floor <= 1:
+            raise SweepError(f"the probe floor is a share of the unedited accuracy in (0, 1], got {self.probe_floor}")
         if self.ppl_budget is not None and not self.ppl_budget > 0:
             raise SweepError(f"the perplexity budget must be positive, got {self.ppl_budget}")
         if self.bisect_budget:
@@ -193,6 +211,8 @@ class SweepPoint:
         targets: target name -> its edit statistics (kept, total, mass_kept, rel_change).
         bisection: in bisection mode, the search that chose `amount`
             (`curvedit.budget.BudgetSearch.to_dict`: target, steps, ...); else None.
+        probes: task probe accuracy per family (empty without probes).
+        excluded: why the point cannot be chosen ("" when it qualifies, or when no budget is set).
     """
 
     layers: str = ""
@@ -208,6 +228,8 @@ class SweepPoint:
     total: int = 0
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     bisection: dict[str, Any] | None = None
+    probes: dict[str, float] = field(default_factory=dict)
+    excluded: str = ""
 
     @property
     def label(self) -> str:
@@ -270,7 +292,34 @@ def pareto_front(points: Sequence[SweepPoint], metric: str = "loose") -> list[in
     return sorted(front.tolist(), key=lambda i: (ppl[i], mem[i], i))
 
 
-def choose_point(points: Sequence[SweepPoint], baseline_ppl: float, budget: float, metric: str = "loose") -> int | None:
+def exclusion(point: SweepPoint, baseline: SweepPoint, budget: float, probe_floor: float | None = None,
+              usable: Sequence[str] = ()) -> str:
+    """Why a point cannot be chosen, or "" when it qualifies.
+
+    Args:
+        point: an evaluated point.
+        baseline: the unedited model's point (its perplexity and probe accuracy).
+        budget: allowed perplexity ratio.
+        probe_floor: the share of unedited accuracy every usable family must keep (None: no floor).
+        usable: the families the floor applies to.
+
+    Returns:
+        "" or a reason such as "perplexity 1.081x > 1.05x; add_1d kept 41% < 90%".
+    """
+    reasons = []
+    ratio = point.perplexity / baseline.perplexity
+    if not ratio <= budget:  # NaN fails too
+        reasons.append(f"perplexity {ratio:.3f}x > {budget:g}x")
+    if probe_floor is not None:
+        for family in usable:
+            kept = point.probes.get(family, float("nan")) / baseline.probes[family]
+            if not kept >= probe_floor:
+                reasons.append(f"{family} kept {kept:.0%} < {probe_floor:.0%}")
+    return "; ".join(reasons)
+
+
+def choose_point(points: Sequence[SweepPoint], baseline_ppl: float, budget: float, metric: str = "loose",
+                 allowed: Sequence[bool] | None = None) -> int | None:
     """The point of least memorization whose perplexity is within the budget.
 
     Args:
@@ -278,10 +327,11 @@ def choose_point(points: Sequence[SweepPoint], baseline_ppl: float, budget: floa
         baseline_ppl: the unedited model's perplexity.
         budget: allowed perplexity ratio (1.1: at most 10% above `baseline_ppl`).
         metric: which memorization value to minimise.
+        allowed: per point, whether it passes the other conditions (a probe floor); None: all do.
 
     Returns:
         The index of the chosen point (ties: lower perplexity, then earlier index), or
-        None when no point is within the budget.
+        None when no allowed point is within the budget.
 
     Raises:
         SweepError: a non-positive budget or baseline perplexity.
@@ -289,7 +339,7 @@ def choose_point(points: Sequence[SweepPoint], baseline_ppl: float, budget: floa
     if not budget > 0 or not baseline_ppl > 0:
         raise SweepError(f"budget and baseline perplexity must be positive, got {budget} and {baseline_ppl}")
     mem, ppl = _objectives(points, metric)
-    allowed = [i for i in range(len(points)) if ppl[i] <= budget * baseline_ppl]
+    allowed = [i for i in range(len(points)) if ppl[i] <= budget * baseline_ppl and (allowed is None or allowed[i])]
     if not allowed:
         return None
     return min(allowed, key=lambda i: (mem[i], ppl[i], i))
@@ -306,6 +356,8 @@ class SweepResult:
         points: evaluated points, in grid order.
         front: indices of the Pareto-front points (by increasing perplexity).
         chosen: index of the chosen point, or None (no budget, or nothing within it).
+        usable_probes: the probe families the floor applies to (those the unedited model gets
+            clearly above chance; empty without probes).
     """
 
     grid: SweepGrid
@@ -314,6 +366,7 @@ class SweepResult:
     points: list[SweepPoint]
     front: list[int]
     chosen: int | None
+    usable_probes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: grid, options, baseline, and every point with `on_front`, `chosen`,
@@ -327,7 +380,8 @@ class SweepResult:
                     **({"on_front": index in front, "chosen": index == self.chosen} if index is not None else {})}
 
         return {"grid": asdict(self.grid), "options": asdict(self.options), "baseline": row(self.baseline, None),
-                "points": [row(p, i) for i, p in enumerate(self.points)], "front": self.front, "chosen": self.chosen}
+                "points": [row(p, i) for i, p in enumerate(self.points)], "front": self.front, "chosen": self.chosen,
+                "usable_probes": self.usable_probes}
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write `sweep.json` and `sweep.png` into `out_dir` (created if missing).
@@ -343,17 +397,38 @@ class SweepResult:
 
 
 def _evaluate(model: nn.Module, windows: Sequence[Window], heldout: Sequence[Sequence[int]], pad_id: int,
-              options: SweepOptions) -> dict[str, float]:
+              options: SweepOptions, probes: "_Probes") -> dict[str, Any]:
     recitation, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=options.batch_size,
                                         loose_threshold=options.loose_threshold)
     ppl = perplexity(model, heldout, pad_id=pad_id, batch_size=options.batch_size)
     return {"strict": recitation.strict, "loose": recitation.loose,
-            "avg_normalized_distance": recitation.avg_normalized_distance, "perplexity": ppl.perplexity}
+            "avg_normalized_distance": recitation.avg_normalized_distance, "perplexity": ppl.perplexity,
+            "probes": probes.accuracy(model, pad_id, options.batch_size)}
+
+
+@dataclass
+class _Probes:
+    """The sweep's task probes: scored per point; `usable` is filled from the unedited model."""
+
+    tokenizer: Any
+    tasks: Sequence[Task]
+    margin: float
+    usable: list[str] = field(default_factory=list)
+    first: bool = True
+
+    def accuracy(self, model: nn.Module, pad_id: int, batch_size: int) -> dict[str, float]:
+        if not self.tasks:
+            return {}
+        results = run_tasks(model, self.tokenizer, self.tasks, TaskOptions(batch_size=batch_size), pad_id=pad_id)
+        if self.first:  # the first call scores the unedited model
+            self.usable = [s.family for s in score_families(results, self.margin) if s.usable]
+            self.first = False
+        return {r.name: r.accuracy for r in results}
 
 
 def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | None, grid: SweepGrid,
               memorized_windows: Sequence[Window], heldout_sequences: Sequence[Sequence[int]],
-              options: SweepOptions | None = None) -> SweepResult:
+              options: SweepOptions | None = None, tasks: Sequence[Task] = ()) -> SweepResult:
     """Evaluate every grid point in memory (edit, evaluate, undo) and mark front and choice.
 
     With `options.bisect_budget`, each (layers x matrices) cell gives one point instead,
@@ -370,13 +445,16 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             `curvedit.windows.read_memorized`).
         heldout_sequences: held-out token sequences for perplexity.
         options: `SweepOptions`.
+        tasks: task probes scored at every point (`curvedit.evaluate.capabilities.capability_tasks`
+            or `curvedit.evaluate.tasks.load_tasks`); needed by `options.probe_floor`.
 
     Returns:
         A `SweepResult` (call `.write(out_dir)` for JSON + PNG).
 
     Raises:
         SweepError: an invalid grid or options, no memorized window, no held-out sequence,
-            or a grid point that selects no target.
+            a grid point that selects no target, or a probe floor without probes (or with
+            no family the unedited model gets clearly above chance).
         curvedit.factors.FactorError: factors that do not match the model.
     """
     options = options or SweepOptions()
@@ -386,6 +464,9 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("the sweep needs at least one memorized window")
     if not heldout_sequences:
         raise SweepError("the sweep needs held-out sequences for perplexity")
+    if options.probe_floor is not None and not tasks:
+        raise SweepError("a probe floor needs task probes (--tasks)")
+    probes = _Probes(tokenizer, tasks, options.probe_margin)
     point_targets: dict[tuple[str, str], list[Target]] = {}
     for layers, matrices in itertools.product(grid.layers, grid.matrices):
         try:
@@ -399,7 +480,10 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             raise SweepError(f"method {grid.method!r} needs a factor directory")
         bases = load_bases(union, factor_dir)
     pad_id = default_pad_id(tokenizer)
-    baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options))
+    baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options, probes))
+    if options.probe_floor is not None and not probes.usable:
+        raise SweepError("no probe family is clearly above chance on the unedited model, so a probe floor has "
+                         f"nothing to hold ({', '.join(f'{k} {v:.0%}' for k, v in baseline.probes.items())})")
     points: list[SweepPoint] = []
     # bisection: one setting per cell, its amount (1.0 here) chosen below
     settings = ([(*cell, options.bisect_knob, 1.0) for cell in point_targets] if options.bisect_budget
@@ -418,7 +502,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
                         compute_dtype=options.compute_dtype, masses=options.masses)
         applied = apply_edit(point_targets[layers, matrices], plan, bases, options.device)
         try:
-            metrics = _evaluate(model, memorized_windows, heldout_sequences, pad_id, options)
+            metrics = _evaluate(model, memorized_windows, heldout_sequences, pad_id, options, probes)
         finally:
             applied.undo()
         stats = {s.name: {"kept": s.kept, "total": s.total, "mass_kept": s.mass_kept, "rel_change": s.rel_change}
@@ -429,9 +513,14 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         bar.set_postfix(**{options.metric: f"{memorization_value(points[-1], options.metric):.3f}",
                            "ppl": f"{metrics['perplexity']:.3f}"})
     front = pareto_front(points, options.metric)
-    chosen = (choose_point(points, baseline.perplexity, options.ppl_budget, options.metric)
-              if options.ppl_budget is not None else None)
-    return SweepResult(grid=grid, options=options, baseline=baseline, points=points, front=front, chosen=chosen)
+    chosen = None
+    if options.ppl_budget is not None:
+        for point in points:
+            point.excluded = exclusion(point, baseline, options.ppl_budget, options.probe_floor, probes.usable)
+        chosen = choose_point(points, baseline.perplexity, options.ppl_budget, options.metric,
+                              allowed=[not p.excluded for p in points])
+    return SweepResult(grid=grid, options=options, baseline=baseline, points=points, front=front, chosen=chosen,
+                       usable_probes=probes.usable)
 
 
 def plot_sweep(result: SweepResult, out: str | Path) -> Path:

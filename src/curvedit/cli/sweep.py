@@ -52,6 +52,11 @@ def sweep_command(
                                                                            "keep_fraction or rho."),
     budget_steps: int = typer.Option(10, "--budget-steps", help="Bisection steps per cell (resolution 2^-steps)."),
     metric: str = typer.Option("loose", "--metric", help="Memorization to minimise: loose, strict or similarity."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="Task probes scored at every point (a folder of "
+                                                                "task files, e.g. from `curvedit capabilities`)."),
+    probe_floor: Optional[float] = typer.Option(
+        None, "--probe-floor", help="The chosen point must keep at least this share of the unedited accuracy in "
+                                    "every probe family the unedited model gets clearly above chance."),
     heldout_seq_len: int = typer.Option(512, "--heldout-seq-len"),
     heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens"),
     loose_threshold: float = typer.Option(0.75, "--loose-threshold"),
@@ -74,22 +79,28 @@ def sweep_command(
     from curvedit.windows import read_memorized
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
+    from curvedit.evaluate.tasks import load_tasks
     from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, run_sweep
 
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
                      keep_fraction=float_list(keep_grid, "--keep-grid"), method=method)
     options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
                            batch_size=batch_size, seed=seed, masses=masses, device=device, progress=progress,
-                           bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps)
+                           bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps,
+                           probe_floor=probe_floor)
     grid.validate(bisect=bisect_budget)
     options.validate()
+    if probe_floor is not None and tasks is None:
+        fail("--probe-floor needs --tasks (the probe families it holds)")
+    probe_tasks = load_tasks(tasks) if tasks is not None else []
     check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG))
     check_corpus_source(heldout)
     loaded = load_model(model, device=device, dtype=dtype, progress=progress)
     windows = read_memorized(memorized, loaded.preprocessor)
     heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
                                      max_tokens=heldout_max_tokens, text_field=text_field)
-    result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options)
+    result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options,
+                       tasks=probe_tasks)
     paths = result.write(out)
     base = result.baseline
     typer.echo(f"{'point':<44} {'strict':>7} {'loose':>7} {'dist':>7} {'ppl':>9} {'kept':>7}  front")
@@ -100,8 +111,16 @@ def sweep_command(
         mark = ("*" if index in front else "") + (" chosen" if index == result.chosen else "")
         typer.echo(f"{p.label:<44} {p.strict:>7.3f} {p.loose:>7.3f} {p.avg_normalized_distance:>7.3f} "
                    f"{p.perplexity:>9.3f} {p.kept / max(p.total, 1):>7.3f}  {mark}")
+    if probe_tasks:
+        typer.echo("probe accuracy, unedited: " + ", ".join(f"{k} {v:.0%}" for k, v in base.probes.items())
+                   + f"; usable: {', '.join(result.usable_probes) or 'none'}")
+    for p in result.points:
+        if p.excluded:
+            typer.echo(f"excluded {p.label}: {p.excluded}")
     if result.chosen is None:
-        typer.echo(f"no point within the perplexity budget x{ppl_budget:g} ({ppl_budget * base.perplexity:.3f})")
+        floor = f" and the probe floor {probe_floor:g}" if probe_floor is not None else ""
+        typer.echo(f"no point within the perplexity budget x{ppl_budget:g} ({ppl_budget * base.perplexity:.3f})"
+                   + floor)
     typer.echo(f"wrote {paths[0]} and {paths[1]}")
 
 
