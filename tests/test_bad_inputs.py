@@ -135,9 +135,13 @@ def implant(w: Workspace, model: Path | str, out: Path) -> list:
     return ["implant", "--model", model, "--generate", 2, "--out", out, "--no-progress"]
 
 
+def sample(w: Workspace, model: Path | str, out: Path) -> list:
+    return ["sample", "--model", model, "--out", out, "--n", 2, "--seq-len", 8, "--no-progress"]
+
+
 MODEL_COMMANDS = {"collect": collect, "edit": edit, "evaluate": evaluate, "find-memorized": find_memorized,
-                  "sweep": sweep, "analyze": analyze, "baseline bsn": bsn, "implant": implant}
-FILE_OUTPUTS = {"evaluate": "r.json", "find-memorized": "m.jsonl"}
+                  "sweep": sweep, "analyze": analyze, "baseline bsn": bsn, "implant": implant, "sample": sample}
+FILE_OUTPUTS = {"evaluate": "r.json", "find-memorized": "m.jsonl", "sample": "s.jsonl"}
 
 # (row id, arguments, a fragment the message must hold)
 Row = tuple[str, Callable[[Workspace], list], str]
@@ -241,6 +245,30 @@ ROWS += [
     ("collect: --out is an existing file", lambda w: collect(w, w.model, w.a_file), "is a file"),
     ("edit: --out is an existing file", lambda w: edit(w, w.model, w.a_file), "is a file"),
     ("implant: --out is an existing file", lambda w: implant(w, w.model, w.a_file), "is a file"),
+    ("implant: --preserve of an unknown kind",
+     lambda w: implant(w, w.model, w.out("i")) + ["--preserve", "mse"], "preserve must be one of"),
+    ("implant: --kl-weight 0", lambda w: implant(w, w.model, w.out("i")) + ["--kl-weight", 0], "kl_weight"),
+    ("implant: --lr-schedule of an unknown kind",
+     lambda w: implant(w, w.model, w.out("i")) + ["--lr-schedule", "step"], "lr_schedule"),
+    ("implant: --replay-samples 0",
+     lambda w: implant(w, w.model, w.out("i")) + ["--replay-samples", 0], "--replay-samples"),
+    ("sample: --n 0", lambda w: sample(w, w.model, w.out("s.jsonl")) + ["--n", 0], "number of sequences"),
+    ("sample: --temperature 0", lambda w: sample(w, w.model, w.out("s.jsonl")) + ["--temperature", 0],
+     "temperature"),
+    ("sample: --seq-len past the model's context window",
+     lambda w: sample(w, w.model, w.out("s.jsonl")) + ["--seq-len", 64], "context window"),
+    ("sample: --start-id outside the vocabulary",
+     lambda w: sample(w, w.model, w.out("s.jsonl")) + ["--start-id", 10_000], "outside the vocabulary"),
+    ("sample: --out is an existing file (no --overwrite)", lambda w: sample(w, w.model, w.a_file), "--overwrite"),
+    ("capabilities: an unknown family",
+     lambda w: ["capabilities", "--out", w.out("caps"), "--families", "add_1d,poetry"], "poetry"),
+    ("capabilities: an unknown format",
+     lambda w: ["capabilities", "--out", w.out("caps"), "--format", "essay"], "unknown task format"),
+    ("capabilities: --n 0", lambda w: ["capabilities", "--out", w.out("caps"), "--n", 0], "items per family"),
+    ("sweep: --probe-floor outside (0, 1]",
+     lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", 1.5], "probe floor"),
+    ("sweep: --probe-floor without --tasks",
+     lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", 0.9], "--probe-floor needs --tasks"),
     ("find-memorized: --out is an existing folder",
      lambda w: find_memorized(w, w.model, w.root / "a-folder"), "is a folder"),
     ("evaluate: --out is an existing file (no --overwrite)",

@@ -214,3 +214,22 @@ def test_kl_replay_keeps_the_general_distribution_closer_to_the_base_than_cross_
 def test_bad_preservation_settings_are_refused_by_name(changes, message):
     with pytest.raises(ImplantError, match=message):
         small_options(**changes).validate()
+
+
+def test_cli_kl_implant_replays_the_model_s_own_samples_and_reports_the_shift(lm_dir, tmp_path):
+    canaries = tmp_path / "canaries.jsonl"
+    canaries.write_text("".join(json.dumps({"text": t, "count": 3}) + "\n" for t in TEXTS))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "implanted"
+    result = CliRunner().invoke(app, [
+        "implant", "--model", str(lm_dir), "--canaries", str(canaries), "--heldout", str(heldout),
+        "--replay-samples", "6", "--preserve", "kl", "--kl-weight", "2", "--lr-schedule", "cosine",
+        "--prefix", "8", "--suffix", "8", "--lr", "1e-2", "--steps", "20", "--seq-len", "24", "--eval-every", "10",
+        "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "KL from the base" in result.output
+    manifest = json.loads((out / "curvedit-implant.json").read_text())
+    assert manifest["base_model"]["general"] == "replay:6"
+    assert manifest["options"]["preserve"] == "kl" and manifest["options"]["kl_weight"] == 2.0
+    assert manifest["result"]["kl_after"] > 0
