@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import ProgressOpt, check_output, device_option, int_list, out_option
+from curvedit.cli.common import ProgressOpt, check_output, device_option, fail, int_list, out_option
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -34,6 +34,14 @@ def smollm2_command(
                                              help="Layer groups, ';'-separated [default: 0-9;10-19;20-29;0-29]."),
     ppl_budget: Optional[float] = typer.Option(None, "--ppl-budget",
                                                help="Perplexity budget of the edit, x unedited [default: 1.05]."),
+    probe_floor: Optional[float] = typer.Option(
+        None, "--probe-floor", help="The chosen edit keeps at least this share of every usable capability family "
+                                    "[default: none]."),
+    probe_items: Optional[int] = typer.Option(None, "--probe-items", help="Items per capability family "
+                                                                          "[default: 100]."),
+    preserve: Optional[str] = typer.Option(None, "--preserve", help="Implant's general-text loss: ce or kl."),
+    replay_samples: Optional[int] = typer.Option(
+        None, "--replay-samples", help="Implant replays this many of the base model's own samples (0: pydoc)."),
     progress: bool = ProgressOpt,
 ) -> None:
     """The paper's Table 1 on SmolLM2-135M-Instruct: implant canaries, find them, collect
@@ -47,7 +55,15 @@ def smollm2_command(
     given = {"seeds": tuple(int_list(seeds, "--seeds")) if seeds is not None else None, "canaries": canaries,
              "factor_tokens": factor_tokens, "ppl_budget": ppl_budget,
              "layer_grid": tuple(g.strip() for g in layer_grid.split(";") if g.strip()) if layer_grid else None,
-             "implant": replace(base.implant, max_steps=implant_steps) if implant_steps is not None else None}
+             "probe_floor": probe_floor, "probe_items": probe_items, "replay_samples": replay_samples}
+    implant_changes = {k: v for k, v in {"max_steps": implant_steps, "preserve": preserve}.items() if v is not None}
+    if implant_changes:
+        given["implant"] = replace(base.implant, **implant_changes)
+        given["implant"].validate()
+    if probe_floor is not None and not 0 < probe_floor <= 1:
+        fail(f"--probe-floor is a share of the implanted model's accuracy in (0, 1], got {probe_floor}")
+    if replay_samples is not None and replay_samples < 0:
+        fail(f"--replay-samples must be >= 0, got {replay_samples}")
     options = replace(base, out=out, gguf=gguf, device=device, progress=progress,
                       **{k: v for k, v in given.items() if v is not None})
     results = run_study(options, log=lambda line: typer.echo(line, err=True))

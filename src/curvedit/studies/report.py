@@ -119,18 +119,60 @@ def style_table(results: dict[str, Any]) -> str:
 
 
 def probe_table(results: dict[str, Any]) -> str:
-    """Base accuracy of every probe family, and accuracy per variant (seed mean)."""
+    """Every capability family: its band, the base model's accuracy, chance level and whether it
+    is usable, and its accuracy per variant pooled over seeds (95% Wilson intervals)."""
     base = results["base_probes"]
     names = list(results["summary"]["variants"])
     rows = []
-    items = results["options"]["probe_items"]
-    for family, acc in base.items():
-        per = [[s["variants"][n]["probes"].get(family) for s in results["seeds"]] for n in names]
-        cells = ["-" if None in values else _ci(wilson(round(sum(values) * items), items * len(values)).to_dict())
-                 for values in per]
-        rows.append([family, _ci(wilson(round(acc * items), items).to_dict()),
-                     "yes" if family in results["summary"]["probes_used"] else "no", *cells])
-    return _table(["probe", "base model", "used", *[LABELS.get(n, n) for n in names]], rows)
+    for family, score in base.items():
+        n = score["n"]
+        per = [[s["variants"][v]["probes"].get(family) for s in results["seeds"] if v in s["variants"]]
+               for v in names]
+        cells = ["-" if not values or None in values else
+                 _ci(wilson(round(sum(values) * n), n * len(values)).to_dict()) for values in per]
+        rows.append([family, score["band"], _ci(wilson(score["correct"], n).to_dict()), str(n),
+                     f"{score['chance']:.0%}", "yes" if score["usable"] else "no", *cells])
+    return _table(["family", "band", "base model", "items", "chance", "usable",
+                   *[LABELS.get(n, n) for n in names]], rows)
+
+
+def retention_table(results: dict[str, Any]) -> str:
+    """Per usable family: each variant's accuracy as a share of the implanted model's (seed mean)
+    and of the base model's (after the slash)."""
+    summary = results["summary"]
+    variants = summary["variants"]
+    rows = []
+    for family in summary["probes_used"]:
+        row = [family, results["base_probes"][family]["band"]]
+        for name in variants:
+            on_implanted = variants[name]["probe_retention"].get(family)
+            on_base = variants[name].get("probe_retention_base", {}).get(family)
+            row.append(f"{_pct(on_implanted)} / {_pct(on_base)}")
+        rows.append(row)
+    return _table(["family", "band", *[LABELS.get(n, n) for n in variants]], rows)
+
+
+def retention_figure(results: dict[str, Any], path: Path) -> Path | None:
+    """Bars of retention (share of the implanted model's accuracy) per usable family and variant:
+    the paper's retention-by-family shape."""
+    summary = results["summary"]
+    families = [f for f in summary["probes_used"] if f in summary.get("probes_for_retention", [])]
+    shown = [n for n in ("kfac", "svd", "random_ppl", "bsn") if n in summary["variants"]]
+    if not families or not shown:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(families) + 2), 4.0))
+    width = 0.8 / len(shown)
+    for k, name in enumerate(shown):
+        values = [100 * summary["variants"][name]["probe_retention"][f] for f in families]
+        ax.bar([i + k * width for i in range(len(families))], values, width, label=LABELS[name])
+    ax.axhline(100, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families))])
+    ax.set_xticklabels([f"{f}\n({results['base_probes'][f]['band']})" for f in families], fontsize=7)
+    ax.set_ylabel("accuracy, % of the implanted model's")
+    ax.legend(fontsize=8)
+    ax.set_title("What each edit keeps, by capability family")
+    return save_figure(fig, path)
 
 
 def targets_table(results: dict[str, Any]) -> str:
@@ -210,8 +252,9 @@ def recall_figure(results: dict[str, Any], path: Path) -> Path:
 
 
 def write_study_report(results: dict[str, Any], out: Path) -> Path:
-    """Write `report.md` and `recall_vs_ppl.png` into `out`."""
+    """Write `report.md`, `recall_vs_ppl.png` and `retention.png` into `out`."""
     recall_figure(results, out / "recall_vs_ppl.png")
+    retention = retention_figure(results, out / "retention.png")
     model = results["model"]
     opts = results["options"]
     seeds = [s["seed"] for s in results["seeds"]]
@@ -235,9 +278,9 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "intervals for rates, bootstrap intervals for means; \"loose vs K-FAC\" is ≈ where the two loose "
         "intervals overlap (no clear difference). Perplexity ratio: paired bootstrap over (seed, held-out sequence). "
         "nDCG@10 against the unedited (implanted) model's next-token ranking with the paper's rank-graded relevance "
-        "(10 for its top-1 ... 1 for its 10th). Probe retention = accuracy / unedited accuracy over the probe "
-        "families the base model gets right (>= 50%) and the implanted model still gets right sometimes (see "
-        "Probes: the implant itself costs a lot). Stress: the paper's position-perturbation test (t = 20: the "
+        "(10 for its top-1 ... 1 for its 10th). Probe retention = accuracy / unedited (implanted) accuracy, "
+        "averaged over the capability families the base model gets clearly above chance (see Capabilities). "
+        "Stress: the paper's position-perturbation test (t = 20: the "
         "64-token prefix extended by 1..20 suffix tokens, or cut to its last 21..63 tokens; the unperturbed prompt "
         "excluded); per canary the longest exact-match prefix over all 63 prompts, its mean in tokens, and the "
         "share of canaries whose whole 48-token suffix comes back from some prompt.",
@@ -255,7 +298,14 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "![recall vs perplexity](recall_vs_ppl.png)",
         "## Per seed (held-out canaries, strict / loose, 95% intervals)", seed_table(results),
         "## Per canary style (held-out, strict / loose, pooled over seeds, 95% intervals)", style_table(results),
-        "## Probes (accuracy pooled over seeds, 95% intervals)", probe_table(results),
+        "## Capabilities (accuracy pooled over seeds, 95% intervals)", probe_table(results),
+        "The capability suite (`curvedit.evaluate.capabilities`, generate format: greedy exact match after three "
+        "solved examples). A family is usable when the lower end of the base model's 95% interval is at least "
+        f"{opts.get('probe_margin', 0.1):.0%} above chance (chance: 1/answers for closed answer spaces such as "
+        "Yes/No, else 0).",
+        "## Retention by family (share of the implanted model's accuracy / of the base model's, seed mean)",
+        retention_table(results),
+        *([f"![retention by family]({retention.name})"] if retention is not None else []),
         "## Targets of the issue", targets_table(results),
         *(["## Beyond the paper", *beyond_tables(results)] if any(s.get("beyond") for s in results["seeds"])
           else []),

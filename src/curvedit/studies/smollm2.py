@@ -79,9 +79,16 @@ class StudyOptions:
         bisect_steps: bisection steps per sweep cell (matched controls take 2 more).
         compute_dtype: dtype of the edit's basis change ("float32" halves the sweep's time on
             a CPU; "float64" is the library default).
-        probe_items: items per probe family.
-        probe_min_accuracy: probe families the base model gets right less often are
-            reported but not used for retention.
+        probe_items: items per capability family (`curvedit.evaluate.capabilities`; fact
+            families have fewer).
+        probe_margin: a family is used when the base model's 95% interval clears chance by
+            this much; the others are reported as unusable for the model.
+        probe_floor: the sweep's chosen edit must keep at least this share of the implanted
+            model's accuracy in every used family (None: choose by recall and perplexity alone).
+        replay_samples: when > 0, the implant's general text is this many sequences sampled
+            from the base model itself (temperature 1, seeded by the implant seed) instead of
+            pydoc text; with `implant.preserve = "kl"` the model is pulled to its own
+            distribution on its own text.
         bsn_ratios: BalancedSubnet mask ratios tried.
         bsn_epochs: BalancedSubnet epochs.
         bsn_lr: BalancedSubnet learning rate.
@@ -109,8 +116,10 @@ class StudyOptions:
     ppl_budget: float = 1.05
     bisect_steps: int = 6
     compute_dtype: str = "float32"
-    probe_items: int = 30
-    probe_min_accuracy: float = 0.5
+    probe_items: int = 100
+    probe_margin: float = 0.1
+    probe_floor: float | None = None
+    replay_samples: int = 0
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)
     bsn_epochs: int = 4
     bsn_lr: float = 2.0
@@ -347,7 +356,8 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     out = options.cache / f"seed-{seed}" / "implanted"
     implant_options = replace(options.implant, seed=seed, progress=options.progress)
     key = _key({"base": base["sha256"], "canaries": options.canaries, "counts": options.counts,
-                "implant": implant_options.fingerprint_fields(), "data": _key(data.train)})
+                "implant": implant_options.fingerprint_fields(), "data": _key(data.train),
+                **({"replay": options.replay_samples} if options.replay_samples else {})})
     stamp = out / "study-key.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return out
@@ -355,7 +365,14 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     canaries = generate_canaries(options.canaries, seed, STYLES, options.counts)
-    result = implant(model, tokenizer, canaries, data.train, data.ppl_subset(options.ppl_sequences), out,
+    general = data.train
+    if options.replay_samples:
+        from curvedit.sampling import SampleOptions, sample_sequences  # noqa: PLC0415
+
+        general = sample_sequences(model, tokenizer, SampleOptions(
+            n=options.replay_samples, seq_len=implant_options.seq_len, seed=seed, batch_size=64,
+            progress=options.progress))
+    result = implant(model, tokenizer, canaries, general, data.ppl_subset(options.ppl_sequences), out,
                      implant_options, resume=(out / ".implant-state" / "state.json").is_file())
     save_implanted(model, tokenizer, out, canaries, result, implant_options, base)
     write_json(stamp, {"key": key, "seconds": round(time.perf_counter() - start, 1)})
@@ -392,7 +409,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
     from curvedit.factors import save_factors  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
-    from curvedit.studies.probes import probe_tasks  # noqa: PLC0415
     from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
     from curvedit.targets import TargetSpec, select_targets  # noqa: PLC0415
 
@@ -442,23 +458,33 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
     stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
     ppl_text = data.ppl_subset(options.ppl_sequences)
+    tasks = study_tasks(options, probes_used)
+    floor = options.probe_floor if probes_used else None  # no usable family: nothing for a floor to hold
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
-                                 progress=options.progress)
+                                 progress=options.progress, probe_floor=floor)
     swept_with = {k: v for k, v in asdict(sweep_options).items() if k not in ("progress", "masses")}
     swept_with |= {"progress": 0} | ({"masses": sweep_options.masses} if sweep_options.masses != "kfac" else {})
+    for default_off in ("probe_floor", "probe_margin"):  # sweeps cached before the floor existed stay valid
+        if swept_with[default_off] == getattr(SweepOptions(), default_off):
+            swept_with.pop(default_off)
+    if floor is not None:
+        swept_with["probe_tasks"] = [options.probe_items, list(probes_used)]
     sweep_key = _key({"factors": factor_key, "grid": asdict(grid), "sweep": swept_with,
                       "tune": halves["tune"], "ppl": options.ppl_sequences})
 
     def sweep() -> dict[str, Any]:
-        result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options)
+        result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options,
+                           tasks=tasks if floor is not None else ())
         result.write(options.out / f"seed-{seed}")
         return result.to_dict()
 
     swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep), folder / "sweep.key.json")
     if swept.get("chosen") is None:
-        raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {folder}/sweep")
+        raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity"
+                         + (f" and the probe floor {floor}" if floor is not None else "") + f"; see {options.out}/"
+                         f"seed-{seed}/sweep.json")
     chosen = swept["points"][swept["chosen"]]
     targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
     bases = load_bases(targets, factor_dir)
@@ -467,7 +493,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                   tokenizer, options.implant.prefix_len + options.implant.suffix_len)
     members = [w.prefix_ids + w.suffix_ids for w in heldout]
     probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
-                      tasks=[t for t in probe_tasks(options.probe_items, seed=1234) if t.name in probes_used],
+                      tasks=tasks,
                       filler=[t for s in text[-4:] for t in s], nonmembers=nonmembers,
                       texts={"members": [tokenizer.decode(ids) for ids in members],
                              "nonmembers": [tokenizer.decode(ids) for ids in nonmembers]},
@@ -475,9 +501,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
     kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
                          compute_dtype=options.compute_dtype)
-    variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 2,
-                        "probes": list(probes_used), "bsn": [options.bsn_ratios, options.bsn_epochs,
-                                                                    options.bsn_lr]})
+    variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 3,
+                        "probes": [options.probe_items, list(probes_used)],
+                        "bsn": [options.bsn_ratios, options.bsn_epochs, options.bsn_lr]})
     variants: dict[str, Any] = {}
 
     def variant(name: str, compute: Callable[[], dict[str, Any]]) -> None:
@@ -539,8 +565,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
     stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
                                                 options.out / f"seed-{seed}", pad_id))
-    return {"seed": seed, "implant": {k: manifest["result"][k] for k in ("steps", "recall", "perplexity_before",
-                                                                         "perplexity_after", "stopped", "history")},
+    implant_keys = ("steps", "recall", "perplexity_before", "perplexity_after", "kl_after", "stopped", "history")
+    return {"seed": seed, "implant": {k: manifest["result"].get(k) for k in implant_keys},
             "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
             "sweep": {"chosen": chosen, "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
                                                                       "strict", "loose", "perplexity")}
@@ -704,21 +730,33 @@ def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Pat
     return folder, info
 
 
-def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, float]:
-    """Probe accuracy of the base model (before any implant), cached."""
+PROBE_SEED = 1234
+
+
+def study_tasks(options: StudyOptions, families: Sequence[str]) -> list[Any]:
+    """The capability families the study measures (generate format, seeded)."""
+    from curvedit.evaluate.capabilities import capability_tasks  # noqa: PLC0415
+
+    return capability_tasks(list(families), n=options.probe_items, seed=PROBE_SEED) if families else []
+
+
+def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, Any]]:
+    """Every capability family on the base model (before any implant), cached: per family its
+    accuracy, interval, n, chance level and whether it is usable (`score_families`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
+    from curvedit.evaluate.capabilities import FAMILIES, score_families  # noqa: PLC0415
     from curvedit.evaluate.tasks import TaskOptions, run_tasks  # noqa: PLC0415
-    from curvedit.studies.probes import probe_tasks  # noqa: PLC0415
 
-    def compute() -> dict[str, float]:
+    def compute() -> dict[str, dict[str, Any]]:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        results = run_tasks(model, tokenizer, probe_tasks(options.probe_items, seed=1234),
+        results = run_tasks(model, tokenizer, study_tasks(options, list(FAMILIES)),
                             TaskOptions(batch_size=options.batch_size), pad_id=default_pad_id(tokenizer))
-        return {r.name: r.accuracy for r in results}
+        return {s.family: s.to_dict() for s in score_families(results, options.probe_margin)}
 
-    return cached(options.cache / "base-probes.json", _key({"items": options.probe_items, "v": 1}), compute)
+    return cached(options.cache / "base-probes.json",
+                  _key({"items": options.probe_items, "margin": options.probe_margin, "v": 2}), compute)
 
 
 def _matched(variant: dict[str, Any]) -> bool:
@@ -771,10 +809,16 @@ def pooled_intervals(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> 
     return {name: interval.to_dict() for name, interval in intervals.items()}
 
 
-def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options: StudyOptions) -> dict[str, Any]:
-    """Means over seeds per variant, retention of the probes the base model gets right,
-    and the issue's targets checked per seed."""
-    used = sorted(f for f, acc in base_probe.items() if acc >= options.probe_min_accuracy)
+def usable_families(base_probe: dict[str, dict[str, Any]]) -> list[str]:
+    """The families the base model gets clearly above chance, in suite order."""
+    return [f for f, score in base_probe.items() if score["usable"]]
+
+
+def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]], options: StudyOptions
+              ) -> dict[str, Any]:
+    """Means over seeds per variant, retention of the usable families (against the implanted
+    model and against the base model), and the issue's targets checked per seed."""
+    used = usable_families(base_probe)
     # retention is measured against the implanted model: families it no longer gets right say nothing
     kept = [f for f in used if all(s["variants"]["unedited"]["probes"].get(f) for s in seeds)]
     table: dict[str, Any] = {}
@@ -796,6 +840,8 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, float], options
             "ppl_ratio": mean(lambda r, u: r["perplexity"] / u["perplexity"]),
             "ndcg10": mean(lambda r, u: r["ndcg10"]),
             "probe_retention": {f: mean(lambda r, u, f=f: r["probes"][f] / u["probes"][f]) for f in kept},
+            "probe_retention_base": {f: mean(lambda r, u, f=f: r["probes"][f] / base_probe[f]["accuracy"])
+                                     for f in used},
             "stress_exact": {k: mean(lambda r, u, k=k: r["stress"][k]["exact"] or 0.0)
                              for k in rows[0]["stress"]},
             "by_style": {st: {m: mean(lambda r, u, st=st, m=m: r["heldout_by_style"].get(st, {}).get(m, 0.0))
@@ -842,8 +888,9 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
     train, heldout = general_split(general_sequences(tokenizer, options.implant.seq_len), options.heldout_share, 0)
     data = StudyData(train=train, heldout=heldout)
     base_probe = base_probes(base_dir, options)
-    used = sorted(f for f, acc in base_probe.items() if acc >= options.probe_min_accuracy)
-    log(f"probe accuracy of the base model: {base_probe}; used: {used}")
+    used = usable_families(base_probe)
+    log("capabilities of the base model: " + ", ".join(f"{f} {d['accuracy']:.0%}" for f, d in base_probe.items())
+        + f"; usable: {used}")
     seeds = [run_seed(base_dir, seed, data, options, base, used, log) for seed in options.seeds]
     results = write_results(seeds, options, base, data, base_probe, start)
     for seed in options.beyond_seeds:
@@ -854,7 +901,7 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
 
 
 def write_results(seeds: list[dict[str, Any]], options: StudyOptions, base: dict[str, Any], data: StudyData,
-                  base_probe: dict[str, float], start: float) -> dict[str, Any]:
+                  base_probe: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
     """Summarize the seeds, write `results.json` and the report; return the results."""
     from curvedit.studies.report import write_study_report  # noqa: PLC0415
 
