@@ -76,6 +76,12 @@ def ws(tmp_path_factory) -> Workspace:
     shutil.copytree(w.factors, root / "factors-bad-json")
     shutil.copytree(w.factors, root / "factors-copy")
     (root / "factors-bad-json" / "factors.json").write_text('{"format_version": 1, "targets": {')
+    (root / "remote-code").mkdir()  # a folder whose config asks to run its own Python file
+    shutil.copy(w.model / "config.json", root / "remote-code" / "config.json")
+    remote = json.loads((root / "remote-code" / "config.json").read_text())
+    remote.update(model_type="mystery", auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"})
+    (root / "remote-code" / "config.json").write_text(json.dumps(remote))
+    (root / "remote-code" / "evil.py").write_text(f"open({str(root / 'RAN-REMOTE-CODE')!r}, 'w').write('ran')\n")
     # broken data
     (root / "plan.json").write_text('{"*.c_fc": 0.5,,}')
     (root / "plan-svd.json").write_text('{"rules": [{"pattern": "*", "rho": 0.6}], "method": "svd"}')
@@ -281,6 +287,10 @@ ROWS += [
      lambda w: collect(w, w.root / "pickled", w.out("c")), "config.json"),
     ("edit: a folder holding only pytorch_model.bin",
      lambda w: edit(w, w.root / "pickled", w.out("e")), "config.json"),
+    ("collect: a model folder that needs remote code (auto_map)",
+     lambda w: collect(w, w.root / "remote-code", w.out("c")), "never runs a model folder's code"),
+    ("evaluate: a model folder that needs remote code (auto_map)",
+     lambda w: evaluate(w, w.root / "remote-code", w.out("r.json")), "never runs a model folder's code"),
     ("collect: a corpus .json file that exists",
      lambda w: ["collect", "--model", w.model, "--data", w.root / "corpus.json", "--out", w.out("c"),
                 "--no-progress"], "corpus.json"),

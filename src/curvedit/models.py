@@ -175,12 +175,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | N
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                     **_dense_gguf_options())
+                                                     trust_remote_code=False, **_dense_gguf_options())
     except ValueError as err:
         raise ModelLoadError(f"{path}: transformers cannot load this GGUF file ({err})") from None
     _detach_gguf_quantizer(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     source = {"format": "gguf", "file": str(path), "quantization": gguf_quantization(path),
@@ -204,8 +204,9 @@ def _check_model_path(name_or_path: str | Path) -> bool:
     Raises:
         ModelLoadError: a path that does not exist (an absolute path, or one starting with `.`
             or `~`, or with more than one `/`: never a hub name), a file that is not `.gguf`, a
-            folder without `config.json` (e.g. only a pickled `pytorch_model.bin`), or a
-            `config.json` that is not a JSON object.
+            folder without `config.json` (e.g. only a pickled `pytorch_model.bin`), a
+            `config.json` that is not a JSON object, or one that needs the folder's own code
+            (`auto_map`: curvedit passes `trust_remote_code=False` everywhere and never prompts).
     """
     path = Path(name_or_path)
     text = str(name_or_path)
@@ -221,6 +222,10 @@ def _check_model_path(name_or_path: str | Path) -> bool:
             raise ModelLoadError(f"{path / 'config.json'}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise ModelLoadError(f"{path / 'config.json'}: expected a JSON object")
+        if config.get("auto_map"):
+            raise ModelLoadError(f"{path}: its config.json needs the folder's own Python code (auto_map: "
+                                 f"{', '.join(sorted(config['auto_map']))}); curvedit never runs a model folder's "
+                                 "code: use a model transformers supports natively")
         return True
     if path.exists():
         raise ModelLoadError(f"{path}: a file, not a model; give an HF model folder, a .gguf file or a hub name")
@@ -288,7 +293,7 @@ def _load_model(name_or_path: str | Path, *, device: str = "cpu",
     local = _check_model_path(name_or_path)
     kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         if local:
             raise ModelLoadError(f"{Path(name_or_path) / 'config.json'}: not usable ({_first_line(err)})") from None
@@ -297,11 +302,11 @@ def _load_model(name_or_path: str | Path, *, device: str = "cpu",
     architectures = " ".join(getattr(config, "architectures", None) or [])
     try:
         if "ImageClassification" in architectures:
-            model = AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+            model = AutoModelForImageClassification.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
             kind, loader = "image-classification", AutoImageProcessor
         else:
             try:
-                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
             except ValueError as err:
                 raise ModelLoadError(f"{name_or_path}: not a causal LM or an image classifier "
                                      f"({_first_line(err)})") from None
@@ -309,7 +314,7 @@ def _load_model(name_or_path: str | Path, *, device: str = "cpu",
     except (OSError, SafetensorError, pickle.UnpicklingError) as err:
         raise ModelLoadError(f"{name_or_path}: cannot load the weights ({_first_line(err)})") from None
     try:
-        preprocessor = loader.from_pretrained(name_or_path)
+        preprocessor = loader.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         preprocessor = None
     model.to(device).eval()
