@@ -197,3 +197,25 @@ def test_bsn_refuses_a_nan_learning_rate():
     for bad in (dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan"))):
         with pytest.raises(BSNError):
             BSNOptions(**bad).validate()
+
+
+def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path):
+    import os
+
+    import torch
+
+    from curvedit.io import write_json, write_safetensors
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777
+    write_json(tmp_path / "a.json", {"a": 1})
+    write_safetensors(tmp_path / "t.safetensors", {"w": torch.zeros(2)})
+    for name in ("a.json", "t.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+    old = os.umask(0o077)
+    try:
+        write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600

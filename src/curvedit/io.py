@@ -14,12 +14,20 @@ import torch
 from safetensors.torch import save_file
 
 
+def _default_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; outputs get the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
