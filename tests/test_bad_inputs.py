@@ -89,6 +89,7 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
     (root / "tiny.jsonl").write_text(json.dumps({"text": "too short"}) + "\n")
     (root / "a-folder").mkdir()
+    (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
     (root / "windows-outside.jsonl").write_text(json.dumps({"prefix_ids": [3, 4, 5], "suffix_ids": [99, 4]}) + "\n")
     return w
@@ -287,6 +288,14 @@ ROWS += [
      lambda w: collect(w, w.root / "pickled", w.out("c")), "config.json"),
     ("edit: a folder holding only pytorch_model.bin",
      lambda w: edit(w, w.root / "pickled", w.out("e")), "config.json"),
+    ("collect: --seq-len 0 (not the default)", lambda w: collect(w, w.model, w.out("c")) + ["--seq-len", 0],
+     "at least 2"),
+    ("collect: input_ids holding true/false",
+     lambda w: ["collect", "--model", w.model, "--data", w.root / "ids-bools.jsonl", "--out", w.out("c"),
+                "--no-progress"], "not true/false"),
+    ("converge: --keep-fraction 0 (not the default)",
+     lambda w: ["converge", "--factors-a", w.factors, "--factors-b", w.factors, "--keep-fraction", 0,
+                "--out", w.out("conv.json")], "keep_fraction"),
     ("collect: a model folder that needs remote code (auto_map)",
      lambda w: collect(w, w.root / "remote-code", w.out("c")), "never runs a model folder's code"),
     ("evaluate: a model folder that needs remote code (auto_map)",

@@ -90,8 +90,8 @@ def _record_from_row(row: Any, source: str, index: int, where: str, text_field: 
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "input_ids" in row:
         ids = row["input_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise DataError(f"{where}: 'input_ids' must be a list of integers")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise DataError(f"{where}: 'input_ids' must be a list of integers (not true/false)")
         return Record(text=None, input_ids=ids, source=source, index=index)
     if text_field in row:
         if not isinstance(row[text_field], str):

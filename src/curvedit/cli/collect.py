@@ -97,7 +97,9 @@ def collect_command(
         context = context_window(loaded.model)
         if loaded.kind == "causal-lm" and context is not None and seq_len is not None and seq_len > context:
             fail(f"--seq-len {seq_len} is longer than the model's context window of {context} tokens")
-        seq_len = seq_len or min(512, context or 512)
+        if seq_len is not None and seq_len < 2:
+            fail(f"--seq-len must be at least 2 (a position needs a next token), got {seq_len}")
+        seq_len = seq_len if seq_len is not None else min(512, context or 512)
         plan = plan_memory(loaded.model, chosen, batch_size, seq_len, accumulate, layers_per_pass, device,
                            ranks_sharing_memory=ctx.local_world_size if device == "cpu" else 1,
                            gradient_checkpointing=gradient_checkpointing,

@@ -47,7 +47,8 @@ def converge_command(
 
     if rho is not None and keep_fraction is not None:
         fail("give one of --rho or --keep-fraction")
-    rule = EditRule("*", rho=rho, keep_fraction=None if rho is not None else (keep_fraction or 0.5))
+    rule = EditRule("*", rho=rho, keep_fraction=None if rho is not None else (
+        keep_fraction if keep_fraction is not None else 0.5))
     if (factors_a is None) != (factors_b is None):
         fail("--factors-a and --factors-b go together")
     if factors_a is not None:
