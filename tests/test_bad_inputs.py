@@ -89,6 +89,7 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
     (root / "tiny.jsonl").write_text(json.dumps({"text": "too short"}) + "\n")
     (root / "a-folder").mkdir()
+    (root / "no-metrics.json").write_text(json.dumps({"schema": "curvedit-evaluation/1", "name": "x"}))
     (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
     (root / "windows-outside.jsonl").write_text(json.dumps({"prefix_ids": [3, 4, 5], "suffix_ids": [99, 4]}) + "\n")
@@ -296,6 +297,16 @@ ROWS += [
     ("converge: --keep-fraction 0 (not the default)",
      lambda w: ["converge", "--factors-a", w.factors, "--factors-b", w.factors, "--keep-fraction", 0,
                 "--out", w.out("conv.json")], "keep_fraction"),
+    ("report: a results file without \"metrics\"",
+     lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
+    *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),
+                                                                         f, v, "--no-progress"], fragment)
+      for flag, value, fragment in [("--seeds", "", "seeds"), ("--canaries", 0, "canaries must be"),
+                                    ("--ppl-budget", 0.5, "perplexity budget"),
+                                    ("--layers-grid", "50-60", "outside SmolLM2-135M's blocks"),
+                                    ("--layers-grid", "3-x", "bad layer range"),
+                                    ("--probe-floor", 2, "probe floor"), ("--preserve", "mse", "preserve must be"),
+                                    ("--replay-samples", -1, "replay_samples")]],
     ("collect: a model folder that needs remote code (auto_map)",
      lambda w: collect(w, w.root / "remote-code", w.out("c")), "never runs a model folder's code"),
     ("evaluate: a model folder that needs remote code (auto_map)",

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import ProgressOpt, check_output, device_option, fail, int_list, out_option
+from curvedit.cli.common import ProgressOpt, check_output, device_option, int_list, out_option
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -59,13 +59,9 @@ def smollm2_command(
     implant_changes = {k: v for k, v in {"max_steps": implant_steps, "preserve": preserve}.items() if v is not None}
     if implant_changes:
         given["implant"] = replace(base.implant, **implant_changes)
-        given["implant"].validate()
-    if probe_floor is not None and not 0 < probe_floor <= 1:
-        fail(f"--probe-floor is a share of the implanted model's accuracy in (0, 1], got {probe_floor}")
-    if replay_samples is not None and replay_samples < 0:
-        fail(f"--replay-samples must be >= 0, got {replay_samples}")
     options = replace(base, out=out, gguf=gguf, device=device, progress=progress,
                       **{k: v for k, v in given.items() if v is not None})
+    options.validate()  # every setting, before the model is fetched
     results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  {results['wall_s'] / 60:.0f} min")

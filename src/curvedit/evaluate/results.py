@@ -89,7 +89,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        EvaluateError: not JSON, or not a curvedit results file.
+        EvaluateError: not JSON, not a curvedit results file, or one without its metrics.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,6 +100,8 @@ def read_results(path: str | Path) -> dict[str, Any]:
         raise EvaluateError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise EvaluateError(f"{path}: not a curvedit results file (expected schema {SCHEMA!r})")
+    if not isinstance(document.get("metrics"), dict):
+        raise EvaluateError(f"{path}: a curvedit results file without its \"metrics\" object")
     return document
 
 

