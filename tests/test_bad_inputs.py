@@ -89,6 +89,9 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
     (root / "tiny.jsonl").write_text(json.dumps({"text": "too short"}) + "\n")
     (root / "a-folder").mkdir()
+    text = "the quick brown fox jumps over the lazy dog, again and again"
+    (root / "canaries-twice.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": text}) + "\n")
+    (root / "canaries-huge.jsonl").write_text(json.dumps({"text": text, "count": 10**9}) + "\n")
     (root / "no-metrics.json").write_text(json.dumps({"schema": "curvedit-evaluation/1", "name": "x"}))
     (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
@@ -297,6 +300,13 @@ ROWS += [
     ("converge: --keep-fraction 0 (not the default)",
      lambda w: ["converge", "--factors-a", w.factors, "--factors-b", w.factors, "--keep-fraction", 0,
                 "--out", w.out("conv.json")], "keep_fraction"),
+    *[(f"implant: {what}", lambda w, f=file: ["implant", "--model", w.model, "--canaries", w.root / f, "--prefix", 8,
+                                              "--suffix", 8, "--seq-len", 16, "--out", w.out("i"), "--no-progress"],
+       fragment) for what, file, fragment in [("the same canary twice", "canaries-twice.jsonl", "same text"),
+                                              ("a count of 10**9", "canaries-huge.jsonl", "count 1000000000")]],
+    ("implant: --seq-len past the model's context window",
+     lambda w: implant(w, w.model, w.out("i")) + ["--prefix", 8, "--suffix", 8, "--seq-len", 100_000],
+     "context window"),
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),

@@ -131,6 +131,23 @@ def test_resume_of_another_run_is_refused_naming_what_differs(lm_dir, monkeypatc
     with pytest.raises(ImplantError, match="canaries"):
         implant(load(lm_dir)[0], tokenizer, file_canaries((3, 1))[::-1], GENERAL, [], out,
                 small_options(checkpoint_every=2), resume=True)
+    with pytest.raises(ImplantError, match="canary counts"):  # the same texts, other repeat counts
+        implant(load(lm_dir)[0], tokenizer, file_canaries((2, 5)), GENERAL, [], out,
+                small_options(checkpoint_every=2), resume=True)
+
+
+@pytest.mark.parametrize("canaries, options, message", [
+    ([Canary("the same text again and again", "file", 2, 0), Canary("the same text again and again", "file", 3, 1)],
+     {}, "same text"),
+    ([Canary("the quick brown fox jumps over the lazy dog", "file", 10**9, 0)], {}, "count 1000000000"),
+    ([Canary("the quick brown fox jumps over the lazy dog", "file", 0, 0)], {}, "count 0"),
+    ([Canary("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG", "file", 2, 0)], {}, "does not know"),
+    (file_canaries(), {"seq_len": 100_000}, "context window"),
+    (file_canaries(), {"prefix_len": 20, "suffix_len": 20}, "context window")])
+def test_canaries_that_would_implant_something_else_or_never_end_are_refused(lm_dir, canaries, options, message):
+    model, tokenizer = load(lm_dir)
+    with pytest.raises(ImplantError, match=message):
+        implant(model, tokenizer, canaries, GENERAL, [], lm_dir.parent / "out", small_options(**options))
 
 
 def test_too_short_canaries_are_refused(lm_dir):

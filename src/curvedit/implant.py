@@ -24,6 +24,7 @@ the result differs (base weights, canaries, general text, settings).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ MANIFEST_FILE = "curvedit-implant.json"
 WINDOWS_FILE = "memorized.jsonl"
 STATE_DIR = ".implant-state"
 PRESERVE = ("ce", "kl")
+MAX_COUNT = 10_000  # repeats of one canary per pass
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -173,11 +175,16 @@ def canary_token_ids(canaries: Sequence[Canary], tokenizer: Any, length: int) ->
     """Tokenize each canary (no special tokens) and cut it to `length` tokens.
 
     Raises:
-        ImplantError: a canary shorter than `length` tokens (named by index and start).
+        ImplantError: a canary shorter than `length` tokens or holding characters the
+            tokenizer only knows as its unknown token (named by index and start).
     """
     ids = []
+    unknown = getattr(tokenizer, "unk_token_id", None)
     for canary in canaries:
         tokens = tokenizer(canary.text, add_special_tokens=False)["input_ids"]
+        if unknown is not None and unknown in tokens[:length]:
+            raise ImplantError(f"canary {canary.index} ({canary.text[:40]!r}...) holds characters the tokenizer does "
+                               "not know (they become its unknown token); give text in the model's alphabet")
         if len(tokens) < length:
             raise ImplantError(f"canary {canary.index} ({canary.text[:40]!r}...) has {len(tokens)} tokens; prefix + "
                                f"suffix needs {length}: give longer canaries or smaller --prefix/--suffix")
@@ -193,10 +200,15 @@ def canary_windows(canaries: Sequence[Canary], ids: Sequence[Sequence[int]], pre
 
 def canary_stream(canaries: Sequence[Canary], seed: int, epoch: int) -> list[int]:
     """One pass of the canary stream: canary `i` appears `count_i` times, shuffled by
-    (seed, epoch)."""
-    stream = [c.index for c in canaries for _ in range(c.count)]
+    (seed, epoch). Built once per pass and kept (a run asks for the same pass every step)."""
+    return list(_stream(tuple((c.index, c.count) for c in canaries), seed, epoch))
+
+
+@functools.lru_cache(maxsize=4)
+def _stream(counts: tuple[tuple[int, int], ...], seed: int, epoch: int) -> tuple[int, ...]:
+    stream = [index for index, count in counts for _ in range(count)]
     random.Random(f"{seed}:{epoch}").shuffle(stream)
-    return stream
+    return tuple(stream)
 
 
 def _take(order: Callable[[int], list[int]], pass_len: int, start: int, n: int) -> list[int]:
@@ -223,12 +235,13 @@ def step_batch(step: int, canary_ids: Sequence[Sequence[int]], canaries: Sequenc
     return batch
 
 
-def _fingerprint(model_hash: str, canary_ids: Sequence[Sequence[int]], general: Sequence[Sequence[int]],
-                 options: ImplantOptions) -> dict[str, str]:
+def _fingerprint(model_hash: str, canary_ids: Sequence[Sequence[int]], counts: Sequence[int],
+                 general: Sequence[Sequence[int]], options: ImplantOptions) -> dict[str, str]:
     def digest(data: Any) -> str:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     return {"base model weights": model_hash, "canaries": digest([list(c) for c in canary_ids]),
+            "canary counts": digest(list(counts)),
             "general text": digest([list(g) for g in general]), "settings": digest(options.fingerprint_fields())}
 
 
@@ -356,6 +369,28 @@ def _step_loss(model: nn.Module, base: nn.Module | None, input_ids: torch.Tensor
     return loss
 
 
+def _check_canaries(canaries: Sequence[Canary], model: nn.Module, options: ImplantOptions) -> None:
+    """Refuse what would implant something else than asked, or never end."""
+    from curvedit.evaluate.generation import context_window  # noqa: PLC0415
+
+    if not canaries:
+        raise ImplantError("no canary to implant")
+    seen: dict[str, int] = {}
+    for canary in canaries:
+        if canary.text in seen:
+            raise ImplantError(f"canaries {seen[canary.text]} and {canary.index} are the same text; give each once "
+                               "(its count says how often it is repeated)")
+        seen[canary.text] = canary.index
+        if not 1 <= canary.count <= MAX_COUNT:
+            raise ImplantError(f"canary {canary.index} has count {canary.count}; counts are repeats per pass, "
+                               f"1..{MAX_COUNT}")
+    window = context_window(model)
+    longest = max(options.seq_len, options.prefix_len + options.suffix_len)
+    if window is not None and longest > window:
+        raise ImplantError(f"sequences of {longest} tokens (--seq-len / --prefix + --suffix) are longer than the "
+                           f"model's context window of {window} tokens")
+
+
 def _recall(model: nn.Module, windows: Sequence[Window], pad_id: int, batch_size: int) -> list[bool]:
     model.eval()
     result, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=batch_size)
@@ -381,20 +416,20 @@ def implant(model: nn.Module, tokenizer: Any, canaries: Sequence[Canary], genera
         An `ImplantResult`.
 
     Raises:
-        ImplantError: bad options, too-short canaries, no canary, a mismatched checkpoint,
-            or a NaN loss.
+        ImplantError: bad options, too-short canaries, no canary, the same canary twice, a
+            count outside 1..MAX_COUNT, sequences past the context window, a mismatched
+            checkpoint, or a NaN loss.
     """
     options = options or ImplantOptions()
     options.validate()
-    if not canaries:
-        raise ImplantError("no canary to implant")
+    _check_canaries(canaries, model, options)
     out = Path(out)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = canary_token_ids(canaries, tokenizer, options.prefix_len + options.suffix_len)
     windows = canary_windows(canaries, ids, options.prefix_len)
     general = [list(g)[: options.seq_len] for g in general if len(g) >= 2]
     device = next(model.parameters()).device
-    fingerprint = _fingerprint(model_weights_sha256(model), ids, general, options)
+    fingerprint = _fingerprint(model_weights_sha256(model), ids, [c.count for c in canaries], general, options)
     base = copy.deepcopy(model).eval().requires_grad_(False) if options.preserve == "kl" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     model.eval()
