@@ -92,6 +92,9 @@ def ws(tmp_path_factory) -> Workspace:
     text = "the quick brown fox jumps over the lazy dog, again and again"
     (root / "canaries-twice.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": text}) + "\n")
     (root / "canaries-huge.jsonl").write_text(json.dumps({"text": text, "count": 10**9}) + "\n")
+    (root / "windows-huge-id.jsonl").write_text(json.dumps({"prefix_ids": [3, 4, 5], "suffix_ids": [10**30, 4]}) + "\n")
+    (root / "windows-negative.jsonl").write_text(json.dumps({"prefix_ids": [3, -4, 5], "suffix_ids": [6, 4]}) + "\n")
+    (root / "windows-long.jsonl").write_text(json.dumps({"prefix_ids": [3] * 30, "suffix_ids": [4] * 10}) + "\n")
     (root / "no-metrics.json").write_text(json.dumps({"schema": "curvedit-evaluation/1", "name": "x"}))
     (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
@@ -307,6 +310,18 @@ ROWS += [
     ("implant: --seq-len past the model's context window",
      lambda w: implant(w, w.model, w.out("i")) + ["--prefix", 8, "--suffix", 8, "--seq-len", 100_000],
      "context window"),
+    *[(f"{name}: memorized windows with {what}", lambda w, b=build, f=file: b(w, w.root / f), fragment)
+      for name, build in [("edit --forget", lambda w, f: edit(w, w.model, w.out("e"), "--forget", f)),
+                          ("attack relearn --windows", lambda w, f: ["attack", "relearn", "--model", w.model,
+                                                                     "--memorized", w.memorized, "--windows", f,
+                                                                     "--out", w.out("r.json"), "--no-progress"]),
+                          ("attack relearn --memorized", lambda w, f: ["attack", "relearn", "--model", w.model,
+                                                                       "--memorized", f, "--data", w.corpus,
+                                                                       "--out", w.out("r.json"), "--no-progress"])]
+      for what, file, fragment in [("an id past the vocabulary", "windows-outside.jsonl", "token id 99"),
+                                   ("an id of 10**30", "windows-huge-id.jsonl", "token id 1000000000000"),
+                                   ("a negative id", "windows-negative.jsonl", "token id -4"),
+                                   ("a window longer than the context", "windows-long.jsonl", "context window")]],
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from curvedit.cli.common import (DeviceOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list, model_option,
-                                 out_option, overwrite_option)
+    out_option, overwrite_option, read_windows)
 
 attack_app = typer.Typer(no_args_is_help=True, help="Durability attacks on an edited model: relearning, quantization.")
 
@@ -27,10 +27,10 @@ def _load(model: str, memorized: Path, heldout: Optional[Path], device: str, tex
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.evaluate.generation import context_window
     from curvedit.models import load_model
-    from curvedit.windows import default_pad_id, read_memorized
+    from curvedit.windows import default_pad_id
 
     loaded = load_model(model, device=device, progress=progress)
-    windows = read_memorized(memorized, loaded.preprocessor)
+    windows = read_windows(memorized, loaded)
     sequences = None
     if heldout is not None:
         limit = context_window(loaded.model) or 512
@@ -69,7 +69,6 @@ def relearn_command(
     (and --heldout perplexity) after each step count; the model on disk is not changed."""
     from curvedit.attack import RelearnOptions, recall_and_perplexity, relearn_curve
     from curvedit.data import check_corpus_source, read_records, token_sequences
-    from curvedit.windows import read_memorized
 
     if (data is None) == (windows is None):
         fail("give one of --data (text) or --windows (memorized windows) to fine-tune on")
@@ -85,7 +84,7 @@ def relearn_command(
     if data is not None:
         train = list(token_sequences(read_records(data, text_field=text_field), loaded.preprocessor, seq_len))
     else:
-        train = [w.prefix_ids + w.suffix_ids for w in read_memorized(windows, loaded.preprocessor)]
+        train = [w.prefix_ids + w.suffix_ids for w in read_windows(windows, loaded)]
     rows = relearn_curve(loaded.model, train, lambda m: recall_and_perplexity(m, targets, sequences, pad_id=pad_id),
                          options, pad_id=pad_id)
     for row in rows:

@@ -298,3 +298,14 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
         if unfinished and not taken and not resume and not overwrite:
             fail(f"{out} holds an unfinished run ({', '.join(unfinished[:3])}); pass --resume to continue it")
     _check_writable(out, option)
+
+
+def read_windows(path: Path, loaded: Any) -> list:
+    """Memorized windows for a loaded model: read (`read_memorized`), then checked against its
+    vocabulary and context window (`check_windows`), so every command refuses the same inputs."""
+    from curvedit.evaluate.generation import check_windows
+    from curvedit.windows import read_memorized
+
+    windows = read_memorized(path, loaded.preprocessor)
+    check_windows(loaded.model, windows, f"memorized windows of {path}")
+    return windows

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from curvedit.cli.common import (DeviceOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list,
-                                 overwrite_option, preset_option, target_spec, targets_option)
+    overwrite_option, preset_option, read_windows, target_spec, targets_option)
 
 
 def converge_command(
@@ -78,7 +78,7 @@ def converge_command(
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.targets import select_targets
-    from curvedit.windows import default_pad_id, read_memorized
+    from curvedit.windows import default_pad_id
 
     check_corpus_source(data)
     loaded = load_model(model, device=device, progress=progress)
@@ -88,7 +88,7 @@ def converge_command(
                                      budgets[-1] if budgets else None))
     evaluate = None
     if memorized is not None:
-        windows = read_memorized(memorized, loaded.preprocessor)
+        windows = read_windows(memorized, loaded)
         text = heldout_sequences(heldout, loaded.preprocessor, seq_len=seq_len, max_tokens=50_000,
                                  text_field=text_field)
 

@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import (
-    DeviceOpt, LayersOpt, TextFieldOpt, check_output, fail, model_option, out_option, overwrite_option,
-    preset_option, target_spec, targets_option)
+from curvedit.cli.common import (DeviceOpt, LayersOpt, TextFieldOpt, check_output, fail, model_option, out_option,
+    overwrite_option, preset_option, read_windows, target_spec, targets_option)
 
 
 def edit_command(
@@ -64,7 +63,7 @@ def edit_command(
     from curvedit.budget import edit_within_budget
     from curvedit.data import check_corpus_source
     from curvedit.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
-    from curvedit.windows import default_pad_id, read_memorized
+    from curvedit.windows import default_pad_id
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
     from curvedit.models import load_model
     from curvedit.spectrum import EIGH_PRECISIONS
@@ -101,7 +100,7 @@ def edit_command(
                         seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac")
     loaded = load_model(model, device=device, progress=progress)
     chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
-    forget_windows = read_memorized(forget, loaded.preprocessor) if forget is not None else None
+    forget_windows = read_windows(forget, loaded) if forget is not None else None
     pad_id = default_pad_id(loaded.preprocessor)
     if plan is not None:
         applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision, forget_windows, pad_id)

@@ -7,9 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from curvedit.cli.common import (
-    DeviceOpt, DtypeOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail, float_list, model_option,
-    out_option, overwrite_option, preset_option, target_spec, targets_option)
+from curvedit.cli.common import (DeviceOpt, DtypeOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail,
+    float_list, model_option, out_option, overwrite_option, preset_option, read_windows, target_spec, targets_option)
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -76,7 +75,6 @@ def sweep_command(
     to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
     """
     from curvedit.data import check_corpus_source
-    from curvedit.windows import read_memorized
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.evaluate.tasks import load_tasks
@@ -96,7 +94,7 @@ def sweep_command(
     check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG))
     check_corpus_source(heldout)
     loaded = load_model(model, device=device, dtype=dtype, progress=progress)
-    windows = read_memorized(memorized, loaded.preprocessor)
+    windows = read_windows(memorized, loaded)
     heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
                                      max_tokens=heldout_max_tokens, text_field=text_field)
     result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options,

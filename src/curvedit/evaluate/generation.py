@@ -69,11 +69,29 @@ def check_vocabulary(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
     vocab = _ForwardSpec(model).vocab
     if vocab is None or not sequences:
         return
-    ids = torch.cat([torch.as_tensor(list(seq), dtype=torch.long) for seq in sequences])
-    outside = ids[(ids < 0) | (ids >= vocab)]
-    if outside.numel():
-        raise EvaluateError(f"{what}: token id {int(outside[0])} is outside the model's vocabulary of {vocab} ids "
-                            "(made with another tokenizer?)")
+    for seq in sequences:  # Python ints: an id too large for int64 is reported, not overflowed
+        if seq and (min(seq) < 0 or max(seq) >= vocab):
+            bad = next(t for t in seq if t < 0 or t >= vocab)
+            raise EvaluateError(f"{what}: token id {bad} is outside the model's vocabulary of {vocab} ids "
+                                "(made with another tokenizer?)")
+
+
+def check_windows(model: torch.nn.Module, windows: Sequence[Any], what: str) -> None:
+    """The one check of memorized windows before any command uses them: every id inside the
+    vocabulary, every prefix + suffix inside the context window.
+
+    Args:
+        model: the model that will read them.
+        windows: `curvedit.windows.Window`s.
+        what: how to name them in the error ("memorized windows of mem.jsonl").
+
+    Raises:
+        EvaluateError: an id outside the vocabulary, or a window longer than the context.
+    """
+    check_vocabulary(model, [list(w.prefix_ids) + list(w.suffix_ids) for w in windows], what)
+    if windows:
+        longest = max(len(w.prefix_ids) + len(w.suffix_ids) for w in windows)
+        check_fits_context(model, longest, f"the longest of the {what} (prefix + suffix)")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
