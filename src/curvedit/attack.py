@@ -106,7 +106,8 @@ def relearn_curve(model: nn.Module, sequences: Sequence[Sequence[int]], measure:
         None, **measure(model)}`.
 
     Raises:
-        AttackError: invalid options or no sequence of 2+ tokens.
+        AttackError: invalid options, no sequence of 2+ tokens, or a loss that is not finite
+            (the fine-tuning diverged; the model is restored).
     """
     options = options or RelearnOptions()
     options.validate()
@@ -130,6 +131,9 @@ def relearn_curve(model: nn.Module, sequences: Sequence[Sequence[int]], measure:
                     order += block
                 chunk, order = [usable[i] for i in order[: options.batch_size]], order[options.batch_size:]
                 loss = _lm_loss(model, chunk, pad_id)
+                if not torch.isfinite(loss):
+                    raise AttackError(f"the relearning loss is {float(loss.detach())} at step {done}: the run diverged "
+                                      "(lower --lr); nothing was measured past it")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if options.max_grad_norm is not None:
