@@ -95,6 +95,10 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "windows-huge-id.jsonl").write_text(json.dumps({"prefix_ids": [3, 4, 5], "suffix_ids": [10**30, 4]}) + "\n")
     (root / "windows-negative.jsonl").write_text(json.dumps({"prefix_ids": [3, -4, 5], "suffix_ids": [6, 4]}) + "\n")
     (root / "windows-long.jsonl").write_text(json.dumps({"prefix_ids": [3] * 30, "suffix_ids": [4] * 10}) + "\n")
+    other = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 .,\n")  # another vocabulary
+    tiny_gpt2(vocab=len(other), dtype=torch.float32).save_pretrained(root / "other-vocab")
+    other.save_pretrained(root / "other-vocab")
+    (root / "members-as-nonmembers.jsonl").write_text(json.dumps({"text": "the quick brown fox jumps"}) + "\n")
     (root / "no-metrics.json").write_text(json.dumps({"schema": "curvedit-evaluation/1", "name": "x"}))
     (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
@@ -326,6 +330,12 @@ ROWS += [
      lambda w: ["attack", "relearn", "--model", w.model, "--memorized", w.memorized, "--data", w.corpus,
                 "--lr", "1e12", "--steps", "0,20", "--seq-len", 16, "--out", w.out("r.json"), "--no-progress"],
      "diverged"),
+    ("evaluate: --reference with another vocabulary",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--reference", w.root / "other-vocab", "--heldout", w.corpus),
+     "another output vocabulary size"),
+    ("evaluate: --mia non-members that are the memorized windows",
+     lambda w: evaluate(w, w.model, w.out("r.json"), "--mia", w.root / "members-as-nonmembers.jsonl"),
+     "are memorized windows themselves"),
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),

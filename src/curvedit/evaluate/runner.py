@@ -10,6 +10,8 @@ interval (`*_ci` keys, each with its `n`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -165,11 +167,24 @@ class ReferenceSide:
         rankings: its top-k next-token rankings on the held-out text (nDCG), or None.
         member_losses: per memorized set, its loss on each window (the `reference` MIA score).
         nonmember_losses: its loss on each non-member window, or None.
+        vocabulary: its vocabulary's signature (`vocabulary_signature`), to refuse a model under
+            test that reads token ids another way.
     """
 
     rankings: NextTokenRankings | None = None
     member_losses: dict[str, list[float]] = field(default_factory=dict)
     nonmember_losses: list[float] | None = None
+    vocabulary: tuple[int | None, str | None] | None = None
+
+
+def vocabulary_signature(loaded: LoadedModel) -> tuple[int | None, str | None]:
+    """(number of output ids, SHA-256 of the tokenizer's token -> id map or None)."""
+
+    head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    size = int(head.weight.shape[0]) if head is not None else None
+    vocab = loaded.preprocessor.get_vocab() if hasattr(loaded.preprocessor, "get_vocab") else None
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest() if vocab else None
+    return size, digest
 
 
 def reference_rankings(reference: LoadedModel, options: EvaluateOptions) -> NextTokenRankings:
@@ -198,7 +213,8 @@ def reference_side(reference: LoadedModel, options: EvaluateOptions) -> Referenc
     Raises:
         EvaluateError, DataError: unreadable or empty inputs.
     """
-    side = ReferenceSide(rankings=reference_rankings(reference, options) if options.heldout is not None else None)
+    side = ReferenceSide(rankings=reference_rankings(reference, options) if options.heldout is not None else None,
+                         vocabulary=vocabulary_signature(reference))
     if options.mia is not None:
         sets = _memorized_sets(reference, options)
         pad_id = default_pad_id(reference.preprocessor)
@@ -240,6 +256,11 @@ def load_nonmembers(loaded: LoadedModel, options: EvaluateOptions, sets: dict[st
         raise DataError(f"{options.mia}: the non-member corpus holds no window of {length} tokens "
                         "(the length of the memorized windows)")
     check_vocabulary(loaded.model, chunks, f"non-member windows of {options.mia}")
+    members = {tuple(ids) for windows in sets.values() for ids in _window_ids(windows)}
+    shared = sum(tuple(c) in members for c in chunks)
+    if shared:
+        raise DataError(f"{options.mia}: {shared} of its {len(chunks)} non-member windows are memorized windows "
+                        "themselves; give text the model was not trained on")
     return chunks[: options.mia_max_nonmembers]
 
 
@@ -319,7 +340,8 @@ def evaluate_model(
         An `Evaluation`.
 
     Raises:
-        EvaluateError: invalid options, or a reference with neither held-out text nor `mia`.
+        EvaluateError: invalid options, a reference with neither held-out text nor `mia`, or a
+            reference with another vocabulary than the model under test.
         curvedit.data.DataError: unreadable inputs.
         ImportError: lm-eval tasks requested and lm-eval not installed.
     """
@@ -333,6 +355,12 @@ def evaluate_model(
         reference = reference_side(reference, options)
     elif isinstance(reference, NextTokenRankings):
         reference = ReferenceSide(rankings=reference)
+    if reference is not None and reference.vocabulary is not None and reference.vocabulary != (
+            mine := vocabulary_signature(loaded)):
+        what = "output vocabulary size" if reference.vocabulary[0] != mine[0] else "tokenizer"
+        raise EvaluateError(f"the reference model has another {what} than the model under test "
+                            f"({reference.vocabulary[0]} vs {mine[0]} ids): nDCG and reference losses would compare "
+                            "different tokens; give the unedited model of this one as --reference")
     tokenizer = loaded.preprocessor
     pad_id = default_pad_id(tokenizer)
     sets = _memorized_sets(loaded, options)
