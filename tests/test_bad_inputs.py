@@ -99,6 +99,15 @@ def ws(tmp_path_factory) -> Workspace:
     tiny_gpt2(vocab=len(other), dtype=torch.float32).save_pretrained(root / "other-vocab")
     other.save_pretrained(root / "other-vocab")
     (root / "members-as-nonmembers.jsonl").write_text(json.dumps({"text": "the quick brown fox jumps"}) + "\n")
+    import sys  # the GGUF writer lives beside the tests
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_helpers import tiny_llama, write_tiny_llama_gguf
+
+    whole = write_tiny_llama_gguf(tiny_llama(), root / "whole.gguf")
+    for name, cut in (("cut-header.gguf", 100), ("cut-tensors.gguf", whole.stat().st_size // 2)):
+        (root / name).write_bytes(whole.read_bytes()[:cut])
+    whole.unlink()
     (root / "no-metrics.json").write_text(json.dumps({"schema": "curvedit-evaluation/1", "name": "x"}))
     (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
@@ -336,6 +345,8 @@ ROWS += [
     ("evaluate: --mia non-members that are the memorized windows",
      lambda w: evaluate(w, w.model, w.out("r.json"), "--mia", w.root / "members-as-nonmembers.jsonl"),
      "are memorized windows themselves"),
+    *[(f"collect: a GGUF file {what}", lambda w, f=file: collect(w, w.root / f, w.out("c")), "not a complete GGUF")
+      for what, file in [("cut inside its header", "cut-header.gguf"), ("cut inside its tensors", "cut-tensors.gguf")]],
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,10 +169,16 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any | N
         built) and the `LoadedModel.source` description of the file.
 
     Raises:
-        ModelLoadError: `gguf` or `accelerate` is missing, or transformers cannot load the file.
+        ModelLoadError: `gguf` or `accelerate` is missing, the file is cut short or damaged, or
+            transformers cannot load the file.
     """
-    _import_gguf()  # fail with the install hint before transformers fails with its own
+    gguf = _import_gguf()  # fail with the install hint before transformers fails with its own
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        gguf.GGUFReader(path)
+    except (ValueError, struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path}: not a complete GGUF file, cut short or damaged ({_first_line(err)})") from None
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
