@@ -59,3 +59,17 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     # every stage is cached: a second run reads the same numbers back
     again = run_study(options, log=lambda _: None)
     assert json.dumps(again["seeds"][0]["variants"], sort_keys=True) == json.dumps(seed["variants"], sort_keys=True)
+
+
+def test_the_base_model_cache_is_keyed_by_the_gguf_s_content_not_its_size(tmp_path):
+    from curvedit.studies.smollm2 import prepare_base
+
+    first = write_tiny_llama_gguf(tiny_llama(seed=0), tmp_path / "a.gguf")
+    second = write_tiny_llama_gguf(tiny_llama(seed=1), tmp_path / "b.gguf")
+    assert first.stat().st_size == second.stat().st_size
+    options = StudyOptions(out=tmp_path / "study", gguf=first)
+    _, info_a = prepare_base(options, log=lambda _: None)
+    _, info_b = prepare_base(StudyOptions(out=tmp_path / "study", gguf=second), log=lambda _: None)
+    assert info_a["sha256"] != info_b["sha256"]
+    _, again = prepare_base(StudyOptions(out=tmp_path / "study", gguf=second), log=lambda _: None)
+    assert again == info_b

