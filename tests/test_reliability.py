@@ -219,3 +219,25 @@ def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_second_writer_of_one_output_is_refused_while_the_first_holds_it(lm_dir, text_jsonl, tmp_path):
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+    from curvedit.cli.common import lock_output, release_outputs
+
+    out = tmp_path / "factors"
+    args = ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out", str(out), "--seq-len", "16",
+            "--no-progress"]
+    lock_output(out)  # stands for another run in the middle of writing `out`
+    try:
+        busy = CliRunner().invoke(app, args)
+    finally:
+        release_outputs()
+    assert busy.exit_code == 2 and "being written by another curvedit run" in busy.output
+    assert not out.exists()
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    again = CliRunner().invoke(app, args + ["--overwrite"])  # the first run released its lock when it ended
+    assert again.exit_code == 0, again.output

@@ -119,8 +119,11 @@ class CurveditGroup(TyperGroup):
     option callbacks such as the `--device` check included."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        with user_errors():
-            return super().invoke(ctx)
+        try:
+            with user_errors():
+                return super().invoke(ctx)
+        finally:
+            release_outputs()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +250,54 @@ def _check_writable(out: Path, option: str) -> None:
         fail(f"{option} {out}: cannot write in {probe} ({err.strerror or err})")
 
 
+_HELD_LOCKS: list[Any] = []
+
+
+def lock_output(out: Path, option: str = "--out") -> None:
+    """Hold an exclusive lock on an output path until `release_outputs` (the end of the
+    command; the end of the process at the latest), so two runs never write one output.
+
+    The lock is a file in the temporary folder named by the output's resolved path: nothing
+    is written beside the user's files. Under torchrun only rank 0 (which writes the outputs)
+    takes it; where `fcntl` does not exist (Windows) nothing is locked.
+
+    Raises:
+        CurveditError: another run holds the lock (the message names its process id).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    import hashlib
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    folder = Path(tempfile.gettempdir()) / "curvedit-locks"
+    folder.mkdir(exist_ok=True)
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:32]
+    handle = open(folder / f"{key}.lock", "a+")  # held until release_outputs
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        fail(f"{option} {out} is being written by another curvedit run (process {holder}); wait for it to end "
+             "or give another path")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD_LOCKS.append(handle)
+
+
+def release_outputs() -> None:
+    """Release every output lock this process holds (`lock_output`)."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().close()
+
+
 def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Optional[str] = None,
                  inputs: Sequence[Path | str] = (), names: Optional[Sequence[str]] = None,
                  state: Sequence[str] = (), resume: bool = False, reuse: bool = False,
@@ -270,7 +321,8 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
     Raises:
         CurveditError: `out` is a file where a folder is expected or the reverse, is the input
             model's folder or one of `inputs`, holds output without `overwrite` (or only an
-            unfinished run without `resume`), or cannot be written.
+            unfinished run without `resume`), cannot be written, or is being written by another
+            run (the checks end by taking its lock, `lock_output`).
     """
     out = Path(out)
     if kind not in ("dir", "file"):
@@ -298,6 +350,7 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
         if unfinished and not taken and not resume and not overwrite:
             fail(f"{out} holds an unfinished run ({', '.join(unfinished[:3])}); pass --resume to continue it")
     _check_writable(out, option)
+    lock_output(out, option)
 
 
 def read_windows(path: Path, loaded: Any) -> list:
