@@ -84,3 +84,18 @@ def test_a_float32_cache_never_serves_a_float64_request(tmp_path, monkeypatch):
     stamp = (factor_dir / EIGEN_FILE).stat().st_mtime_ns
     cached_eigenbases(factor_dir, factors, names, precision="float32")
     assert seen == [torch.float64] * (2 * len(names)) and (factor_dir / EIGEN_FILE).stat().st_mtime_ns == stamp
+
+
+def test_a_matrix_clearly_not_positive_semi_definite_is_refused_but_round_off_is_clamped():
+    import pytest
+
+    from curvedit.spectrum import EighError, sym_eigh
+
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    for precision in ("float64", "float32"):
+        with pytest.raises(EighError, match="not positive semi-definite"):
+            sym_eigh(q @ torch.diag(torch.tensor([5.0, 3, 1, 0.5, 0.1, -0.5], dtype=torch.float64)) @ q.T,
+                     precision=precision)
+        evals, _ = sym_eigh(q @ torch.diag(torch.tensor([5.0, 3, 1, 0.5, 0.1, -1e-9], dtype=torch.float64)) @ q.T,
+                            precision=precision)
+        assert float(evals.min()) == 0.0

@@ -9,6 +9,7 @@ from curvedit.chartok import build_char_tokenizer
 from curvedit.collect import read_checkpoint_meta, CollectError, CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches, pad_batch, token_sequences
 from curvedit.factors import (FactorError, check_factors_match, load_factors, merge_factors, model_identity,
+                              tensor_sha256,
                               save_factors)
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import Interrupt, interrupted, tiny_gpt2, tiny_olmo2
@@ -29,7 +30,9 @@ def test_save_load_round_trip_keeps_tensors_and_metadata(tmp_path, gpt2):
     assert meta["format_version"] == 2 and meta["collection"]["label_mode"] == "gold"
     assert meta["targets"]["transformer.h.0.mlp.c_fc"] == {
         "d_in": 16, "d_out": 64, "positions": sum(len(s) - 1 for s in SEQS), "transposed": True,
-        "weight_sha256": factors.targets["transformer.h.0.mlp.c_fc"].weight_sha256}
+        "weight_sha256": factors.targets["transformer.h.0.mlp.c_fc"].weight_sha256,
+        "sha256": {"A": tensor_sha256(factors.targets["transformer.h.0.mlp.c_fc"].A),
+                   "G": tensor_sha256(factors.targets["transformer.h.0.mlp.c_fc"].G)}}
     assert meta["model"] == model_identity(gpt2, targets, gpt2.config._name_or_path or "GPT2LMHeadModel")
     loaded = load_factors(tmp_path)
     for name, tf in factors.targets.items():
@@ -134,3 +137,49 @@ def test_padding_is_excluded_so_batch_size_and_padding_side_do_not_matter(gpt2):
         for name, tf in runs[0].targets.items():
             torch.testing.assert_close(run.targets[name].A, tf.A, rtol=1e-10, atol=1e-13)
             torch.testing.assert_close(run.targets[name].G, tf.G, rtol=1e-10, atol=1e-15)
+
+
+def _rewrite_tensor(folder, key, change):
+    """Change one tensor of a factor file in place, keeping its header (a tampered file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "factors.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors[key] = change(tensors[key])
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a[[1, 0] + list(range(2, a.shape[0]))][:, [1, 0] + list(range(2, a.shape[0]))], "checksum"),
+    (lambda a: a[[1, 0] + list(range(2, a.shape[0]))], "checksum"),
+    (lambda a: a.flatten().index_put_((torch.tensor([5]),), torch.tensor(7.0, dtype=a.dtype)).view_as(a), "checksum")])
+def test_a_factor_tensor_altered_under_an_intact_header_is_refused(tmp_path, gpt2, change, message):
+    factors, _ = collect(gpt2, SEQS)
+    save_factors(factors, tmp_path)
+    _rewrite_tensor(tmp_path, "transformer.h.0.mlp.c_fc.A", change)
+    with pytest.raises(FactorError, match=message):
+        load_factors(tmp_path)
+
+
+def test_without_checksums_an_asymmetric_factor_is_still_refused(tmp_path, gpt2):
+    factors, _ = collect(gpt2, SEQS)
+    save_factors(factors, tmp_path)
+    header = json.loads((tmp_path / "factors.json").read_text())
+    for info in header["targets"].values():
+        info.pop("sha256")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "factors.safetensors"), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = dict(handle.metadata())
+    metadata["curvedit"] = json.dumps(header, sort_keys=True)
+    a = tensors["transformer.h.0.mlp.c_fc.A"]
+    tensors["transformer.h.0.mlp.c_fc.A"] = a[[1, 0] + list(range(2, a.shape[0]))]  # rows swapped, not columns
+    save_file(tensors, str(tmp_path / "factors.safetensors"), metadata=metadata)
+    (tmp_path / "factors.json").write_text(json.dumps(header))
+    with pytest.raises(FactorError, match="not symmetric"):
+        load_factors(tmp_path)

@@ -9,7 +9,8 @@ directory with:
   (see `curvedit.eigencorrect`).
 - `factors.json`: `format_version`, `curvedit_version`, `model` (`name`, `config_hash`,
   `weights_hash`), `collection` (label mode, dtype, seq len, data description, ...), and
-  `targets`: per `NAME`, `d_in`, `d_out`, `positions`, `weight_sha256`, `transposed`, and with
+  `targets`: per `NAME`, `d_in`, `d_out`, `positions`, `weight_sha256`, `transposed`, `sha256`
+  (the SHA-256 of each of its tensors' bytes, checked on load), and with
   `NAME.S` an `eigencorrected` entry: the positions it averages and the SHA-256 of the
   eigenbasis it was measured in (`basis_sha256`).
   The same description is stored in the safetensors header (key "curvedit"), which is the
@@ -127,6 +128,26 @@ def model_identity(model: nn.Module, targets: list[Target], name: str | None = N
     return {"name": name, "config_hash": config_hash(model), "weights_hash": combined.hexdigest()}
 
 
+SYMMETRY_TOL = 1e-4  # largest |M - M^T| allowed, relative to the largest |M|
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes as stored (contiguous, on the CPU)."""
+    return hashlib.sha256(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _check_tensor(root: Path, key: str, tensor: torch.Tensor, expected: str | None, square: bool) -> None:
+    """Refuse a factor tensor that differs from its checksum, or a factor that is not symmetric."""
+    if expected is not None and tensor_sha256(tensor) != expected:
+        raise FactorError(f"{root}: tensor {key} does not match the checksum stored with it (the file was altered "
+                          "or damaged); collect again")
+    if square and tensor.numel():
+        scale = float(tensor.abs().max())
+        if float((tensor - tensor.T).abs().max()) > SYMMETRY_TOL * max(scale, 1e-30):
+            raise FactorError(f"{root}: factor {key} is not symmetric (a second moment must be); the file was "
+                              "altered or damaged: collect again")
+
+
 def save_factors(factors: FactorSet, out_dir: str | Path) -> Path:
     """Write a factor directory.
 
@@ -149,9 +170,11 @@ def save_factors(factors: FactorSet, out_dir: str | Path) -> Path:
         tensors[f"{name}.A"] = tf.A
         tensors[f"{name}.G"] = tf.G
         targets_meta[name] = {"d_in": tf.d_in, "d_out": tf.d_out, "positions": int(tf.positions),
-                              "weight_sha256": tf.weight_sha256, "transposed": tf.transposed}
+                              "weight_sha256": tf.weight_sha256, "transposed": tf.transposed,
+                              "sha256": {"A": tensor_sha256(tf.A), "G": tensor_sha256(tf.G)}}
         if tf.S is not None:
             tensors[f"{name}.S"] = tf.S
+            targets_meta[name]["sha256"]["S"] = tensor_sha256(tf.S)
             targets_meta[name]["eigencorrected"] = {"positions": int(tf.S_positions),
                                                     "basis_sha256": tf.S_basis_sha256}
     meta = {"format_version": FORMAT_VERSION, "curvedit_version": __version__, "model": factors.model,
@@ -189,7 +212,8 @@ def load_factors(factor_dir: str | Path, device: str | torch.device = "cpu") -> 
     Raises:
         FactorError: missing or unreadable files, an unknown format version, a
             `factors.json` that disagrees with the tensors' own description (an interrupted
-            write or a hand edit), or tensors that disagree with the description.
+            write or a hand edit), tensors that disagree with the description or with their
+            stored checksums, or a factor that is not symmetric within round-off.
     """
     root = Path(factor_dir)
     meta_path, tensor_path = root / META_FILE, root / FACTORS_FILE
@@ -220,8 +244,13 @@ def load_factors(factor_dir: str | Path, device: str | torch.device = "cpu") -> 
         if a_ii.shape != (d_in, d_in) or g_oo.shape != (d_out, d_out):
             raise FactorError(f"{root}: {name} tensors have shapes {tuple(a_ii.shape)}, {tuple(g_oo.shape)}, "
                               f"but the description says d_in={d_in}, d_out={d_out}")
+        sums = info.get("sha256") or {}  # files written before checksums have none
+        _check_tensor(root, f"{name}.A", a_ii, sums.get("A"), square=True)
+        _check_tensor(root, f"{name}.G", g_oo, sums.get("G"), square=True)
         corrected = info.get("eigencorrected")
         s_oi = tensors.get(f"{name}.S") if corrected else None
+        if s_oi is not None:
+            _check_tensor(root, f"{name}.S", s_oi, sums.get("S"), square=False)
         if corrected and (s_oi is None or s_oi.shape != (d_out, d_in)):
             raise FactorError(f"{root}: {name}: the description promises eigenvalue-corrected masses "
                               f"({d_out} x {d_in}), the file holds {None if s_oi is None else tuple(s_oi.shape)}")

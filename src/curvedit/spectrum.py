@@ -111,7 +111,8 @@ def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, pre
 
     Raises:
         ValueError: an unknown precision.
-        EighError: the matrix holds NaN or inf, or float64 `eigh` does not converge.
+        EighError: the matrix holds NaN or inf, has an eigenvalue clearly below zero (not
+            PSD beyond round-off), or float64 `eigh` does not converge.
     """
     if precision not in EIGH_PRECISIONS:
         raise ValueError(f"eigh precision must be one of {EIGH_PRECISIONS}, got {precision!r}")
@@ -126,12 +127,25 @@ def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, pre
             evals = evecs = None  # no convergence in float32: float64 below
         if evecs is not None and bool(torch.isfinite(evecs).all()) \
                 and _eigh_residual(mat, evals, evecs) <= EIGH_RESIDUAL_TOL:
+            _check_psd(evals.double(), tuple(mat.shape))
             return evals.double().flip(0).clamp_(min=0), evecs.double().flip(1)
     try:
         evals, evecs = torch.linalg.eigh(mat)
     except torch.linalg.LinAlgError as err:
         raise EighError(f"eigh of a {tuple(mat.shape)} matrix did not converge: {err}") from None
+    _check_psd(evals, tuple(mat.shape))
     return evals.flip(0).clamp_(min=0), evecs.flip(1)
+
+
+NEGATIVE_TOL = 1e-4  # an eigenvalue below -NEGATIVE_TOL * the largest |eigenvalue| is not round-off
+
+
+def _check_psd(evals: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a matrix with an eigenvalue clearly below zero (a second moment is PSD)."""
+    if evals.numel() and float(evals.min()) < -NEGATIVE_TOL * float(evals.abs().max()):
+        raise EighError(f"a {shape} factor has eigenvalue {float(evals.min()):.3g} (largest "
+                        f"{float(evals.max()):.3g}): not positive semi-definite beyond round-off, so not a second "
+                        "moment; the factor file was altered or damaged")
 
 
 def eigenbasis(factors: TargetFactors, device: str | torch.device | None = None, precision: str = "float64"
