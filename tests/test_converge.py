@@ -74,6 +74,26 @@ def test_convergence_run_compares_every_budget_with_the_last(tmp_path):
         run_convergence(model, sequences, targets, tmp_path, ConvergeOptions(budgets=(10_000,), progress=False))
 
 
+def test_a_rerun_with_another_model_or_data_recollects_instead_of_reusing_the_folders(tmp_path, monkeypatch):
+    import curvedit.collect
+
+    model, other = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    sequences = torch.randint(1, 11, (40, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    options = ConvergeOptions(budgets=(40, 120), rule=EditRule(keep_fraction=0.5), gold=False, progress=False)
+    calls = []
+    real = curvedit.collect.collect_factors
+    monkeypatch.setattr(curvedit.collect, "collect_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = run_convergence(model, sequences, select_targets(model, TargetSpec(preset="mlp")), tmp_path, options)
+    assert len(calls) == 2
+    run_convergence(model, sequences, select_targets(model, TargetSpec(preset="mlp")), tmp_path, options)
+    assert len(calls) == 2  # the same run: read back
+    second = run_convergence(other, sequences, select_targets(other, TargetSpec(preset="mlp")), tmp_path, options)
+    assert len(calls) == 4 and second["rows"][0]["captured"] != first["rows"][0]["captured"]
+    shuffled = sequences[::-1]
+    run_convergence(other, shuffled, select_targets(other, TargetSpec(preset="mlp")), tmp_path, options)
+    assert len(calls) == 6  # other data: collected anew
+
+
 def test_cli_converge_both_modes(tmp_path):
     char_model_dir(tmp_path)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abcdefgh"[i:] + "hgfedcba"[:i] * 3}) + "\n"

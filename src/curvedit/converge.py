@@ -15,6 +15,8 @@ the two select the same subspace, lower the more `a`'s choice misses what `b` wo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,8 @@ import torch
 from curvedit.edit import EditRule, kfac_mask
 from curvedit.factors import FactorError, FactorSet, TargetFactors
 from curvedit.spectrum import Eigenbasis, eigenbasis
+
+KEY_FILE = "converge-key.json"  # what a budget folder's factors were collected from
 
 
 def captured_mass(basis_a: Eigenbasis, factors_b: TargetFactors, basis_b: Eigenbasis, rule: EditRule) -> float:
@@ -130,7 +134,8 @@ def prefix_by_tokens(sequences: list[list[int]], budget: int) -> list[list[int]]
 def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], out: Any, options: ConvergeOptions,
                     evaluate: Any = None, pad_id: int = 0) -> dict[str, Any]:
     """Collect factors on nested prefixes of `sequences` (each budget's factors in
-    `out/tokens-N`, read back when already there), compare each with the last budget's, and
+    `out/tokens-N`, read back only when that folder holds this run's own factors: same model
+    weights, targets, data, labels, seed and batch size), compare each with the last budget's, and
     (with `evaluate`, a function model -> metrics) measure the edit made with each.
 
     Returns:
@@ -145,7 +150,9 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
     from curvedit.collect import CollectOptions, collect_factors  # noqa: PLC0415
     from curvedit.data import lm_batches  # noqa: PLC0415
     from curvedit.edit import EditPlan, apply_edit  # noqa: PLC0415
-    from curvedit.factors import load_factors, save_factors  # noqa: PLC0415
+    from curvedit.factors import (  # noqa: PLC0415
+        check_factors_match, load_factors, model_identity, save_factors)
+    from curvedit.io import write_json  # noqa: PLC0415
 
     budgets = list(options.budgets)
     if not budgets or budgets != sorted(set(budgets)) or budgets[0] < 1:
@@ -155,15 +162,28 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
         raise FactorError(f"the data holds {available} tokens, fewer than the largest budget {budgets[-1]}")
     out = Path(out)
 
+    identity = model_identity(model, targets)
+
     def factors_for(budget: int, label_mode: str) -> FactorSet:
+        """A budget's factors, read back only when the folder holds this very run's (same model
+        weights, targets, data, labels, seed and batch size), else collected anew."""
         folder = out / (f"tokens-{budget}" if label_mode == "sampled" else f"gold-{budget}")
-        if (folder / "factors.safetensors").is_file():
-            return load_factors(folder)
-        batches = lm_batches(prefix_by_tokens(sequences, budget), options.batch_size, pad_id)
+        data = prefix_by_tokens(sequences, budget)
+        key = hashlib.sha256(json.dumps({"model": identity, "targets": [t.name for t in targets], "data": data,
+                                         "labels": label_mode, "seed": options.seed,
+                                         "batch": options.batch_size}, sort_keys=True).encode()).hexdigest()
+        stamp = folder / KEY_FILE
+        if (folder / "factors.safetensors").is_file() and stamp.is_file() and \
+                json.loads(stamp.read_text()).get("key") == key:
+            factors = load_factors(folder)
+            check_factors_match(factors, targets)  # the checks `edit` makes
+            return factors
+        batches = lm_batches(data, options.batch_size, pad_id)
         factors = collect_factors(model, batches, targets, options=CollectOptions(
             label_mode=label_mode, seed=options.seed, progress=options.progress, total_tokens=budget,
             description=f"first {budget} tokens"))
         save_factors(factors, folder)
+        write_json(stamp, {"key": key})
         return factors
 
     sets = {b: factors_for(b, "sampled") for b in budgets}
