@@ -347,6 +347,9 @@ ROWS += [
      "are memorized windows themselves"),
     *[(f"collect: a GGUF file {what}", lambda w, f=file: collect(w, w.root / f, w.out("c")), "not a complete GGUF")
       for what, file in [("cut inside its header", "cut-header.gguf"), ("cut inside its tensors", "cut-tensors.gguf")]],
+    ("converge: --out inside an input factor folder (--overwrite)",
+     lambda w: ["converge", "--factors-a", w.factors, "--factors-b", w.root / "factors-copy", "--out",
+                w.factors / "factors.json", "--overwrite"], "inside the input folder"),
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),

@@ -241,3 +241,18 @@ def test_a_second_writer_of_one_output_is_refused_while_the_first_holds_it(lm_di
     assert done.exit_code == 0, done.output
     again = CliRunner().invoke(app, args + ["--overwrite"])  # the first run released its lock when it ended
     assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("command", [["demo", "--smoke"], ["study", "smollm2", "--seeds", "0"]])
+def test_demo_and_study_refuse_to_replace_a_user_s_report_in_their_folder(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes\n")
+    result = CliRunner().invoke(app, [*command, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2 and "curvedit did not write" in result.output and "--overwrite" in result.output
+    assert (out / "report.md").read_text() == "my own notes\n" and sorted(p.name for p in out.iterdir()) == [
+        "report.md"]

@@ -251,6 +251,15 @@ def _check_writable(out: Path, option: str) -> None:
 
 
 _HELD_LOCKS: list[Any] = []
+OUTPUT_STAMP = ".curvedit-output"  # marks a reusable folder (demo, study) as curvedit's own
+
+
+def stamp_output(out: Path) -> None:
+    """Mark a reusable output folder as curvedit's: later runs may replace the files it wrote."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / OUTPUT_STAMP
+    if not stamp.exists():
+        stamp.write_text("This folder is written by curvedit (demo / study); a rerun replaces its reports.\n")
 
 
 def lock_output(out: Path, option: str = "--out") -> None:
@@ -314,13 +323,14 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
             output as a whole, and any entry makes it taken.
         state: entries (globs) of an unfinished run that `--resume` continues.
         resume: `--resume` was given.
-        reuse: the folder is a cache the command reads back (demo, study): only its kind and
-            writability are checked.
+        reuse: the folder is a cache the command reads back (demo, study): its kind and
+            writability are checked, and when it lacks curvedit's stamp (`stamp_output`) any
+            existing entry matching `names` is a user's file, refused without `overwrite`.
         option: the option's name, for messages.
 
     Raises:
         CurveditError: `out` is a file where a folder is expected or the reverse, is the input
-            model's folder or one of `inputs`, holds output without `overwrite` (or only an
+            model's folder or one of `inputs` (or inside an input folder), holds output without `overwrite` (or only an
             unfinished run without `resume`), cannot be written, or is being written by another
             run (the checks end by taking its lock, `lock_output`).
     """
@@ -332,12 +342,19 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
     for given in inputs:
         if Path(given).exists() and _same_path(out, Path(given)):
             fail(f"{option} {out} is one of the inputs; give another path")
+        if Path(given).is_dir() and Path(given).resolve() in Path(out).resolve().parents:
+            fail(f"{option} {out} is inside the input folder {given}; give a path outside it")
     if kind == "dir" and out.exists() and not out.is_dir():
         fail(f"{option} {out} is a file; give a folder")
     if kind == "file" and out.is_dir():
         fail(f"{option} {out} is a folder; give a file path")
     if kind == "file" and out.exists() and not overwrite:
         fail(f"{out} exists; pass --overwrite to replace it")
+    if kind == "dir" and out.is_dir() and reuse and not overwrite and not (out / OUTPUT_STAMP).exists():
+        theirs = sorted(p.name for p in out.iterdir() if any(fnmatch.fnmatchcase(p.name, n) for n in names or ()))
+        if theirs:
+            fail(f"{out} holds {', '.join(theirs[:3])} that curvedit did not write there; pass --overwrite to "
+                 "replace them, or give another folder")
     if kind == "dir" and out.is_dir() and not reuse:
         entries = sorted(p.name for p in out.iterdir())
         if names is not None:

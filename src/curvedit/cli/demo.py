@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import ProgressOpt, check_output, out_option
+from curvedit.cli.common import ProgressOpt, check_output, out_option, overwrite_option, stamp_output
+
+REPORT_FILES = ("report.md", "results.json", "*.png")
 
 
 def demo_command(
@@ -17,6 +19,7 @@ def demo_command(
     smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run on a tiny world (checks the plumbing)."),
     vision: bool = typer.Option(False, "--vision", help="Instead: a ViT that memorizes noisy labels in a "
                                                         "generated glyph world, and the edit that undoes it."),
+    overwrite: bool = overwrite_option("Replace report files in --out that curvedit did not write there."),
     progress: bool = ProgressOpt,
 ) -> None:
     """Run the paper end to end on a synthetic world: train, find, collect, sweep, edit, report."""
@@ -25,7 +28,8 @@ def demo_command(
         from curvedit.demo.vision_report import vision_table
 
         out = out or Path("demo-out/vision")
-        check_output(out, kind="dir", reuse=True)  # the folder caches the trained model
+        check_output(out, kind="dir", reuse=True, names=REPORT_FILES, overwrite=overwrite)  # caches the model
+        stamp_output(out)
         vision_options = smoke_vision_options(out) if smoke else VisionDemoOptions(out=out)
         vision_options.retrain, vision_options.progress = retrain, progress and not smoke
         results = run_vision_demo(vision_options)
@@ -37,7 +41,8 @@ def demo_command(
     from curvedit.demo.report import family_table, memorization_table
 
     out = out or Path("demo-out")
-    check_output(out, kind="dir", reuse=True)  # the folder caches the trained model
+    check_output(out, kind="dir", reuse=True, names=REPORT_FILES, overwrite=overwrite)  # caches the model
+    stamp_output(out)
     options = smoke_options(out) if smoke else DemoOptions(out=out)
     options.retrain, options.progress = retrain, progress and not smoke
     results = run_demo(options)

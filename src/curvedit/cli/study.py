@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import ProgressOpt, check_output, device_option, int_list, out_option
+from curvedit.cli.common import (ProgressOpt, check_output, device_option, int_list, out_option, overwrite_option,
+                                 stamp_output)
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -42,6 +43,7 @@ def smollm2_command(
     preserve: Optional[str] = typer.Option(None, "--preserve", help="Implant's general-text loss: ce or kl."),
     replay_samples: Optional[int] = typer.Option(
         None, "--replay-samples", help="Implant replays this many of the base model's own samples (0: pydoc)."),
+    overwrite: bool = overwrite_option("Replace report files in --out that curvedit did not write there."),
     progress: bool = ProgressOpt,
 ) -> None:
     """The paper's Table 1 on SmolLM2-135M-Instruct: implant canaries, find them, collect
@@ -50,7 +52,6 @@ def smollm2_command(
     from curvedit.studies.report import main_table
     from curvedit.studies.smollm2 import StudyOptions, run_study
 
-    check_output(out, kind="dir", reuse=True)  # the folder caches every stage: rerunning it continues
     base = StudyOptions()  # a flag left out keeps the study's default
     given = {"seeds": tuple(int_list(seeds, "--seeds")) if seeds is not None else None, "canaries": canaries,
              "factor_tokens": factor_tokens, "ppl_budget": ppl_budget,
@@ -62,6 +63,9 @@ def smollm2_command(
     options = replace(base, out=out, gguf=gguf, device=device, progress=progress,
                       **{k: v for k, v in given.items() if v is not None})
     options.validate()  # every setting, before the model is fetched
+    # the folder caches every stage: rerunning it continues
+    check_output(out, kind="dir", reuse=True, names=("report.md", "results.json", "*.png"), overwrite=overwrite)
+    stamp_output(out)
     results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  {results['wall_s'] / 60:.0f} min")
