@@ -256,3 +256,25 @@ def test_demo_and_study_refuse_to_replace_a_user_s_report_in_their_folder(tmp_pa
     assert result.exit_code == 2 and "curvedit did not write" in result.output and "--overwrite" in result.output
     assert (out / "report.md").read_text() == "my own notes\n" and sorted(p.name for p in out.iterdir()) == [
         "report.md"]
+
+
+def test_a_temporary_file_left_by_a_killed_write_neither_blocks_the_folder_nor_stays(lm_dir, text_jsonl, tmp_path):
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+
+    out = tmp_path / "factors"
+    out.mkdir()
+    fd, leftover = tempfile.mkstemp(dir=out, prefix=".checkpoint.safetensors.", suffix=".tmp")  # as io._atomic
+    os.close(fd)
+    (out / ".notes.tmp").write_text("a user's hidden file")  # not one of curvedit's: kept, and the folder is taken
+    args = ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out", str(out), "--seq-len", "16",
+            "--no-progress"]
+    taken = CliRunner().invoke(app, args)
+    assert taken.exit_code == 2 and ".notes.tmp" in taken.output
+    (out / ".notes.tmp").unlink()
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert not os.path.exists(leftover) and (out / "factors.safetensors").is_file()

@@ -23,6 +23,7 @@ def _default_mode() -> int:
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # `.NAME.XXXXXXXX.tmp` beside NAME (`curvedit.cli.common.is_temporary` recognises these)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -250,6 +250,13 @@ def _check_writable(out: Path, option: str) -> None:
         fail(f"{option} {out}: cannot write in {probe} ({err.strerror or err})")
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file of curvedit's atomic writes (`.NAME.XXXX.tmp`)."""
+    import re
+
+    return path.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", path.name) is not None
+
+
 _HELD_LOCKS: list[Any] = []
 OUTPUT_STAMP = ".curvedit-output"  # marks a reusable folder (demo, study) as curvedit's own
 
@@ -356,7 +363,7 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
             fail(f"{out} holds {', '.join(theirs[:3])} that curvedit did not write there; pass --overwrite to "
                  "replace them, or give another folder")
     if kind == "dir" and out.is_dir() and not reuse:
-        entries = sorted(p.name for p in out.iterdir())
+        entries = sorted(p.name for p in out.iterdir() if not is_temporary(p))
         if names is not None:
             entries = [e for e in entries if any(fnmatch.fnmatchcase(e, n) for n in names)]
         unfinished = [e for e in entries if any(fnmatch.fnmatchcase(e, s) for s in state)]
@@ -368,6 +375,10 @@ def check_output(out: Path, *, kind: str, overwrite: bool = False, model: Option
             fail(f"{out} holds an unfinished run ({', '.join(unfinished[:3])}); pass --resume to continue it")
     _check_writable(out, option)
     lock_output(out, option)
+    if kind == "dir" and out.is_dir():  # a write killed half-way left these; they are ours to remove
+        for leftover in out.iterdir():
+            if is_temporary(leftover):
+                leftover.unlink()
 
 
 def read_windows(path: Path, loaded: Any) -> list:
