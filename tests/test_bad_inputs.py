@@ -108,6 +108,17 @@ def ws(tmp_path_factory) -> Workspace:
     for name, cut in (("cut-header.gguf", 100), ("cut-tensors.gguf", whole.stat().st_size // 2)):
         (root / name).write_bytes(whole.read_bytes()[:cut])
     whole.unlink()
+    shutil.copytree(w.factors, root / "factors-tampered")  # a symmetric permutation of A under an intact header
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(root / "factors-tampered" / "factors.safetensors"), "pt") as handle:
+        kept_meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    key = next(k for k in tensors if k.endswith(".A"))
+    order = [1, 0, *range(2, tensors[key].shape[0])]
+    tensors[key] = tensors[key][order][:, order].contiguous()
+    save_file(tensors, str(root / "factors-tampered" / "factors.safetensors"), metadata=kept_meta)
+    (root / "canary-unknown.jsonl").write_text(json.dumps({"text": "THE QUICK BROWN FOX JUMPS OVER THE DOG"}) + "\n")
     (root / "no-metrics.json").write_text(json.dumps({"schema": "curvedit-evaluation/1", "name": "x"}))
     (root / "ids-bools.jsonl").write_text(json.dumps({"input_ids": [True, 3, 4, 5]}) + "\n")
     (root / "ids-outside.jsonl").write_text(json.dumps({"input_ids": [3, 4, 99, 5, 6, 7]}) + "\n")
@@ -350,6 +361,11 @@ ROWS += [
     ("converge: --out inside an input factor folder (--overwrite)",
      lambda w: ["converge", "--factors-a", w.factors, "--factors-b", w.root / "factors-copy", "--out",
                 w.factors / "factors.json", "--overwrite"], "inside the input folder"),
+    ("edit: a factor tensor altered under an intact header",
+     lambda w: edit(w, w.model, w.out("e"), factors=w.root / "factors-tampered"), "checksum"),
+    ("implant: a canary in characters the tokenizer does not know",
+     lambda w: ["implant", "--model", w.model, "--canaries", w.root / "canary-unknown.jsonl", "--prefix", 8,
+                "--suffix", 8, "--seq-len", 16, "--out", w.out("i"), "--no-progress"], "does not know"),
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),
