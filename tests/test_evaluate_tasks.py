@@ -19,6 +19,17 @@ def write_lines(path, *rows):
     return path
 
 
+def local_choice_task(tmp_path, task, data, text_field):
+    """An lm-eval multiple-choice task over a local JSONL (`text_field`, `choices`, `label`) in `tmp_path/yaml`."""
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ntarget_delimiter: ''\n"
+        f'doc_to_text: "{{{{{text_field}}}}}"\ndoc_to_choice: "{{{{choices}}}}"\ndoc_to_target: "{{{{label}}}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+
+
 @pytest.fixture(scope="module")
 def reciter():
     return trained_reciter()
@@ -108,13 +119,7 @@ def test_lm_eval_bridge_runs_a_local_task_on_the_in_memory_model(reciter, tmp_pa
     data = write_lines(tmp_path / "recite.jsonl",
                        *({"question": t[:PREFIX], "choices": [h[PREFIX:], t[PREFIX:]], "label": 1}
                          for t, h in zip(MEMORIZED, HELDOUT)))
-    (tmp_path / "yaml").mkdir()
-    (tmp_path / "yaml" / "recite.yaml").write_text(
-        "task: curvedit_recite\ndataset_path: json\n"
-        f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\ntarget_delimiter: ''\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    local_choice_task(tmp_path, "curvedit_recite", data, "question")
     results = run_lm_eval(reciter.model, reciter.tokenizer, ["curvedit_recite"], batch_size=4,
                           include_path=tmp_path / "yaml", include_defaults=False)
     assert results == {"curvedit_recite": {"acc,none": 1.0}}
@@ -141,13 +146,7 @@ def test_lm_eval_scores_capability_items_from_a_local_yaml_as_curvedit_does(tmp_
     items = [item for task in tasks for item in task.items]
     data = write_lines(tmp_path / "suite.jsonl", *({"context": i.fewshot + i.prompt, "choices": list(i.choices),
                                                       "label": i.answer} for i in items))
-    (tmp_path / "yaml").mkdir()
-    (tmp_path / "yaml" / "suite.yaml").write_text(
-        "task: curvedit_suite\ndataset_path: json\n"
-        f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\ntarget_delimiter: ''\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    local_choice_task(tmp_path, "curvedit_suite", data, "context")
     ours = run_tasks(model, tokenizer, [Task("suite", tmp_path, tuple(items))], TaskOptions(batch_size=8))[0]
     theirs = run_lm_eval(model, tokenizer, ["curvedit_suite"], batch_size=8, include_path=tmp_path / "yaml",
                          include_defaults=False)

@@ -134,13 +134,19 @@ def test_bad_grids_are_refused_with_the_reason(world):
         run_sweep(model, None, factors, SweepGrid(layers=("0",), rho=(0.5,)), [], heldout, quiet())
 
 
-def test_cli_sweep(tmp_path, lm_dir, text_jsonl):
-    runner = CliRunner()
+def factors_and_windows(tmp_path, lm_dir, text_jsonl):
+    """Factors collected through the CLI on the text corpus, and one memorized window."""
     factors = tmp_path / "factors"
-    assert runner.invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out", str(factors),
-                               "--seq-len", "16", "--no-progress"]).exit_code == 0
+    assert CliRunner().invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out",
+                                    str(factors), "--seq-len", "16", "--no-progress"]).exit_code == 0
     memorized = tmp_path / "tune.jsonl"
     memorized.write_text(json.dumps({"prefix": "the quick brown", "suffix": " fox jumps"}) + "\n")
+    return factors, memorized
+
+
+def test_cli_sweep(tmp_path, lm_dir, text_jsonl):
+    runner = CliRunner()
+    factors, memorized = factors_and_windows(tmp_path, lm_dir, text_jsonl)
     out = tmp_path / "sweep"
     args = ["sweep", "--model", str(lm_dir), "--factors", str(factors), "--layers-grid", "0;0-1",
             "--matrices", "mlp-in", "--rho-grid", "0.9", "--keep-grid", "0.5", "--memorized", str(memorized),
@@ -184,11 +190,7 @@ def test_sweep_under_a_probe_floor_through_the_cli(tmp_path, lm_dir, text_jsonl)
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runner = CliRunner()
-    factors = tmp_path / "factors"
-    assert runner.invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out", str(factors),
-                               "--seq-len", "16", "--no-progress"]).exit_code == 0
-    memorized = tmp_path / "tune.jsonl"
-    memorized.write_text(json.dumps({"prefix": "the quick brown", "suffix": " fox jumps"}) + "\n")
+    factors, memorized = factors_and_windows(tmp_path, lm_dir, text_jsonl)
     args = ["sweep", "--model", str(lm_dir), "--factors", str(factors), "--layers-grid", "0;0-1",
             "--matrices", "mlp", "--keep-grid", "0.02,0.5,0.98", "--memorized", str(memorized),
             "--heldout", str(text_jsonl), "--heldout-seq-len", "16", "--ppl-budget", "100", "--no-progress",
