@@ -25,7 +25,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=6, counts=(2, 4),
         implant=ImplantOptions(prefix_len=8, suffix_len=8, lr=1e-2, max_steps=80, eval_every=20, seq_len=48,
                                general_per_step=2, target_recall=1.0, checkpoint_every=0, preserve="kl"),
-        replay_samples=8, probe_floor=0.5,
+        replay_samples=8, probe_floor=0.5, factor_data="mix",
         ppl_sequences=8, factor_tokens=1500, layer_grid=("1", "0-1"), ppl_budget=100.0, bisect_steps=3,
         probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False, beyond_seeds=(0,))
     results = run_study(options, log=lambda _: None)
@@ -34,6 +34,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
     assert results["model"]["quantization"] == "F32"
     assert seed["implant"]["kl_after"] is not None  # the KL implant replayed the model's own samples
+    assert (options.cache / "seed-0" / "self-samples.json").is_file()  # half the factor text: its own samples
     assert set(results["base_probes"]) == set(FAMILIES) and all("usable" in v for v in results["base_probes"].values())
     for name in VARIANTS:
         v = seed["variants"][name]

@@ -43,6 +43,9 @@ def smollm2_command(
     preserve: Optional[str] = typer.Option(None, "--preserve", help="Implant's general-text loss: ce or kl."),
     replay_samples: Optional[int] = typer.Option(
         None, "--replay-samples", help="Implant replays this many of the base model's own samples (0: pydoc)."),
+    factor_data: Optional[str] = typer.Option(
+        None, "--factor-data", help="The factors' text: pydoc, self (the implanted model's own samples) or mix "
+                                    "[default: pydoc]."),
     overwrite: bool = overwrite_option("Replace report files in --out that curvedit did not write there."),
     progress: bool = ProgressOpt,
 ) -> None:
@@ -56,7 +59,8 @@ def smollm2_command(
     given = {"seeds": tuple(int_list(seeds, "--seeds")) if seeds is not None else None, "canaries": canaries,
              "factor_tokens": factor_tokens, "ppl_budget": ppl_budget,
              "layer_grid": tuple(g.strip() for g in layer_grid.split(";") if g.strip()) if layer_grid else None,
-             "probe_floor": probe_floor, "probe_items": probe_items, "replay_samples": replay_samples}
+             "probe_floor": probe_floor, "probe_items": probe_items, "replay_samples": replay_samples,
+             "factor_data": factor_data}
     implant_changes = {k: v for k, v in {"max_steps": implant_steps, "preserve": preserve}.items() if v is not None}
     if implant_changes:
         given["implant"] = replace(base.implant, **implant_changes)

@@ -86,6 +86,9 @@ class StudyOptions:
             this much; the others are reported as unusable for the model.
         probe_floor: the sweep's chosen edit must keep at least this share of the implanted
             model's accuracy in every used family (None: choose by recall and perplexity alone).
+        factor_data: the factors' text: "pydoc" (general text), "self" (the implanted model's
+            own samples, temperature 1, so inputs and sampled labels come from its
+            distribution) or "mix" (half of each).
         replay_samples: when > 0, the implant's general text is this many sequences sampled
             from the base model itself (temperature 1, seeded by the implant seed) instead of
             pydoc text; with `implant.preserve = "kl"` the model is pulled to its own
@@ -121,6 +124,7 @@ class StudyOptions:
     probe_margin: float = 0.1
     probe_floor: float | None = None
     replay_samples: int = 0
+    factor_data: str = "pydoc"
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)
     bsn_epochs: int = 4
     bsn_lr: float = 2.0
@@ -153,6 +157,8 @@ class StudyOptions:
                   (self.probe_floor is None or 0 < self.probe_floor <= 1,
                    f"the probe floor is a share in (0, 1], got {self.probe_floor}"),
                   (self.replay_samples >= 0, f"replay_samples must be >= 0, got {self.replay_samples}"),
+                  (self.factor_data in FACTOR_DATA,
+                   f"factor_data must be one of {sorted(FACTOR_DATA)}, got {self.factor_data!r}"),
                   (0 < self.heldout_share < 1, f"heldout_share must be in (0, 1), got {self.heldout_share}"),
                   (bool(self.layer_grid) and bool(self.matrices), "the layer grid and the matrices must be non-empty")]
         for ok, message in checks:
@@ -414,6 +420,40 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     return out
 
 
+FACTOR_DATA = {"pydoc": "pydoc_data.topics (general text, no canary)",
+               "self": "sequences the implanted model sampled itself (temperature 1)",
+               "mix": "half pydoc_data.topics, half the implanted model's own samples"}
+
+
+def factor_sequences(model: torch.nn.Module, tokenizer: Any, data: StudyData, options: StudyOptions, seed: int,
+                     model_key: str) -> list[list[int]]:
+    """The factors' text, `options.factor_tokens` tokens of it: pydoc text, the implanted model's
+    own samples (drawn once per seed and cached), or half of each."""
+    from curvedit.sampling import SampleOptions, sample_sequences  # noqa: PLC0415
+
+    if options.factor_data == "pydoc":
+        return data.factor_sequences(options.factor_tokens)
+    wanted = options.factor_tokens if options.factor_data == "self" else options.factor_tokens // 2
+    seq_len = options.implant.seq_len
+    count = math.ceil(1.25 * wanted / seq_len)  # samples that end at EOS are shorter
+
+    def draw() -> list[list[int]]:
+        return sample_sequences(model, tokenizer, SampleOptions(n=count, seq_len=seq_len, seed=seed, batch_size=64,
+                                                                progress=options.progress))
+
+    samples = cached(options.cache / f"seed-{seed}" / "self-samples.json",
+                     _key({"model": model_key, "n": count, "seq_len": seq_len, "seed": seed}), draw)
+    own, total = [], 0
+    for seq in samples:
+        if total >= wanted:
+            break
+        own.append(seq[: wanted - total])
+        total += len(own[-1])
+    if options.factor_data == "self":
+        return own
+    return data.factor_sequences(options.factor_tokens - total) + own
+
+
 def find_canaries(model, tokenizer, manifest: dict[str, Any], options: StudyOptions) -> tuple[list[Window], list[str]]:
     """Run `find_memorized` over the implanted canaries; the recited windows and their styles."""
     canaries = [Canary(text=c["text"], style=c["style"], count=c["count"], index=c["index"])
@@ -479,15 +519,16 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                          "least 2 (raise the implant steps or learning rate)")
     targets_all = select_targets(model, TargetSpec(preset="mlp"))
     factor_dir = folder / "factors"
-    factor_key = _key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch})
+    factor_key = _key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch,
+                       **({"data": options.factor_data} if options.factor_data != "pydoc" else {})})
 
-    factor_text = data.factor_sequences(options.factor_tokens)
+    factor_text = factor_sequences(model, tokenizer, data, options, seed, model_key)
 
     def collect() -> str:
         total = sum(len(s) for s in factor_text)
         factors = collect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets_all,
                                   options=CollectOptions(seed=seed, progress=options.progress, total_tokens=total,
-                                                         description="pydoc_data.topics (general text, no canary)"))
+                                                         description=FACTOR_DATA[options.factor_data]))
         save_factors(factors, factor_dir)
         return str(factor_dir)
 
