@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gguf_helpers import tiny_llama, write_tiny_llama_gguf
 
 from curvedit.evaluate.capabilities import FAMILIES
@@ -74,3 +76,55 @@ def test_the_base_model_cache_is_keyed_by_the_gguf_s_content_not_its_size(tmp_pa
     assert info_a["sha256"] != info_b["sha256"]
     _, again = prepare_base(StudyOptions(out=tmp_path / "study", gguf=second), log=lambda _: None)
     assert again == info_b
+
+
+def test_the_smollm2_study_file_states_the_study_s_own_settings():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from curvedit.studies.config import load_study_config
+
+    path = Path(__file__).parents[1] / "studies" / "smollm2" / "study.toml"
+    options = load_study_config(path)
+    assert options.out == path.parent / "." and options.config == path
+    assert replace(options, out=StudyOptions().out, config=None) == StudyOptions()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seedz = [0]\n", "unknown field"), ("[implant]\nlearning_rate = 1\n", "unknown \\[implant\\] field"),
+    ("seeds = 3\n", "must be a list"), ("ppl_budget = 0.5\n", "perplexity budget"), ("seeds = [\n", "not a valid TOML"),
+    ("probe_families = ['add_1d', 'poetry']\n", "poetry"), ("model = 'x'\ngguf = 'y.gguf'\n", "not both")])
+def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
+    from curvedit.studies.config import load_study_config
+    from curvedit.studies.smollm2 import StudyError
+
+    (tmp_path / "study.toml").write_text(text)
+    with pytest.raises(StudyError, match=message):
+        load_study_config(tmp_path / "study.toml")
+
+
+def test_study_run_takes_any_model_and_general_text_from_a_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+
+    tiny_llama(context=1024).save_pretrained(tmp_path / "model")  # an HF folder, not the SmolLM2 GGUF
+    write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "t.gguf")
+    from curvedit.models import load_model
+
+    load_model(tmp_path / "t.gguf").preprocessor.save_pretrained(tmp_path / "model")
+    text = "hello world " * 40
+    (tmp_path / "general.jsonl").write_text("".join(json.dumps({"text": text + str(i)}) + "\n" for i in range(60)))
+    (tmp_path / "study.toml").write_text(
+        'out = "study"\nmodel = "model"\ngeneral = "general.jsonl"\nseeds = [0]\ncanaries = 4\ncounts = [2]\n'
+        'ppl_sequences = 4\nfactor_tokens = 600\nlayer_grid = ["1"]\nmatrices = ["mlp"]\nppl_budget = 100.0\n'
+        'bisect_steps = 2\nprobe_items = 2\nprobe_families = ["add_1d", "copying"]\nbsn_ratios = [0.05]\n'
+        'bsn_epochs = 1\nbatch_size = 8\nbeyond_seeds = []\n'
+        "[implant]\nprefix_len = 8\nsuffix_len = 8\nlr = 1e-2\nmax_steps = 60\neval_every = 20\nseq_len = 32\n"
+        "general_per_step = 2\ntarget_recall = 1.0\ncheckpoint_every = 0\n")
+    result = CliRunner().invoke(app, ["study", "run", str(tmp_path / "study.toml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert results["data"]["general"].endswith("general.jsonl") and results["model"]["name"] == "model"
+    assert set(results["base_probes"]) == {"add_1d", "copying"}
+    assert "curvedit study run" in (tmp_path / "study" / "report.md").read_text()

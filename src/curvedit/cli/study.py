@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import (ProgressOpt, check_output, device_option, int_list, out_option, overwrite_option,
-                                 stamp_output)
+from curvedit.cli.common import (ProgressOpt, check_device, check_output, device_option, int_list, out_option,
+                                 overwrite_option, stamp_output)
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -73,6 +73,33 @@ def smollm2_command(
     results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  {results['wall_s'] / 60:.0f} min")
+
+
+@study_app.command("run")
+def run_command(
+    config: Path = typer.Argument(..., help="A study file (TOML): StudyOptions fields, implant settings in "
+                                            "[implant]; see studies/smollm2/study.toml."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (overrides the file)."),
+    overwrite: bool = overwrite_option("Replace report files in the study's out folder that curvedit did not "
+                                       "write there."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Run the study protocol a file describes, on any causal LM (HF folder or name, or GGUF)."""
+    from curvedit.studies.config import load_study_config
+    from curvedit.studies.report import main_table
+    from curvedit.studies.smollm2 import run_study
+
+    options = load_study_config(config)
+    if device is not None:
+        options = replace(options, device=check_device(device))
+    options = replace(options, progress=progress)
+    check_output(options.out, kind="dir", reuse=True, names=("report.md", "results.json", "*.png"),
+                 overwrite=overwrite)
+    stamp_output(options.out)
+    results = run_study(options, log=lambda line: typer.echo(line, err=True))
+    typer.echo(main_table(results))
+    typer.echo(f"\nreport: {options.out / 'report.md'}  results: {options.out / 'results.json'}  "
+               f"{results['wall_s'] / 60:.0f} min")
 
 
 def register(app: typer.Typer) -> None:

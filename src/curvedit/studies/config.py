@@ -1,0 +1,79 @@
+"""A study as a configuration file: `curvedit study run study.toml`.
+
+The file sets `StudyOptions` fields by name (the model, general text, canaries, implant
+settings, capability families, layer grid, budget, probe floor, seeds, ...), with the implant
+settings in an `[implant]` table; a field left out keeps the SmolLM2 study's default, so
+`studies/smollm2/study.toml` reproduces `curvedit study smollm2`. Relative paths (`out`,
+`gguf`, and `model` / `general` when they name something that exists) are taken from the
+file's folder. Every stage stays cached by content, so changing, say, the probe families
+reruns only what measures them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from curvedit.implant import ImplantOptions
+from curvedit.studies.smollm2 import StudyError, StudyOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_NOT_IN_FILES = {"progress", "config"}
+
+
+def _tuple_fields() -> set[str]:
+    return {f.name for f in fields(StudyOptions) if str(f.type).startswith("tuple")}
+
+
+def load_study_config(path: str | Path) -> StudyOptions:
+    """Read a study file into `StudyOptions` (validated).
+
+    Args:
+        path: a TOML file.
+
+    Returns:
+        The options, with `config` set to the file.
+
+    Raises:
+        StudyError: a missing or malformed file, an unknown field, or a setting
+            `StudyOptions.validate` refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: not a valid TOML file ({err})") from None
+    base = StudyOptions()
+    implant_table = data.pop("implant", {})
+    allowed = {f.name for f in fields(StudyOptions)} - _NOT_IN_FILES - {"implant"}
+    unknown = sorted(set(data) - allowed)
+    if unknown or not isinstance(implant_table, dict):
+        raise StudyError(f"{path}: unknown field(s) {unknown or ['implant (must be a table)']}; "
+                         f"allowed: {sorted(allowed | {'implant'})}")
+    implant_allowed = set(asdict(base.implant))
+    wrong = sorted(set(implant_table) - implant_allowed)
+    if wrong:
+        raise StudyError(f"{path}: unknown [implant] field(s) {wrong}; allowed: {sorted(implant_allowed)}")
+    for name in _tuple_fields() & set(data):
+        if not isinstance(data[name], list):
+            raise StudyError(f"{path}: {name} must be a list, got {data[name]!r}")
+        data[name] = tuple(data[name])
+    folder = path.parent
+    for name in ("out", "gguf"):
+        if data.get(name) is not None:
+            data[name] = folder / data[name] if not Path(data[name]).is_absolute() else Path(data[name])
+    for name in ("model", "general"):
+        if isinstance(data.get(name), str) and (folder / data[name]).exists():
+            data[name] = str(folder / data[name])
+    options = replace(base, **data, implant=ImplantOptions(**{**asdict(base.implant), **implant_table}),
+                      config=path)
+    options.validate()
+    return options
