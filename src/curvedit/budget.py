@@ -31,11 +31,10 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit
+from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit, prepare_bases
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import Eigenbasis, SelectionError, load_bases
-from curvedit.targeted import attach_forget_masses, forget_masses
+from curvedit.spectrum import Eigenbasis, SelectionError
 from curvedit.targets import Target
 
 KNOBS = ("keep_fraction", "rho")
@@ -342,6 +341,7 @@ def edit_within_budget(
     compute_dtype: str = "float64",
     masses: str = "kfac",
     forget: Sequence[Any] | None = None,
+    protect_dir: str | Path | None = None,
     device: str | None = None,
     eigh_precision: str = "float64",
     steps: int = 10,
@@ -364,6 +364,8 @@ def edit_within_budget(
         compute_dtype: "float64" or "float32" for the basis change.
         masses: "kfac", "ekfac" or "targeted" (see `curvedit.edit.EditPlan`).
         forget: the forget set's windows, for masses "targeted".
+        protect_dir: protect factors (`curvedit.protect`): their top mass, at each bisected
+            amount, is kept too.
         device: where to run eigh and the basis change.
         eigh_precision: "float64" or "float32" (see `curvedit.spectrum.sym_eigh`).
         steps: bisection steps (resolution `2**-steps`).
@@ -384,11 +386,8 @@ def edit_within_budget(
     if method != "svd":
         if factor_dir is None:
             raise EditError(f"method {method!r} needs a factor directory")
-        bases = load_bases(targets, factor_dir, device, eigh_precision)
-        if masses == "targeted":
-            if not forget:
-                raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
-            attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
+        bases = prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision,
+                              masses=masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
     search = bisect_amount(model, targets, bases, heldout_sequences, mode="within", budget=budget, knob=knob,
                            method=method, seed=seed, compute_dtype=compute_dtype, masses=masses, device=device,
                            steps=steps,

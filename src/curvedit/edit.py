@@ -25,6 +25,7 @@ from torch import nn
 from curvedit.errors import CurveditError
 from curvedit.spectrum import (MASSES, Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
                                select_by_masses, staircase, staircase_mask)
+from curvedit.protect import attach_protect_masses, protect_mask
 from curvedit.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
 from curvedit.targets import Target
 
@@ -78,6 +79,8 @@ class EditPlan:
         masses: what ranks the components: "kfac" (`lam_i * mu_j`), "ekfac" (the
             eigenvalue-corrected `S` stored by `collect --eigencorrect`) or "targeted" (the
             ratio of a forget set's masses to the general ones, `curvedit.targeted`).
+        protect: the amount of the protect selection (its pattern is ignored) for bases that
+            carry protect masses (`curvedit.protect`); None: each target's own rule.
     """
 
     rules: list[EditRule]
@@ -85,6 +88,7 @@ class EditPlan:
     seed: int = 0
     compute_dtype: str = "float64"
     masses: str = "kfac"
+    protect: EditRule | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -109,7 +113,8 @@ class EditPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "seed": self.seed, "compute_dtype": self.compute_dtype, "masses": self.masses,
-                "rules": [asdict(r) for r in self.rules]}
+                "rules": [asdict(r) for r in self.rules],
+                **({"protect": asdict(self.protect)} if self.protect is not None else {})}
 
     @classmethod
     def from_json(cls, path: str | Path, **given: Any) -> "EditPlan":
@@ -213,13 +218,24 @@ def change_basis_and_mask(weight_oi: torch.Tensor, basis: Eigenbasis, mask: torc
     return u_g @ (coeffs * mask) @ u_a.T
 
 
-def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac") -> torch.Tensor:
+def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac", protect: EditRule | None = None
+              ) -> torch.Tensor:
     """The curvature selection for a rule: top mass (`rho`) or top count (`keep_fraction`),
-    ranked by the K-FAC products `lam_i * mu_j` or (masses "ekfac") by the basis' `S`.
+    ranked by the K-FAC products `lam_i * mu_j` or (masses "ekfac") by the basis' `S`; when
+    the basis carries protect masses, united with the top protect mass at `protect`'s amount
+    (default: the rule's own; `curvedit.protect`).
 
     Raises:
         EditError: masses "ekfac" and the basis holds no `S`.
     """
+    mask = _general_mask(basis, rule, masses)
+    if basis.protect is not None:
+        amount = protect or rule
+        mask = mask | protect_mask(*basis.protect, amount.rho, amount.keep_fraction)
+    return mask
+
+
+def _general_mask(basis: Eigenbasis, rule: EditRule, masses: str) -> torch.Tensor:
     if masses == "ekfac":
         if basis.S is None:
             raise EditError("masses 'ekfac' need eigenvalue-corrected factors: run collect --eigencorrect")
@@ -308,7 +324,7 @@ def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasi
                 if bases is None or target.name not in bases:
                     raise EditError(f"{target.name}: no eigenbasis (factors) for method {plan.method!r}")
                 basis = bases[target.name].to(weight.device, dtype)
-                mask = kfac_mask(basis, rule, plan.masses)
+                mask = kfac_mask(basis, rule, plan.masses, plan.protect)
                 if plan.method != "kfac":
                     mask = control_mask(basis, int(mask.sum()), plan.method, generator)
                 edited = change_basis_and_mask(weight, basis, mask)
@@ -330,7 +346,8 @@ MANIFEST_FILE = "curvedit-edit.json"
 
 def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_dir: str | Path | None = None,
                device: str | torch.device | None = None, eigh_precision: str = "float64",
-               forget: Sequence[Any] | None = None, pad_id: int = 0) -> AppliedEdit:
+               forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
+               ) -> AppliedEdit:
     """Check the factors against the model, get the (cached) eigenbases, apply the plan.
 
     Args:
@@ -343,6 +360,8 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
             fallback (see `curvedit.spectrum.sym_eigh`).
         forget: the forget set's windows (`curvedit.windows.Window`) for masses "targeted".
         pad_id: padding id of the forget pass.
+        protect_dir: a factor folder collected (from this model) on a population to keep:
+            components in its top mass are kept too (`curvedit.protect`).
 
     Returns:
         The `AppliedEdit` (call `.undo()` to restore the model).
@@ -353,7 +372,6 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         SelectionError: a keep fraction that keeps no component of a target.
     """
     from curvedit.factors import without_eigencorrections  # noqa: PLC0415
-    from curvedit.spectrum import load_bases  # noqa: PLC0415
 
     for target in targets:  # before any eigendecomposition is computed or cached
         rule = plan.rule_for(target.name)
@@ -371,12 +389,36 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
             if missing:
                 raise EditError(f"masses 'ekfac' need eigenvalue-corrected factors, and {factor_dir} has none for "
                                 f"{missing[0]}{' and others' if len(missing) > 1 else ''}: run collect --eigencorrect")
-        bases = load_bases(targets, factor_dir, device, eigh_precision)
-        if plan.masses == "targeted":
-            if not forget:
-                raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
-            attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
+        bases = prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision,
+                              masses=plan.masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
     return apply_edit(targets, plan, bases, device)
+
+
+def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path, *,
+                  device: str | torch.device | None = None, eigh_precision: str = "float64", masses: str = "kfac",
+                  forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
+                  ) -> dict[str, Eigenbasis]:
+    """The targets' (cached) eigenbases, checked against the model, with what the plan's
+    ranking needs attached: a forget set's masses ("targeted") and a protected population's
+    masses (`protect_dir`, a factor folder collected on it from the same model).
+
+    Raises:
+        FactorError: factors (or protect factors) of another model, or missing for a target.
+        EditError: masses "targeted" without a forget set.
+    """
+    from curvedit.factors import check_factors_match, load_factors  # noqa: PLC0415
+    from curvedit.spectrum import load_bases  # noqa: PLC0415
+
+    bases = load_bases(targets, factor_dir, device, eigh_precision)
+    if masses == "targeted":
+        if not forget:
+            raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
+        attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
+    if protect_dir is not None:
+        protect = load_factors(protect_dir)
+        check_factors_match(protect, targets)
+        attach_protect_masses(bases, protect)
+    return bases
 
 
 def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None,

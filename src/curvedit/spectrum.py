@@ -44,6 +44,8 @@ class Eigenbasis:
         S: `(d_out, d_in)` eigenvalue-corrected masses measured in this basis
             (`curvedit.eigencorrect`), or None.
         forget: `(d_out, d_in)` a forget set's masses in this basis (`curvedit.targeted`), or None.
+        protect: (`p` `(d_out,)`, `q` `(d_in,)`) a protected population's curvature along these
+            eigenvectors (`curvedit.protect`), or None.
     """
 
     lam: torch.Tensor
@@ -52,13 +54,15 @@ class Eigenbasis:
     U_A: torch.Tensor
     S: torch.Tensor | None = None
     forget: torch.Tensor | None = None
+    protect: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str | None, dtype: torch.dtype) -> "Eigenbasis":
         """A copy on `device` in `dtype` (the optional masses too, when present)."""
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
+        protect = None if self.protect is None else (move(self.protect[0]), move(self.protect[1]))
         return Eigenbasis(move(self.lam), move(self.U_G), move(self.mu), move(self.U_A), move(self.S),
-                          move(self.forget))
+                          move(self.forget), protect)
 
 
 MASSES = ("kfac", "ekfac", "targeted")

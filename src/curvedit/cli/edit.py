@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,13 @@ def edit_command(
     forget: Optional[Path] = typer.Option(None, "--forget", help="Memorized windows to target: remove the components "
                                                                  "whose forget-set mass is largest relative to the "
                                                                  "general mass (implies --masses targeted)."),
+    protect: Optional[Path] = typer.Option(
+        None, "--protect", help="A factor folder collected (from this model) on a population to keep: components in "
+                                "its top curvature, expressed in the general eigenbasis, are kept too."),
+    protect_rho: Optional[float] = typer.Option(None, "--protect-rho", help="Protect mass kept [default: the edit's "
+                                                                             "own amount]."),
+    protect_keep_fraction: Optional[float] = typer.Option(None, "--protect-keep-fraction",
+                                                          help="Or a share of the components, by protect mass."),
     ppl_budget: Optional[float] = typer.Option(
         None, "--ppl-budget", help="Instead of --rho/--keep-fraction/--plan: bisect the strongest edit of the selected "
                                    "targets whose held-out perplexity stays within this x the unedited one (needs "
@@ -85,25 +93,37 @@ def edit_command(
         fail("--masses targeted needs --forget (the memorized windows to target)")
     if forget is not None:
         masses = "targeted"
+    if protect is None and (protect_rho is not None or protect_keep_fraction is not None):
+        fail("--protect-rho / --protect-keep-fraction set the amount of --protect: give the protect factors")
+    if protect_rho is not None and protect_keep_fraction is not None:
+        fail("give one of --protect-rho or --protect-keep-fraction")
+    protect_amount = (EditRule("*", rho=protect_rho, keep_fraction=protect_keep_fraction)
+                      if protect_rho is not None or protect_keep_fraction is not None else None)
+    if protect_amount is not None and ppl_budget is not None:
+        fail("with --ppl-budget the protect amount follows the bisected amount: give --protect alone")
     if eigh_precision not in EIGH_PRECISIONS:
         fail(f"--eigh-precision must be one of {', '.join(EIGH_PRECISIONS)}, got {eigh_precision!r}")
-    check_output(out, kind="dir", overwrite=overwrite, model=model, inputs=[p for p in (forget,) if p is not None])
+    check_output(out, kind="dir", overwrite=overwrite, model=model,
+                 inputs=[p for p in (forget, protect) if p is not None])
     if heldout is not None:
         check_corpus_source(heldout)
     search = None
     if ppl_budget is not None:
         plan = None
     elif plan_file is not None:
-        plan = EditPlan.from_json(plan_file, method=method, seed=seed, compute_dtype=compute_dtype, masses=masses)
+        plan = replace(EditPlan.from_json(plan_file, method=method, seed=seed, compute_dtype=compute_dtype,
+                                          masses=masses), protect=protect_amount)
     else:
         plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method or "kfac",
-                        seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac")
+                        seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac",
+                        protect=protect_amount)
     loaded = load_model(model, device=device, progress=progress)
     chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
     forget_windows = read_windows(forget, loaded) if forget is not None else None
     pad_id = default_pad_id(loaded.preprocessor)
     if plan is not None:
-        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision, forget_windows, pad_id)
+        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision, forget_windows, pad_id,
+                             protect_dir=protect)
     else:
         sequences = load_heldout(loaded, EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
                                                          heldout_max_tokens=heldout_max_tokens,
@@ -111,7 +131,8 @@ def edit_command(
         search, applied = edit_within_budget(
             loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, method=method or "kfac",
             seed=seed or 0, compute_dtype=compute_dtype or "float64", device=device, eigh_precision=eigh_precision,
-            masses=masses or "kfac", forget=forget_windows, steps=budget_steps, batch_size=batch_size,
+            masses=masses or "kfac", forget=forget_windows, protect_dir=protect, steps=budget_steps,
+            batch_size=batch_size,
             pad_id=pad_id, progress=progress)
         if not search.edited:
             typer.echo(search.table(), err=True)
@@ -120,6 +141,9 @@ def edit_command(
     manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
     if forget is not None:
         manifest["forget"] = {"path": str(forget), "windows": len(forget_windows)}
+    if protect is not None:
+        manifest["protect"] = {"factors": str(protect),
+                               "amount": "the edit's own" if protect_amount is None else asdict(protect_amount)}
     if search is not None:
         manifest["budget"] = {**search.to_dict(), "heldout": {"path": str(heldout), "seq_len": heldout_seq_len,
                                                               "max_tokens": heldout_max_tokens,
