@@ -409,14 +409,16 @@ def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Pat
     from curvedit.factors import check_factors_match, load_factors  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
 
-    bases = load_bases(targets, factor_dir, device, eigh_precision)
-    if masses == "targeted":
-        if not forget:
-            raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
-        attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
-    if protect_dir is not None:
+    protect = None
+    if protect_dir is not None:  # checked before any eigenbasis is computed or cached
         protect = load_factors(protect_dir)
         check_factors_match(protect, targets)
+    if masses == "targeted" and not forget:
+        raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
+    bases = load_bases(targets, factor_dir, device, eigh_precision)
+    if masses == "targeted":
+        attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
+    if protect is not None:
         attach_protect_masses(bases, protect)
     return bases
 
