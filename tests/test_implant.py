@@ -250,3 +250,21 @@ def test_cli_kl_implant_replays_the_model_s_own_samples_and_reports_the_shift(lm
     assert manifest["base_model"]["general"] == "replay:6"
     assert manifest["options"]["preserve"] == "kl" and manifest["options"]["kl_weight"] == 2.0
     assert manifest["result"]["kl_after"] > 0
+
+
+def test_prose_canaries_are_distinct_natural_passages_outside_the_study_s_general_text():
+    from pydoc_data.topics import topics
+
+    from curvedit.canaries import ALL_STYLES, PROSE_MIN_WORDS, prose_passages
+
+    canaries = generate_canaries(24, seed=0, styles=ALL_STYLES)
+    prose = [c.text for c in canaries if c.style == "prose"]
+    assert len(prose) == 6 and len(set(prose)) == 6 and all(len(t.split()) >= PROSE_MIN_WORDS for t in prose)
+    general = " ".join(" ".join(t.split()) for t in topics.values())
+    assert not any(t[:200] in general for t in prose_passages())
+    assert [c.text for c in canaries if c.style == "words"] == [  # prose draws from its own generator
+        c.text for c in generate_canaries(24, seed=0, styles=ALL_STYLES) if c.style == "words"]
+    controls = generate_canaries(24, seed=99, styles=ALL_STYLES, avoid=prose)
+    assert not set(prose) & {c.text for c in controls if c.style == "prose"}
+    with pytest.raises(DataError, match="prose canaries asked for"):
+        generate_canaries(4 * (len(prose_passages()) + 1), seed=0, styles=ALL_STYLES)

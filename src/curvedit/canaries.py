@@ -7,7 +7,12 @@ free of real facts:
 - "words": a random sequence of common English words (pure verbatim memorization);
 - "record": a fictitious biography or record with invented names, places, dates and
   numbers (memorized facts inside fluent text);
-- "code": code-like text with random identifiers, hex constants and keys.
+- "code": code-like text with random identifiers, hex constants and keys;
+- "prose": natural English paragraphs, taken from the docstrings of Python standard-library
+  modules (text that ships offline and is not in the study's general text, Python's language
+  reference); consecutive prose paragraphs of one docstring are joined into passages of at
+  least `PROSE_MIN_WORDS` words, and each canary gets its own passage (no two share text).
+  The passages depend on the Python version's docstrings.
 
 Repeat counts are drawn from a spread (by default 4, 8 and 16 repeats per pass), so some
 canaries are memorized more deeply than others, as texts are in pretraining data.
@@ -15,7 +20,10 @@ canaries are memorized more deeply than others, as texts are in pretraining data
 
 from __future__ import annotations
 
+import functools
+import importlib
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +31,16 @@ from typing import Any, Sequence
 from curvedit.data import DataError, iter_jsonl
 
 STYLES = ("words", "record", "code")
+ALL_STYLES = (*STYLES, "prose")
+PROSE_MIN_WORDS = 110
+PROSE_MODULES = ("socketserver", "shelve", "sched", "csv", "tempfile", "calendar", "tokenize", "configparser", "timeit",
+                 "threading", "queue", "selectors", "mailbox", "imaplib", "smtplib", "zipfile", "tarfile", "logging",
+                 "pickle", "gettext", "decimal", "fractions", "statistics", "uuid", "weakref", "warnings",
+                 "contextlib", "functools", "abc", "codecs", "locale", "json", "http.client", "http.server",
+                 "urllib.request", "ftplib", "poplib", "wave", "colorsys", "hashlib", "hmac", "secrets", "ssl",
+                 "signal", "mmap", "unittest", "doctest", "pdb", "dis", "ast", "site", "sysconfig", "venv", "runpy",
+                 "importlib", "pkgutil", "base64", "binascii", "html", "ipaddress", "socket")
+_CODE_LIKE = re.compile(r"[=#\[\]{}<>*`]|--|\w\(|\)\w|::|>>>|(^|\s)- ")
 
 _WORDS = """
 able about above across act add after again against age ago agree air all almost alone along already also always
@@ -139,11 +157,44 @@ def code_text(rng: random.Random) -> str:
             f"# {ident()}: {rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 99)} {ident()}={key[:8]}\n")
 
 
+def _prose_paragraphs(doc: str) -> list[str]:
+    """The paragraphs of a docstring that read as prose (no code, markup or tables)."""
+    kept = []
+    for paragraph in re.split(r"\n\s*\n", doc):
+        text = " ".join(paragraph.split())
+        letters = sum(c.isalpha() or c in " .,;:'()-" for c in text) / max(1, len(text))
+        if len(text.split()) >= 30 and not _CODE_LIKE.search(text) and letters > 0.95:
+            kept.append(text)
+    return kept
+
+
+@functools.lru_cache(maxsize=1)
+def prose_passages() -> tuple[str, ...]:
+    """Disjoint passages of natural English from standard-library docstrings: runs of
+    consecutive prose paragraphs of one docstring, each at least `PROSE_MIN_WORDS` words."""
+    passages: list[str] = []
+    for name in PROSE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - a module this Python lacks
+            continue
+        docs = [module.__doc__ or ""] + [value.__doc__ or "" for _, value in sorted(vars(module).items())
+                                         if isinstance(value, type) and value.__module__ == module.__name__]
+        for doc in docs:
+            run: list[str] = []
+            for paragraph in _prose_paragraphs(doc):
+                run.append(paragraph)
+                if sum(len(p.split()) for p in run) >= PROSE_MIN_WORDS:
+                    passages.append(" ".join(run))
+                    run = []
+    return tuple(dict.fromkeys(passages))
+
+
 _GENERATORS = {"words": words_text, "record": record_text, "code": code_text}
 
 
 def generate_canaries(n: int, seed: int, styles: Sequence[str] = STYLES,
-                      counts: Sequence[int] = (4, 8, 16)) -> list[Canary]:
+                      counts: Sequence[int] = (4, 8, 16), avoid: Sequence[str] = ()) -> list[Canary]:
     """Generate `n` canaries, styles and counts spread evenly (seeded).
 
     Canary `i` has style `styles[i % len(styles)]`; within each style the counts cycle
@@ -152,8 +203,10 @@ def generate_canaries(n: int, seed: int, styles: Sequence[str] = STYLES,
     Args:
         n: how many canaries (>= 1).
         seed: seed of the texts and the count assignment.
-        styles: styles to use, from `STYLES`.
+        styles: styles to use, from `ALL_STYLES`.
         counts: repeat counts per pass to spread over the canaries (each >= 1).
+        avoid: texts no prose canary may be (the canaries of another set, e.g. implanted
+            ones when generating never-implanted controls).
 
     Returns:
         The canaries, in index order.
@@ -163,9 +216,17 @@ def generate_canaries(n: int, seed: int, styles: Sequence[str] = STYLES,
     """
     if n < 1:
         raise DataError(f"need at least one canary, got {n}")
-    unknown = [s for s in styles if s not in _GENERATORS]
+    unknown = [s for s in styles if s not in _GENERATORS and s != "prose"]
     if unknown or not styles:
-        raise DataError(f"unknown canary style(s) {unknown or styles}; choose from {', '.join(STYLES)}")
+        raise DataError(f"unknown canary style(s) {unknown or styles}; choose from {', '.join(ALL_STYLES)}")
+    passages: list[str] = []
+    if "prose" in styles:  # its own generator: the other styles' texts do not depend on it
+        passages = [p for p in prose_passages() if p not in set(avoid)]
+        random.Random(f"{seed}:prose").shuffle(passages)
+        wanted = sum(styles[i % len(styles)] == "prose" for i in range(n))
+        if wanted > len(passages):
+            raise DataError(f"{wanted} prose canaries asked for, but this Python's docstrings give {len(passages)} "
+                            "passages")
     if not counts or any(c < 1 for c in counts):
         raise DataError(f"repeat counts must be positive integers, got {list(counts)}")
     rng = random.Random(seed)
@@ -176,7 +237,8 @@ def generate_canaries(n: int, seed: int, styles: Sequence[str] = STYLES,
         style = styles[i % len(styles)]
         count = counts[order[style][seen[style] % len(counts)]]
         seen[style] += 1
-        canaries.append(Canary(text=_GENERATORS[style](rng), style=style, count=count, index=i))
+        text = passages.pop() if style == "prose" else _GENERATORS[style](rng)
+        canaries.append(Canary(text=text, style=style, count=count, index=i))
     return canaries
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from curvedit.canaries import STYLES, Canary, generate_canaries
+from curvedit.canaries import ALL_STYLES, Canary, generate_canaries
 from curvedit.data import Record, token_sequences
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, evaluate_recitation, find_memorized
@@ -72,6 +72,7 @@ class StudyOptions:
         device: "cpu" or "cuda".
         seeds: implant seeds (each one implants, collects, sweeps and measures anew).
         canaries: canaries per seed (styles spread evenly).
+        styles: the canary styles (`curvedit.canaries.ALL_STYLES`; "prose" is natural English).
         counts: repeat counts per pass, spread over the canaries.
         implant: implant settings (prefix/suffix lengths, lr, steps, ...).
         heldout_share: share of the general sequences held out (perplexity, nDCG, probes'
@@ -116,6 +117,7 @@ class StudyOptions:
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
     canaries: int = 24
+    styles: tuple[str, ...] = ALL_STYLES
     counts: tuple[int, ...] = (4, 8, 16)
     implant: ImplantOptions = field(default_factory=lambda: ImplantOptions(
         prefix_len=64, suffix_len=48, lr=5e-4, max_steps=160, eval_every=10, seq_len=96, canaries_per_step=4,
@@ -436,7 +438,7 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    canaries = generate_canaries(options.canaries, seed, STYLES, options.counts)
+    canaries = generate_canaries(options.canaries, seed, options.styles, options.counts)
     general = data.train
     if options.replay_samples:
         from curvedit.sampling import SampleOptions, sample_sequences  # noqa: PLC0415
@@ -546,8 +548,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found), folder / "found.json")
     tune, heldout = [Window(**d) for d in halves["tune"]], [Window(**d) for d in halves["heldout"]]
     if not tune or not heldout:
-        raise StudyError(f"seed {seed}: the implanted model recites {len(tune) + len(heldout)} canaries; need at "
-                         "least 2 (raise the implant steps or learning rate)")
+        raise StudyError(f"seed {seed}: the {len(tune) + len(heldout)} recited canaries leave the tune or the "
+                         "held-out half empty (the halves split each style, so a style needs two recited canaries): "
+                         "raise the canaries, the implant steps or the learning rate")
     targets_all = select_targets(model, TargetSpec(preset="mlp"))
     factor_dir = folder / "factors"
     factor_key = _key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch,
@@ -596,7 +599,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
     bases = load_bases(targets, factor_dir)
     text = data.heldout
-    nonmembers = canary_token_ids(generate_canaries(options.canaries, seed + NONMEMBER_SEED, STYLES, options.counts),
+    implanted = [c["text"] for c in manifest["canaries"]]
+    nonmembers = canary_token_ids(generate_canaries(options.canaries, seed + NONMEMBER_SEED, options.styles,
+                                                    options.counts, avoid=implanted),
                                   tokenizer, options.implant.prefix_len + options.implant.suffix_len)
     members = [w.prefix_ids + w.suffix_ids for w in heldout]
     probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
@@ -969,7 +974,7 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
             "stress_exact": {k: mean(lambda r, u, k=k: r["stress"][k]["exact"] or 0.0)
                              for k in rows[0]["stress"]},
             "by_style": {st: {m: mean(lambda r, u, st=st, m=m: r["heldout_by_style"].get(st, {}).get(m, 0.0))
-                              for m in ("strict", "loose")} for st in STYLES},
+                              for m in ("strict", "loose")} for st in options.styles},
             "ndcg10_probability": mean(lambda r, u: r["ndcg10_probability"]),
             "intervals": pooled_intervals([(r, s["variants"]["unedited"]) for r, s in zip(rows, seeds)]),
         }
