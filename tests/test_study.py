@@ -116,7 +116,8 @@ def test_study_run_takes_any_model_and_general_text_from_a_file(tmp_path):
     text = "hello world " * 40
     (tmp_path / "general.jsonl").write_text("".join(json.dumps({"text": text + str(i)}) + "\n" for i in range(60)))
     (tmp_path / "study.toml").write_text(
-        'out = "study"\nmodel = "model"\ngeneral = "general.jsonl"\nseeds = [0]\ncanaries = 4\nstyles = ["words", "record"]\ncounts = [2]\n'
+        'out = "study"\nmodel = "model"\ngeneral = "general.jsonl"\nseeds = [0]\ncanaries = 4\n'
+        'styles = ["words", "record"]\ncounts = [2]\n'
         'ppl_sequences = 4\nfactor_tokens = 600\nlayer_grid = ["1"]\nmatrices = ["mlp"]\nppl_budget = 100.0\n'
         'bisect_steps = 2\nprobe_items = 2\nprobe_families = ["add_1d", "copying"]\nbsn_ratios = [0.05]\n'
         'bsn_epochs = 1\nbatch_size = 8\nbeyond_seeds = []\n'

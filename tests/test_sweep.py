@@ -206,3 +206,14 @@ def test_sweep_under_a_probe_floor_through_the_cli(tmp_path, lm_dir, text_jsonl)
     assert "usable: mine" in result.output
     no_tasks = runner.invoke(app, args[:-6] + ["--probe-floor", "0.9", "--out", str(tmp_path / "other")])
     assert no_tasks.exit_code == 2 and "--probe-floor needs --tasks" in no_tasks.output
+
+
+def test_sweep_protected_by_the_general_factors_is_the_plain_sweep(world):
+    model, factors, windows, heldout = world
+    grid = SweepGrid(layers=("0-1",), matrices=("mlp",), keep_fraction=(0.3, 0.7))
+    plain = run_sweep(model, None, factors, grid, windows, heldout, quiet())
+    protected = run_sweep(model, None, factors, grid, windows, heldout, quiet(), protect_dir=factors)
+    assert [(p.kept, p.perplexity) for p in protected.points] == [(p.kept, p.perplexity) for p in plain.points]
+    with pytest.raises(SweepError, match="svd"):
+        run_sweep(model, None, factors, SweepGrid(layers=("0",), keep_fraction=(0.5,), method="svd"), windows,
+                  heldout, quiet(), protect_dir=factors)

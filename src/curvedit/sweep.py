@@ -44,14 +44,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.budget import KNOBS, bisect_amount
-from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit
+from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit, prepare_bases
 from curvedit.errors import CurveditError
 from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
 from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import MASSES, load_bases
+from curvedit.spectrum import MASSES
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 
 METRICS = ("strict", "loose", "similarity")
@@ -428,7 +428,8 @@ class _Probes:
 
 def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | None, grid: SweepGrid,
               memorized_windows: Sequence[Window], heldout_sequences: Sequence[Sequence[int]],
-              options: SweepOptions | None = None, tasks: Sequence[Task] = ()) -> SweepResult:
+              options: SweepOptions | None = None, tasks: Sequence[Task] = (),
+              protect_dir: str | Path | None = None) -> SweepResult:
     """Evaluate every grid point in memory (edit, evaluate, undo) and mark front and choice.
 
     With `options.bisect_budget`, each (layers x matrices) cell gives one point instead,
@@ -447,6 +448,8 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         options: `SweepOptions`.
         tasks: task probes scored at every point (`curvedit.evaluate.capabilities.capability_tasks`
             or `curvedit.evaluate.tasks.load_tasks`); needed by `options.probe_floor`.
+        protect_dir: protect factors (`curvedit.protect`): every point also keeps their top mass
+            at its own amount.
 
     Returns:
         A `SweepResult` (call `.write(out_dir)` for JSON + PNG).
@@ -464,6 +467,8 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("the sweep needs at least one memorized window")
     if not heldout_sequences:
         raise SweepError("the sweep needs held-out sequences for perplexity")
+    if protect_dir is not None and grid.method == "svd":
+        raise SweepError("protection keeps components of the K-FAC eigenbasis: it does not apply to method 'svd'")
     if options.probe_floor is not None and not tasks:
         raise SweepError("a probe floor needs task probes (--tasks)")
     probes = _Probes(tokenizer, tasks, options.probe_margin)
@@ -478,7 +483,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
     if grid.method != "svd":
         if factor_dir is None:
             raise SweepError(f"method {grid.method!r} needs a factor directory")
-        bases = load_bases(union, factor_dir)
+        bases = prepare_bases(model, union, factor_dir, protect_dir=protect_dir)
     pad_id = default_pad_id(tokenizer)
     baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options, probes))
     if options.probe_floor is not None and not probes.usable:

@@ -53,6 +53,8 @@ def sweep_command(
     metric: str = typer.Option("loose", "--metric", help="Memorization to minimise: loose, strict or similarity."),
     tasks: Optional[Path] = typer.Option(None, "--tasks", help="Task probes scored at every point (a folder of "
                                                                 "task files, e.g. from `curvedit capabilities`)."),
+    protect: Optional[Path] = typer.Option(None, "--protect", help="Protect factors (see edit --protect): every "
+                                                                    "point also keeps their top mass at its amount."),
     probe_floor: Optional[float] = typer.Option(
         None, "--probe-floor", help="The chosen point must keep at least this share of the unedited accuracy in "
                                     "every probe family the unedited model gets clearly above chance."),
@@ -98,7 +100,7 @@ def sweep_command(
     heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
                                      max_tokens=heldout_max_tokens, text_field=text_field)
     result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options,
-                       tasks=probe_tasks)
+                       tasks=probe_tasks, protect_dir=protect)
     paths = result.write(out)
     base = result.baseline
     typer.echo(f"{'point':<44} {'strict':>7} {'loose':>7} {'dist':>7} {'ppl':>9} {'kept':>7}  front")
