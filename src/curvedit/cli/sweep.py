@@ -1,4 +1,5 @@
-"""The `sweep` and `analyze` commands (thin layers over `curvedit.sweep` and `curvedit.analysis`)."""
+"""The `sweep`, `analyze` and `layer-map` commands (thin layers over `curvedit.sweep`, `curvedit.analysis`
+and `curvedit.layer_map`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from curvedit.cli.common import (DeviceOpt, DtypeOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail,
-    float_list, model_option, out_option, overwrite_option, preset_option, read_windows, target_spec, targets_option)
+    float_list, int_list, model_option, out_option, overwrite_option, preset_option, read_windows, target_spec,
+    targets_option)
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -194,7 +196,55 @@ def analyze_command(
     typer.echo(f"wrote {len(written)} files to {out}")
 
 
+def layer_map_command(
+    model: str = model_option("HF model name or local directory (unedited)."),
+    factors: Path = typer.Option(..., "--factors", "-f", help="Factor directory covering every block's matrices."),
+    memorized: Path = typer.Option(..., "--memorized", help="Memorized windows (the tune half)."),
+    heldout: str = typer.Option(..., "--heldout", help="Held-out corpus for perplexity."),
+    out: Path = out_option("Folder for layer_map.json and layer_map.png."),
+    matrices: str = typer.Option("mlp-in", "--matrices", help="Preset or pattern edited in each placement."),
+    keep_fraction: float = typer.Option(0.9, "--keep-fraction", help="The fixed small edit: share kept."),
+    group_sizes: str = typer.Option("1,3", "--group-sizes", help="Placements of this many consecutive blocks."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="Probe task files (costs in probe points too)."),
+    heldout_seq_len: int = typer.Option(512, "--heldout-seq-len"),
+    heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    overwrite: bool = overwrite_option("Replace layer_map files in --out."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Where to cut: the same small edit at every block and run of blocks, alone; forgetting per unit of cost."""
+    from curvedit.data import check_corpus_source
+    from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.evaluate.tasks import load_tasks
+    from curvedit.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map, middle_three
+    from curvedit.models import load_model
+
+    options = LayerMapOptions(matrices=matrices, keep_fraction=keep_fraction,
+                              group_sizes=int_list(group_sizes, "--group-sizes"), batch_size=batch_size,
+                              progress=progress)
+    options.validate()
+    probe_tasks = load_tasks(tasks) if tasks is not None else []
+    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(LAYER_MAP_JSON, LAYER_MAP_PNG))
+    check_corpus_source(heldout)
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    windows = read_windows(memorized, loaded)
+    sequences = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
+                                  max_tokens=heldout_max_tokens, text_field=text_field)
+    result = layer_map(loaded.model, loaded.preprocessor, factors, windows, sequences, options, tasks=probe_tasks)
+    n_layers = max(p.first + p.size for p in result.placements)
+    paths = result.write(out, mark=middle_three(n_layers))
+    typer.echo(f"{'blocks':<10} {'forgetting':>10} {'ppl rise':>9} {'per ppl':>9} {'probe pts':>9}")
+    for p in result.placements:
+        lost = "-" if p.probe_points_lost is None else f"{p.probe_points_lost:.1f}"
+        typer.echo(f"{p.layers:<10} {p.forgetting:>10.3f} {p.ppl_rise:>9.4f} {p.per_ppl:>9.2f} {lost:>9}")
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add `sweep` and `analyze` to the `curvedit` app."""
+    """Add `sweep`, `analyze` and `layer-map` to the `curvedit` app."""
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)
+    app.command("layer-map")(layer_map_command)
