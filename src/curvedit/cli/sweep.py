@@ -243,8 +243,55 @@ def layer_map_command(
     typer.echo(f"wrote {paths[0]} and {paths[1]}")
 
 
+def score_command(
+    model: str = model_option("HF model name or local directory (the factors' model)."),
+    factors: Path = typer.Option(..., "--factors", "-f", help="Factor directory."),
+    data: str = typer.Option(..., "--data", "-d", help="Text to score (JSONL text or input_ids, .txt, folder)."),
+    out: Path = out_option("JSONL of scores: {index, score, tokens} per sequence."),
+    flat_fraction: float = typer.Option(0.5, "--flat-fraction", help="Share of A's eigenvectors, from the "
+                                                                       "flattest, that count as flat."),
+    seq_len: int = typer.Option(112, "--seq-len", help="Sequence length for packing text."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    preset: Optional[str] = preset_option("Target preset [default: every factor target]."),
+    targets: Optional[List[str]] = targets_option(),
+    layers: Optional[str] = LayersOpt,
+    batch_size: int = typer.Option(16, "--batch-size"),
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    overwrite: bool = overwrite_option("Replace an existing --out file."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Label-free: each sequence's share of input activation energy in the flattest directions of A."""
+    from curvedit.data import check_corpus_source, read_records, token_sequences
+    from curvedit.flat_energy import flat_directions, flat_energy_shares
+    from curvedit.models import load_model
+    from curvedit.spectrum import load_bases
+    from curvedit.windows import default_pad_id, write_jsonl
+
+    if not 0 < flat_fraction < 1:
+        fail(f"--flat-fraction must be in (0, 1), got {flat_fraction}")
+    check_output(out, kind="file", overwrite=overwrite, model=model, inputs=[data])
+    check_corpus_source(data)
+    loaded = load_model(model, device=device, progress=progress)
+    chosen = _factor_targets(loaded.model, factors, preset, targets, layers)
+    bases = load_bases(chosen, factors)
+    for basis in bases.values():
+        flat_directions(basis, flat_fraction)
+    sequences = [s for s in token_sequences(read_records(data, text_field=text_field), loaded.preprocessor, seq_len,
+                                            max_tokens) if s]
+    if not sequences:
+        fail(f"{data}: no text to score")
+    scores = flat_energy_shares(loaded.model, chosen, bases, sequences, flat_fraction=flat_fraction,
+                                batch_size=batch_size, pad_id=default_pad_id(loaded.preprocessor))
+    write_jsonl(({"index": i, "score": s, "tokens": len(q)} for i, (s, q) in enumerate(zip(scores, sequences))),
+                out, overwrite=True)
+    typer.echo(f"scored {len(scores)} sequences (mean flat-energy share {sum(scores) / len(scores):.4f}); "
+               f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add `sweep`, `analyze` and `layer-map` to the `curvedit` app."""
+    """Add `sweep`, `analyze`, `layer-map` and `score` to the `curvedit` app."""
+    app.command("score")(score_command)
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)
     app.command("layer-map")(layer_map_command)

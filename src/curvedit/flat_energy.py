@@ -1,0 +1,109 @@
+"""Where a text's activations sit in the curvature spectrum: the flat-energy share (`curvedit score`).
+
+For a target with input factor `A = U_A diag(mu) U_A^T` (eigenvalues descending), the flat
+directions are the last `flat_fraction` of its eigenvectors, the input directions the general
+data barely uses. A sequence's flat-energy share at that target is
+
+    sum_t ||U_flat^T x_t||^2 / sum_t ||x_t||^2
+
+over its counted positions (every real token, or the suffix-predicting ones of a memorized
+window), and its score is the mean over targets. Recited text is reported to put more of its
+energy there than ordinary text (a label-free memorization score needing one forward pass);
+the study also uses it to ask where a canary style's energy sits against general text.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from curvedit.data import batched, pad_batch
+from curvedit.errors import CurveditError
+from curvedit.spectrum import Eigenbasis
+from curvedit.targets import Target
+
+
+class FlatEnergyError(CurveditError):
+    """A flat-energy request that cannot be computed (bad fraction, no sequence, ...)."""
+
+
+def flat_directions(basis: Eigenbasis, flat_fraction: float) -> torch.Tensor:
+    """The last `flat_fraction` of A's eigenvectors (lowest `mu`), `(d_in, k)`, k >= 1.
+
+    Raises:
+        FlatEnergyError: a fraction outside (0, 1).
+    """
+    if not 0 < flat_fraction < 1:
+        raise FlatEnergyError(f"the flat fraction must be in (0, 1), got {flat_fraction}")
+    d_in = basis.U_A.shape[1]
+    k = max(1, round(flat_fraction * d_in))
+    return basis.U_A[:, d_in - k:]
+
+
+@torch.no_grad()
+def flat_energy_shares(model: nn.Module, targets: Sequence[Target], bases: Mapping[str, Eigenbasis],
+                       sequences: Sequence[Sequence[int]], *, flat_fraction: float = 0.5,
+                       spans: Sequence[tuple[int, int]] | None = None, batch_size: int = 16,
+                       pad_id: int = 0) -> list[float]:
+    """Each sequence's flat-energy share, averaged over the targets.
+
+    Args:
+        model: the model the factors come from (run with `input_ids` and `attention_mask`).
+        targets: the targets whose inputs are read (forward hooks); each needs an eigenbasis.
+        bases: target name -> `Eigenbasis`.
+        sequences: token-id sequences.
+        flat_fraction: the share of A's eigenvectors, from the flattest, that counts as flat.
+        spans: per sequence, `(start, stop)` of the counted positions (default: all).
+        batch_size: sequences per forward pass.
+        pad_id: padding id.
+
+    Returns:
+        One share in [0, 1] per sequence, in order.
+
+    Raises:
+        FlatEnergyError: no sequence, an empty span, a target without an eigenbasis, or a
+            fraction outside (0, 1).
+    """
+    if not sequences:
+        raise FlatEnergyError("no sequence to score")
+    spans = list(spans) if spans is not None else [(0, len(s)) for s in sequences]
+    if any(stop <= start for start, stop in spans):
+        raise FlatEnergyError("a sequence with no counted position")
+    missing = [t.name for t in targets if t.name not in bases]
+    if missing:
+        raise FlatEnergyError(f"no eigenbasis for {missing[:3]}")
+    device = next(model.parameters()).device
+    flat = {t.name: flat_directions(bases[t.name], flat_fraction).to(device=device, dtype=torch.float64)
+            for t in targets}
+    current: dict[str, torch.Tensor] = {}
+    shares = torch.zeros(len(sequences), dtype=torch.float64)
+
+    def make_hook(target: Target):
+        def hook(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            x_btd = inputs[0].double()
+            mask_bt = current["mask"]
+            flat_bt = ((x_btd @ flat[target.name]) ** 2).sum(-1)
+            total_bt = (x_btd ** 2).sum(-1)
+            current["sum"] += (flat_bt * mask_bt).sum(1) / (total_bt * mask_bt).sum(1).clamp(min=1e-300)
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        rows = list(range(len(sequences)))
+        for chunk in batched(rows, batch_size):
+            batch = pad_batch([sequences[i] for i in chunk], pad_id)
+            index = torch.arange(batch["input_ids"].shape[1])
+            current["mask"] = torch.stack([(index >= spans[i][0]) & (index < spans[i][1]) for i in chunk]).to(
+                device, torch.float64)
+            current["sum"] = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            shares[chunk] = (current["sum"] / len(targets)).cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return shares.tolist()
