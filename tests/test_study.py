@@ -37,6 +37,10 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert results["model"]["quantization"] == "F32"
     assert seed["implant"]["kl_after"] is not None  # the KL implant replayed the model's own samples
     assert (options.cache / "seed-0" / "self-samples.json").is_file()  # half the factor text: its own samples
+    assert [p["layers"] for p in seed["layer_map"]["placements"]] == ["0", "1"]  # the 2-block model's map
+    assert (options.out / "seed-0" / "layer_map.png").is_file()
+    energy = seed["style_energy"]
+    assert {"general", "words", "record"} <= set(energy) and 0 < energy["general"]["mean"] < 1
     assert set(results["base_probes"]) == set(FAMILIES) and all("usable" in v for v in results["base_probes"].values())
     for name in VARIANTS:
         v = seed["variants"][name]
@@ -129,3 +133,24 @@ def test_study_run_takes_any_model_and_general_text_from_a_file(tmp_path):
     assert results["data"]["general"].endswith("general.jsonl") and results["model"]["name"] == "model"
     assert set(results["base_probes"]) == {"add_1d", "copying"}
     assert "curvedit study run" in (tmp_path / "study" / "report.md").read_text()
+
+
+def test_protected_variants_take_each_band_s_usable_families_and_leave_the_shared_bases_alone():
+    from conftest import tiny_gpt2
+
+    from curvedit.collect import CollectOptions, collect_factors
+    from curvedit.data import lm_batches
+    from curvedit.spectrum import eigenbasis
+    from curvedit.studies.capability_stages import protect_bands, protected_bases, variant_name
+    from curvedit.targets import TargetSpec, select_targets
+
+    assert protect_bands(["add_1d", "copying", "facts_common", "sub_1d"]) == {
+        "arithmetic": ["add_1d", "sub_1d"], "closed-book common": ["facts_common"]}
+    assert variant_name("closed-book rare") == "kfac_protect_facts_rare"
+    model = tiny_gpt2(vocab=11)
+    targets = select_targets(model, TargetSpec(preset="mlp-in"))
+    general = collect_factors(model, lm_batches([[1, 2, 3, 4, 5]] * 3, 3, 0), targets,
+                              options=CollectOptions(progress=False))
+    bases = {t.name: eigenbasis(general.targets[t.name]) for t in targets}
+    copies = protected_bases(model, bases, targets, [[6, 7, 8, 9], [9, 8, 7, 6]], pad_id=0, seed=0)
+    assert all(b.protect is None for b in bases.values()) and all(c.protect is not None for c in copies.values())

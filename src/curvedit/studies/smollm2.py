@@ -92,6 +92,11 @@ class StudyOptions:
             this much; the others are reported as unusable for the model.
         probe_floor: the sweep's chosen edit must keep at least this share of the implanted
             model's accuracy in every used family (None: choose by recall and perplexity alone).
+        protect_items: items per family the protected variants collect their protect factors on
+            (one variant per band of arithmetic / common facts / rare facts with a usable family;
+            0: none).
+        layer_map_keep: on the `beyond_seeds`, the layer map's fixed keep fraction on mlp-in
+            (`curvedit.layer_map`; None: no map).
         factor_data: the factors' text: "pydoc" (general text), "self" (the implanted model's
             own samples, temperature 1, so inputs and sampled labels come from its
             distribution) or "mix" (half of each).
@@ -136,6 +141,8 @@ class StudyOptions:
     probe_floor: float | None = None
     replay_samples: int = 0
     factor_data: str = "pydoc"
+    protect_items: int = 100
+    layer_map_keep: float | None = 0.9
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)
     bsn_epochs: int = 4
     bsn_lr: float = 2.0
@@ -169,6 +176,9 @@ class StudyOptions:
                   (self.probe_floor is None or 0 < self.probe_floor <= 1,
                    f"the probe floor is a share in (0, 1], got {self.probe_floor}"),
                   (self.replay_samples >= 0, f"replay_samples must be >= 0, got {self.replay_samples}"),
+                  (self.protect_items >= 0, f"protect_items must be >= 0, got {self.protect_items}"),
+                  (self.layer_map_keep is None or 0 < self.layer_map_keep < 1,
+                   f"layer_map_keep must be in (0, 1), got {self.layer_map_keep}"),
                   (self.factor_data in FACTOR_DATA,
                    f"factor_data must be one of {sorted(FACTOR_DATA)}, got {self.factor_data!r}"),
                   (0 < self.heldout_share < 1, f"heldout_share must be in (0, 1), got {self.heldout_share}"),
@@ -615,7 +625,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                          compute_dtype=options.compute_dtype)
     variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 3,
                         "probes": [options.probe_items, list(probes_used)],
-                        "bsn": [options.bsn_ratios, options.bsn_epochs, options.bsn_lr]})
+                        "bsn": [options.bsn_ratios, options.bsn_epochs, options.bsn_lr],
+                        "protect_items": options.protect_items})
     variants: dict[str, Any] = {}
 
     def variant(name: str, compute: Callable[[], dict[str, Any]]) -> None:
@@ -664,6 +675,19 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
 
     variant("bsn", bsn)
+    if options.protect_items:
+        from curvedit.studies.capability_stages import (  # noqa: PLC0415
+            family_texts, protect_bands, protected_bases, variant_name)
+
+        for band, families in protect_bands(probes_used).items():
+            def protected(families: list[str] = families, band: str = band) -> dict[str, Any]:
+                # arithmetic: other items than the probes; a fact family is its whole list, so in-sample
+                texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
+                copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
+                return _edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
+                    "note": f"K-FAC at the chosen amount with {band} protected", "protected": {
+                        "band": band, "families": families, "items": len(texts)}}
+            variant(variant_name(band), protected)
     extra = None
     if beyond:
         def compute_beyond() -> dict[str, Any]:
@@ -673,12 +697,37 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         beyond_key = _key({"variants": variant_key, "beyond": asdict(BEYOND), "v": 1})
         extra = stage("beyond", lambda: cached(folder / "beyond.json", beyond_key, compute_beyond),
                       folder / "beyond.json")
+    layer_map_result = None
+    if beyond and options.layer_map_keep is not None:
+        from curvedit.studies.capability_stages import run_layer_map  # noqa: PLC0415
+
+        def compute_map() -> dict[str, Any]:
+            few = capability_tasks_for_map(options, probes_used)
+            return run_layer_map(model, tokenizer, factor_dir, tune, ppl_text, options.out / f"seed-{seed}",
+                                 keep_fraction=options.layer_map_keep, tasks=few, batch_size=options.batch_size,
+                                 progress=options.progress)
+        map_key = _key({"factors": factor_key, "tune": halves["tune"], "keep": options.layer_map_keep,
+                        "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
+        layer_map_result = stage("layer_map", lambda: cached(folder / "layer_map.json", map_key, compute_map),
+                                 folder / "layer_map.json")
+
+    def energy() -> dict[str, Any]:
+        from curvedit.studies.capability_stages import style_energy  # noqa: PLC0415
+
+        windows = tune + heldout
+        return style_energy(model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
+                            batch_size=options.batch_size)
+
+    style_energy_result = stage("style_energy", lambda: cached(folder / "style_energy.json",
+                                                               _key({"variants": variant_key, "v": 1}), energy),
+                                folder / "style_energy.json")
     layers = sorted({t.layer for t in targets})
     shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
     stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
                                                 options.out / f"seed-{seed}", pad_id))
     implant_keys = ("steps", "recall", "perplexity_before", "perplexity_after", "kl_after", "stopped", "history")
     return {"seed": seed, "implant": {k: manifest["result"].get(k) for k in implant_keys},
+            "layer_map": layer_map_result, "style_energy": style_energy_result,
             "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
             "sweep": {"chosen": chosen, "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
                                                                       "strict", "loose", "perplexity")}
@@ -858,6 +907,14 @@ def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Pat
 
 
 PROBE_SEED = 1234
+LAYER_MAP_PROBE_ITEMS = 10  # per family: the layer map scores each of its placements on a short suite
+
+
+def capability_tasks_for_map(options: StudyOptions, families: Sequence[str]) -> list[Any]:
+    """The short suite the layer map scores every placement on."""
+    from curvedit.evaluate.capabilities import capability_tasks  # noqa: PLC0415
+
+    return capability_tasks(list(families), n=LAYER_MAP_PROBE_ITEMS, seed=PROBE_SEED) if families else []
 
 
 def study_tasks(options: StudyOptions, families: Sequence[str]) -> list[Any]:
@@ -951,10 +1008,10 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
     # retention is measured against the implanted model: families it no longer gets right say nothing
     kept = [f for f in used if all(s["variants"]["unedited"]["probes"].get(f) for s in seeds)]
     table: dict[str, Any] = {}
-    for name in VARIANTS:
-        rows = [s["variants"][name] for s in seeds if name in s["variants"]]
-        if not rows:
+    for name in dict.fromkeys([*VARIANTS, *(n for s in seeds for n in s["variants"])]):
+        if not all(name in s["variants"] for s in seeds):
             continue
+        rows = [s["variants"][name] for s in seeds]
 
         def mean(get: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
             values = [get(r, s["variants"]["unedited"]) for r, s in zip(rows, seeds)]
