@@ -10,7 +10,9 @@ from curvedit.plots import pyplot, save_figure
 
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
           "random_ppl": "random, matched ppl", "svd": "SVD, matched ppl", "bsn": "BalancedSubnet",
-          "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl"}
+          "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl",
+          "kfac_protect_arithmetic": "K-FAC, arithmetic protected", "kfac_protect_facts_common":
+          "K-FAC, common facts protected", "kfac_protect_facts_rare": "K-FAC, rare facts protected"}
 COMMAND = "curvedit study smollm2"
 
 
@@ -175,6 +177,42 @@ def retention_figure(results: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def layer_map_section(results: dict[str, Any]) -> list[str]:
+    """Per seed with a layer map: its figure, where the middle three blocks rank, and the best
+    placements."""
+    parts = []
+    for s in results["seeds"]:
+        lm = s.get("layer_map")
+        if not lm:
+            continue
+        opts = lm["options"]
+        rows = [[str(size), p["layers"], f"{p['forgetting']:.3f}", f"{p['ppl_rise']:.4f}", f"{p['per_ppl']:.2f}",
+                 "-" if p["probe_points_lost"] is None else f"{p['probe_points_lost']:.1f}"]
+                for size, p in sorted(lm["best"].items())]
+        mark = next((p for p in lm["placements"] if p["layers"] == lm["mark"]), None)
+        if mark is not None:
+            rows.append([f"{mark['size']} (the paper's kind)", mark["layers"], f"{mark['forgetting']:.3f}",
+                         f"{mark['ppl_rise']:.4f}", f"{mark['per_ppl']:.2f}",
+                         "-" if mark["probe_points_lost"] is None else f"{mark['probe_points_lost']:.1f}"])
+        rank = (f"the middle three blocks ({lm['mark']}) rank {lm['mark_rank']} of {lm['groups_of_three']} runs "
+                "of three by forgetting per perplexity rise" if lm.get("mark_rank") else "")
+        parts += [f"Seed {s['seed']}: {opts['matrices']} at keep {opts['keep_fraction']} in each placement alone"
+                  + (f"; {rank}" if rank else "") + f". ![layer map](seed-{s['seed']}/layer_map.png)",
+                  _table(["blocks", "best placement", "forgetting (loose)", "ppl rise", "forgetting / ppl rise",
+                          "probe points lost"], rows)]
+    return parts
+
+
+def energy_table(results: dict[str, Any]) -> str | None:
+    """Mean flat-energy share per canary style and of general text, per seed."""
+    seeds = [s for s in results["seeds"] if s.get("style_energy")]
+    if not seeds:
+        return None
+    keys = [k for k in seeds[0]["style_energy"] if k != "flat_fraction"]
+    return _table(["seed", *keys], [[str(s["seed"]), *[f"{s['style_energy'][k]['mean']:.4f}" for k in keys]]
+                                    for s in seeds])
+
+
 def targets_table(results: dict[str, Any]) -> str:
     """The issue's targets, per seed."""
     checks = results["summary"]["targets"]
@@ -309,6 +347,12 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "## Retention by family (share of the implanted model's accuracy / of the base model's, seed mean)",
         retention_table(results),
         *([f"![retention by family]({retention.name})"] if retention is not None else []),
+        *(["## Where each style's activation energy sits",
+            "Mean share of the canary windows' (and held-out general text's) input activation energy in the "
+            "flattest half of A's eigenvectors at the edited targets (`curvedit score`; higher = more in the "
+            "directions the edit removes first).", table]
+          if (table := energy_table(results)) else []),
+        *(["## Where to cut: the layer map", *parts] if (parts := layer_map_section(results)) else []),
         "## Targets of the issue", targets_table(results),
         *(["## Beyond the paper", *beyond_tables(results)] if any(s.get("beyond") for s in results["seeds"])
           else []),
