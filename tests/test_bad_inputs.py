@@ -378,6 +378,8 @@ ROWS += [
     ("score: --flat-fraction 1", lambda w: ["score", "--model", w.model, "--factors", w.factors, "--data", w.corpus,
                                             "--flat-fraction", 1, "--out", w.out("s.jsonl"), "--no-progress"],
      "--flat-fraction"),
+    ("edit: --method identity without saliency masses",
+     lambda w: edit(w, w.model, w.out("e"), "--method", "identity"), "masses 'saliency'"),
     ("report: a results file without \"metrics\"",
      lambda w: ["report", w.root / "no-metrics.json", "--out", w.out("rep")], "without its"),
     *[(f"study smollm2: {flag} {value!r}", lambda w, f=flag, v=value: ["study", "smollm2", "--out", w.out("study"),

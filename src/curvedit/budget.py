@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit, prepare_bases
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import Eigenbasis, SelectionError
+from curvedit.spectrum import Eigenbasis, SelectionError, identity_bases
 from curvedit.targets import Target
 
 KNOBS = ("keep_fraction", "rho")
@@ -383,7 +383,9 @@ def edit_within_budget(
         curvedit.factors.FactorError: factors missing or of another model.
     """
     bases = None
-    if method != "svd":
+    if method == "identity":
+        bases = identity_bases(targets)
+    elif method != "svd":
         if factor_dir is None:
             raise EditError(f"method {method!r} needs a factor directory")
         bases = prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision,

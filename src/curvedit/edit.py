@@ -24,12 +24,13 @@ from torch import nn
 
 from curvedit.errors import CurveditError
 from curvedit.spectrum import (MASSES, Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
-                               select_by_masses, staircase, staircase_mask)
+                               identity_bases, select_by_masses, staircase, staircase_mask)
 from curvedit.protect import attach_protect_masses, protect_mask
 from curvedit.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
 from curvedit.targets import Target
 
-METHODS = ("kfac", "svd", "random", "lowest")
+METHODS = ("kfac", "svd", "random", "lowest", "identity")
+BASIS_METHODS = ("kfac", "identity")  # the selection itself is the edit (no control drawn from its count)
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -77,8 +78,10 @@ class EditPlan:
         seed: seed of the "random" control.
         compute_dtype: "float64" (default) or "float32" for the basis change.
         masses: what ranks the components: "kfac" (`lam_i * mu_j`), "ekfac" (the
-            eigenvalue-corrected `S` stored by `collect --eigencorrect`) or "targeted" (the
-            ratio of a forget set's masses to the general ones, `curvedit.targeted`).
+            eigenvalue-corrected `S` stored by `collect --eigencorrect`), "targeted" (the
+            ratio of a forget set's masses to the general ones, `curvedit.targeted`) or
+            "saliency" (`lam_i mu_j C_ij^2`, the second-order cost of removing component
+            (i, j) of the weight's coefficients `C = U_G^T W U_A`, as Optimal Brain Damage).
         protect: the amount of the protect selection (its pattern is ignored) for bases that
             carry protect masses (`curvedit.protect`); None: each target's own rule.
     """
@@ -99,6 +102,9 @@ class EditPlan:
             raise EditError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
         if not self.rules:
             raise EditError("an edit plan needs at least one rule")
+        if self.method == "identity" and self.masses != "saliency":
+            raise EditError("method 'identity' makes every component (weight entry) equally curved: rank them with "
+                            "masses 'saliency' (W_ij^2, magnitude pruning)")
 
     def rule_for(self, name: str) -> EditRule:
         """The first rule matching `name`.
@@ -218,24 +224,34 @@ def change_basis_and_mask(weight_oi: torch.Tensor, basis: Eigenbasis, mask: torc
     return u_g @ (coeffs * mask) @ u_a.T
 
 
-def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac", protect: EditRule | None = None
-              ) -> torch.Tensor:
+def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac", protect: EditRule | None = None,
+              weight_oi: torch.Tensor | None = None) -> torch.Tensor:
     """The curvature selection for a rule: top mass (`rho`) or top count (`keep_fraction`),
     ranked by the K-FAC products `lam_i * mu_j` or (masses "ekfac") by the basis' `S`; when
     the basis carries protect masses, united with the top protect mass at `protect`'s amount
     (default: the rule's own; `curvedit.protect`).
 
     Raises:
-        EditError: masses "ekfac" and the basis holds no `S`.
+        EditError: masses "ekfac" and the basis holds no `S`, or "saliency" without the weight.
     """
-    mask = _general_mask(basis, rule, masses)
+    mask = _general_mask(basis, rule, masses, weight_oi)
     if basis.protect is not None:
         amount = protect or rule
         mask = mask | protect_mask(*basis.protect, amount.rho, amount.keep_fraction)
     return mask
 
 
-def _general_mask(basis: Eigenbasis, rule: EditRule, masses: str) -> torch.Tensor:
+def saliency_masses(basis: Eigenbasis, weight_oi: torch.Tensor) -> torch.Tensor:
+    """`lam_i mu_j C_ij^2` with `C = U_G^T W U_A`: the curvature cost of removing each component."""
+    coeffs = basis.U_G.T @ weight_oi.to(basis.U_G) @ basis.U_A
+    return basis.lam[:, None] * basis.mu[None, :] * coeffs ** 2
+
+
+def _general_mask(basis: Eigenbasis, rule: EditRule, masses: str, weight_oi: torch.Tensor | None) -> torch.Tensor:
+    if masses == "saliency":
+        if weight_oi is None:
+            raise EditError("masses 'saliency' rank the weight's own coefficients: give the weight")
+        return select_by_masses(saliency_masses(basis, weight_oi), rule.rho, rule.keep_fraction)
     if masses == "ekfac":
         if basis.S is None:
             raise EditError("masses 'ekfac' need eigenvalue-corrected factors: run collect --eigencorrect")
@@ -324,8 +340,8 @@ def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasi
                 if bases is None or target.name not in bases:
                     raise EditError(f"{target.name}: no eigenbasis (factors) for method {plan.method!r}")
                 basis = bases[target.name].to(weight.device, dtype)
-                mask = kfac_mask(basis, rule, plan.masses, plan.protect)
-                if plan.method != "kfac":
+                mask = kfac_mask(basis, rule, plan.masses, plan.protect, weight)
+                if plan.method not in BASIS_METHODS:
                     mask = control_mask(basis, int(mask.sum()), plan.method, generator)
                 edited = change_basis_and_mask(weight, basis, mask)
                 kept, total, mass = int(mask.sum()), mask.numel(), kept_mass(basis, mask, plan.masses)
@@ -381,7 +397,9 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
             raise SelectionError(f"{target.name}: keep fraction {rule.keep_fraction} keeps no component of {size} "
                                  "(the edit would zero the weight)")
     bases = None
-    if plan.method != "svd":
+    if plan.method == "identity":
+        bases = identity_bases(targets)
+    elif plan.method != "svd":
         if factor_dir is None:
             raise EditError(f"method {plan.method!r} needs a factor directory")
         if plan.masses == "ekfac":

@@ -65,7 +65,19 @@ class Eigenbasis:
                           move(self.forget), protect)
 
 
-MASSES = ("kfac", "ekfac", "targeted")
+MASSES = ("kfac", "ekfac", "targeted", "saliency")
+
+
+def identity_bases(targets: list[Target]) -> dict[str, "Eigenbasis"]:
+    """The standard basis for every target (A = I, G = I): components are weight entries and
+    every K-FAC mass is 1 (the `identity` method's control; with saliency masses it ranks entries by
+    `W_ij^2`, i.e. magnitude pruning)."""
+    bases = {}
+    for target in targets:
+        d_out, d_in = target.shape_oi
+        bases[target.name] = Eigenbasis(torch.ones(d_out, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64),
+                                        torch.ones(d_in, dtype=torch.float64), torch.eye(d_in, dtype=torch.float64))
+    return bases
 
 
 def basis_sha256(basis: Eigenbasis) -> str:

@@ -51,7 +51,7 @@ from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
 from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import MASSES
+from curvedit.spectrum import MASSES, identity_bases
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 
 METRICS = ("strict", "loose", "similarity")
@@ -480,7 +480,9 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
     union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
     bases = None
-    if grid.method != "svd":
+    if grid.method == "identity":
+        bases = identity_bases(union)
+    elif grid.method != "svd":
         if factor_dir is None:
             raise SweepError(f"method {grid.method!r} needs a factor directory")
         bases = prepare_bases(model, union, factor_dir, protect_dir=protect_dir)

@@ -22,8 +22,9 @@ def edit_command(
     rho: Optional[float] = typer.Option(None, "--rho", help="Fraction of curvature mass to keep, in (0, 1]."),
     keep_fraction: Optional[float] = typer.Option(None, "--keep-fraction", help="Fraction of components to keep."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="JSON plan: {pattern: rho} or {rules: [...]}."),
-    method: Optional[str] = typer.Option(None, "--method", help="kfac, svd, random or lowest [default: the plan's, "
-                                                                "else kfac]."),
+    method: Optional[str] = typer.Option(None, "--method", help="kfac, svd, random, lowest or identity (the standard "
+                                                                "basis: with --masses saliency, magnitude pruning) "
+                                                                "[default: the plan's, else kfac]."),
     seed: Optional[int] = typer.Option(None, "--seed",
                                        help="Seed of the random control [default: the plan's, else 0]."),
     device: str = DeviceOpt,
@@ -33,8 +34,9 @@ def edit_command(
     compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
                                                 help="float64 (default) or float32 for the edit's matrix products."),
     masses: Optional[str] = typer.Option(None, "--masses", help="What ranks the components: kfac (lam_i * mu_j, "
-                                                                "default), ekfac (needs collect --eigencorrect) or "
-                                                                "targeted (needs --forget)."),
+                                                                "default), ekfac (needs collect --eigencorrect), "
+                                                                "targeted (needs --forget) or saliency "
+                                                                "(lam_i * mu_j * C_ij^2)."),
     forget: Optional[Path] = typer.Option(None, "--forget", help="Memorized windows to target: remove the components "
                                                                  "whose forget-set mass is largest relative to the "
                                                                  "general mass (implies --masses targeted)."),

@@ -1,0 +1,73 @@
+"""Saliency masses (lam_i mu_j C_ij^2) and the identity basis: the controls of the frontier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_gpt2
+from curvedit.edit import EditError, EditPlan, EditRule, apply_edit, kfac_mask, saliency_masses
+from curvedit.spectrum import Eigenbasis, identity_bases, sym_eigh
+from curvedit.targets import TargetSpec, select_targets
+
+
+def random_basis(d_out: int, d_in: int, seed: int) -> Eigenbasis:
+    g = torch.Generator().manual_seed(seed)
+
+    def psd(d: int) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        return q @ torch.diag(torch.rand(d, generator=g, dtype=torch.float64) + 0.05) @ q.T
+
+    lam, u_g = sym_eigh(psd(d_out))
+    mu, u_a = sym_eigh(psd(d_in))
+    return Eigenbasis(lam, u_g, mu, u_a)
+
+
+def test_saliency_keeps_the_components_of_highest_curvature_times_coefficient_squared():
+    basis = random_basis(5, 4, 0)
+    weight = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    coeffs = basis.U_G.T @ weight @ basis.U_A
+    expected = torch.tensor([[float(basis.lam[i] * basis.mu[j] * coeffs[i, j] ** 2) for j in range(4)]
+                             for i in range(5)], dtype=torch.float64)
+    assert torch.allclose(saliency_masses(basis, weight), expected)
+    mask = kfac_mask(basis, EditRule(keep_fraction=0.25), "saliency", weight_oi=weight)
+    top5 = set(torch.argsort(expected.flatten(), descending=True)[:5].tolist())
+    assert set(torch.nonzero(mask.flatten()).flatten().tolist()) == top5
+    with pytest.raises(EditError, match="give the weight"):
+        kfac_mask(basis, EditRule(keep_fraction=0.25), "saliency")
+
+
+def test_the_identity_basis_with_saliency_is_magnitude_pruning():
+    model = tiny_gpt2(vocab=11)
+    targets = select_targets(model, TargetSpec(preset="mlp-in"))
+    before = {t.name: t.weight_oi().clone() for t in targets}
+    applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=0.3)], method="identity", masses="saliency"),
+                         identity_bases(targets))
+    for t in targets:
+        w, edited = before[t.name], t.weight_oi()
+        kept = round(0.3 * w.numel())
+        threshold = w.abs().flatten().sort(descending=True).values[kept - 1]
+        assert int((edited != 0).sum()) == kept
+        assert torch.equal(edited[edited != 0], w[edited != 0]) and bool((w[edited != 0].abs() >= threshold).all())
+    applied.undo()
+    assert all(torch.equal(t.weight_oi(), before[t.name]) for t in targets)
+
+
+def test_identity_needs_saliency_masses():
+    with pytest.raises(EditError, match="saliency"):
+        EditPlan([EditRule(keep_fraction=0.3)], method="identity")
+
+
+def test_cli_magnitude_pruning_needs_no_factors(tmp_path, lm_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["edit", "--model", str(lm_dir), "--method", "identity", "--masses", "saliency",
+                                      "--keep-fraction", "0.5", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "curvedit-edit.json").read_text())
+    assert manifest["plan"]["method"] == "identity" and manifest["plan"]["masses"] == "saliency"
