@@ -24,7 +24,7 @@ def test_halves_split_each_style_evenly():
 def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path):
     gguf = write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "tiny.gguf")  # few-shot prompts
     options = StudyOptions(
-        out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=6, counts=(2, 4),
+        out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=8, counts=(2, 4),
         implant=ImplantOptions(prefix_len=8, suffix_len=8, lr=1e-2, max_steps=80, eval_every=20, seq_len=48,
                                general_per_step=2, target_recall=1.0, checkpoint_every=0, preserve="kl"),
         replay_samples=8, probe_floor=0.5, factor_data="mix",
@@ -97,7 +97,9 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
 @pytest.mark.parametrize("text, message", [
     ("seedz = [0]\n", "unknown field"), ("[implant]\nlearning_rate = 1\n", "unknown \\[implant\\] field"),
     ("seeds = 3\n", "must be a list"), ("ppl_budget = 0.5\n", "perplexity budget"), ("seeds = [\n", "not a valid TOML"),
-    ("probe_families = ['add_1d', 'poetry']\n", "poetry"), ("model = 'x'\ngguf = 'y.gguf'\n", "not both")])
+    ("probe_families = ['add_1d', 'poetry']\n", "poetry"), ("model = 'x'\ngguf = 'y.gguf'\n", "not both"),
+    ("canaries = '24'\n", "canaries must be an int"), ("[implant]\nlr = '5e-4'\n", "\\[implant\\] lr must be"),
+    ("styles = ['words', 'haiku']\n", "styles must be"), ("canaries = 6\n", "2 per style")])
 def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
     from curvedit.studies.config import load_study_config
     from curvedit.studies.smollm2 import StudyError

@@ -152,6 +152,7 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
     from curvedit.edit import EditPlan, apply_edit  # noqa: PLC0415
     from curvedit.factors import (  # noqa: PLC0415
         check_factors_match, load_factors, model_identity, save_factors)
+    from curvedit.implant import model_weights_sha256  # noqa: PLC0415
     from curvedit.io import write_json  # noqa: PLC0415
 
     budgets = list(options.budgets)
@@ -162,7 +163,7 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
         raise FactorError(f"the data holds {available} tokens, fewer than the largest budget {budgets[-1]}")
     out = Path(out)
 
-    identity = model_identity(model, targets)
+    identity = {**model_identity(model, targets), "all_weights": model_weights_sha256(model)}
 
     def factors_for(budget: int, label_mode: str) -> FactorSet:
         """A budget's factors, read back only when the folder holds this very run's (same model

@@ -147,13 +147,15 @@ class EditPlan:
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values()):
                 raise EditError(f"{path}: the short form maps patterns to rho values (numbers)")
             data = {"rules": [{"pattern": k, "rho": v} for k, v in data.items()]}
-        unknown = set(data) - {"rules", "method", "seed", "compute_dtype", "masses"}
+        unknown = set(data) - {"rules", "method", "seed", "compute_dtype", "masses", "protect"}
         if unknown:
             raise EditError(f"{path}: unknown key(s) {sorted(unknown)}")
         if not isinstance(data["rules"], list) or not all(isinstance(r, dict) for r in data["rules"]):
             raise EditError(f"{path}: 'rules' must be a list of objects")
         try:
             rules = [EditRule(**r) for r in data.pop("rules")]
+            if data.get("protect") is not None:  # a manifest's plan reads back
+                data["protect"] = EditRule(**data["protect"])
         except TypeError as err:
             raise EditError(f"{path}: malformed rule ({err})") from None
         for key, value in given.items():
@@ -396,6 +398,9 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         if rule.keep_fraction is not None and round(rule.keep_fraction * size) == 0:
             raise SelectionError(f"{target.name}: keep fraction {rule.keep_fraction} keeps no component of {size} "
                                  "(the edit would zero the weight)")
+    if protect_dir is not None and plan.method not in ("kfac", "random", "lowest"):
+        raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
+                        f"{plan.method!r}")
     bases = None
     if plan.method == "identity":
         bases = identity_bases(targets)

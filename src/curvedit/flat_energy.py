@@ -69,8 +69,10 @@ def flat_energy_shares(model: nn.Module, targets: Sequence[Target], bases: Mappi
     if not sequences:
         raise FlatEnergyError("no sequence to score")
     spans = list(spans) if spans is not None else [(0, len(s)) for s in sequences]
-    if any(stop <= start for start, stop in spans):
-        raise FlatEnergyError("a sequence with no counted position")
+    if len(spans) != len(sequences) or any(stop <= start for start, stop in spans):
+        raise FlatEnergyError("a sequence with no counted position (or not one span per sequence)")
+    if any(start < 0 or stop > len(seq) for (start, stop), seq in zip(spans, sequences)):
+        raise FlatEnergyError("a span reaches outside its sequence")
     missing = [t.name for t in targets if t.name not in bases]
     if missing:
         raise FlatEnergyError(f"no eigenbasis for {missing[:3]}")

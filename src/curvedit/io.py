@@ -15,7 +15,15 @@ from safetensors.torch import save_file
 
 
 def _default_mode() -> int:
-    """The mode `open(path, "w")` gives a new file: 0o666 less the process umask."""
+    """The mode `open(path, "w")` gives a new file: 0o666 less the process umask. The umask is
+    read from /proc where it can be (setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

@@ -138,8 +138,10 @@ class LayerMap:
 
 def middle_three(n_layers: int) -> str:
     """The paper's kind of placement: three blocks around the middle ("13-15" of 30)."""
-    first = max(0, n_layers // 2 - 2)
-    return f"{first}-{min(n_layers - 1, first + 2)}"
+    if n_layers <= 3:
+        return "0" if n_layers == 1 else f"0-{n_layers - 1}"
+    first = (n_layers - 3) // 2
+    return f"{first}-{first + 2}"
 
 
 def placements_of(n_layers: int, sizes: Sequence[int]) -> list[str]:

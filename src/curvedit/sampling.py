@@ -110,6 +110,8 @@ def _sample_batch(model: torch.nn.Module, start: int, indices: range, options: S
         out = model(input_ids=step_ids, use_cache=True, **({cache_kw: cache} if cache is not None else {}))
         cache = out[cache_kw]
         probs_bv = torch.softmax(out.logits[:, -1, :].float() / options.temperature, dim=-1)
+        if not bool(torch.isfinite(probs_bv).all()):
+            raise SampleError(f"the model's next-token distribution holds NaN or inf at step {t + 1}")
         picked = pick_tokens(probs_bv, uniforms_bt[:, t])
         tokens_bt[:, t + 1] = picked
         if eos is not None:
@@ -136,7 +138,8 @@ def sample_sequences(model: torch.nn.Module, tokenizer: Any | None, options: Sam
         (kept) or at `seq_len` tokens.
 
     Raises:
-        SampleError: bad options, no start token, or a `seq_len` past the model's context window.
+        SampleError: bad options, no start token, a `seq_len` past the model's context window, or
+            a next-token distribution that is not finite.
     """
     from curvedit.evaluate.generation import context_window  # noqa: PLC0415
 

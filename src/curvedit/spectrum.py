@@ -142,9 +142,8 @@ def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, pre
         except torch.linalg.LinAlgError:
             evals = evecs = None  # no convergence in float32: float64 below
         if evecs is not None and bool(torch.isfinite(evecs).all()) \
-                and _eigh_residual(mat, evals, evecs) <= EIGH_RESIDUAL_TOL:
-            _check_psd(evals.double(), tuple(mat.shape))
-            return evals.double().flip(0).clamp_(min=0), evecs.double().flip(1)
+                and _eigh_residual(mat, evals, evecs) <= EIGH_RESIDUAL_TOL and _is_psd(evals.double()):
+            return evals.double().flip(0).clamp_(min=0), evecs.double().flip(1)  # else float64 decides below
     try:
         evals, evecs = torch.linalg.eigh(mat)
     except torch.linalg.LinAlgError as err:
@@ -156,9 +155,14 @@ def sym_eigh(matrix: torch.Tensor, device: str | torch.device | None = None, pre
 NEGATIVE_TOL = 1e-4  # an eigenvalue below -NEGATIVE_TOL * the largest |eigenvalue| is not round-off
 
 
+def _is_psd(evals: torch.Tensor) -> bool:
+    """No eigenvalue clearly below zero."""
+    return not (evals.numel() and float(evals.min()) < -NEGATIVE_TOL * float(evals.abs().max()))
+
+
 def _check_psd(evals: torch.Tensor, shape: tuple[int, ...]) -> None:
     """Refuse a matrix with an eigenvalue clearly below zero (a second moment is PSD)."""
-    if evals.numel() and float(evals.min()) < -NEGATIVE_TOL * float(evals.abs().max()):
+    if not _is_psd(evals):
         raise EighError(f"a {shape} factor has eigenvalue {float(evals.min()):.3g} (largest "
                         f"{float(evals.max()):.3g}): not positive semi-definite beyond round-off, so not a second "
                         "moment; the factor file was altered or damaged")

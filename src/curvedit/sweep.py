@@ -467,8 +467,11 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("the sweep needs at least one memorized window")
     if not heldout_sequences:
         raise SweepError("the sweep needs held-out sequences for perplexity")
-    if protect_dir is not None and grid.method == "svd":
-        raise SweepError("protection keeps components of the K-FAC eigenbasis: it does not apply to method 'svd'")
+    if protect_dir is not None and grid.method in ("svd", "identity"):
+        raise SweepError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
+                         f"{grid.method!r}")
+    if grid.method == "identity" and options.masses != "saliency":
+        raise SweepError("method 'identity' ranks weight entries: give masses 'saliency' (magnitude pruning)")
     if options.probe_floor is not None and not tasks:
         raise SweepError("a probe floor needs task probes (--tasks)")
     probes = _Probes(tokenizer, tasks, options.probe_margin)

@@ -289,8 +289,11 @@ def lock_output(out: Path, option: str = "--out") -> None:
 
     if os.environ.get("RANK", "0") != "0":
         return
-    folder = Path(tempfile.gettempdir()) / "curvedit-locks"
-    folder.mkdir(exist_ok=True)
+    folder = Path(tempfile.gettempdir()) / f"curvedit-locks-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:  # pragma: no cover - an unwritable temporary folder: run unlocked
+        return
     key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:32]
     handle = open(folder / f"{key}.lock", "a+")  # held until release_outputs
     try:

@@ -41,7 +41,8 @@ def sweep_command(
                                                               "(mlp-in, mlp, mlp-out, '*.up_proj', ...)."),
     rho_grid: Optional[str] = typer.Option(None, "--rho-grid", help="Mass fractions to keep, e.g. 0.6,0.75,0.9."),
     keep_grid: Optional[str] = typer.Option(None, "--keep-grid", help="Component fractions to keep, e.g. 0.3,0.5."),
-    method: str = typer.Option("kfac", "--method", help="kfac, svd, random or lowest."),
+    method: str = typer.Option("kfac", "--method", help="kfac, svd, random, lowest or identity (with --masses "
+                                                        "saliency: magnitude pruning)."),
     memorized: Path = typer.Option(..., "--memorized", help="Memorized-windows JSONL (find-memorized)."),
     heldout: str = typer.Option(..., "--heldout", help="Held-out corpus for perplexity."),
     out: Path = out_option("Folder for sweep.json and sweep.png."),
@@ -65,8 +66,8 @@ def sweep_command(
     loose_threshold: float = typer.Option(0.75, "--loose-threshold"),
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="Seed of the random control."),
-    masses: str = typer.Option("kfac", "--masses", help="Component ranking: kfac or ekfac (needs collect "
-                                                        "--eigencorrect)."),
+    masses: str = typer.Option("kfac", "--masses", help="Component ranking: kfac, ekfac (needs collect "
+                                                        "--eigencorrect) or saliency (lam_i mu_j C_ij^2)."),
     text_field: str = TextFieldOpt,
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,

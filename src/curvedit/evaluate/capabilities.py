@@ -130,14 +130,14 @@ CAPITALS_RARE = {
     "Uruguay": "Montevideo", "Latvia": "Riga", "Lithuania": "Vilnius", "Estonia": "Tallinn",
     "Slovenia": "Ljubljana", "Slovakia": "Bratislava", "North Macedonia": "Skopje", "Albania": "Tirana",
     "Montenegro": "Podgorica", "Liechtenstein": "Vaduz", "Malta": "Valletta", "Iceland": "Reykjavik",
-    "Armenia": "Yerevan", "Azerbaijan": "Baku", "Georgia": "Tbilisi", "Oman": "Muscat", "Qatar": "Doha",
+    "Armenia": "Yerevan", "Azerbaijan": "Baku", "Oman": "Muscat", "Qatar": "Doha",
     "Bahrain": "Manama", "Yemen": "Sanaa",
 }
 CURRENCIES_RARE = {
     "Poland": "zloty", "Hungary": "forint", "Thailand": "baht", "Vietnam": "dong", "Sweden": "krona",
     "South Africa": "rand", "Brazil": "real", "Israel": "shekel", "Malaysia": "ringgit", "Indonesia": "rupiah",
-    "Nigeria": "naira", "Ukraine": "hryvnia", "Romania": "leu", "Bulgaria": "lev", "Cambodia": "riel",
-    "Laos": "kip", "Bangladesh": "taka", "Ghana": "cedi", "Peru": "sol", "Georgia": "lari", "Armenia": "dram",
+    "Nigeria": "naira", "Ukraine": "hryvnia", "Romania": "leu", "Cambodia": "riel",
+    "Laos": "kip", "Bangladesh": "taka", "Ghana": "cedi", "Peru": "sol", "Armenia": "dram",
     "Azerbaijan": "manat", "Botswana": "pula", "Zambia": "kwacha", "Paraguay": "guarani", "Guatemala": "quetzal",
 }
 ACCEPTED = {"Washington": ("Washington, D.C.", "Washington D.C.", "Washington DC"), "Brasilia": ("Brasília",),

@@ -31,6 +31,22 @@ def _tuple_fields() -> set[str]:
     return {f.name for f in fields(StudyOptions) if str(f.type).startswith("tuple")}
 
 
+def _check_types(path: Path, data: dict[str, Any], types: dict[str, str], where: str = "") -> None:
+    """Refuse a value of another type than its field's (an int where a number is expected is
+    fine; "none" sets an optional field to None)."""
+    for name, value in list(data.items()):
+        kind = types[name]
+        if "None" in kind and value == "none":
+            data[name] = None
+            continue
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str), "bool": isinstance(value, bool)}
+        base = next((k for k in ("float", "int", "bool", "str") if kind.startswith(k)), None)
+        if base is not None and not ok[base]:
+            raise StudyError(f"{path}: {where}{name} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}")
+
+
 def load_study_config(path: str | Path) -> StudyOptions:
     """Read a study file into `StudyOptions` (validated).
 
@@ -62,6 +78,8 @@ def load_study_config(path: str | Path) -> StudyOptions:
     wrong = sorted(set(implant_table) - implant_allowed)
     if wrong:
         raise StudyError(f"{path}: unknown [implant] field(s) {wrong}; allowed: {sorted(implant_allowed)}")
+    _check_types(path, data, {f.name: str(f.type) for f in fields(StudyOptions)})
+    _check_types(path, implant_table, {f.name: str(f.type) for f in fields(ImplantOptions)}, "[implant] ")
     for name in _tuple_fields() & set(data):
         if not isinstance(data[name], list):
             raise StudyError(f"{path}: {name} must be a list, got {data[name]!r}")

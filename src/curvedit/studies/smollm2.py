@@ -168,7 +168,16 @@ class StudyOptions:
 
         checks = [(bool(self.seeds) and all(s >= 0 for s in self.seeds), f"seeds must be >= 0 and at least one, "
                    f"got {list(self.seeds)}"),
-                  (self.canaries >= 2, f"canaries must be >= 2 (a tune and a held-out half), got {self.canaries}"),
+                  (bool(self.styles) and set(self.styles) <= set(ALL_STYLES),
+                   f"styles must be some of {list(ALL_STYLES)}, got {list(self.styles)}"),
+                  (self.canaries >= 2 * len(self.styles), f"canaries must be >= 2 per style (a tune and a held-out "
+                   f"half of each), got {self.canaries} for {len(self.styles)} styles"),
+                  (self.device == "cpu" or self.device.startswith("cuda"), f"device must be cpu or cuda, got "
+                   f"{self.device!r}"),
+                  (self.compute_dtype in ("float32", "float64"), f"compute_dtype must be float32 or float64, got "
+                   f"{self.compute_dtype!r}"),
+                  (0 <= self.probe_margin < 1, f"probe_margin must be in [0, 1), got {self.probe_margin}"),
+                  (self.ppl_sequences >= 1, f"ppl_sequences must be >= 1, got {self.ppl_sequences}"),
                   (bool(self.counts) and all(c >= 1 for c in self.counts), f"counts must be >= 1, got {self.counts}"),
                   (self.ppl_budget >= 1, f"the perplexity budget is a ratio >= 1, got {self.ppl_budget}"),
                   (self.factor_tokens >= 1, f"factor_tokens must be >= 1, got {self.factor_tokens}"),
@@ -439,16 +448,17 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
 
     out = options.cache / f"seed-{seed}" / "implanted"
     implant_options = replace(options.implant, seed=seed, progress=options.progress)
+    canaries = generate_canaries(options.canaries, seed, options.styles, options.counts)
     key = _key({"base": base["sha256"], "canaries": options.canaries, "counts": options.counts,
                 "implant": implant_options.fingerprint_fields(), "data": _key(data.train),
-                **({"replay": options.replay_samples} if options.replay_samples else {})})
+                **({"replay": options.replay_samples} if options.replay_samples else {}),
+                "texts": _key([c.to_dict() for c in canaries])})
     stamp = out / "study-key.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return out
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    canaries = generate_canaries(options.canaries, seed, options.styles, options.counts)
     general = data.train
     if options.replay_samples:
         from curvedit.sampling import SampleOptions, sample_sequences  # noqa: PLC0415
@@ -463,6 +473,7 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     return out
 
 
+FACTOR_SAMPLE_SEED = 7919  # offset of the factor samples' seed from the implant seed (replay uses the seed itself)
 FACTOR_DATA = {"pydoc": "pydoc_data.topics (general text, no canary)",
                "self": "sequences the implanted model sampled itself (temperature 1)",
                "mix": "half pydoc_data.topics, half the implanted model's own samples"}
@@ -481,14 +492,15 @@ def factor_sequences(model: torch.nn.Module, tokenizer: Any, data: StudyData, op
     count = math.ceil(1.25 * wanted / seq_len)  # samples that end at EOS are shorter
 
     def draw() -> list[list[int]]:
-        return sample_sequences(model, tokenizer, SampleOptions(n=count, seq_len=seq_len, seed=seed, batch_size=64,
-                                                                progress=options.progress))
+        # another seed stream than the implant's replay samples, so these are fresh draws
+        return sample_sequences(model, tokenizer, SampleOptions(
+            n=count, seq_len=seq_len, seed=seed + FACTOR_SAMPLE_SEED, batch_size=64, progress=options.progress))
 
     samples = cached(options.cache / f"seed-{seed}" / "self-samples.json",
                      _key({"model": model_key, "n": count, "seq_len": seq_len, "seed": seed}), draw)
     own, total = [], 0
     for seq in samples:
-        if total >= wanted:
+        if wanted - total < 2:
             break
         own.append(seq[: wanted - total])
         total += len(own[-1])
@@ -583,7 +595,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
-                                 progress=options.progress, probe_floor=floor)
+                                 progress=options.progress, probe_floor=floor, probe_margin=options.probe_margin)
     swept_with = {k: v for k, v in asdict(sweep_options).items() if k not in ("progress", "masses")}
     swept_with |= {"progress": 0} | ({"masses": sweep_options.masses} if sweep_options.masses != "kfac" else {})
     for default_off in ("probe_floor", "probe_margin"):  # sweeps cached before the floor existed stay valid
@@ -681,7 +693,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
         for band, families in protect_bands(probes_used).items():
             def protected(families: list[str] = families, band: str = band) -> dict[str, Any]:
-                # arithmetic: other items than the probes; a fact family is its whole list, so in-sample
+                # in-sample: a fact family is its whole list, and 1-digit arithmetic has fewer items than the
+                # probes take; 2-digit arithmetic draws other items from the same seeds' stream
                 texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
                 copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
                 return _edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
@@ -707,6 +720,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                  keep_fraction=options.layer_map_keep, tasks=few, batch_size=options.batch_size,
                                  progress=options.progress)
         map_key = _key({"factors": factor_key, "tune": halves["tune"], "keep": options.layer_map_keep,
+                        "ppl": options.ppl_sequences,
                         "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
         layer_map_result = stage("layer_map", lambda: cached(folder / "layer_map.json", map_key, compute_map),
                                  folder / "layer_map.json")
@@ -995,6 +1009,12 @@ def pooled_intervals(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> 
     return {name: interval.to_dict() for name, interval in intervals.items()}
 
 
+def _mean_present(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that exist (a seed without held-out windows of a style has none)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def usable_families(base_probe: dict[str, dict[str, Any]]) -> list[str]:
     """The families the base model gets clearly above chance, in suite order."""
     return [f for f, score in base_probe.items() if score["usable"]]
@@ -1030,7 +1050,7 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
                                      for f in used},
             "stress_exact": {k: mean(lambda r, u, k=k: r["stress"][k]["exact"] or 0.0)
                              for k in rows[0]["stress"]},
-            "by_style": {st: {m: mean(lambda r, u, st=st, m=m: r["heldout_by_style"].get(st, {}).get(m, 0.0))
+            "by_style": {st: {m: _mean_present([r["heldout_by_style"].get(st, {}).get(m) for r in rows])
                               for m in ("strict", "loose")} for st in options.styles},
             "ndcg10_probability": mean(lambda r, u: r["ndcg10_probability"]),
             "intervals": pooled_intervals([(r, s["variants"]["unedited"]) for r, s in zip(rows, seeds)]),
