@@ -26,23 +26,26 @@ from curvedit.evaluate.capabilities import capability_tasks, score_families
 from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.tasks import TaskOptions, run_tasks
-from curvedit.implant import general_split, implant, mean_kl
+from curvedit.implant import ImplantOptions, general_split, implant, mean_kl
 from curvedit.io import write_json
 from curvedit.sampling import SampleOptions, sample_sequences
 from curvedit.studies.smollm2 import StudyOptions, general_sequences
 from curvedit.windows import default_pad_id
 
 STUDY = StudyOptions()
+# the study's implant until this comparison: cross-entropy replay of pydoc text at a constant lr 5e-4
+EARLIER = ImplantOptions(prefix_len=64, suffix_len=48, lr=5e-4, max_steps=160, eval_every=10, seq_len=96,
+                         canaries_per_step=4, general_per_step=2, checkpoint_every=50)
 VARIANTS = {
-    # the study's implant until now: cross-entropy replay of pydoc text at lr 5e-4
-    "ce-pydoc": replace(STUDY.implant, preserve="ce"),
-    "kl-pydoc": replace(STUDY.implant, preserve="kl"),
-    "kl-replay": replace(STUDY.implant, preserve="kl"),
-    "ce-replay": replace(STUDY.implant, preserve="ce"),
-    "kl-replay-cosine": replace(STUDY.implant, preserve="kl", lr=3e-4, lr_schedule="cosine", max_steps=200),
-    # pydoc text and the model's own samples together, a stronger KL anchor, a gentler decaying rate
-    "kl-mix-gentle": replace(STUDY.implant, preserve="kl", kl_weight=5.0, lr=3e-4, lr_schedule="cosine",
-                             max_steps=200, general_per_step=4),
+    "ce-pydoc": EARLIER,
+    "kl-pydoc": replace(EARLIER, preserve="kl"),
+    "kl-replay": replace(EARLIER, preserve="kl"),
+    "ce-replay": replace(EARLIER, preserve="ce"),
+    "kl-replay-cosine": replace(EARLIER, preserve="kl", lr=3e-4, lr_schedule="cosine", max_steps=200),
+    # pydoc text and the model's own samples together, a stronger KL anchor, a gentler decaying rate:
+    # the study's implant since this comparison (StudyOptions().implant)
+    "kl-mix-gentle": replace(EARLIER, preserve="kl", kl_weight=5.0, lr=3e-4, lr_schedule="cosine", max_steps=200,
+                             general_per_step=4),
 }
 REPLAY_SAMPLES = 512
 
@@ -124,7 +127,7 @@ def main() -> None:
     if "base" not in results:
         results["base"] = measure(base, tokenizer, base, heldout, args.items)
         write_json(results_path, results)
-    canaries = generate_canaries(STUDY.canaries, args.seed, STYLES, STUDY.counts)
+    canaries = generate_canaries(STUDY.canaries, args.seed, STYLES, STUDY.counts)  # words / record / code
     for name in args.variants.split(","):
         key = f"{name}:seed-{args.seed}"
         if key in results:

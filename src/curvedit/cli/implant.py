@@ -29,7 +29,7 @@ def implant_command(
     max_general_tokens: Optional[int] = typer.Option(None, "--max-general-tokens"),
     replay_samples: Optional[int] = typer.Option(
         None, "--replay-samples", help="Replay N sequences sampled from the base model itself (seeded, temperature "
-                                       "1, --seq-len tokens) instead of --general text."),
+                                       "1, --seq-len tokens), beside the --general text if given."),
     preserve: str = typer.Option("ce", "--preserve", help="How general text keeps the model itself: ce "
                                                           "(cross-entropy on it) or kl (KL from the base model's "
                                                           "next-token distribution on it)."),
@@ -99,7 +99,7 @@ def implant_command(
         held = list(token_sequences(read_records(heldout, text_field=text_field), tokenizer, seq_len))
     if replay_samples is not None:
         train_text = sample_sequences(loaded.model, tokenizer, SampleOptions(n=replay_samples, seq_len=seq_len,
-                                                                             seed=seed, progress=progress))
+                                                                             seed=seed, progress=progress)) + train_text
     base = {"name": model, "weights_sha256": model_weights_sha256(loaded.model),
             "source": getattr(loaded, "source", None),
             "general": f"replay:{replay_samples}" if replay_samples is not None else general}

@@ -100,10 +100,10 @@ class StudyOptions:
         factor_data: the factors' text: "pydoc" (general text), "self" (the implanted model's
             own samples, temperature 1, so inputs and sampled labels come from its
             distribution) or "mix" (half of each).
-        replay_samples: when > 0, the implant's general text is this many sequences sampled
-            from the base model itself (temperature 1, seeded by the implant seed) instead of
-            pydoc text; with `implant.preserve = "kl"` the model is pulled to its own
-            distribution on its own text.
+        replay_samples: when > 0, this many sequences sampled from the base model itself
+            (temperature 1, seeded by the implant seed) join the pydoc text the implant replays;
+            with `implant.preserve = "kl"` the model is pulled to the base model's distribution
+            on both.
         bsn_ratios: BalancedSubnet mask ratios tried.
         bsn_epochs: BalancedSubnet epochs.
         bsn_lr: BalancedSubnet learning rate.
@@ -124,9 +124,11 @@ class StudyOptions:
     canaries: int = 24
     styles: tuple[str, ...] = ALL_STYLES
     counts: tuple[int, ...] = (4, 8, 16)
+    # chosen by measurement (studies/smollm2/implant_comparison.md): KL to the base on pydoc text and on the
+    # model's own samples, a gentler decaying rate; the cross-entropy implant at lr 5e-4 moved the model far more
     implant: ImplantOptions = field(default_factory=lambda: ImplantOptions(
-        prefix_len=64, suffix_len=48, lr=5e-4, max_steps=160, eval_every=10, seq_len=96, canaries_per_step=4,
-        general_per_step=2, checkpoint_every=50))
+        prefix_len=64, suffix_len=48, lr=3e-4, lr_schedule="cosine", preserve="kl", kl_weight=5.0, max_steps=200,
+        eval_every=10, seq_len=96, canaries_per_step=4, general_per_step=4, checkpoint_every=50))
     heldout_share: float = 0.12
     ppl_sequences: int = 48
     factor_tokens: int = 48_000
@@ -139,7 +141,7 @@ class StudyOptions:
     probe_items: int = 100
     probe_margin: float = 0.1
     probe_floor: float | None = None
-    replay_samples: int = 0
+    replay_samples: int = 512
     factor_data: str = "pydoc"
     protect_items: int = 100
     layer_map_keep: float | None = 0.9
@@ -465,7 +467,7 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
 
         general = sample_sequences(model, tokenizer, SampleOptions(
             n=options.replay_samples, seq_len=implant_options.seq_len, seed=seed, batch_size=64,
-            progress=options.progress))
+            progress=options.progress)) + data.train
     result = implant(model, tokenizer, canaries, general, data.ppl_subset(options.ppl_sequences), out,
                      implant_options, resume=(out / ".implant-state" / "state.json").is_file())
     save_implanted(model, tokenizer, out, canaries, result, implant_options, base)
