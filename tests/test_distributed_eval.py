@@ -44,7 +44,7 @@ def invoke(args) -> None:
     assert result.exit_code == 0, result.output
 
 
-def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
+def _rank_worker(rank: int, world: int, port: int, map_port: int, root: str) -> None:
     """One torchrun-style rank: the two commands, then `map_batches` checks."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -53,6 +53,7 @@ def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
     invoke(find_args(root, root / "sharded.mem.jsonl"))
     invoke(evaluate_args(root, root / "single.mem.jsonl", root / "sharded.json"))
     assert not dist.is_initialized()  # each command tears its process group down
+    os.environ["MASTER_PORT"] = str(map_port)  # a fresh store: the commands' one may still be closing
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         seen = []
@@ -87,7 +88,10 @@ def test_two_ranks_write_the_single_process_files_and_share_the_batches(workspac
     invoke(evaluate_args(root, root / "single.mem.jsonl", root / "single.json"))
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.start_processes(_rank_worker, args=(2, free_port(), str(root)), nprocs=2, join=True, start_method="fork")
+    ports = free_port(), free_port()
+    while ports[1] == ports[0]:
+        ports = ports[0], free_port()
+    mp.start_processes(_rank_worker, args=(2, *ports, str(root)), nprocs=2, join=True, start_method="fork")
 
     single_rows = (root / "single.mem.jsonl").read_text().splitlines()
     assert len(single_rows) == 8 and sum(json.loads(r)["memorized"] for r in single_rows) == 4
