@@ -186,14 +186,14 @@ def layer_map_section(results: dict[str, Any]) -> list[str]:
         if not lm:
             continue
         opts = lm["options"]
-        rows = [[str(size), p["layers"], f"{p['forgetting']:.3f}", f"{p['ppl_rise']:.4f}", f"{p['per_ppl']:.2f}",
-                 "-" if p["probe_points_lost"] is None else f"{p['probe_points_lost']:.1f}"]
-                for size, p in sorted(lm["best"].items())]
+        def row(label: str, p: dict[str, Any]) -> list[str]:
+            return [label, p["layers"], f"{p['forgetting']:.3f}", f"{p['ppl_rise']:.4f}", f"{p['per_ppl']:.2f}",
+                    "-" if p["probe_points_lost"] is None else f"{p['probe_points_lost']:.1f}"]
+
+        rows = [row(str(size), p) for size, p in sorted(lm["best"].items())]
         mark = next((p for p in lm["placements"] if p["layers"] == lm["mark"]), None)
         if mark is not None:
-            rows.append([f"{mark['size']} (the paper's kind)", mark["layers"], f"{mark['forgetting']:.3f}",
-                         f"{mark['ppl_rise']:.4f}", f"{mark['per_ppl']:.2f}",
-                         "-" if mark["probe_points_lost"] is None else f"{mark['probe_points_lost']:.1f}"])
+            rows.append(row(f"{mark['size']} (the paper's kind)", mark))
         rank = (f"the middle three blocks ({lm['mark']}) rank {lm['mark_rank']} of {lm['groups_of_three']} runs "
                 "of three by forgetting per perplexity rise" if lm.get("mark_rank") else "")
         parts += [f"Seed {s['seed']}: {opts['matrices']} at keep {opts['keep_fraction']} in each placement alone"
