@@ -177,7 +177,7 @@ def test_bad_requests_are_refused(tmp_path):
         EditRule(rho=0.5, keep_fraction=0.5)
     with pytest.raises(EditError, match="unknown method"):
         EditPlan([EditRule(rho=0.5)], method="magic")
-    assert set(METHODS) == {"kfac", "svd", "random", "lowest", "identity"}
+    assert set(METHODS) == {"kfac", "svd", "random", "lowest", "identity", "noise"}
     model = tiny_gpt2(dtype=torch.float32)
     factor_dir, targets = collected(tmp_path, model)
     other = select_targets(tiny_gpt2(seed=9, dtype=torch.float32), TargetSpec(preset="mlp"))

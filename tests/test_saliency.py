@@ -71,3 +71,36 @@ def test_cli_magnitude_pruning_needs_no_factors(tmp_path, lm_dir):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "curvedit-edit.json").read_text())
     assert manifest["plan"]["method"] == "identity" and manifest["plan"]["masses"] == "saliency"
+
+
+def test_the_noise_control_moves_the_weight_as_far_as_the_edit_inside_the_removed_block_only():
+    from curvedit.edit import change_basis_and_mask, noise_in_block
+
+    basis = random_basis(6, 5, 2)
+    weight = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    mask = kfac_mask(basis, EditRule(rho=0.7))
+    edited = change_basis_and_mask(weight, basis, mask)
+    noisy = noise_in_block(weight, basis, mask, torch.Generator().manual_seed(0))
+    assert float(torch.linalg.norm(noisy - weight)) == pytest.approx(float(torch.linalg.norm(edited - weight)))
+    change = basis.U_G.T @ (noisy - weight) @ basis.U_A
+    assert float(change[mask].abs().max()) < 1e-12 and float(change[~mask].abs().max()) > 0
+    again = noise_in_block(weight, basis, mask, torch.Generator().manual_seed(0))
+    other = noise_in_block(weight, basis, mask, torch.Generator().manual_seed(1))
+    assert torch.equal(again, noisy) and not torch.allclose(other, noisy)
+
+
+def test_cli_noise_control(tmp_path, lm_dir, text_jsonl):
+    import json
+
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+
+    factors = tmp_path / "factors"
+    assert CliRunner().invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out",
+                                    str(factors), "--seq-len", "16", "--no-progress"]).exit_code == 0
+    result = CliRunner().invoke(app, ["edit", "--model", str(lm_dir), "--factors", str(factors), "--method", "noise",
+                                      "--rho", "0.6", "--seed", "3", "--out", str(tmp_path / "noisy"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "noisy" / "curvedit-edit.json").read_text())
+    assert manifest["plan"]["method"] == "noise" and manifest["plan"]["seed"] == 3

@@ -383,7 +383,7 @@ def edit_within_budget(
         curvedit.factors.FactorError: factors missing or of another model.
     """
     bases = None
-    if protect_dir is not None and method not in ("kfac", "random", "lowest"):
+    if protect_dir is not None and method not in ("kfac", "random", "lowest", "noise"):
         raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method {method!r}")
     if method == "identity":
         bases = identity_bases(targets)

@@ -8,6 +8,11 @@ Methods:
 - "random": keep as many components as "kfac" would, chosen uniformly at random (seeded).
 - "svd": data-free truncation of W: keep the top singular values, `rho` of the squared
   singular-value energy or a `keep_fraction` of their count.
+- "identity": the standard basis (A = I, G = I): components are weight entries; with masses
+  "saliency" the edit is magnitude pruning.
+- "noise": the components "kfac" would remove get Gaussian noise of the same Frobenius norm
+  instead of being zeroed (`noise_in_block`; seeded): is it the direction or the size of the
+  change that costs?
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from curvedit.protect import attach_protect_masses, protect_mask
 from curvedit.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
 from curvedit.targets import Target
 
-METHODS = ("kfac", "svd", "random", "lowest", "identity")
-BASIS_METHODS = ("kfac", "identity")  # the selection itself is the edit (no control drawn from its count)
+METHODS = ("kfac", "svd", "random", "lowest", "identity", "noise")
+BASIS_METHODS = ("kfac", "identity", "noise")  # the selection itself is used (no control drawn from its count)
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -226,6 +231,25 @@ def change_basis_and_mask(weight_oi: torch.Tensor, basis: Eigenbasis, mask: torc
     return u_g @ (coeffs * mask) @ u_a.T
 
 
+def noise_in_block(weight_oi: torch.Tensor, basis: Eigenbasis, mask: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The `noise` control: instead of zeroing the components the selection removes (`~mask`),
+    add Gaussian noise to exactly those coefficients, scaled to the Frobenius norm the K-FAC
+    edit would remove there: `W + U_G (N * ~M) U_A^T` with `||N * ~M|| = ||C * ~M||`, so the
+    weight moves as far as under the edit, in the same block of the eigenbasis (seeded).
+
+    Returns:
+        The perturbed `(d_out, d_in)` weight.
+    """
+    u_g, u_a = basis.U_G, basis.U_A
+    coeffs = u_g.T @ weight_oi.to(u_g) @ u_a
+    removed = ~mask
+    noise = torch.randn(coeffs.shape, generator=generator, dtype=torch.float64).to(coeffs) * removed
+    target_norm, noise_norm = torch.linalg.norm(coeffs * removed), torch.linalg.norm(noise)
+    scaled = noise * (target_norm / noise_norm) if float(noise_norm) > 0 else noise
+    return u_g @ (coeffs + scaled) @ u_a.T
+
+
 def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac", protect: EditRule | None = None,
               weight_oi: torch.Tensor | None = None) -> torch.Tensor:
     """The curvature selection for a rule: top mass (`rho`) or top count (`keep_fraction`),
@@ -345,7 +369,8 @@ def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasi
                 mask = kfac_mask(basis, rule, plan.masses, plan.protect, weight)
                 if plan.method not in BASIS_METHODS:
                     mask = control_mask(basis, int(mask.sum()), plan.method, generator)
-                edited = change_basis_and_mask(weight, basis, mask)
+                edited = (noise_in_block(weight, basis, mask, generator) if plan.method == "noise"
+                          else change_basis_and_mask(weight, basis, mask))
                 kept, total, mass = int(mask.sum()), mask.numel(), kept_mass(basis, mask, plan.masses)
             rel = float(torch.linalg.norm(edited - weight) / torch.linalg.norm(weight).clamp(min=1e-30))
             originals[target.name] = target.module.weight.detach().clone()
@@ -398,7 +423,7 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         if rule.keep_fraction is not None and round(rule.keep_fraction * size) == 0:
             raise SelectionError(f"{target.name}: keep fraction {rule.keep_fraction} keeps no component of {size} "
                                  "(the edit would zero the weight)")
-    if protect_dir is not None and plan.method not in ("kfac", "random", "lowest"):
+    if protect_dir is not None and plan.method not in ("kfac", "random", "lowest", "noise"):
         raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
                         f"{plan.method!r}")
     bases = None

@@ -22,9 +22,10 @@ def edit_command(
     rho: Optional[float] = typer.Option(None, "--rho", help="Fraction of curvature mass to keep, in (0, 1]."),
     keep_fraction: Optional[float] = typer.Option(None, "--keep-fraction", help="Fraction of components to keep."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="JSON plan: {pattern: rho} or {rules: [...]}."),
-    method: Optional[str] = typer.Option(None, "--method", help="kfac, svd, random, lowest or identity (the standard "
-                                                                "basis: with --masses saliency, magnitude pruning) "
-                                                                "[default: the plan's, else kfac]."),
+    method: Optional[str] = typer.Option(None, "--method", help="kfac, svd, random, lowest, identity (the standard "
+                                                                "basis: with --masses saliency, magnitude pruning) or "
+                                                                "noise (noise of the edit's norm in its removed "
+                                                                "block) [default: the plan's, else kfac]."),
     seed: Optional[int] = typer.Option(None, "--seed",
                                        help="Seed of the random control [default: the plan's, else 0]."),
     device: str = DeviceOpt,
