@@ -104,3 +104,53 @@ def test_cli_noise_control(tmp_path, lm_dir, text_jsonl):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "noisy" / "curvedit-edit.json").read_text())
     assert manifest["plan"]["method"] == "noise" and manifest["plan"]["seed"] == 3
+
+
+def test_side_restricted_edits_keep_whole_top_eigendirections_of_one_side():
+    from curvedit.edit import shaped_mask
+
+    basis = random_basis(6, 5, 4)
+    g_side = shaped_mask(basis, EditRule(keep_fraction=0.5, side="G"))
+    assert g_side[:3].all() and not g_side[3:].any()
+    a_side = shaped_mask(basis, EditRule(rho=0.6, side="A"))
+    cumulative = torch.cumsum(basis.mu, 0) / basis.mu.sum()
+    k = int((cumulative < 0.6 - 1e-12).sum()) + 1  # the fewest top A directions reaching 60% of the mass
+    assert a_side[:, :k].all() and not a_side[:, k:].any()
+
+
+def test_block_deletion_removes_the_flattest_block_only():
+    from curvedit.edit import shaped_mask
+    from curvedit.spectrum import SelectionError
+
+    basis = random_basis(6, 5, 5)
+    mask = shaped_mask(basis, EditRule(block=(0.5, 0.6)))
+    assert not mask[3:, 2:].any() and mask[:3].all() and mask[:, :2].all()
+    with pytest.raises(SelectionError, match="removes every component"):
+        shaped_mask(basis, EditRule(block=(1.0, 1.0)))
+    with pytest.raises(EditError, match="takes no rho"):
+        EditRule(block=(0.5, 0.5), rho=0.5)
+    with pytest.raises(EditError, match="need method kfac"):
+        EditPlan([EditRule(block=(0.5, 0.5))], method="svd")
+    with pytest.raises(EditError, match="side must be"):
+        EditRule(keep_fraction=0.5, side="X")
+
+
+def test_cli_block_and_side_edits(tmp_path, lm_dir, text_jsonl):
+    import json
+
+    from typer.testing import CliRunner
+
+    from curvedit.cli import app
+
+    factors = tmp_path / "factors"
+    assert CliRunner().invoke(app, ["collect", "--model", str(lm_dir), "--data", str(text_jsonl), "--out",
+                                    str(factors), "--seq-len", "16", "--no-progress"]).exit_code == 0
+    base = ["edit", "--model", str(lm_dir), "--factors", str(factors), "--no-progress"]
+    block = CliRunner().invoke(app, base + ["--block", "0.6x0.6", "--out", str(tmp_path / "b")])
+    assert block.exit_code == 0, block.output
+    rule = json.loads((tmp_path / "b" / "curvedit-edit.json").read_text())["plan"]["rules"][0]
+    assert rule["block"] == [0.6, 0.6]
+    side = CliRunner().invoke(app, base + ["--side", "A", "--keep-fraction", "0.5", "--out", str(tmp_path / "s")])
+    assert side.exit_code == 0, side.output
+    bad = CliRunner().invoke(app, base + ["--block", "0.6x0.6", "--rho", "0.5", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--block PxQ is the whole amount" in bad.output

@@ -53,13 +53,29 @@ class EditRule:
             energy (svd) to keep, in (0, 1].
         keep_fraction: fraction of components (or singular values) to keep by count, in
             (0, 1]; used instead of rho when set.
+        side: "G" or "A": keep only whole output (G) or input (A) eigendirections, the top ones
+            by eigenvalue, `rho` of that side's eigenvalue mass or a `keep_fraction` of them
+            (None: components, the paper's edit).
+        block: (p, q) in (0, 1]: instead of an amount, remove the flattest block, the last
+            `round(p * d_out)` G directions times the last `round(q * d_in)` A directions.
     """
 
     pattern: str = "*"
     rho: float | None = None
     keep_fraction: float | None = None
+    side: str | None = None
+    block: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.block is not None:
+            if self.rho is not None or self.keep_fraction is not None or self.side is not None:
+                raise EditError(f"rule {self.pattern!r}: a block deletion takes no rho, keep_fraction or side")
+            if len(self.block) != 2 or not all(0 < v <= 1 for v in self.block):
+                raise EditError(f"rule {self.pattern!r}: block must be two shares in (0, 1], got {self.block}")
+            object.__setattr__(self, "block", tuple(float(v) for v in self.block))
+            return
+        if self.side not in (None, "G", "A"):
+            raise EditError(f"rule {self.pattern!r}: side must be 'G' or 'A', got {self.side!r}")
         if (self.rho is None) == (self.keep_fraction is None):
             raise EditError(f"rule {self.pattern!r}: give exactly one of rho and keep_fraction")
         value = self.rho if self.rho is not None else self.keep_fraction
@@ -107,6 +123,10 @@ class EditPlan:
             raise EditError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
         if not self.rules:
             raise EditError("an edit plan needs at least one rule")
+        shaped = [r for r in self.rules if r.side is not None or r.block is not None]
+        if shaped and (self.method not in ("kfac", "noise", "random", "lowest") or self.masses != "kfac"):
+            raise EditError("side-restricted and block edits select K-FAC eigendirections: they need method kfac "
+                            "(or its controls noise / random / lowest) and masses kfac")
         if self.method == "identity" and self.masses != "saliency":
             raise EditError("method 'identity' makes every component (weight entry) equally curved: rank them with "
                             "masses 'saliency' (W_ij^2, magnitude pruning)")
@@ -260,10 +280,38 @@ def kfac_mask(basis: Eigenbasis, rule: EditRule, masses: str = "kfac", protect: 
     Raises:
         EditError: masses "ekfac" and the basis holds no `S`, or "saliency" without the weight.
     """
-    mask = _general_mask(basis, rule, masses, weight_oi)
+    mask = shaped_mask(basis, rule) if rule.side is not None or rule.block is not None else _general_mask(
+        basis, rule, masses, weight_oi)
     if basis.protect is not None:
         amount = protect or rule
         mask = mask | protect_mask(*basis.protect, amount.rho, amount.keep_fraction)
+    return mask
+
+
+def _top_count(values: torch.Tensor, rho: float | None, keep_fraction: float | None) -> int:
+    """How many of the (descending) values to keep: the fewest reaching `rho` of their sum, or
+    `round(keep_fraction * n)`, at least one."""
+    if keep_fraction is not None:
+        return max(1, round(keep_fraction * values.shape[0]))
+    cumulative = values.double().cumsum(0)
+    return max(1, int(torch.searchsorted(cumulative, rho * float(cumulative[-1]) * (1 - 1e-12)).item()) + 1)
+
+
+def shaped_mask(basis: Eigenbasis, rule: EditRule) -> torch.Tensor:
+    """The selections of whole eigendirections: a side restriction (keep the top G or A
+    directions, every component along them) or a block deletion (remove the flattest block)."""
+    m, n = basis.lam.shape[0], basis.mu.shape[0]
+    mask = torch.zeros(m, n, dtype=torch.bool, device=basis.lam.device)
+    if rule.block is not None:
+        rows, cols = round(rule.block[0] * m), round(rule.block[1] * n)
+        mask[:] = True
+        mask[m - rows:, n - cols:] = False
+    elif rule.side == "G":
+        mask[:min(m, _top_count(basis.lam, rule.rho, rule.keep_fraction)), :] = True
+    else:
+        mask[:, :min(n, _top_count(basis.mu, rule.rho, rule.keep_fraction))] = True
+    if not bool(mask.any()):
+        raise SelectionError(f"block {rule.block} removes every component of a {m} x {n} weight")
     return mask
 
 

@@ -41,6 +41,12 @@ def edit_command(
     forget: Optional[Path] = typer.Option(None, "--forget", help="Memorized windows to target: remove the components "
                                                                  "whose forget-set mass is largest relative to the "
                                                                  "general mass (implies --masses targeted)."),
+    side: Optional[str] = typer.Option(None, "--side", help="G or A: keep only the top output (G) or input (A) "
+                                                           "eigendirections, whole, at --rho (of that side's "
+                                                           "eigenvalue mass) or --keep-fraction."),
+    block: Optional[str] = typer.Option(None, "--block", help="PxQ, e.g. 0.6x0.6: instead of an amount, remove the "
+                                                             "flattest block (the last P of G's by the last Q of "
+                                                             "A's eigendirections)."),
     protect: Optional[Path] = typer.Option(
         None, "--protect", help="A factor folder collected (from this model) on a population to keep: components in "
                                 "its top curvature, expressed in the general eigenbasis, are kept too."),
@@ -86,8 +92,20 @@ def edit_command(
         fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
     if ppl_budget is None and heldout is not None:
         fail("--heldout is only read with --ppl-budget")
-    if ppl_budget is None and plan_file is None and (rho is None) == (keep_fraction is None):
-        fail("give one of --rho, --keep-fraction or --plan")
+    block_shares = None
+    if block is not None:
+        try:
+            block_shares = tuple(float(v) for v in block.lower().split("x"))
+        except ValueError:
+            fail(f"--block expects PxQ such as 0.6x0.6, got {block!r}")
+        if len(block_shares) != 2 or rho is not None or keep_fraction is not None or plan_file is not None \
+                or ppl_budget is not None or side is not None:
+            fail("--block PxQ is the whole amount: give it without --rho, --keep-fraction, --plan, --ppl-budget "
+                 "or --side")
+    if block is None and ppl_budget is None and plan_file is None and (rho is None) == (keep_fraction is None):
+        fail("give one of --rho, --keep-fraction, --block or --plan")
+    if side is not None and (plan_file is not None or ppl_budget is not None):
+        fail("--side shapes a --rho / --keep-fraction rule: give it without --plan or --ppl-budget")
     if plan_file is not None and (rho is not None or keep_fraction is not None):
         fail("--plan gives the amounts: give it without --rho or --keep-fraction")
     if forget is not None and masses not in (None, "targeted"):
@@ -117,7 +135,8 @@ def edit_command(
         plan = replace(EditPlan.from_json(plan_file, method=method, seed=seed, compute_dtype=compute_dtype,
                                           masses=masses), protect=protect_amount)
     else:
-        plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction)], method=method or "kfac",
+        plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction, side=side, block=block_shares)],
+                        method=method or "kfac",
                         seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac",
                         protect=protect_amount)
     loaded = load_model(model, device=device, progress=progress)
