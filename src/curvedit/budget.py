@@ -31,10 +31,10 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from curvedit.edit import AppliedEdit, EditError, EditPlan, EditRule, apply_edit, prepare_bases
+from curvedit.edit import AppliedEdit, EditPlan, EditRule, apply_edit, method_bases
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import Eigenbasis, SelectionError, identity_bases
+from curvedit.spectrum import Eigenbasis, SelectionError
 from curvedit.targets import Target
 
 KNOBS = ("keep_fraction", "rho")
@@ -382,16 +382,8 @@ def edit_within_budget(
         curvedit.edit.EditError: no factor directory for a method that needs one.
         curvedit.factors.FactorError: factors missing or of another model.
     """
-    bases = None
-    if protect_dir is not None and method not in ("kfac", "random", "lowest", "noise"):
-        raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method {method!r}")
-    if method == "identity":
-        bases = identity_bases(targets)
-    elif method != "svd":
-        if factor_dir is None:
-            raise EditError(f"method {method!r} needs a factor directory")
-        bases = prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision,
-                              masses=masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
+    bases = method_bases(model, targets, factor_dir, method, device=device, eigh_precision=eigh_precision,
+                         masses=masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
     search = bisect_amount(model, targets, bases, heldout_sequences, mode="within", budget=budget, knob=knob,
                            method=method, seed=seed, compute_dtype=compute_dtype, masses=masses, device=device,
                            steps=steps,

@@ -36,6 +36,7 @@ from curvedit.targets import Target
 
 METHODS = ("kfac", "svd", "random", "lowest", "identity", "noise")
 BASIS_METHODS = ("kfac", "identity", "noise")  # the selection itself is used (no control drawn from its count)
+EIGENBASIS_METHODS = ("kfac", "random", "lowest", "noise")  # select components of the factors' eigenbasis
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -124,7 +125,7 @@ class EditPlan:
         if not self.rules:
             raise EditError("an edit plan needs at least one rule")
         shaped = [r for r in self.rules if r.side is not None or r.block is not None]
-        if shaped and (self.method not in ("kfac", "noise", "random", "lowest") or self.masses != "kfac"):
+        if shaped and (self.method not in EIGENBASIS_METHODS or self.masses != "kfac"):
             raise EditError("side-restricted and block edits select K-FAC eigendirections: they need method kfac "
                             "(or its controls noise / random / lowest) and masses kfac")
         if self.method == "identity" and self.masses != "saliency":
@@ -471,23 +472,39 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         if rule.keep_fraction is not None and round(rule.keep_fraction * size) == 0:
             raise SelectionError(f"{target.name}: keep fraction {rule.keep_fraction} keeps no component of {size} "
                                  "(the edit would zero the weight)")
-    if protect_dir is not None and plan.method not in ("kfac", "random", "lowest", "noise"):
-        raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
-                        f"{plan.method!r}")
-    bases = None
-    if plan.method == "identity":
-        bases = identity_bases(targets)
-    elif plan.method != "svd":
-        if factor_dir is None:
-            raise EditError(f"method {plan.method!r} needs a factor directory")
-        if plan.masses == "ekfac":
-            missing = without_eigencorrections(factor_dir, [t.name for t in targets])
-            if missing:
-                raise EditError(f"masses 'ekfac' need eigenvalue-corrected factors, and {factor_dir} has none for "
-                                f"{missing[0]}{' and others' if len(missing) > 1 else ''}: run collect --eigencorrect")
-        bases = prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision,
-                              masses=plan.masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
+    if plan.masses == "ekfac" and plan.method in EIGENBASIS_METHODS and factor_dir is not None:
+        missing = without_eigencorrections(factor_dir, [t.name for t in targets])
+        if missing:
+            raise EditError(f"masses 'ekfac' need eigenvalue-corrected factors, and {factor_dir} has none for "
+                            f"{missing[0]}{' and others' if len(missing) > 1 else ''}: run collect --eigencorrect")
+    bases = method_bases(model, targets, factor_dir, plan.method, device=device, eigh_precision=eigh_precision,
+                         masses=plan.masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
     return apply_edit(targets, plan, bases, device)
+
+
+def method_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path | None, method: str, *,
+                 device: str | torch.device | None = None, eigh_precision: str = "float64", masses: str = "kfac",
+                 forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
+                 ) -> dict[str, Eigenbasis] | None:
+    """The bases a method edits in: none for "svd", the standard basis for "identity", else the
+    factors' eigenbases with what the ranking needs (`prepare_bases`).
+
+    Raises:
+        EditError: protect factors for a method that does not select eigenbasis components, or
+            no factor directory for a method that needs one.
+        FactorError: as `prepare_bases`.
+    """
+    if protect_dir is not None and method not in EIGENBASIS_METHODS:
+        raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
+                        f"{method!r}")
+    if method == "svd":
+        return None
+    if method == "identity":
+        return identity_bases(targets)
+    if factor_dir is None:
+        raise EditError(f"method {method!r} needs a factor directory")
+    return prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision, masses=masses,
+                         forget=forget, pad_id=pad_id, protect_dir=protect_dir)
 
 
 def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path, *,

@@ -44,14 +44,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.budget import KNOBS, bisect_amount
-from curvedit.edit import METHODS, EditPlan, EditRule, apply_edit, prepare_bases
+from curvedit.edit import METHODS, EditError, EditPlan, EditRule, apply_edit, method_bases
 from curvedit.errors import CurveditError
 from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
 from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.spectrum import MASSES, identity_bases
+from curvedit.spectrum import MASSES
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 
 METRICS = ("strict", "loose", "similarity")
@@ -467,9 +467,6 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("the sweep needs at least one memorized window")
     if not heldout_sequences:
         raise SweepError("the sweep needs held-out sequences for perplexity")
-    if protect_dir is not None and grid.method in ("svd", "identity"):
-        raise SweepError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
-                         f"{grid.method!r}")
     if grid.method == "identity" and options.masses != "saliency":
         raise SweepError("method 'identity' ranks weight entries: give masses 'saliency' (magnitude pruning)")
     if options.probe_floor is not None and not tasks:
@@ -482,13 +479,10 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         except TargetError as err:
             raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
     union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
-    bases = None
-    if grid.method == "identity":
-        bases = identity_bases(union)
-    elif grid.method != "svd":
-        if factor_dir is None:
-            raise SweepError(f"method {grid.method!r} needs a factor directory")
-        bases = prepare_bases(model, union, factor_dir, protect_dir=protect_dir)
+    try:
+        bases = method_bases(model, union, factor_dir, grid.method, protect_dir=protect_dir)
+    except EditError as err:  # a method that needs factors without any, or protection it cannot take
+        raise SweepError(str(err)) from None
     pad_id = default_pad_id(tokenizer)
     baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options, probes))
     if options.probe_floor is not None and not probes.usable:
