@@ -106,12 +106,19 @@ class LayerMap:
         unedited: loose, strict, perplexity and probes of the unedited model.
         usable_probes: the families the probe cost averages over.
         placements: in order of size, then first block.
+        n_layers: the model's numbered blocks.
     """
 
     options: LayerMapOptions
     unedited: dict[str, Any]
     usable_probes: list[str]
     placements: list[Placement]
+    n_layers: int
+
+    @property
+    def mark(self) -> str:
+        """The paper's kind of placement on this model (`middle_three`)."""
+        return middle_three(self.n_layers)
 
     def best(self, size: int, by: str = "per_ppl") -> Placement | None:
         """The placement of `size` blocks with the highest efficiency `by`."""
@@ -119,12 +126,12 @@ class LayerMap:
         return max(rows, key=lambda p: getattr(p, by)) if rows else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
+        """JSON-ready, with the paper's kind of placement as `mark`."""
         return {"options": asdict(self.options), "unedited": self.unedited, "usable_probes": self.usable_probes,
-                "placements": [asdict(p) for p in self.placements]}
+                "placements": [asdict(p) for p in self.placements], "n_layers": self.n_layers, "mark": self.mark}
 
-    def write(self, out_dir: str | Path, mark: str | None = None) -> tuple[Path, Path]:
-        """Write `layer_map.json` and `layer_map.png` (with `mark`, e.g. "13-15", highlighted).
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write `layer_map.json` and `layer_map.png` (the paper's kind of placement ringed).
 
         Returns:
             (JSON path, PNG path).
@@ -132,8 +139,8 @@ class LayerMap:
         from curvedit.io import write_json  # noqa: PLC0415
 
         out = Path(out_dir)
-        write_json(out / LAYER_MAP_JSON, self.to_dict() | {"mark": mark})
-        return out / LAYER_MAP_JSON, plot_layer_map(self, out / LAYER_MAP_PNG, mark)
+        write_json(out / LAYER_MAP_JSON, self.to_dict())
+        return out / LAYER_MAP_JSON, plot_layer_map(self, out / LAYER_MAP_PNG)
 
 
 def middle_three(n_layers: int) -> str:
@@ -199,10 +206,11 @@ def layer_map(model: nn.Module, tokenizer: Any, factor_dir: str | Path, windows:
             per_probe_point=None if lost is None else forgetting / max(lost, 100 * options.floor),
             strict=point.strict, loose=point.loose, perplexity=point.perplexity, probes=dict(point.probes)))
     unedited = {"loose": base.loose, "strict": base.strict, "perplexity": base.perplexity, "probes": base.probes}
-    return LayerMap(options=options, unedited=unedited, usable_probes=list(usable), placements=rows)
+    return LayerMap(options=options, unedited=unedited, usable_probes=list(usable), placements=rows,
+                    n_layers=n_layers)
 
 
-def plot_layer_map(result: LayerMap, path: str | Path, mark: str | None = None) -> Path:
+def plot_layer_map(result: LayerMap, path: str | Path) -> Path:
     """Forgetting per unit of perplexity rise against the first block, one line per group size;
     with probes, a second panel per probe point lost."""
     from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
@@ -217,6 +225,7 @@ def plot_layer_map(result: LayerMap, path: str | Path, mark: str | None = None) 
             rows = [p for p in result.placements if p.size == size]
             ax.plot([p.first + (p.size - 1) / 2 for p in rows], [getattr(p, key) for p in rows], marker="o",
                     markersize=3, label=f"{size} block{'s' if size > 1 else ''}")
+        mark = result.mark
         chosen = next((p for p in result.placements if p.layers == mark), None)
         if chosen is not None:
             ax.scatter([chosen.first + (chosen.size - 1) / 2], [getattr(chosen, key)], s=120, facecolors="none",

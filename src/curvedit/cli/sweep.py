@@ -220,7 +220,7 @@ def layer_map_command(
     from curvedit.data import check_corpus_source
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.evaluate.tasks import load_tasks
-    from curvedit.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map, middle_three
+    from curvedit.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map
     from curvedit.models import load_model
 
     options = LayerMapOptions(matrices=matrices, keep_fraction=keep_fraction,
@@ -235,8 +235,7 @@ def layer_map_command(
     sequences = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
                                   max_tokens=heldout_max_tokens, text_field=text_field)
     result = layer_map(loaded.model, loaded.preprocessor, factors, windows, sequences, options, tasks=probe_tasks)
-    n_layers = max(p.first + p.size for p in result.placements)
-    paths = result.write(out, mark=middle_three(n_layers))
+    paths = result.write(out)
     typer.echo(f"{'blocks':<10} {'forgetting':>10} {'ppl rise':>9} {'per ppl':>9} {'probe pts':>9}")
     for p in result.placements:
         lost = "-" if p.probe_points_lost is None else f"{p.probe_points_lost:.1f}"

@@ -72,18 +72,16 @@ def run_layer_map(model: torch.nn.Module, tokenizer: Any, factor_dir: Path, wind
                   batch_size: int, progress: bool) -> dict[str, Any]:
     """The layer map on mlp-in (singles and runs of three), written to `out`; returns its
     dictionary with the paper's kind of placement and the best placements."""
-    from curvedit.layer_map import LayerMapOptions, layer_map, middle_three  # noqa: PLC0415
+    from curvedit.layer_map import LayerMapOptions, layer_map  # noqa: PLC0415
 
     result = layer_map(model, tokenizer, factor_dir, windows, heldout,
                        LayerMapOptions(keep_fraction=keep_fraction, batch_size=batch_size, progress=progress),
                        tasks=tasks)
-    n_layers = max(p.first + p.size for p in result.placements)
-    mark = middle_three(n_layers)
-    result.write(out, mark=mark)
+    result.write(out)
     ranked = sorted((p for p in result.placements if p.size == 3), key=lambda p: -p.per_ppl)
-    rank = next((i + 1 for i, p in enumerate(ranked) if p.layers == mark), None)
+    rank = next((i + 1 for i, p in enumerate(ranked) if p.layers == result.mark), None)
     best = {size: dataclasses.asdict(p) for size in (1, 3) if (p := result.best(size)) is not None}
-    return result.to_dict() | {"mark": mark, "mark_rank": rank, "groups_of_three": len(ranked), "best": best}
+    return result.to_dict() | {"mark_rank": rank, "groups_of_three": len(ranked), "best": best}
 
 
 def style_energy(model: torch.nn.Module, targets: list[Target], bases: dict[str, Eigenbasis],
