@@ -499,7 +499,8 @@ def factor_sequences(model: torch.nn.Module, tokenizer: Any, data: StudyData, op
             n=count, seq_len=seq_len, seed=seed + FACTOR_SAMPLE_SEED, batch_size=64, progress=options.progress))
 
     samples = cached(options.cache / f"seed-{seed}" / "self-samples.json",
-                     _key({"model": model_key, "n": count, "seq_len": seq_len, "seed": seed}), draw)
+                     _key({"model": model_key, "n": count, "seq_len": seq_len, "seed": seed + FACTOR_SAMPLE_SEED}),
+                     draw)
     own, total = [], 0
     for seq in samples:
         if wanted - total < 2:
@@ -592,7 +593,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
     stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
     ppl_text = data.ppl_subset(options.ppl_sequences)
-    tasks = study_tasks(options, probes_used)
+    tasks = study_tasks(probes_used, options.probe_items)
     floor = options.probe_floor if probes_used else None  # no usable family: nothing for a floor to hold
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
@@ -717,7 +718,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         from curvedit.studies.capability_stages import run_layer_map  # noqa: PLC0415
 
         def compute_map() -> dict[str, Any]:
-            few = capability_tasks_for_map(options, probes_used)
+            few = study_tasks(probes_used, LAYER_MAP_PROBE_ITEMS)
             return run_layer_map(model, tokenizer, factor_dir, tune, ppl_text, options.out / f"seed-{seed}",
                                  keep_fraction=options.layer_map_keep, tasks=few, batch_size=options.batch_size,
                                  progress=options.progress)
@@ -926,18 +927,11 @@ PROBE_SEED = 1234
 LAYER_MAP_PROBE_ITEMS = 10  # per family: the layer map scores each of its placements on a short suite
 
 
-def capability_tasks_for_map(options: StudyOptions, families: Sequence[str]) -> list[Any]:
-    """The short suite the layer map scores every placement on."""
+def study_tasks(families: Sequence[str], items: int) -> list[Any]:
+    """The capability families the study measures, `items` each (generate format, seeded)."""
     from curvedit.evaluate.capabilities import capability_tasks  # noqa: PLC0415
 
-    return capability_tasks(list(families), n=LAYER_MAP_PROBE_ITEMS, seed=PROBE_SEED) if families else []
-
-
-def study_tasks(options: StudyOptions, families: Sequence[str]) -> list[Any]:
-    """The capability families the study measures (generate format, seeded)."""
-    from curvedit.evaluate.capabilities import capability_tasks  # noqa: PLC0415
-
-    return capability_tasks(list(families), n=options.probe_items, seed=PROBE_SEED) if families else []
+    return capability_tasks(list(families), n=items, seed=PROBE_SEED) if families else []
 
 
 def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, Any]]:
@@ -951,8 +945,9 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, An
     def compute() -> dict[str, dict[str, Any]]:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        results = run_tasks(model, tokenizer, study_tasks(options, list(options.probe_families or FAMILIES)),
-                            TaskOptions(batch_size=options.batch_size), pad_id=default_pad_id(tokenizer))
+        tasks = study_tasks(list(options.probe_families or FAMILIES), options.probe_items)
+        results = run_tasks(model, tokenizer, tasks, TaskOptions(batch_size=options.batch_size),
+                            pad_id=default_pad_id(tokenizer))
         return {s.family: s.to_dict() for s in score_families(results, options.probe_margin)}
 
     return cached(options.cache / "base-probes.json",
