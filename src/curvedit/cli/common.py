@@ -261,6 +261,20 @@ _HELD_LOCKS: list[Any] = []
 OUTPUT_STAMP = ".curvedit-output"  # marks a reusable folder (demo, study) as curvedit's own
 
 
+REPORT_FILES = ("report.md", "results.json", "*.png")  # what demo and study write into their folder
+
+
+def reuse_output(out: Path, overwrite: bool = False) -> None:
+    """The guard of a folder a command caches its stages in and writes its report into (demo,
+    study): `check_output` with `reuse`, then the stamp that marks it as curvedit's.
+
+    Raises:
+        CurveditError: as `check_output` (a user's report files there without `overwrite`, ...).
+    """
+    check_output(out, kind="dir", reuse=True, names=REPORT_FILES, overwrite=overwrite)
+    stamp_output(out)
+
+
 def stamp_output(out: Path) -> None:
     """Mark a reusable output folder as curvedit's: later runs may replace the files it wrote."""
     out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,7 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import ProgressOpt, check_output, out_option, overwrite_option, stamp_output
-
-REPORT_FILES = ("report.md", "results.json", "*.png")
+from curvedit.cli.common import ProgressOpt, out_option, overwrite_option, reuse_output
 
 
 def demo_command(
@@ -28,8 +26,7 @@ def demo_command(
         from curvedit.demo.vision_report import vision_table
 
         out = out or Path("demo-out/vision")
-        check_output(out, kind="dir", reuse=True, names=REPORT_FILES, overwrite=overwrite)  # caches the model
-        stamp_output(out)
+        reuse_output(out, overwrite)  # the folder caches the trained model
         vision_options = smoke_vision_options(out) if smoke else VisionDemoOptions(out=out)
         vision_options.retrain, vision_options.progress = retrain, progress and not smoke
         results = run_vision_demo(vision_options)
@@ -41,8 +38,7 @@ def demo_command(
     from curvedit.demo.report import family_table, memorization_table
 
     out = out or Path("demo-out")
-    check_output(out, kind="dir", reuse=True, names=REPORT_FILES, overwrite=overwrite)  # caches the model
-    stamp_output(out)
+    reuse_output(out, overwrite)  # the folder caches the trained model
     options = smoke_options(out) if smoke else DemoOptions(out=out)
     options.retrain, options.progress = retrain, progress and not smoke
     results = run_demo(options)

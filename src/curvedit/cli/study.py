@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import (ProgressOpt, check_device, check_output, device_option, int_list, out_option,
-                                 overwrite_option, stamp_output)
+from curvedit.cli.common import (ProgressOpt, check_device, device_option, int_list, out_option, overwrite_option,
+                                 reuse_output)
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -68,8 +68,7 @@ def smollm2_command(
                       **{k: v for k, v in given.items() if v is not None})
     options.validate()  # every setting, before the model is fetched
     # the folder caches every stage: rerunning it continues
-    check_output(out, kind="dir", reuse=True, names=("report.md", "results.json", "*.png"), overwrite=overwrite)
-    stamp_output(out)
+    reuse_output(out, overwrite)
     results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  {results['wall_s'] / 60:.0f} min")
@@ -93,9 +92,7 @@ def run_command(
     if device is not None:
         options = replace(options, device=check_device(device))
     options = replace(options, progress=progress)
-    check_output(options.out, kind="dir", reuse=True, names=("report.md", "results.json", "*.png"),
-                 overwrite=overwrite)
-    stamp_output(options.out)
+    reuse_output(options.out, overwrite)
     results = run_study(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(main_table(results))
     typer.echo(f"\nreport: {options.out / 'report.md'}  results: {options.out / 'results.json'}  "
