@@ -102,7 +102,8 @@ def implant_command(
                                                                              seed=seed, progress=progress)) + train_text
     base = {"name": model, "weights_sha256": model_weights_sha256(loaded.model),
             "source": getattr(loaded, "source", None),
-            "general": f"replay:{replay_samples}" if replay_samples is not None else general}
+            "general": general if replay_samples is None else f"replay:{replay_samples}"
+            + (f" + {general}" if general is not None else "")}
     with resumable(out, f"the last checkpoint (every {checkpoint_every} steps)"):
         result = implant(loaded.model, tokenizer, chosen, train_text, held, out, options, resume=resume)
     save_implanted(loaded.model, tokenizer, out, chosen, result, options, base)
