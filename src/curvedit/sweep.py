@@ -48,7 +48,7 @@ from curvedit.edit import METHODS, EditError, EditPlan, EditRule, apply_edit, me
 from curvedit.errors import CurveditError
 from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
+from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
 from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.spectrum import MASSES
@@ -396,34 +396,17 @@ class SweepResult:
         return out / SWEEP_JSON, plot_sweep(self, out / SWEEP_PNG)
 
 
-def _evaluate(model: nn.Module, windows: Sequence[Window], heldout: Sequence[Sequence[int]], pad_id: int,
-              options: SweepOptions, probes: "_Probes") -> dict[str, Any]:
+def _evaluate(model: nn.Module, tokenizer: Any, windows: Sequence[Window], heldout: Sequence[Sequence[int]],
+              tasks: Sequence[Task], pad_id: int, options: SweepOptions) -> tuple[dict[str, Any], list[TaskResult]]:
+    """A point's metrics (probe accuracy per family under "probes"), and the probes' results."""
     recitation, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=options.batch_size,
                                         loose_threshold=options.loose_threshold)
     ppl = perplexity(model, heldout, pad_id=pad_id, batch_size=options.batch_size)
+    results = (run_tasks(model, tokenizer, tasks, TaskOptions(batch_size=options.batch_size), pad_id=pad_id)
+               if tasks else [])
     return {"strict": recitation.strict, "loose": recitation.loose,
             "avg_normalized_distance": recitation.avg_normalized_distance, "perplexity": ppl.perplexity,
-            "probes": probes.accuracy(model, pad_id, options.batch_size)}
-
-
-@dataclass
-class _Probes:
-    """The sweep's task probes: scored per point; `usable` is filled from the unedited model."""
-
-    tokenizer: Any
-    tasks: Sequence[Task]
-    margin: float
-    usable: list[str] = field(default_factory=list)
-    first: bool = True
-
-    def accuracy(self, model: nn.Module, pad_id: int, batch_size: int) -> dict[str, float]:
-        if not self.tasks:
-            return {}
-        results = run_tasks(model, self.tokenizer, self.tasks, TaskOptions(batch_size=batch_size), pad_id=pad_id)
-        if self.first:  # the first call scores the unedited model
-            self.usable = [s.family for s in score_families(results, self.margin) if s.usable]
-            self.first = False
-        return {r.name: r.accuracy for r in results}
+            "probes": {r.name: r.accuracy for r in results}}, results
 
 
 def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | None, grid: SweepGrid,
@@ -471,7 +454,6 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("method 'identity' ranks weight entries: give masses 'saliency' (magnitude pruning)")
     if options.probe_floor is not None and not tasks:
         raise SweepError("a probe floor needs task probes (--tasks)")
-    probes = _Probes(tokenizer, tasks, options.probe_margin)
     point_targets: dict[tuple[str, str], list[Target]] = {}
     for layers, matrices in itertools.product(grid.layers, grid.matrices):
         try:
@@ -484,8 +466,11 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
     except EditError as err:  # a method that needs factors without any, or protection it cannot take
         raise SweepError(str(err)) from None
     pad_id = default_pad_id(tokenizer)
-    baseline = SweepPoint(**_evaluate(model, memorized_windows, heldout_sequences, pad_id, options, probes))
-    if options.probe_floor is not None and not probes.usable:
+    unedited, unedited_probes = _evaluate(model, tokenizer, memorized_windows, heldout_sequences, tasks, pad_id,
+                                          options)
+    baseline = SweepPoint(**unedited)
+    usable = [s.family for s in score_families(unedited_probes, options.probe_margin) if s.usable]
+    if options.probe_floor is not None and not usable:
         raise SweepError("no probe family is clearly above chance on the unedited model, so a probe floor has "
                          f"nothing to hold ({', '.join(f'{k} {v:.0%}' for k, v in baseline.probes.items())})")
     points: list[SweepPoint] = []
@@ -506,7 +491,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
                         compute_dtype=options.compute_dtype, masses=options.masses)
         applied = apply_edit(point_targets[layers, matrices], plan, bases, options.device)
         try:
-            metrics = _evaluate(model, memorized_windows, heldout_sequences, pad_id, options, probes)
+            metrics, _ = _evaluate(model, tokenizer, memorized_windows, heldout_sequences, tasks, pad_id, options)
         finally:
             applied.undo()
         stats = {s.name: {"kept": s.kept, "total": s.total, "mass_kept": s.mass_kept, "rel_change": s.rel_change}
@@ -520,11 +505,11 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
     chosen = None
     if options.ppl_budget is not None:
         for point in points:
-            point.excluded = exclusion(point, baseline, options.ppl_budget, options.probe_floor, probes.usable)
+            point.excluded = exclusion(point, baseline, options.ppl_budget, options.probe_floor, usable)
         chosen = choose_point(points, baseline.perplexity, options.ppl_budget, options.metric,
                               allowed=[not p.excluded for p in points])
     return SweepResult(grid=grid, options=options, baseline=baseline, points=points, front=front, chosen=chosen,
-                       usable_probes=probes.usable)
+                       usable_probes=usable)
 
 
 def plot_sweep(result: SweepResult, out: str | Path) -> Path:
