@@ -91,13 +91,12 @@ def style_energy(model: torch.nn.Module, targets: list[Target], bases: dict[str,
     general text, at the edited targets."""
     from curvedit.flat_energy import flat_energy_shares  # noqa: PLC0415
 
+    groups = [*styles, *["general"] * len(general)]
+    sequences = [list(w.prefix_ids) + list(w.suffix_ids) for w in windows] + [list(s) for s in general]
+    shares = flat_energy_shares(model, targets, bases, sequences, flat_fraction=flat_fraction, pad_id=pad_id,
+                                batch_size=batch_size)  # one pass over every window and the general text
     out: dict[str, Any] = {"flat_fraction": flat_fraction}
-    for style in sorted(set(styles)):
-        chosen = [w for w, s in zip(windows, styles) if s == style]
-        shares = flat_energy_shares(model, targets, bases, [list(w.prefix_ids) + list(w.suffix_ids) for w in chosen],
-                                    flat_fraction=flat_fraction, pad_id=pad_id, batch_size=batch_size)
-        out[style] = {"mean": sum(shares) / len(shares), "n": len(shares), "per_window": shares}
-    shares = flat_energy_shares(model, targets, bases, list(general), flat_fraction=flat_fraction, pad_id=pad_id,
-                                batch_size=batch_size)
-    out["general"] = {"mean": sum(shares) / len(shares), "n": len(shares), "per_window": shares}
+    for group in [*sorted(set(styles)), "general"]:
+        mine = [share for share, g in zip(shares, groups) if g == group]
+        out[group] = {"mean": sum(mine) / len(mine), "n": len(mine), "per_window": mine}
     return out
