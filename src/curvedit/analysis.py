@@ -38,7 +38,7 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -184,6 +184,49 @@ def sequence_probes(sequences: Sequence[Sequence[int]], what: str = "clean") -> 
 
 
 @torch.no_grad()
+def visit_target_inputs(model: nn.Module, targets: Sequence[Target], probes: ProbeSet,
+                        visit: Callable[[Target, torch.Tensor, torch.Tensor, list[int]], None], *,
+                        batch_size: int = 16, pad_id: int = 0, progress: bool = False, desc: str = "probe") -> None:
+    """Run the probe sequences in right-padded batches (eval mode, no grad) and hand each
+    target's input to `visit(target, x_btd, counted_bt, rows)`: `counted_bt` is True at the
+    counted positions, `rows` the batch's indices into `probes.sequences`.
+
+    Raises:
+        AnalysisError: a target input whose leading shape is not the batch's `(B, T)` (a
+            module that does not see one vector per token).
+    """
+    device = next(model.parameters()).device
+    current: dict[str, Any] = {}
+
+    def make_hook(target: Target):
+        def hook(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            x_btd, counted_bt = inputs[0], current["mask"]
+            if tuple(x_btd.shape[:-1]) != tuple(counted_bt.shape):
+                raise AnalysisError(f"{target.name}: input has leading shape {tuple(x_btd.shape[:-1])}, "
+                                    f"expected the batch's {tuple(counted_bt.shape)}")
+            visit(target, x_btd, counted_bt, current["rows"])
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        rows = list(range(len(probes.sequences)))
+        with tqdm(total=len(rows), unit="seq", desc=desc, disable=not progress) as bar:
+            for chunk in batched(rows, batch_size):
+                batch = pad_batch([probes.sequences[i] for i in chunk], pad_id)
+                index = torch.arange(batch["input_ids"].shape[1])
+                current["mask"] = torch.stack([(index >= probes.spans[i][0]) & (index < probes.spans[i][1])
+                                               for i in chunk]).to(device)
+                current["rows"] = chunk
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                bar.update(len(chunk))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def mean_abs_projections(model: nn.Module, targets: Sequence[Target], directions: Mapping[str, torch.Tensor],
                          probes: ProbeSet, *, batch_size: int = 16, pad_id: int = 0,
                          progress: bool = False, desc: str = "probe") -> dict[str, torch.Tensor]:
@@ -211,36 +254,12 @@ def mean_abs_projections(model: nn.Module, targets: Sequence[Target], directions
     device = next(model.parameters()).device
     sums = {t.name: torch.zeros(directions[t.name].shape[1], dtype=torch.float64, device=device) for t in targets}
     dirs = {name: d.to(device=device, dtype=torch.float64) for name, d in directions.items()}
-    current: dict[str, torch.Tensor] = {}
 
-    def make_hook(target: Target):
-        def hook(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-            x = inputs[0]
-            mask = current["mask"]
-            if tuple(x.shape[:-1]) != tuple(mask.shape):
-                raise AnalysisError(f"{target.name}: input has leading shape {tuple(x.shape[:-1])}, "
-                                    f"expected the batch's {tuple(mask.shape)}")
-            sums[target.name] += (x[mask].double() @ dirs[target.name]).abs().sum(dim=0)
-        return hook
+    def visit(target: Target, x_btd: torch.Tensor, counted_bt: torch.Tensor, _rows: list[int]) -> None:
+        sums[target.name] += (x_btd[counted_bt].double() @ dirs[target.name]).abs().sum(dim=0)
 
-    handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = list(zip(probes.sequences, probes.spans))
-        with tqdm(total=len(pairs), unit="seq", desc=desc, disable=not progress) as bar:
-            for chunk in batched(pairs, batch_size):
-                batch = pad_batch([seq for seq, _ in chunk], pad_id)
-                width = batch["input_ids"].shape[1]
-                index = torch.arange(width)
-                counted = torch.stack([(index >= start) & (index < stop) for _, (start, stop) in chunk])
-                current["mask"] = counted.to(device)
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                bar.update(len(chunk))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    visit_target_inputs(model, targets, probes, visit, batch_size=batch_size, pad_id=pad_id, progress=progress,
+                        desc=desc)
     return {name: (total / probes.positions).cpu() for name, total in sums.items()}
 
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from curvedit.data import batched, pad_batch
+from curvedit.analysis import ProbeSet, visit_target_inputs
 from curvedit.errors import CurveditError
 from curvedit.spectrum import Eigenbasis
 from curvedit.targets import Target
@@ -79,33 +79,14 @@ def flat_energy_shares(model: nn.Module, targets: Sequence[Target], bases: Mappi
     device = next(model.parameters()).device
     flat = {t.name: flat_directions(bases[t.name], flat_fraction).to(device=device, dtype=torch.float64)
             for t in targets}
-    current: dict[str, torch.Tensor] = {}
     shares = torch.zeros(len(sequences), dtype=torch.float64)
 
-    def make_hook(target: Target):
-        def hook(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-            x_btd = inputs[0].double()
-            mask_bt = current["mask"]
-            flat_bt = ((x_btd @ flat[target.name]) ** 2).sum(-1)
-            total_bt = (x_btd ** 2).sum(-1)
-            current["sum"] += (flat_bt * mask_bt).sum(1) / (total_bt * mask_bt).sum(1).clamp(min=1e-300)
-        return hook
+    def visit(target: Target, x_btd: torch.Tensor, counted_bt: torch.Tensor, rows: list[int]) -> None:
+        x_btd, counted = x_btd.double(), counted_bt.double()
+        flat_bt = ((x_btd @ flat[target.name]) ** 2).sum(-1)
+        total_bt = (x_btd ** 2).sum(-1)
+        shares[rows] += ((flat_bt * counted).sum(1) / (total_bt * counted).sum(1).clamp(min=1e-300)).cpu()
 
-    handles = [t.module.register_forward_hook(make_hook(t)) for t in targets]
-    was_training = model.training
-    model.eval()
-    try:
-        rows = list(range(len(sequences)))
-        for chunk in batched(rows, batch_size):
-            batch = pad_batch([sequences[i] for i in chunk], pad_id)
-            index = torch.arange(batch["input_ids"].shape[1])
-            current["mask"] = torch.stack([(index >= spans[i][0]) & (index < spans[i][1]) for i in chunk]).to(
-                device, torch.float64)
-            current["sum"] = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            shares[chunk] = (current["sum"] / len(targets)).cpu()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return shares.tolist()
+    visit_target_inputs(model, targets, ProbeSet([list(s) for s in sequences], spans), visit, batch_size=batch_size,
+                        pad_id=pad_id)
+    return (shares / len(targets)).tolist()
