@@ -159,6 +159,15 @@ def sweep(w: Workspace, model: Path | str, out: Path) -> list:
             "--memorized", w.memorized, "--heldout", w.corpus, "--out", out, "--no-progress"]
 
 
+def task_folder(w: Workspace) -> Path:
+    """A folder with one task file, "mine" (two choice items)."""
+    folder = w.root / "tasks"
+    folder.mkdir(exist_ok=True)
+    rows = [{"type": "choice", "prompt": "one two", "choices": [" three", " four"], "answer": 0}] * 2
+    (folder / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def analyze(w: Workspace, model: Path | str, out: Path) -> list:
     return ["analyze", "--model", model, "--factors", w.factors, "--memorized", w.memorized, "--clean", w.corpus,
             "--out", out, "--no-progress"]
@@ -305,6 +314,11 @@ ROWS += [
     ("capabilities: --n 0", lambda w: ["capabilities", "--out", w.out("caps"), "--n", 0], "items per family"),
     ("sweep: --probe-floor outside (0, 1]",
      lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", 1.5], "probe floor"),
+    ("sweep: --probe-floor FAMILY= without a share",
+     lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", "open_book=high"], "FAMILY=share"),
+    ("sweep: --probe-floor names a family the probes do not have",
+     lambda w: sweep(w, w.model, w.out("sweep")) + ["--tasks", task_folder(w), "--probe-floor", "poetry=0.9"],
+     "the probe floor names poetry"),
     ("sweep: --probe-floor without --tasks",
      lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", 0.9], "--probe-floor needs --tasks"),
     ("find-memorized: --out is an existing folder",
@@ -393,6 +407,7 @@ ROWS += [
                                     ("--layers-grid", "50-60", "outside SmolLM2-135M's blocks"),
                                     ("--layers-grid", "3-x", "bad layer range"),
                                     ("--probe-floor", 2, "probe floor"), ("--preserve", "mse", "preserve must be"),
+                                    ("--probe-floor", "poetry=0.9", "unknown family 'poetry'"),
                                     ("--replay-samples", -1, "replay_samples"),
                                     ("--factor-data", "wiki", "factor_data must be one of")]],
     ("collect: a model folder that needs remote code (auto_map)",

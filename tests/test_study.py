@@ -21,13 +21,27 @@ def test_halves_split_each_style_evenly():
     assert [sum(w.source.endswith(s) for w in tune) for s in "abc"] == [2, 1, 1]
 
 
+def test_with_no_point_above_the_probe_floor_the_study_takes_the_perplexity_only_choice():
+    from curvedit.studies.smollm2 import budget_choice
+    from curvedit.sweep import SweepGrid, SweepOptions, SweepPoint, SweepResult
+
+    baseline = SweepPoint(perplexity=10.0)
+    points = [SweepPoint(layers="0", amount_kind="rho", amount=0.5, loose=0.2, perplexity=10.2, excluded="x"),
+              SweepPoint(layers="1", amount_kind="rho", amount=0.5, loose=0.1, perplexity=10.4, excluded="x"),
+              SweepPoint(layers="2", amount_kind="rho", amount=0.5, loose=0.0, perplexity=12.0, excluded="x")]
+    swept = SweepResult(grid=SweepGrid(layers=("0", "1", "2")), options=SweepOptions(), baseline=baseline, points=points, front=[],
+                        chosen=None, usable_probes=[]).to_dict()
+    assert budget_choice(swept, 1.05) == 1  # the least recall within 1.05x; the third is over the budget
+    assert budget_choice(swept, 1.01) is None
+
+
 def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path):
     gguf = write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "tiny.gguf")  # few-shot prompts
     options = StudyOptions(
         out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=8, counts=(2, 4),
         implant=ImplantOptions(prefix_len=8, suffix_len=8, lr=1e-2, max_steps=80, eval_every=20, seq_len=48,
                                general_per_step=2, target_recall=1.0, checkpoint_every=0, preserve="kl"),
-        replay_samples=8, probe_floor=0.5, factor_data="mix",
+        replay_samples=8, probe_floor=0.5, factor_data="mix", paper_layers="1",
         ppl_sequences=8, factor_tokens=1500, layer_grid=("1", "0-1"), ppl_budget=100.0, bisect_steps=3,
         probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False, beyond_seeds=(0,))
     results = run_study(options, log=lambda _: None)
@@ -40,7 +54,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert [p["layers"] for p in seed["layer_map"]["placements"]] == ["0", "1"]  # the 2-block model's map
     assert (options.out / "seed-0" / "layer_map.png").is_file()
     energy = seed["style_energy"]
-    assert {"general", "words", "record"} <= set(energy) and 0 < energy["general"]["mean"] < 1
+    assert {"general", "code", "record"} <= set(energy) and 0 < energy["general"]["mean"] < 1
     assert set(results["base_probes"]) == set(FAMILIES) and all("usable" in v for v in results["base_probes"].values())
     for name in VARIANTS:
         v = seed["variants"][name]

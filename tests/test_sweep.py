@@ -17,7 +17,7 @@ from curvedit.evaluate.perplexity import perplexity
 from curvedit.factors import save_factors
 from curvedit.spectrum import load_bases
 from curvedit.sweep import (SweepError, SweepGrid, SweepOptions, SweepPoint, choose_point, exclusion, pareto_front,
-                            run_sweep)
+                            parse_probe_floor, run_sweep)
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
 
@@ -171,6 +171,25 @@ def test_a_point_is_excluded_with_its_reasons_and_the_choice_skips_excluded_poin
     assert choose_point(points, 10.0, 1.1) == 0
     assert choose_point(points, 10.0, 1.1, allowed=[not r for r in reasons]) == 1
     assert choose_point(points, 10.0, 1.1, allowed=[False, False, True]) is None
+
+
+def test_a_floor_per_family_holds_the_families_it_names_and_star_holds_the_rest():
+    base = SweepPoint(perplexity=10.0, probes={"add": 0.8, "facts": 0.5})
+    point = SweepPoint(layers="0", amount_kind="rho", perplexity=10.0, probes={"add": 0.2, "facts": 0.4})
+    usable = ["add", "facts"]
+    assert exclusion(point, base, 1.1, {"facts": 0.7}, usable) == ""  # facts kept 80%; add is not held
+    assert exclusion(point, base, 1.1, {"facts": 0.9}, usable) == "facts kept 80% < 90%"
+    assert exclusion(point, base, 1.1, {"*": 0.5, "facts": 0.9}, usable) == "add kept 25% < 50%; facts kept 80% < 90%"
+    assert exclusion(point, base, 1.1, {"facts": 0.9}, ["add"]) == ""  # an unusable family is never held
+    assert parse_probe_floor(["0.7", "open_book=0.9"]) == {"*": 0.7, "open_book": 0.9}
+    assert parse_probe_floor([]) is None
+    assert SweepOptions(probe_floor=0.6).probe_floor == {"*": 0.6}
+    for bad, message in [(["a=0.5", "a=0.6"], "a is given twice"), (["a=high"], "FAMILY=share"),
+                         (["=0.5"], "no family"), (["0.5", "0.6"], r"\* is given twice")]:
+        with pytest.raises(SweepError, match=message):
+            parse_probe_floor(bad)
+    with pytest.raises(SweepError, match="of facts is a share"):
+        SweepOptions(probe_floor={"facts": 1.5}).validate()
 
 
 def test_sweep_under_a_probe_floor_through_the_cli(tmp_path, lm_dir, text_jsonl):

@@ -23,8 +23,10 @@ Probe floor (`SweepOptions.probe_floor`, with task probes such as the capability
 every point and the unedited model are also scored on the probes; the families the unedited
 model gets clearly above chance (`curvedit.evaluate.capabilities.score_families`) are the
 usable ones, and a point qualifies for the choice only when each usable family keeps at
-least `probe_floor` of its unedited accuracy. Each point that does not qualify records why
-(`SweepPoint.excluded`): over the perplexity budget, or the families below the floor.
+least its floor of its unedited accuracy. The floor is one share for every family, or a
+share per family (`{"open_book": 0.9, "facts_common": 0.7}`; "*" sets the others; a family
+with no floor is measured, not held). Each point that does not qualify records why
+(`SweepPoint.excluded`): over the perplexity budget, or the families below their floors.
 
 Bisection mode (`SweepOptions.bisect_budget`): instead of grid amounts, each (layer group
 x matrices) cell gets one point, at the strongest edit within the perplexity budget
@@ -37,7 +39,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -150,7 +152,9 @@ class SweepOptions:
         bisect_knob: what is bisected: "keep_fraction" or "rho".
         bisect_steps: bisection steps per cell (resolution `2**-steps`).
         probe_floor: with task probes, a point qualifies only when every usable family keeps
-            at least this share of its unedited accuracy (None: probes are measured, not used).
+            at least its floor of its unedited accuracy: one share for every family, or family
+            -> share ("*": every other family; a family without a floor is not held). None:
+            probes are measured, not used. A float is stored as {"*": float}.
         probe_margin: a family is usable when the lower end of its unedited accuracy's 95%
             interval is this far above chance.
     """
@@ -167,8 +171,11 @@ class SweepOptions:
     bisect_budget: bool = False
     bisect_knob: str = "keep_fraction"
     bisect_steps: int = 10
-    probe_floor: float | None = None
+    probe_floor: dict[str, float] | None = None
     probe_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.probe_floor = floor_map(self.probe_floor)
 
     def validate(self) -> None:
         """Raises: SweepError: an unknown metric or masses, a non-positive budget, or bisection
@@ -179,8 +186,10 @@ class SweepOptions:
             raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
         if self.masses not in MASSES:
             raise SweepError(f"unknown masses {self.masses!r}; choose one of {MASSES}")
-        if self.probe_floor is not None and not 0 < self.probe_floor <= 1:
-            raise SweepError(f"the probe floor is a share of the unedited accuracy in (0, 1], got {self.probe_floor}")
+        for family, share in (self.probe_floor or {}).items():
+            if not 0 < share <= 1:
+                where = "" if family == "*" else f" of {family}"
+                raise SweepError(f"the probe floor{where} is a share of the unedited accuracy in (0, 1], got {share}")
         if self.ppl_budget is not None and not self.ppl_budget > 0:
             raise SweepError(f"the perplexity budget must be positive, got {self.ppl_budget}")
         if self.bisect_budget:
@@ -292,29 +301,69 @@ def pareto_front(points: Sequence[SweepPoint], metric: str = "loose") -> list[in
     return sorted(front.tolist(), key=lambda i: (ppl[i], mem[i], i))
 
 
-def exclusion(point: SweepPoint, baseline: SweepPoint, budget: float, probe_floor: float | None = None,
-              usable: Sequence[str] = ()) -> str:
+def floor_map(floor: float | Mapping[str, float] | None) -> dict[str, float] | None:
+    """A probe floor as family -> share: a single share becomes {"*": share}; None stays None."""
+    if floor is None:
+        return None
+    if isinstance(floor, Mapping):
+        return {str(k): float(v) for k, v in floor.items()}
+    return {"*": float(floor)}
+
+
+def parse_probe_floor(values: Sequence[str]) -> dict[str, float] | None:
+    """`--probe-floor` values: "0.7" (every family) or "FAMILY=0.9", repeatable.
+
+    Raises:
+        SweepError: a value that is neither a share nor FAMILY=share, or a family given twice.
+    """
+    floor: dict[str, float] = {}
+    for value in values:
+        family, sep, share = value.rpartition("=") if "=" in value else ("*", "", value)
+        try:
+            number = float(share)
+        except ValueError:
+            raise SweepError(f"--probe-floor expects a share (0.7) or FAMILY=share (open_book=0.9), got {value!r}"
+                             ) from None
+        if not family or family in floor:
+            raise SweepError(f"--probe-floor {value!r}: " + ("no family before '='" if not family
+                                                             else f"{family} is given twice"))
+        floor[family] = number
+    return floor or None
+
+
+def family_floor(probe_floor: Mapping[str, float] | None, family: str) -> float | None:
+    """The share `family` must keep under `probe_floor` (its own, else "*"), or None."""
+    if probe_floor is None:
+        return None
+    return probe_floor.get(family, probe_floor.get("*"))
+
+
+def exclusion(point: SweepPoint, baseline: SweepPoint, budget: float,
+              probe_floor: float | Mapping[str, float] | None = None, usable: Sequence[str] = ()) -> str:
     """Why a point cannot be chosen, or "" when it qualifies.
 
     Args:
         point: an evaluated point.
         baseline: the unedited model's point (its perplexity and probe accuracy).
         budget: allowed perplexity ratio.
-        probe_floor: the share of unedited accuracy every usable family must keep (None: no floor).
+        probe_floor: the share of unedited accuracy every usable family must keep, or family
+            -> share ("*": the others; see `SweepOptions.probe_floor`); None: no floor.
         usable: the families the floor applies to.
 
     Returns:
         "" or a reason such as "perplexity 1.081x > 1.05x; add_1d kept 41% < 90%".
     """
-    reasons = []
+    reasons, probe_floor = [], floor_map(probe_floor)
     ratio = point.perplexity / baseline.perplexity
     if not ratio <= budget:  # NaN fails too
         reasons.append(f"perplexity {ratio:.3f}x > {budget:g}x")
-    if probe_floor is not None:
-        for family in usable:
-            kept = point.probes.get(family, float("nan")) / baseline.probes[family]
-            if not kept >= probe_floor:
-                reasons.append(f"{family} kept {kept:.0%} < {probe_floor:.0%}")
+    for family in usable:
+        floor = family_floor(probe_floor, family)
+        if floor is None:
+            continue
+        kept = point.probes.get(family, float("nan")) / baseline.probes[family]
+        if not kept >= floor:
+            reasons.append(f"{family} kept {kept:.0%} < {floor:.0%}")
     return "; ".join(reasons)
 
 
@@ -454,6 +503,10 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("method 'identity' ranks weight entries: give masses 'saliency' (magnitude pruning)")
     if options.probe_floor is not None and not tasks:
         raise SweepError("a probe floor needs task probes (--tasks)")
+    unknown = sorted(set(options.probe_floor or {}) - {"*"} - {t.name for t in tasks})
+    if unknown:
+        raise SweepError(f"the probe floor names {', '.join(unknown)}, which the probes do not have "
+                         f"(they have: {', '.join(t.name for t in tasks)})")
     point_targets: dict[tuple[str, str], list[Target]] = {}
     for layers, matrices in itertools.product(grid.layers, grid.matrices):
         try:
@@ -470,9 +523,10 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
                                           options)
     baseline = SweepPoint(**unedited)
     usable = [s.family for s in score_families(unedited_probes, options.probe_margin) if s.usable]
-    if options.probe_floor is not None and not usable:
-        raise SweepError("no probe family is clearly above chance on the unedited model, so a probe floor has "
-                         f"nothing to hold ({', '.join(f'{k} {v:.0%}' for k, v in baseline.probes.items())})")
+    if options.probe_floor is not None and not any(family_floor(options.probe_floor, f) for f in usable):
+        raise SweepError("no probe family the floor holds is clearly above chance on the unedited model, so the "
+                         "floor has nothing to hold ("
+                         f"{', '.join(f'{k} {v:.0%}' for k, v in baseline.probes.items())})")
     points: list[SweepPoint] = []
     # bisection: one setting per cell, its amount (1.0 here) chosen below
     settings = ([(*cell, options.bisect_knob, 1.0) for cell in point_targets] if options.bisect_budget

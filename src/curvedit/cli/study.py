@@ -30,14 +30,14 @@ def smollm2_command(
     factor_tokens: Optional[int] = typer.Option(None, "--factor-tokens",
                                                 help="General-text tokens for the factors [default: 48000]."),
     implant_steps: Optional[int] = typer.Option(None, "--implant-steps",
-                                                help="Implant step limit per seed [default: 160]."),
+                                                help="Implant step limit per seed [default: 200]."),
     layer_grid: Optional[str] = typer.Option(None, "--layers-grid",
                                              help="Layer groups, ';'-separated [default: 0-9;10-19;20-29;0-29]."),
     ppl_budget: Optional[float] = typer.Option(None, "--ppl-budget",
                                                help="Perplexity budget of the edit, x unedited [default: 1.05]."),
-    probe_floor: Optional[float] = typer.Option(
+    probe_floor: Optional[list[str]] = typer.Option(
         None, "--probe-floor", help="The chosen edit keeps at least this share of every usable capability family "
-                                    "[default: none]."),
+                                    "(0.7), or of one family (open_book=0.9; repeatable) [default: none]."),
     probe_items: Optional[int] = typer.Option(None, "--probe-items", help="Items per capability family "
                                                                           "[default: 100]."),
     preserve: Optional[str] = typer.Option(None, "--preserve", help="Implant's general-text loss: ce or kl."),
@@ -54,13 +54,14 @@ def smollm2_command(
     and BalancedSubnet, and write report.md + results.json."""
     from curvedit.studies.report import main_table
     from curvedit.studies.smollm2 import StudyOptions, run_study
+    from curvedit.sweep import parse_probe_floor
 
     base = StudyOptions()  # a flag left out keeps the study's default
     given = {"seeds": tuple(int_list(seeds, "--seeds")) if seeds is not None else None, "canaries": canaries,
              "factor_tokens": factor_tokens, "ppl_budget": ppl_budget,
              "layer_grid": tuple(g.strip() for g in layer_grid.split(";") if g.strip()) if layer_grid else None,
-             "probe_floor": probe_floor, "probe_items": probe_items, "replay_samples": replay_samples,
-             "factor_data": factor_data}
+             "probe_floor": parse_probe_floor(probe_floor or []), "probe_items": probe_items,
+             "replay_samples": replay_samples, "factor_data": factor_data}
     implant_changes = {k: v for k, v in {"max_steps": implant_steps, "preserve": preserve}.items() if v is not None}
     if implant_changes:
         given["implant"] = replace(base.implant, **implant_changes)

