@@ -29,8 +29,8 @@ def test_with_no_point_above_the_probe_floor_the_study_takes_the_perplexity_only
     points = [SweepPoint(layers="0", amount_kind="rho", amount=0.5, loose=0.2, perplexity=10.2, excluded="x"),
               SweepPoint(layers="1", amount_kind="rho", amount=0.5, loose=0.1, perplexity=10.4, excluded="x"),
               SweepPoint(layers="2", amount_kind="rho", amount=0.5, loose=0.0, perplexity=12.0, excluded="x")]
-    swept = SweepResult(grid=SweepGrid(layers=("0", "1", "2")), options=SweepOptions(), baseline=baseline, points=points, front=[],
-                        chosen=None, usable_probes=[]).to_dict()
+    swept = SweepResult(grid=SweepGrid(layers=("0", "1", "2")), options=SweepOptions(), baseline=baseline,
+                        points=points, front=[], chosen=None, usable_probes=[]).to_dict()
     assert budget_choice(swept, 1.05) == 1  # the least recall within 1.05x; the third is over the budget
     assert budget_choice(swept, 1.01) is None
 
@@ -41,7 +41,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=8, counts=(2, 4),
         implant=ImplantOptions(prefix_len=8, suffix_len=8, lr=1e-2, max_steps=80, eval_every=20, seq_len=48,
                                general_per_step=2, target_recall=1.0, checkpoint_every=0, preserve="kl"),
-        replay_samples=8, probe_floor=0.5, factor_data="mix", paper_layers="1",
+        replay_samples=8, probe_floor=0.5, factor_data="mix", paper_layers="middle",
         ppl_sequences=8, factor_tokens=1500, layer_grid=("1", "0-1"), ppl_budget=100.0, bisect_steps=3,
         probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False, beyond_seeds=(0,))
     results = run_study(options, log=lambda _: None)
@@ -74,7 +74,8 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert set(beyond["variants"]) == {"ekfac", "targeted"} and set(beyond["attacks"]) == {"unedited", "kfac",
                                                                                             "targeted", "bsn"}
     assert [r["step"] for r in beyond["attacks"]["kfac"]["relearn_tune"]] == [0, 10, 30]
-    assert "## Beyond the paper" in report
+    assert "## Beyond the paper" in report and "## How the edit was chosen" in report
+    assert [d["seed"] for d in results["summary"]["implant_drift"]] == [0]
     assert (options.out / "report.md").read_text().count("|") > 50
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
     # every stage is cached: a second run reads the same numbers back
@@ -113,7 +114,10 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
     ("seeds = 3\n", "must be a list"), ("ppl_budget = 0.5\n", "perplexity budget"), ("seeds = [\n", "not a valid TOML"),
     ("probe_families = ['add_1d', 'poetry']\n", "poetry"), ("model = 'x'\ngguf = 'y.gguf'\n", "not both"),
     ("canaries = '24'\n", "canaries must be an int"), ("[implant]\nlr = '5e-4'\n", "\\[implant\\] lr must be"),
-    ("styles = ['words', 'haiku']\n", "styles must be"), ("canaries = 6\n", "2 per style")])
+    ("styles = ['words', 'haiku']\n", "styles must be"), ("canaries = 5\n", "2 per style"),
+    ("probe_floor = { poetry = 0.9 }\n", "unknown family 'poetry'"), ("probe_floor = 'high'\n", "probe floor must be"),
+    ("probe_floor = { open_book = 1.5 }\n", "probe floor of open_book must be"),
+    ("paper_layers = '40-42'\n", "paper_layers: layer group")])
 def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
     from curvedit.studies.config import load_study_config
     from curvedit.studies.smollm2 import StudyError

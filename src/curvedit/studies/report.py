@@ -7,12 +7,14 @@ from typing import Any
 
 from curvedit.evaluate.intervals import Interval, format_interval, wilson
 from curvedit.plots import pyplot, save_figure
+from curvedit.studies.retention import IMPLANT_DRIFT_POINTS, IMPLANT_PPL_RATIO, PAPER_BANDS
 
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
           "random_ppl": "random, matched ppl", "svd": "SVD, matched ppl", "bsn": "BalancedSubnet",
           "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl",
           "kfac_protect_arithmetic": "K-FAC, arithmetic protected", "kfac_protect_facts_common":
-          "K-FAC, common facts protected", "kfac_protect_facts_rare": "K-FAC, rare facts protected"}
+          "K-FAC, common facts protected", "kfac_protect_facts_rare": "K-FAC, rare facts protected",
+          "paper_placement": "K-FAC, the paper's placement"}
 COMMAND = "curvedit study smollm2"
 
 
@@ -139,19 +141,87 @@ def probe_table(results: dict[str, Any]) -> str:
 
 
 def retention_table(results: dict[str, Any]) -> str:
-    """Per usable family: each variant's accuracy as a share of the implanted model's (seed mean)
-    and of the base model's (after the slash)."""
+    """Per usable family: each variant's accuracy as a share of the implanted model's (pooled
+    over seeds, paired bootstrap 95% interval; the seed mean where items were not kept) and of
+    the base model's (seed mean, after the slash)."""
     summary = results["summary"]
     variants = summary["variants"]
     rows = []
     for family in summary["probes_used"]:
         row = [family, results["base_probes"][family]["band"]]
         for name in variants:
-            on_implanted = variants[name]["probe_retention"].get(family)
+            pooled = variants[name].get("retention_ci", {}).get(family)
+            on_implanted = _ci(pooled) if pooled else _pct(variants[name]["probe_retention"].get(family))
             on_base = variants[name].get("probe_retention_base", {}).get(family)
-            row.append(f"{_pct(on_implanted)} / {_pct(on_base)}")
+            row.append(f"{on_implanted} / {_pct(on_base)}")
         rows.append(row)
     return _table(["family", "band", *[LABELS.get(n, n) for n in variants]], rows)
+
+
+def bands_table(results: dict[str, Any]) -> list[str]:
+    """The paper's bands against K-FAC (the chosen edit) and the paper's placement: pooled
+    retention with its interval, the paper's range and whether the band holds; then rare
+    against common facts."""
+    bands = results["summary"].get("paper_bands") or {}
+    if not any(bands.values()):
+        return []
+    names = [n for n in ("kfac", "paper_placement") if bands.get(n)]
+    rows = []
+    for band, (low, high) in PAPER_BANDS.items():
+        cells = [(bands[n].get(band)) for n in names]
+        if not any(cells):
+            continue
+        families = next(c["families"] for c in cells if c)
+        rows.append([band, ", ".join(families), f"{100 * low:.0f}-{100 * high:.0f}%",
+                     *[f"{_ci(c['retention'])} **{c['verdict']}**" if c else "-" for c in cells]])
+    parts = [_table(["paper band", "families", "paper", *[LABELS[n] for n in names]], rows)]
+    variants = results["summary"]["variants"]
+    for name in names:
+        common, rare = (variants[name].get("retention_ci", {}).get(f) for f in ("facts_common", "facts_rare"))
+        if common and rare:
+            order = ("rare facts fall further than common ones, as in the paper" if rare["value"] < common["value"]
+                     else "rare facts do not fall further than common ones (the paper found they do)")
+            clear = "" if rare["high"] < common["low"] or common["high"] < rare["low"] else " (intervals overlap)"
+            parts.append(f"{LABELS[name]}: common facts keep {_ci(common)}, rare facts {_ci(rare)}: {order}{clear}.")
+    return parts
+
+
+def implant_table(results: dict[str, Any]) -> str | None:
+    """Per usable family: the base model's accuracy and each seed's implanted accuracy with its
+    drift in points; then held-out perplexity and canary recall, with the issue's bounds."""
+    drift = results["summary"].get("implant_drift")
+    if not drift:
+        return None
+    base = results["base_probes"]
+    rows = []
+    for family in drift[0]["families"]:
+        cells = []
+        for seed in drift:
+            d = seed["families"][family]
+            cells.append(f"{100 * d['implanted']:.0f}% ({d['drift_points']:+.0f})" + ("" if d["ok"] else " **x**"))
+        rows.append([family, _ci(wilson(base[family]["correct"], base[family]["n"]).to_dict()), *cells])
+    rows.append(["held-out perplexity / base", "1", *[f"{d['ppl_ratio']:.3f}x" + ("" if d["ppl_ok"] else " **x**")
+                                                       for d in drift]])
+    rows.append(["canaries recited", "-", *[_pct(d["recall"]) for d in drift]])
+    return _table(["", "base model", *[f"implanted, seed {d['seed']}" for d in drift]], rows)
+
+
+def choice_section(results: dict[str, Any]) -> list[str]:
+    """Per seed: the probe floor, the chosen placement, and why each other point was excluded."""
+    parts = []
+    for s in results["seeds"]:
+        sweep = s["sweep"]
+        chosen = sweep["chosen"]
+        floor = sweep.get("floor")
+        head = (f"Seed {s['seed']}: chose layers {chosen['layers']} {chosen['matrices']} keep {chosen['amount']:.3f}"
+                f" (perplexity {chosen['perplexity'] / sweep['baseline']['perplexity']:.3f}x)")
+        if floor:
+            head += (f" under the probe floor {', '.join(f'{k} {v:.0%}' for k, v in floor.items())}: "
+                     + ("met" if sweep.get("floor_met") else "**no point kept it; this is the perplexity-only "
+                                                             "choice**"))
+        excluded = [[label, reason] for label, reason in (sweep.get("excluded") or {}).items() if reason]
+        parts += [head + "."] + ([_table(["point", "excluded because"], excluded)] if excluded else [])
+    return parts
 
 
 def retention_figure(results: dict[str, Any], path: Path) -> Path | None:
@@ -159,15 +229,20 @@ def retention_figure(results: dict[str, Any], path: Path) -> Path | None:
     the paper's retention-by-family shape."""
     summary = results["summary"]
     families = [f for f in summary["probes_used"] if f in summary.get("probes_for_retention", [])]
-    shown = [n for n in ("kfac", "svd", "random_ppl", "bsn") if n in summary["variants"]]
+    shown = [n for n in ("kfac", "paper_placement", "svd", "random_ppl", "bsn") if n in summary["variants"]]
     if not families or not shown:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(families) + 2), 4.0))
     width = 0.8 / len(shown)
     for k, name in enumerate(shown):
-        values = [100 * summary["variants"][name]["probe_retention"][f] for f in families]
-        ax.bar([i + k * width for i in range(len(families))], values, width, label=LABELS[name])
+        pooled = summary["variants"][name].get("retention_ci", {})
+        values = [100 * (pooled[f]["value"] if pooled.get(f) else summary["variants"][name]["probe_retention"][f])
+                  for f in families]
+        errors = [[v - 100 * pooled[f]["low"] if pooled.get(f) else 0 for v, f in zip(values, families)],
+                  [100 * pooled[f]["high"] - v if pooled.get(f) else 0 for v, f in zip(values, families)]]
+        ax.bar([i + k * width for i in range(len(families))], values, width, yerr=errors, capsize=2,
+               label=LABELS[name])
     ax.axhline(100, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families))])
     ax.set_xticklabels([f"{f}\n({results['base_probes'][f]['band']})" for f in families], fontsize=7)
@@ -309,9 +384,13 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         f"`{results['data']['general']}` packed into {results['data']['seq_len']}-token sequences, "
         f"{results['data']['train_sequences']} for training and factors, {results['data']['heldout_sequences']} "
         "held out.",
-        f"Per seed: {opts['canaries']} canaries (styles words / record / code, repeat counts {opts['counts']} per "
-        f"pass) implanted by full fine-tuning with general text in every step; recited canaries split into tune and "
-        f"held-out halves; factors on {opts['factor_tokens']} general tokens (sampled labels, no canary); each "
+        f"Per seed: {opts['canaries']} canaries (styles {' / '.join(opts['styles'])}, repeat counts "
+        f"{opts['counts']} per pass) implanted by full fine-tuning with general text in every step"
+        + (" (KL to the base model's next-token distribution on it" + (f", {opts['replay_samples']} of the base "
+           "model's own samples among it" if opts.get("replay_samples") else "") + ")"
+           if opts["implant"].get("preserve") == "kl" else "") + "; recited canaries split into tune and "
+        f"held-out halves; factors on {opts['factor_tokens']} tokens of {opts.get('factor_data', 'pydoc')} text "
+        "(sampled labels, no canary); each "
         f"layer group's keep fraction bisected to the strongest edit within {opts['ppl_budget']}x perplexity; "
         "the lowest tune-half loose recall chosen; held-out canaries measured.",
         "## Result (pooled over seeds, 95% intervals)", main_table(results),
@@ -344,9 +423,19 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         "solved examples). A family is usable when the lower end of the base model's 95% interval is at least "
         f"{opts.get('probe_margin', 0.1):.0%} above chance (chance: 1/answers for closed answer spaces such as "
         "Yes/No, else 0).",
-        "## Retention by family (share of the implanted model's accuracy / of the base model's, seed mean)",
+        *(["## What the implant moved (usable families; drift in points against the base model)", table,
+            f"Bounds of the issue: drift <= {IMPLANT_DRIFT_POINTS:g} points or inside the base model's 95% interval, "
+            f"perplexity within {IMPLANT_PPL_RATIO:g}x either way; **x** marks a miss."]
+          if (table := implant_table(results)) else []),
+        "## How the edit was chosen", *choice_section(results),
+        "## Retention by family (share of the implanted model's accuracy, pooled over seeds with a paired "
+        "bootstrap 95% interval / share of the base model's, seed mean)",
         retention_table(results),
         *([f"![retention by family]({retention.name})"] if retention is not None else []),
+        *(["## The paper's bands on this model",
+           "Retention of every usable family of a band, pooled over seeds (paired bootstrap over items), against "
+           "the paper's range for its K-FAC edit on OLMo-2; a band holds when the interval meets the range.",
+           *parts] if (parts := bands_table(results)) else []),
         *(["## Where each style's activation energy sits",
             "Mean share of the canary windows' (and held-out general text's) input activation energy in the "
             "flattest half of A's eigenvectors at the edited targets (`curvedit score`; higher = more in the "

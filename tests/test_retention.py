@@ -1,0 +1,57 @@
+"""Retention against the implanted model, the paper's bands, and the implant's drift (synthetic seeds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from curvedit.studies.retention import implant_drift, paper_bands, retention_interval, verdict
+
+
+def seed(number: int, unedited: dict[str, list[int]], kfac: dict[str, list[int]], recall: float = 1.0,
+         ppl: tuple[float, float] = (20.0, 20.4)) -> dict:
+    def variant(items: dict[str, list[int]]) -> dict:
+        return {"probe_items": items, "probes": {f: sum(v) / len(v) for f, v in items.items()}}
+
+    return {"seed": number, "variants": {"unedited": variant(unedited), "kfac": variant(kfac)},
+            "implant": {"recall": recall, "perplexity_before": ppl[0], "perplexity_after": ppl[1]}}
+
+
+def test_retention_pools_items_over_seeds_and_families():
+    seeds = [seed(0, {"a": [1, 1, 0, 1], "b": [1, 0]}, {"a": [1, 0, 0, 1], "b": [1, 1]}),
+             seed(1, {"a": [1, 1, 1, 1], "b": [0, 0]}, {"a": [1, 1, 0, 0], "b": [0, 1]})]
+    pooled = retention_interval(seeds, "kfac", ["a", "b"])
+    assert pooled["value"] == pytest.approx((2 + 2 + 2 + 1) / (3 + 1 + 4 + 0))  # accuracy over accuracy
+    assert pooled["n"] == 12 and pooled["low"] <= pooled["value"] <= pooled["high"]
+    assert retention_interval(seeds, "kfac", ["a"])["value"] == pytest.approx(4 / 7)
+    assert retention_interval(seeds, "svd", ["a"]) is None  # not measured
+    nothing = [seed(0, {"a": [0, 0]}, {"a": [1, 0]})]
+    assert retention_interval(nothing, "kfac", ["a"]) is None  # nothing to retain
+
+
+def test_a_band_holds_when_its_interval_meets_the_paper_range():
+    assert verdict({"low": 0.5, "high": 0.7}, (0.66, 0.74)) == "holds"
+    assert verdict({"low": 0.2, "high": 0.6}, (0.66, 0.74)) == "below"
+    assert verdict({"low": 0.9, "high": 1.0}, (0.66, 0.74)) == "above"
+
+
+def test_paper_bands_group_common_and_rare_facts_into_closed_book():
+    items = {"facts_common": [1] * 10, "facts_rare": [1] * 10, "add_1d": [1] * 10}
+    kept = {"facts_common": [1] * 10, "facts_rare": [1] * 6 + [0] * 4, "add_1d": [0] * 10}
+    bands = paper_bands([seed(0, items, kept)], "kfac", list(items),
+                        {"facts_common": "closed-book common", "facts_rare": "closed-book rare",
+                         "add_1d": "arithmetic"})
+    assert set(bands) == {"closed-book", "arithmetic"}
+    assert bands["closed-book"]["retention"]["value"] == pytest.approx(16 / 20)
+    assert bands["closed-book"]["families"] == ["facts_common", "facts_rare"]
+    assert bands["arithmetic"]["verdict"] == "below" and bands["closed-book"]["paper"] == [0.74, 0.86]
+
+
+def test_implant_drift_allows_five_points_or_the_base_interval_and_ppl_within_3_percent():
+    base = {"a": {"accuracy": 0.80, "ci": [0.70, 0.87]}, "b": {"accuracy": 0.50, "ci": [0.40, 0.60]}}
+    seeds = [seed(0, {"a": [1] * 72 + [0] * 28, "b": [1] * 44 + [0] * 56}, {}, ppl=(20.0, 20.4)),
+             seed(1, {"a": [1] * 60 + [0] * 40, "b": [1] * 50 + [0] * 50}, {}, ppl=(20.0, 19.0))]
+    first, second = implant_drift(seeds, base, ["a", "b"])
+    assert first["families"]["a"]["drift_points"] == pytest.approx(-8.0)
+    assert first["families"]["a"]["ok"] and first["families"]["b"]["ok"]  # -8 is inside a's interval
+    assert not second["families"]["a"]["ok"] and second["families"]["b"]["ok"]  # -20: outside both
+    assert first["ppl_ok"] and not second["ppl_ok"]  # 1.02x; 0.95x is a drift too
