@@ -589,7 +589,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
     from curvedit.factors import save_factors  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
-    from curvedit.sweep import SweepGrid, SweepOptions, floor_map, matrices_spec, run_sweep  # noqa: PLC0415
+    from curvedit.sweep import (SweepGrid, SweepOptions, family_floor, floor_map, matrices_spec,  # noqa: PLC0415
+                                run_sweep)
     from curvedit.targets import TargetSpec, select_targets  # noqa: PLC0415
 
     folder = options.cache / f"seed-{seed}"
@@ -642,6 +643,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     ppl_text = data.ppl_subset(options.ppl_sequences)
     tasks = study_tasks(probes_used, options.probe_items)
     floor = floor_map(options.probe_floor) if probes_used else None  # no usable family: nothing to hold
+    held = [f for f in probes_used if family_floor(floor, f)]  # the sweep scores only what the floor holds
+    if not held:
+        floor = None
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
@@ -652,13 +656,13 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         if swept_with[default_off] == getattr(SweepOptions(), default_off):
             swept_with.pop(default_off)
     if floor is not None:
-        swept_with["probe_tasks"] = [options.probe_items, list(probes_used)]
+        swept_with["probe_tasks"] = [options.probe_items, held]
     sweep_key = _key({"factors": factor_key, "grid": asdict(grid), "sweep": swept_with,
                       "tune": halves["tune"], "ppl": options.ppl_sequences})
 
     def sweep() -> dict[str, Any]:
         result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options,
-                           tasks=tasks if floor is not None else ())
+                           tasks=study_tasks(held, options.probe_items) if floor is not None else ())
         result.write(options.out / f"seed-{seed}")
         return result.to_dict()
 
