@@ -29,7 +29,8 @@ from curvedit.evaluate.tasks import TaskOptions, run_tasks
 from curvedit.implant import ImplantOptions, general_split, implant, mean_kl
 from curvedit.io import write_json
 from curvedit.sampling import SampleOptions, sample_sequences
-from curvedit.studies.smollm2 import StudyOptions, general_sequences
+from curvedit.studies.base import general_sequences
+from curvedit.studies.options import StudyOptions
 from curvedit.windows import default_pad_id
 
 STUDY = StudyOptions()

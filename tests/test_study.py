@@ -10,7 +10,10 @@ from gguf_helpers import tiny_llama, write_tiny_llama_gguf
 
 from curvedit.evaluate.capabilities import FAMILIES
 from curvedit.implant import ImplantOptions
-from curvedit.studies.smollm2 import VARIANTS, StudyOptions, run_study, split_halves
+from curvedit.studies.canary_stage import split_halves
+from curvedit.studies.options import StudyOptions
+from curvedit.studies.smollm2 import run_study
+from curvedit.studies.summary import VARIANTS
 from curvedit.windows import Window
 
 
@@ -22,7 +25,7 @@ def test_halves_split_each_style_evenly():
 
 
 def test_with_no_point_above_the_probe_floor_the_study_takes_the_perplexity_only_choice():
-    from curvedit.studies.smollm2 import budget_choice
+    from curvedit.studies.seed import budget_choice
     from curvedit.sweep import SweepGrid, SweepOptions, SweepPoint, SweepResult
 
     baseline = SweepPoint(perplexity=10.0)
@@ -84,7 +87,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
 
 
 def test_the_base_model_cache_is_keyed_by_the_gguf_s_content_not_its_size(tmp_path):
-    from curvedit.studies.smollm2 import prepare_base
+    from curvedit.studies.base import prepare_base
 
     first = write_tiny_llama_gguf(tiny_llama(seed=0), tmp_path / "a.gguf")
     second = write_tiny_llama_gguf(tiny_llama(seed=1), tmp_path / "b.gguf")
@@ -120,7 +123,7 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
     ("paper_layers = '40-42'\n", "paper_layers: layer group")])
 def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
     from curvedit.studies.config import load_study_config
-    from curvedit.studies.smollm2 import StudyError
+    from curvedit.studies.options import StudyError
 
     (tmp_path / "study.toml").write_text(text)
     with pytest.raises(StudyError, match=message):

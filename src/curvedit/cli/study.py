@@ -53,7 +53,8 @@ def smollm2_command(
     factors on general text, sweep under a perplexity budget, edit, compare with controls
     and BalancedSubnet, and write report.md + results.json."""
     from curvedit.studies.report import main_table
-    from curvedit.studies.smollm2 import StudyOptions, run_study
+    from curvedit.studies.options import StudyOptions
+    from curvedit.studies.smollm2 import run_study
     from curvedit.sweep import parse_probe_floor
 
     base = StudyOptions()  # a flag left out keeps the study's default

@@ -2,7 +2,7 @@
 "protection / placement / prose"): protected K-FAC variants per capability band, the layer
 map, and where each canary style's activation energy sits.
 
-Each function takes what `curvedit.studies.smollm2.run_seed` already holds (the model, its
+Each function takes what `curvedit.studies.seed.run_seed` already holds (the model, its
 targets and eigenbases, the canary windows) and returns JSON-ready results; the seed's stage
 cache wraps them.
 """

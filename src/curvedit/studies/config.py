@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from curvedit.implant import ImplantOptions
-from curvedit.studies.smollm2 import StudyError, StudyOptions
+from curvedit.studies.options import StudyError, StudyOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
