@@ -110,3 +110,6 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     assert (tmp_path / "demo" / "sweep" / "sweep.json").is_file()
     assert (tmp_path / "demo" / "analysis" / "bands.json").is_file()
     assert (tmp_path / "demo" / "analysis" / "families.png").is_file()
+    layer_map = results["layer_map"]  # the smoke model's 2 blocks: each alone, no run of three
+    assert [p["layers"] for p in layer_map["placements"]] == ["0", "1"] and layer_map["mark"] == "0-1"
+    assert "## Where to cut: the layer map" in report and (tmp_path / "demo" / "layer_map.png").is_file()

@@ -76,6 +76,8 @@ class DemoOptions:
         seed: evaluation and control seed (also the factors' label-sampling seed).
         label_seeds: further label-sampling seeds of the factor collection: the chosen edit
             is re-applied with each one's factors to measure the spread of its outcome.
+        layer_map_keep: the layer map's fixed keep fraction on mlp-in (`curvedit layer-map`:
+            every single block and run of three edited alone; None: no map).
         progress: show progress bars.
         all_candidates: measure recitation on every candidate window, memorized or not
             (for plumbing checks on models that memorized nothing).
@@ -103,6 +105,7 @@ class DemoOptions:
     converge_tokens: tuple[int, ...] = (10_000, 30_000, 100_000, 300_000)
     seed: int = 0
     label_seeds: tuple[int, ...] = (1, 2)
+    layer_map_keep: float | None = 0.5
     progress: bool = True
     all_candidates: bool = False
 
@@ -342,6 +345,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     from curvedit.demo.report import write_report  # noqa: PLC0415
+    from curvedit.studies.capability_stages import run_layer_map  # noqa: PLC0415
     from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
 
     hf_logging.disable_progress_bar()  # the demo's model is tiny: loading bars are noise
@@ -380,6 +384,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     chosen = sweep.points[sweep.chosen]
     targets = select_targets(model, matrices_spec(chosen.matrices, chosen.layers))
     rule = EditRule(**{chosen.amount_kind: chosen.amount})
+    layer_map = None
+    if options.layer_map_keep is not None:
+        layer_map = timer.stage("layer_map", lambda: run_layer_map(
+            model, tokenizer, factor_dir, probe.tune, probe.text, options.out, keep_fraction=options.layer_map_keep,
+            tasks=(), batch_size=64, progress=options.progress))
 
     variants: dict[str, dict[str, Any]] = {"unedited": {**unedited, "settings": {}}}
 
@@ -466,6 +475,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                 "tune_loose": chosen.loose, "perplexity": chosen.perplexity},
                      "prefix_chars": options.prefix_chars, "attack_lr": options.attack_lr},
         "label_seeds": label_seeds,
+        "layer_map": layer_map,
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)

@@ -10,6 +10,7 @@ from typing import Any
 from curvedit.demo.measure import FAMILIES
 from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
+from curvedit.studies.report import layer_map_markdown
 
 VARIANT_ORDER = ("unedited", "kfac", "ekfac", "targeted", "svd", "random", "random_ppl", "bsn")
 MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune loose"),
@@ -195,6 +196,17 @@ def timings_table(timings: dict[str, float]) -> str:
     return f"| stage | seconds |\n|---|---|\n{rows}"
 
 
+def layer_map_section(results: dict[str, Any]) -> str:
+    """Where to cut: the layer map's figure and best placements, with a blank line after (or
+    nothing without a map)."""
+    lm = results.get("layer_map")
+    if not lm:
+        return ""
+    parts = layer_map_markdown(lm, "layer_map.png", "The demo model")
+    return ("## Where to cut: the layer map (tune half)\n\n" + "\n\n".join(parts)
+            + "\n\nForgetting: tune-half loose recall lost; ppl rise: held-out perplexity / unedited - 1.\n\n")
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write `report.md` and `retention.png` into `out`; returns the report path."""
     retention_chart(results, out / "retention.png")
@@ -266,7 +278,7 @@ the share of the largest budget's kept curvature mass that each budget's own sel
 
 ![convergence](converge.png)
 
-## Accuracy by family (%; retention vs unedited in parentheses)
+{layer_map_section(results)}## Accuracy by family (%; retention vs unedited in parentheses)
 
 {family_table(results)}
 

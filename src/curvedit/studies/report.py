@@ -252,30 +252,38 @@ def retention_figure(results: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def layer_map_markdown(lm: dict[str, Any], figure: str, label: str) -> list[str]:
+    """One layer map (`curvedit.studies.capability_stages.run_layer_map`'s dictionary): a line
+    with its figure and where the middle three blocks rank, and a table of the best placements.
+
+    Args:
+        lm: the map's dictionary.
+        figure: the figure's path relative to the report.
+        label: what the line starts with ("Seed 0", "The demo model").
+    """
+    opts = lm["options"]
+
+    def row(name: str, p: dict[str, Any]) -> list[str]:
+        return [name, p["layers"], f"{p['forgetting']:.3f}", f"{p['ppl_rise']:.4f}", f"{p['per_ppl']:.2f}",
+                "-" if p["probe_points_lost"] is None else f"{p['probe_points_lost']:.1f}"]
+
+    rows = [row(str(size), p) for size, p in sorted(lm["best"].items())]
+    mark = next((p for p in lm["placements"] if p["layers"] == lm["mark"]), None)
+    if mark is not None:
+        rows.append(row(f"{mark['size']} (the paper's kind)", mark))
+    rank = (f"the middle three blocks ({lm['mark']}) rank {lm['mark_rank']} of {lm['groups_of_three']} runs "
+            "of three by forgetting per perplexity rise" if lm.get("mark_rank") else "")
+    return [f"{label}: {opts['matrices']} at keep {opts['keep_fraction']} in each placement alone"
+            + (f"; {rank}" if rank else "") + f". ![layer map]({figure})",
+            _table(["blocks", "best placement", "forgetting (loose)", "ppl rise", "forgetting / ppl rise",
+                    "probe points lost"], rows)]
+
+
 def layer_map_section(results: dict[str, Any]) -> list[str]:
     """Per seed with a layer map: its figure, where the middle three blocks rank, and the best
     placements."""
-    parts = []
-    for s in results["seeds"]:
-        lm = s.get("layer_map")
-        if not lm:
-            continue
-        opts = lm["options"]
-        def row(label: str, p: dict[str, Any]) -> list[str]:
-            return [label, p["layers"], f"{p['forgetting']:.3f}", f"{p['ppl_rise']:.4f}", f"{p['per_ppl']:.2f}",
-                    "-" if p["probe_points_lost"] is None else f"{p['probe_points_lost']:.1f}"]
-
-        rows = [row(str(size), p) for size, p in sorted(lm["best"].items())]
-        mark = next((p for p in lm["placements"] if p["layers"] == lm["mark"]), None)
-        if mark is not None:
-            rows.append(row(f"{mark['size']} (the paper's kind)", mark))
-        rank = (f"the middle three blocks ({lm['mark']}) rank {lm['mark_rank']} of {lm['groups_of_three']} runs "
-                "of three by forgetting per perplexity rise" if lm.get("mark_rank") else "")
-        parts += [f"Seed {s['seed']}: {opts['matrices']} at keep {opts['keep_fraction']} in each placement alone"
-                  + (f"; {rank}" if rank else "") + f". ![layer map](seed-{s['seed']}/layer_map.png)",
-                  _table(["blocks", "best placement", "forgetting (loose)", "ppl rise", "forgetting / ppl rise",
-                          "probe points lost"], rows)]
-    return parts
+    return [part for s in results["seeds"] if s.get("layer_map")
+            for part in layer_map_markdown(s["layer_map"], f"seed-{s['seed']}/layer_map.png", f"Seed {s['seed']}")]
 
 
 def energy_table(results: dict[str, Any]) -> str | None:
