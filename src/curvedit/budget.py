@@ -227,8 +227,8 @@ def bisect_amount(
     plan(1.0)  # an unknown method or dtype fails before any measurement
     unedited = measure() if unedited_ppl is None else unedited_ppl
     target = budget * unedited if budget is not None else target_ppl
-    found = bisect_edit(targets, plan, bases, measure, target, mode=mode, gap=lambda ppl: abs(ppl / target - 1),
-                        steps=steps, tolerance=tolerance, device=device, progress=progress,
+    found = bisect_edit(edit_at(targets, plan, bases, device), measure, target, mode=mode,
+                        gap=lambda ppl: abs(ppl / target - 1), steps=steps, tolerance=tolerance, progress=progress,
                         description=f"{knob} for ppl {target:.4g}")
     tried = [BudgetStep(amount=step.amount, perplexity=step.value, kept=step.kept, total=step.total, fits=step.fits)
              for step in found.steps]
@@ -266,9 +266,14 @@ class Bisection:
     steps: list[BisectionStep]
 
 
-def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases: dict[str, Eigenbasis] | None,
-                measure: Callable[[], float], target: float, *, mode: str, gap: Callable[[float], float],
-                steps: int, tolerance: float = 0.0, device: str | None = None, progress: bool = False,
+def edit_at(targets: list[Target], plan: Callable[[float], EditPlan], bases: dict[str, Eigenbasis] | None,
+            device: str | None = None) -> Callable[[float], AppliedEdit]:
+    """amount -> `apply_edit` of `plan(amount)` on `targets` (what `bisect_edit` applies)."""
+    return lambda amount: apply_edit(targets, plan(amount), bases, device)
+
+
+def bisect_edit(apply: Callable[[float], AppliedEdit], measure: Callable[[], float], target: float, *, mode: str,
+                gap: Callable[[float], float], steps: int, tolerance: float = 0.0, progress: bool = False,
                 description: str = "bisect") -> Bisection:
     """Bisect the amount kept, on (0, 1), for a measured value that rises as less is kept
     (held-out perplexity, held-out error).
@@ -278,9 +283,8 @@ def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases:
     one above it moves it up.
 
     Args:
-        targets: the weights edited together (one amount).
-        plan: amount -> the edit plan to apply.
-        bases: name -> eigenbasis (None only for method "svd").
+        apply: amount -> the edit applied in memory (`edit_at` for an edit plan; any
+            `AppliedEdit`, such as a coherent step of a norm that grows as the amount falls).
         measure: the value of the model as it is now.
         target: the value aimed at.
         mode: "within" (the smallest amount whose value is at most `target`) or "match"
@@ -289,7 +293,6 @@ def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases:
         steps: candidates at most (resolution `2**-steps`).
         tolerance: stop once a candidate that removes something is within this `gap` (in
             mode "within", only one that fits); 0 runs every step.
-        device: where to do the edit's linear algebra.
         progress: show a progress bar.
         description: the progress bar's label.
 
@@ -306,7 +309,7 @@ def bisect_edit(targets: list[Target], plan: Callable[[float], EditPlan], bases:
     for _ in bar:
         mid = (lo + hi) / 2
         try:
-            applied = apply_edit(targets, plan(mid), bases, device)
+            applied = apply(mid)
         except SelectionError:  # an amount that keeps nothing (SVD below one singular value): too strong
             lo = mid
             continue

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from curvedit.cli.common import (DeviceOpt, LayersOpt, TextFieldOpt, check_output, fail, model_option, out_option,
     overwrite_option, preset_option, read_windows, target_spec, targets_option)
+
+if TYPE_CHECKING:
+    from curvedit.edit import EditRule
+    from curvedit.evaluate.runner import EvaluateOptions
+    from curvedit.targets import TargetSpec
 
 
 def edit_command(
@@ -54,10 +60,16 @@ def edit_command(
                                                                              "own amount]."),
     protect_keep_fraction: Optional[float] = typer.Option(None, "--protect-keep-fraction",
                                                           help="Or a share of the components, by protect mass."),
+    step_from: Optional[Path] = typer.Option(
+        None, "--step-from", help="Memorized windows (JSONL): instead of deleting, take one coherent step up their "
+                                  "suffix loss inside the flat block, the components --rho / --keep-fraction does "
+                                  "not keep (with --step-norm, or --ppl-budget to bisect the norm)."),
+    step_norm: Optional[float] = typer.Option(None, "--step-norm", help="Frobenius norm of the --step-from step, over "
+                                                                         "all targets together."),
     ppl_budget: Optional[float] = typer.Option(
         None, "--ppl-budget", help="Instead of --rho/--keep-fraction/--plan: bisect the strongest edit of the selected "
                                    "targets whose held-out perplexity stays within this x the unedited one (needs "
-                                   "--heldout)."),
+                                   "--heldout; with --step-from, the step norm is bisected)."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out corpus for --ppl-budget (read like "
                                                                    "evaluate reads it)."),
     budget_knob: str = typer.Option("keep_fraction", "--budget-knob", help="What --ppl-budget bisects: keep_fraction "
@@ -86,6 +98,35 @@ def edit_command(
     from curvedit.spectrum import EIGH_PRECISIONS
     from curvedit.targets import select_targets
 
+    if step_from is not None or step_norm is not None:
+        others = {"--plan": plan_file, "--method": method, "--masses": masses, "--forget": forget, "--side": side,
+                  "--block": block, "--protect": protect}
+        given = [flag for flag, value in others.items() if value is not None]
+        if step_from is None:
+            fail("--step-norm is the norm of the --step-from step: give the memorized windows")
+        if given:
+            fail(f"--step-from takes the block from --rho or --keep-fraction; give it without {', '.join(given)}")
+        if (rho is None) == (keep_fraction is None):
+            fail("--step-from needs one of --rho or --keep-fraction (the step lives in the components it does not "
+                 "keep)")
+        if (step_norm is None) == (ppl_budget is None):
+            fail("--step-from needs one of --step-norm or --ppl-budget (which bisects the norm)")
+        if step_norm is not None and not (math.isfinite(step_norm) and step_norm >= 0):
+            fail(f"--step-norm must be a finite number >= 0, got {step_norm}")
+        if ppl_budget is not None and heldout is None:
+            fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
+        if ppl_budget is None and heldout is not None:
+            fail("--heldout is only read with --ppl-budget")
+        check_output(out, kind="dir", overwrite=overwrite, model=model, inputs=[step_from])
+        if heldout is not None:
+            check_corpus_source(heldout)
+        _step_edit(model, factors, out, target_spec(preset, targets, layers), EditRule("*", rho=rho,
+                   keep_fraction=keep_fraction), step_from, step_norm, ppl_budget, heldout, device=device,
+                   eigh_precision=eigh_precision, budget_steps=budget_steps, batch_size=batch_size,
+                   evaluate=EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
+                                            heldout_max_tokens=heldout_max_tokens, text_field=text_field),
+                   progress=progress, overwrite=overwrite)
+        return
     if ppl_budget is not None and (rho is not None or keep_fraction is not None or plan_file is not None):
         fail("--ppl-budget chooses the amount itself: give it without --rho, --keep-fraction or --plan")
     if ppl_budget is not None and heldout is None:
@@ -177,6 +218,52 @@ def edit_command(
     for s in applied.stats:
         typer.echo(f"{s.name:<48} {s.kept:>12} {s.total:>12} {s.mass_kept:>10.4f} {s.rel_change:>9.4f}")
     typer.echo(f"wrote edited model to {out}")
+
+
+def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec, block: EditRule, step_from: Path,
+               step_norm: Optional[float], ppl_budget: Optional[float], heldout: Optional[Path], *, device: str,
+               eigh_precision: str, budget_steps: int, batch_size: int, evaluate: EvaluateOptions, progress: bool,
+               overwrite: bool) -> None:
+    """`edit --step-from`: build the coherent step (`curvedit.step`), take it at the given norm
+    or the largest within the perplexity budget, and save the model with its manifest."""
+    from curvedit.edit import edit_manifest, method_bases, save_edited_model
+    from curvedit.evaluate.runner import load_heldout
+    from curvedit.models import load_model
+    from curvedit.step import apply_step, forget_gradients, step_directions, step_within_budget
+    from curvedit.targets import select_targets
+    from curvedit.windows import default_pad_id
+
+    if factors is None:
+        fail("--step-from needs --factors (the step lives in the K-FAC eigenbasis)")
+    loaded = load_model(model, device=device, progress=progress)
+    chosen = select_targets(loaded.model, spec)
+    windows = read_windows(step_from, loaded)
+    pad_id = default_pad_id(loaded.preprocessor)
+    bases = method_bases(loaded.model, chosen, factors, "kfac", device=device, eigh_precision=eigh_precision)
+    step = step_directions(forget_gradients(loaded.model, windows, chosen, pad_id=pad_id, batch_size=batch_size),
+                           chosen, bases, block)
+    search = None
+    if ppl_budget is not None:
+        sequences = load_heldout(loaded, evaluate)
+        step_norm, search = step_within_budget(loaded.model, chosen, step, sequences, budget=ppl_budget,
+                                               steps=budget_steps, pad_id=pad_id, batch_size=batch_size,
+                                               progress=progress)
+        if not search.edited:
+            fail(f"no step norm keeps the perplexity within x{ppl_budget:g} (the smallest tried was "
+                 f"{(1 - search.steps[-1].amount) * step.deletion_norm:.4g}); nothing written")
+    applied = apply_step(chosen, step, step_norm)
+    manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
+    manifest["step"] = {"from": str(step_from), "windows": len(windows), "norm": step_norm,
+                        "deletion_norm": step.deletion_norm, "gradient_share_in_block": step.gradient_share,
+                        **({"budget": ppl_budget, "heldout": str(heldout),
+                            "bisection": [vars(s) for s in search.steps]} if search is not None else {})}
+    save_edited_model(loaded.model, loaded.preprocessor, out, manifest, source=model, overwrite=overwrite)
+    typer.echo(f"step of norm {step_norm:.4g} (deleting the block would move {step.deletion_norm:.4g}; "
+               f"{step.gradient_share:.1%} of the forget gradient lies in it)")
+    typer.echo(f"{'target':<48} {'block':>12} {'of':>12} {'|dW|/|W|':>9}")
+    for s in applied.stats:
+        typer.echo(f"{s.name:<48} {s.total - s.kept:>12} {s.total:>12} {s.rel_change:>9.4f}")
+    typer.echo(f"wrote stepped model to {out}")
 
 
 def spectrum_command(

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from curvedit.ablate import SUBLAYERS, ablated
-from curvedit.budget import Bisection, bisect_edit
+from curvedit.budget import Bisection, bisect_edit, edit_at
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.demo.glyphs import MATPLOTLIB_FONTS, GlyphWorldConfig
 from curvedit.demo.pipeline import DemoError, Timer, write_results_and_report
@@ -382,8 +382,8 @@ def match_accuracy(model: torch.nn.Module, targets: list[Target], bases, method:
     def error() -> float:
         return 1 - measure(model, validation)["validation_accuracy"]
 
-    return bisect_edit(targets, plan, bases, error, 1 - target, mode="match", gap=lambda e: abs(e - (1 - target)),
-                       steps=steps, tolerance=tolerance,
+    return bisect_edit(edit_at(targets, plan, bases), error, 1 - target, mode="match",
+                       gap=lambda e: abs(e - (1 - target)), steps=steps, tolerance=tolerance,
                        description=f"{method} keep fraction for accuracy {target:.3f}")
 
 
