@@ -159,14 +159,15 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
                          compute_dtype=options.compute_dtype)
     variant_key = content_key({"sweep": sweep_key, "chosen": chosen_index, "halves": halves, "v": 4,
-                        "probes": [options.probe_items, list(probes_used)],
-                        "bsn": [options.bsn_ratios, options.bsn_epochs, options.bsn_lr],
-                        "protect_items": options.protect_items})
+                               "probes": [options.probe_items, list(probes_used)]})
+    bsn_settings = [options.bsn_ratios, options.bsn_epochs, options.bsn_lr]
     variants: dict[str, Any] = {}
 
-    def variant(name: str, compute: Callable[[], dict[str, Any]]) -> None:
+    def variant(name: str, compute: Callable[[], dict[str, Any]], settings: Any = None) -> None:
+        """Measure (or read back) one variant; `settings` are what only this variant depends on."""
         record = folder / "variants" / f"{name}.json"
-        variants[name] = stage(name, lambda: cached(record, variant_key, compute), record)
+        key = variant_key if settings is None else content_key({"variants": variant_key, name: settings})
+        variants[name] = stage(name, lambda: cached(record, key, compute), record)
 
     variant("unedited", lambda: measure(model, tokenizer, probe, reference, options))
     variant("kfac", lambda: edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference,
@@ -209,7 +210,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                     target.module.weight.copy_(weight)
         return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
 
-    variant("bsn", bsn)
+    variant("bsn", bsn, bsn_settings)
     if options.paper_layers is not None:
         from curvedit.layer_map import middle_three  # noqa: PLC0415
 
@@ -227,7 +228,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                     f"{options.ppl_budget}x perplexity")
             return edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference,
                                      options) | {"bisection": search.to_dict(), "note": note}
-        variant("paper_placement", paper)
+        variant("paper_placement", paper, paper_layers)
     if options.protect_items:
         from curvedit.studies.capability_stages import family_texts, protect_bands, protected_bases, variant_name  # noqa: PLC0415
 
@@ -240,14 +241,14 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                 return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
                     "note": f"K-FAC at the chosen amount with {band} protected", "protected": {
                         "band": band, "families": families, "items": len(texts)}}
-            variant(variant_name(band), protected)
+            variant(variant_name(band), protected, options.protect_items)
     extra = None
     if beyond:
         def compute_beyond() -> dict[str, Any]:
             return beyond_paper(model, tokenizer, targets, bases, factor_dir, factor_text, probe, reference, options,
                                 seed=seed, kfac_plan=kfac_plan, kfac_ppl=kfac_ppl, unedited_ppl=unedited_ppl,
                                 bsn_ratio=variants["bsn"]["bsn"]["ratio"], retain=data.train)
-        beyond_key = content_key({"variants": variant_key, "beyond": asdict(BEYOND), "v": 1})
+        beyond_key = content_key({"variants": variant_key, "bsn": bsn_settings, "beyond": asdict(BEYOND), "v": 1})
         extra = stage("beyond", lambda: cached(folder / "beyond.json", beyond_key, compute_beyond),
                       folder / "beyond.json")
     layer_map_result = None
