@@ -159,6 +159,11 @@ def sweep(w: Workspace, model: Path | str, out: Path) -> list:
             "--memorized", w.memorized, "--heldout", w.corpus, "--out", out, "--no-progress"]
 
 
+def frontier(w: Workspace, out: Path, *extra) -> list:
+    return ["frontier", "--model", w.model, "--memorized", w.memorized, "--heldout", w.corpus, "--out", out,
+            "--no-progress", *extra]
+
+
 def task_folder(w: Workspace) -> Path:
     """A folder with one task file, "mine" (two choice items)."""
     folder = w.root / "tasks"
@@ -314,6 +319,12 @@ ROWS += [
     ("capabilities: --n 0", lambda w: ["capabilities", "--out", w.out("caps"), "--n", 0], "items per family"),
     ("sweep: --probe-floor outside (0, 1]",
      lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", 1.5], "probe floor"),
+    ("frontier: an unknown method",
+     lambda w: frontier(w, w.out("fr"), "--factors", w.factors, "--methods", "kfac,shampoo"), "shampoo"),
+    ("frontier: a keep fraction of 1",
+     lambda w: frontier(w, w.out("fr"), "--factors", w.factors, "--keep-grid", "0.5,1"), "keep fractions"),
+    ("frontier: kfac without --factors",
+     lambda w: frontier(w, w.out("fr"), "--methods", "kfac"), "--factors is needed"),
     ("sweep: --probe-floor FAMILY= without a share",
      lambda w: sweep(w, w.model, w.out("sweep")) + ["--probe-floor", "open_book=high"], "FAMILY=share"),
     ("sweep: --probe-floor names a family the probes do not have",

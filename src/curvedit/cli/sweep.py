@@ -1,5 +1,6 @@
-"""The `sweep`, `analyze` and `layer-map` commands (thin layers over `curvedit.sweep`, `curvedit.analysis`
-and `curvedit.layer_map`)."""
+"""The `sweep`, `analyze`, `layer-map`, `frontier` and `score` commands (thin layers over
+`curvedit.sweep`, `curvedit.analysis`, `curvedit.layer_map`, `curvedit.frontier` and
+`curvedit.flat_energy`)."""
 
 from __future__ import annotations
 
@@ -245,6 +246,60 @@ def layer_map_command(
     typer.echo(f"wrote {paths[0]} and {paths[1]}")
 
 
+def frontier_command(
+    model: str = model_option("HF model name or local directory (unedited)."),
+    factors: Optional[Path] = typer.Option(None, "--factors", "-f", help="Factor directory (not needed for "
+                                                                          "magnitude and svd alone)."),
+    memorized: Path = typer.Option(..., "--memorized", help="Held-out memorized windows (not the ones an amount "
+                                                            "was chosen on)."),
+    heldout: str = typer.Option(..., "--heldout", help="Held-out general corpus (the cost in nats per token)."),
+    out: Path = out_option("Folder for frontier.json and frontier.png."),
+    preset: Optional[str] = preset_option("Target preset [default: mlp-in]."),
+    targets: Optional[List[str]] = targets_option(),
+    layers: Optional[str] = LayersOpt,
+    methods: str = typer.Option(",".join(("kfac", "saliency", "magnitude", "noise", "random", "svd")), "--methods",
+                                help="Comma-separated: kfac, saliency, magnitude, noise, random, svd."),
+    keep_grid: str = typer.Option("0.99,0.95,0.9,0.8,0.6,0.4", "--keep-grid", help="Keep fractions, each in (0, 1)."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="Probe task files (cost in probe points too)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random and noise controls."),
+    heldout_seq_len: int = typer.Option(512, "--heldout-seq-len"),
+    heldout_max_tokens: Optional[int] = typer.Option(100_000, "--heldout-max-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    overwrite: bool = overwrite_option("Replace frontier files in --out."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Is curvature the lever? Held-out forgetting against cost (nats per token) for every method, on one figure."""
+    from curvedit.data import check_corpus_source
+    from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.evaluate.tasks import load_tasks
+    from curvedit.frontier import FRONTIER_JSON, FRONTIER_PNG, FrontierOptions, run_frontier
+    from curvedit.models import load_model
+    from curvedit.targets import select_targets
+
+    options = FrontierOptions(methods=_groups(methods.replace(",", ";")),
+                              keep_fractions=tuple(float_list(keep_grid, "--keep-grid")), seed=seed,
+                              batch_size=batch_size, progress=progress)
+    options.validate()
+    if factors is None and set(options.methods) - {"magnitude", "svd"}:
+        fail("--factors is needed for every method but magnitude and svd")
+    probe_tasks = load_tasks(tasks) if tasks is not None else []
+    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(FRONTIER_JSON, FRONTIER_PNG))
+    check_corpus_source(heldout)
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    chosen = select_targets(loaded.model, target_spec(preset or ("mlp-in" if not targets else None), targets, layers))
+    windows = read_windows(memorized, loaded)
+    sequences = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
+                                  max_tokens=heldout_max_tokens, text_field=text_field)
+    result = run_frontier(loaded.model, loaded.preprocessor, factors, chosen, windows, sequences, options,
+                          tasks=probe_tasks)
+    paths = result.write(out)
+    typer.echo(result.table())
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
 def score_command(
     model: str = model_option("HF model name or local directory (the factors' model)."),
     factors: Path = typer.Option(..., "--factors", "-f", help="Factor directory."),
@@ -292,8 +347,9 @@ def score_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `sweep`, `analyze`, `layer-map` and `score` to the `curvedit` app."""
+    """Add `sweep`, `analyze`, `layer-map`, `frontier` and `score` to the `curvedit` app."""
     app.command("score")(score_command)
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)
     app.command("layer-map")(layer_map_command)
+    app.command("frontier")(frontier_command)
