@@ -68,3 +68,14 @@ def test_cli_score_writes_one_score_per_sequence(tmp_path, lm_dir, text_jsonl):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all(0 <= r["score"] <= 1 for r in rows) and [r["index"] for r in rows] == list(range(len(rows)))
+
+
+def test_a_screen_keeping_99_percent_of_members_skips_the_non_members_below_its_threshold():
+    from curvedit.flat_energy import screen_savings
+
+    members = [0.1 * k for k in range(1, 101)]  # 0.1 .. 10.0: the 1% quantile (lower) is 0.1
+    nonmembers = [0.05, 0.08, 0.1, 0.5, 7.0]
+    assert screen_savings(members, nonmembers, 0.99) == pytest.approx(2 / 5)  # 0.05 and 0.08 fall below 0.1
+    assert screen_savings(members, nonmembers, 0.5) == pytest.approx(4 / 5)  # below the median 5.0
+    with pytest.raises(FlatEnergyError, match="member and non-member"):
+        screen_savings([], nonmembers)

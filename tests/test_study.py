@@ -57,7 +57,10 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert [p["layers"] for p in seed["layer_map"]["placements"]] == ["0", "1"]  # the 2-block model's map
     assert (options.out / "seed-0" / "layer_map.png").is_file()
     energy = seed["style_energy"]
-    assert {"general", "code", "record"} <= set(energy) and 0 < energy["general"]["mean"] < 1
+    assert {"general", "code", "record", "nonmember"} <= set(energy) and 0 < energy["general"]["mean"] < 1
+    assert energy["nonmember"]["n"] == options.canaries
+    score = results["summary"]["flat_score"]
+    assert score["auroc"]["low"] <= score["auroc"]["value"] <= score["auroc"]["high"]
     assert set(results["base_probes"]) == set(FAMILIES) and all("usable" in v for v in results["base_probes"].values())
     for name in VARIANTS:
         v = seed["variants"][name]

@@ -90,3 +90,20 @@ def flat_energy_shares(model: nn.Module, targets: Sequence[Target], bases: Mappi
     visit_target_inputs(model, targets, ProbeSet([list(s) for s in sequences], spans), visit, batch_size=batch_size,
                         pad_id=pad_id)
     return (shares / len(targets)).tolist()
+
+
+def screen_savings(member_scores: Sequence[float], nonmember_scores: Sequence[float], recall: float = 0.99) -> float:
+    """What a screen by this score would skip: with the threshold that keeps `recall` of the
+    members (the `1 - recall` quantile of their scores, lower interpolation), the share of
+    non-members scoring below it.
+
+    Raises:
+        FlatEnergyError: an empty group, or a recall outside (0, 1].
+    """
+    if not member_scores or not nonmember_scores:
+        raise FlatEnergyError("a screen needs member and non-member scores")
+    if not 0 < recall <= 1:
+        raise FlatEnergyError(f"the recall must be in (0, 1], got {recall}")
+    threshold = float(torch.quantile(torch.tensor(member_scores, dtype=torch.float64), 1 - recall,
+                                     interpolation="lower"))
+    return sum(s < threshold for s in nonmember_scores) / len(nonmember_scores)

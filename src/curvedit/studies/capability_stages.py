@@ -86,17 +86,20 @@ def run_layer_map(model: torch.nn.Module, tokenizer: Any, factor_dir: Path, wind
 
 def style_energy(model: torch.nn.Module, targets: list[Target], bases: dict[str, Eigenbasis],
                  windows: Sequence[Window], styles: Sequence[str], general: Sequence[Sequence[int]], *,
-                 pad_id: int, batch_size: int, flat_fraction: float = 0.5) -> dict[str, Any]:
-    """Mean flat-energy share (`curvedit.flat_energy`) of each canary style's windows and of
-    general text, at the edited targets."""
+                 pad_id: int, batch_size: int, flat_fraction: float = 0.5,
+                 nonmembers: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
+    """Mean flat-energy share (`curvedit.flat_energy`) of each canary style's windows, of
+    general text and of never-implanted canaries (`nonmembers`, group "nonmember"), at the
+    edited targets."""
     from curvedit.flat_energy import flat_energy_shares  # noqa: PLC0415
 
-    groups = [*styles, *["general"] * len(general)]
-    sequences = [list(w.prefix_ids) + list(w.suffix_ids) for w in windows] + [list(s) for s in general]
+    groups = [*styles, *["general"] * len(general), *["nonmember"] * len(nonmembers)]
+    sequences = ([list(w.prefix_ids) + list(w.suffix_ids) for w in windows] + [list(s) for s in general]
+                 + [list(s) for s in nonmembers])
     shares = flat_energy_shares(model, targets, bases, sequences, flat_fraction=flat_fraction, pad_id=pad_id,
                                 batch_size=batch_size)  # one pass over every window and the general text
     out: dict[str, Any] = {"flat_fraction": flat_fraction}
-    for group in [*sorted(set(styles)), "general"]:
+    for group in [*sorted(set(styles)), "general", *(["nonmember"] if nonmembers else [])]:
         mine = [share for share, g in zip(shares, groups) if g == group]
         out[group] = {"mean": sum(mine) / len(mine), "n": len(mine), "per_window": mine}
     return out

@@ -287,13 +287,23 @@ def layer_map_section(results: dict[str, Any]) -> list[str]:
 
 
 def energy_table(results: dict[str, Any]) -> str | None:
-    """Mean flat-energy share per canary style and of general text, per seed."""
+    """Mean flat-energy share per canary style, of general text and of never-implanted
+    canaries, per seed; then the share as a label-free score (AUROC, screen savings)."""
     seeds = [s for s in results["seeds"] if s.get("style_energy")]
     if not seeds:
         return None
     keys = [k for k in seeds[0]["style_energy"] if k != "flat_fraction"]
-    return _table(["seed", *keys], [[str(s["seed"]), *[f"{s['style_energy'][k]['mean']:.4f}" for k in keys]]
-                                    for s in seeds])
+    table = _table(["seed", *keys], [[str(s["seed"]), *[f"{s['style_energy'][k]['mean']:.4f}" for k in keys]]
+                                     for s in seeds])
+    score = results["summary"].get("flat_score")
+    if not score:
+        return table
+    auroc = score["auroc"]
+    return table + (f"\n\nAs a label-free memorization score (one forward pass, no suffix decoding): AUROC of the "
+                    f"{score['members']} recited canaries against {score['nonmembers']} never-implanted ones "
+                    f"{auroc['value']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}] (stratified by seed); a screen "
+                    f"keeping 99% of the recited canaries would skip {score['skipped_at_99_recall']:.0%} of the "
+                    "never-implanted ones.")
 
 
 def targets_table(results: dict[str, Any]) -> str:

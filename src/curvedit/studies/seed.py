@@ -271,10 +271,10 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
         windows = tune + heldout
         return style_energy(model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
-                            batch_size=options.batch_size)
+                            batch_size=options.batch_size, nonmembers=nonmembers)
 
     style_energy_result = stage("style_energy", lambda: cached(folder / "style_energy.json",
-                                                               content_key({"variants": variant_key, "v": 1}), energy),
+                                                               content_key({"variants": variant_key, "v": 2}), energy),
                                 folder / "style_energy.json")
     layers = sorted({t.layer for t in targets})
     shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)

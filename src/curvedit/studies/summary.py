@@ -73,6 +73,30 @@ def usable_families(base_probe: dict[str, dict[str, Any]]) -> list[str]:
     return [f for f, score in base_probe.items() if score["usable"]]
 
 
+def flat_score(seeds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The flat-energy share as a label-free memorization score (`curvedit.flat_energy`):
+    AUROC of the recited canaries against never-implanted ones, stratified by seed with its
+    bootstrap interval, and the share of non-members a screen keeping 99% of the members
+    would skip (mean over seeds). None when a seed lacks the non-members' shares."""
+    import numpy as np  # noqa: PLC0415
+
+    from curvedit.evaluate.privacy import stratified_auroc_interval  # noqa: PLC0415
+    from curvedit.flat_energy import screen_savings  # noqa: PLC0415
+
+    strata = []
+    for seed in seeds:
+        energy = seed.get("style_energy") or {}
+        if "nonmember" not in energy:
+            return None
+        members = [x for group, v in energy.items() if group not in ("flat_fraction", "general", "nonmember")
+                   for x in v["per_window"]]
+        strata.append((members, energy["nonmember"]["per_window"]))
+    interval = stratified_auroc_interval([(np.asarray(m), np.asarray(n)) for m, n in strata])
+    skipped = [screen_savings(m, n, 0.99) for m, n in strata]
+    return {"auroc": interval.to_dict(), "skipped_at_99_recall": sum(skipped) / len(skipped),
+            "members": sum(len(m) for m, _ in strata), "nonmembers": sum(len(n) for _, n in strata)}
+
+
 def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]], options: StudyOptions
               ) -> dict[str, Any]:
     """Means over seeds per variant, retention of the usable families (against the implanted
@@ -141,4 +165,4 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
             "svd_loose>=2x_kfac": v["svd"]["heldout"]["loose"] >= 2 * kfac["heldout"]["loose"] - 1e-12,
         })
     return {"variants": table, "probes_used": used, "probes_for_retention": kept, "targets": checks,
-            "paper_bands": bands, "implant_drift": drift}
+            "paper_bands": bands, "implant_drift": drift, "flat_score": flat_score(seeds)}
