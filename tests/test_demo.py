@@ -76,8 +76,20 @@ def test_training_is_deterministic_on_a_few_steps(tmp_path):
     assert json.loads((a / "curvedit-train.json").read_text())["config_hash"] == config.config_hash()
 
 
-def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
+def test_the_quick_demo_measures_the_headline_only_and_prints_its_stage_table(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["variants"]) == {"unedited", "kfac", "svd", "random", "random_ppl"} and not results["full"]
+    assert not {"bsn", "converge", "label_seeds", "eigencorrect", "attacks_unedited", "layer_map"} & set(
+        results["timings_s"])
+    assert "| stage | seconds |" in result.output and "demo --full" in result.output
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Recitation" in report and "## Does the edit last?" not in report and "demo --full" in report
+
+
+def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--smoke", "--full", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["variants"]) == {"unedited", "kfac", "ekfac", "targeted", "svd", "random", "random_ppl", "bsn"}

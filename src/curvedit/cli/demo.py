@@ -15,6 +15,9 @@ def demo_command(
                                      "demo-out/vision).", default=None),
     retrain: bool = typer.Option(False, "--retrain", help="Train the demo model even if a matching one exists."),
     smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run on a tiny world (checks the plumbing)."),
+    full: bool = typer.Option(False, "--full", help="Also durability attacks, EK-FAC, the targeted edit, "
+                                                    "BalancedSubnet, label-seed spread, convergence, the layer map "
+                                                    "and the band analysis (what docs/demo/ holds)."),
     vision: bool = typer.Option(False, "--vision", help="Instead: a ViT that memorizes noisy labels in a "
                                                         "generated glyph world, and the edit that undoes it."),
     overwrite: bool = overwrite_option("Replace report files in --out that curvedit did not write there."),
@@ -35,18 +38,21 @@ def demo_command(
                    f"total {sum(results['timings_s'].values()):.0f} s")
         return
     from curvedit.demo.pipeline import DemoOptions, run_demo, smoke_options
-    from curvedit.demo.report import family_table, memorization_table
+    from curvedit.demo.report import family_table, memorization_table, timings_table
 
     out = out or Path("demo-out")
     reuse_output(out, overwrite)  # the folder caches the trained model
-    options = smoke_options(out) if smoke else DemoOptions(out=out)
+    options = smoke_options(out, full=full) if smoke else DemoOptions(out=out, full=full)
     options.retrain, options.progress = retrain, progress and not smoke
     results = run_demo(options)
     typer.echo(memorization_table(results))
     typer.echo("")
     typer.echo(family_table(results))
+    typer.echo("")
+    typer.echo(timings_table(results["timings_s"]))
     typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  "
-               f"total {sum(results['timings_s'].values()):.0f} s")
+               f"total {sum(results['timings_s'].values()):.0f} s"
+               + ("" if full else "  (curvedit demo --full: the stages beyond the headline)"))
 
 
 def register(app: typer.Typer) -> None:

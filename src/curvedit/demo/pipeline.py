@@ -78,6 +78,11 @@ class DemoOptions:
             is re-applied with each one's factors to measure the spread of its outcome.
         layer_map_keep: the layer map's fixed keep fraction on mlp-in (`curvedit layer-map`:
             every single block and run of three edited alone; None: no map).
+        full: also the stages a first look does not need (`curvedit demo --full`, what
+            `docs/demo/` holds): durability attacks, EK-FAC masses, the targeted edit,
+            BalancedSubnet, the band analysis, the label-seed spread, the convergence study and
+            the layer map. Without it the demo measures the headline only: recitation,
+            perplexity, privacy and families for K-FAC and the perplexity-matched controls.
         progress: show progress bars.
         all_candidates: measure recitation on every candidate window, memorized or not
             (for plumbing checks on models that memorized nothing).
@@ -106,12 +111,14 @@ class DemoOptions:
     seed: int = 0
     label_seeds: tuple[int, ...] = (1, 2)
     layer_map_keep: float | None = 0.5
+    full: bool = False
     progress: bool = True
     all_candidates: bool = False
 
 
-def smoke_options(out: Path) -> DemoOptions:
-    """A configuration small enough for a test (seconds): every stage runs, nothing is learned."""
+def smoke_options(out: Path, full: bool = True) -> DemoOptions:
+    """A configuration small enough for a test (seconds): every stage runs (only the headline's
+    without `full`), nothing is learned."""
     world = WorldConfig(memorized=8, memorized_len=24, repetition_tiers=(4,), quotes=4, quote_repetitions=4,
                         facts_common=4, facts_rare=4, common_repetitions=4, rare_repetitions=2, general_lines=400)
     train = TrainConfig(world=world, hidden=32, layers=2, heads=2, intermediate=64, epochs=1, batch_size=16,
@@ -120,7 +127,7 @@ def smoke_options(out: Path) -> DemoOptions:
                        keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
                        bsn_ratios=(0.05,), bsn_epochs=1, label_seeds=(1,), attack_steps=(0, 2),
                        converge_tokens=(1000, 4000),
-                       heldout_lines=100, progress=False, all_candidates=True)
+                       heldout_lines=100, progress=False, all_candidates=True, full=full)
 
 
 def demo_model_dir(options: DemoOptions) -> Path:
@@ -385,7 +392,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     targets = select_targets(model, matrices_spec(chosen.matrices, chosen.layers))
     rule = EditRule(**{chosen.amount_kind: chosen.amount})
     layer_map = None
-    if options.layer_map_keep is not None:
+    if options.full and options.layer_map_keep is not None:
         layer_map = timer.stage("layer_map", lambda: run_layer_map(
             model, tokenizer, factor_dir, probe.tune, probe.text, options.out, keep_fraction=options.layer_map_keep,
             tasks=(), batch_size=64, progress=options.progress))
@@ -395,13 +402,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     def attacks() -> dict[str, Any]:
         return durability(model, world, tokenizer, probe, options)
 
-    variants["unedited"]["attacks"] = timer.stage("attacks_unedited", attacks)
+    if options.full:
+        variants["unedited"]["attacks"] = timer.stage("attacks_unedited", attacks)
 
     def run_variant(name: str, plan: EditPlan, extra: dict[str, Any]) -> None:
         start = time.perf_counter()
         applied = apply_edit(targets, plan, bases)
         metrics = measure(model, tokenizer, probe)
-        if name in ATTACKED:
+        if options.full and name in ATTACKED:
             metrics["attacks"] = attacks()
         applied.undo()
         kept = sum(s.kept for s in applied.stats)
@@ -424,6 +432,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                              f"({s.perplexity:.4f} vs {kfac_ppl:.4f}; "
                                              f"{'within' if s.matches() else 'NOT within'} 10% of its rise)"}))
 
+    if not options.full:
+        results = {"variants": variants, "world": asdict(options.train.world), "memorized_found": found,
+                   "memorized_candidates": {"tune": len(world.tune), "heldout": len(world.heldout),
+                                            "quotes": len(world.quotes)},
+                   "settings": settings(options, model_dir, chosen), "full": False, "timings_s": timer.seconds}
+        return write_results_and_report(results, options.out, timer, write_report)
     timer.stage("eigencorrect", lambda: eigencorrect_world_factors(model, tokenizer, world, options, targets,
                                                                    factor_dir))
     bases = load_bases(targets, factor_dir)  # now with the EK-FAC masses
@@ -467,18 +481,22 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "world": asdict(options.train.world),
         "memorized_found": found,
         "memorized_candidates": {"tune": len(world.tune), "heldout": len(world.heldout), "quotes": len(world.quotes)},
-        "settings": {"model_dir": str(model_dir), "train": asdict(options.train),
-                     "factor_tokens": options.factor_tokens,
-                     "factor_memorized_share": options.factor_memorized_share, "ppl_budget": options.ppl_budget,
-                     "chosen": {"layers": chosen.layers, "matrices": chosen.matrices,
-                                "amount_kind": chosen.amount_kind, "amount": chosen.amount,
-                                "tune_loose": chosen.loose, "perplexity": chosen.perplexity},
-                     "prefix_chars": options.prefix_chars, "attack_lr": options.attack_lr},
+        "settings": settings(options, model_dir, chosen),
+        "full": True,
         "label_seeds": label_seeds,
         "layer_map": layer_map,
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
+
+
+def settings(options: DemoOptions, model_dir: Path, chosen: Any) -> dict[str, Any]:
+    """The run's settings and the sweep's chosen point, for results.json."""
+    return {"model_dir": str(model_dir), "train": asdict(options.train), "factor_tokens": options.factor_tokens,
+            "factor_memorized_share": options.factor_memorized_share, "ppl_budget": options.ppl_budget,
+            "chosen": {"layers": chosen.layers, "matrices": chosen.matrices, "amount_kind": chosen.amount_kind,
+                       "amount": chosen.amount, "tune_loose": chosen.loose, "perplexity": chosen.perplexity},
+            "prefix_chars": options.prefix_chars, "attack_lr": options.attack_lr}
 
 
 def converge_study(model, tokenizer, world: World, probe: WorldProbe, targets, rule: EditRule,

@@ -216,6 +216,49 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     found, candidates = results["memorized_found"], results["memorized_candidates"]
     notes = "\n".join(f"- **{name}**: {results['variants'][name]['settings'].get('note', '')}"
                       for name in _variants(results) if results["variants"][name]["settings"].get("note"))
+    full = results.get("full", True)
+    full_sections = f"""## Spread over label-sampling seeds
+
+The chosen K-FAC edit, re-applied with factors collected on the same text under other seeds
+of the sampled labels:
+
+{label_seed_table(results)}
+
+## Does the edit last? (held-out loose recall, %)
+
+Every weight fine-tuned (AdamW, lr {results["settings"].get("attack_lr", "-")}, 16 sequences per step) on fresh
+general text, or on the tune half of the memorized strings (a relearning attack: does learning
+half bring back the other half?); and every block weight quantized round-to-nearest per output
+channel in groups of 32 inputs.
+
+{durability_table(results)}
+
+![durability](durability.png)
+
+## How much data do the factors need?
+
+The chosen edit made with factors from nested prefixes of the factors' text; "captured share" is
+the share of the largest budget's kept curvature mass that each budget's own selection holds
+(1 = the same subspace; docs/method.md section 12).
+
+{convergence_table(results)}
+
+![convergence](converge.png)
+
+""" if full else ""
+    bands_section = f"""## Curvature bands (paper's Figures 2 and 4)
+
+Mean |v^T x| of each target's inputs on memorized (held-out half, suffix positions) vs general
+text, per band of the K-FAC order and of the SVD order; `analysis/bands.json` holds the numbers.
+
+{bands}
+
+![bottom-band share vs accuracy drop per family](analysis/families.png)
+
+""" if full else (
+        "The stages beyond the headline (durability attacks, EK-FAC, the targeted edit, BalancedSubnet, the label-seed "
+        "spread, the convergence study, the layer map and the band analysis) run with `curvedit demo --full`; "
+        "docs/demo/ holds such a run.\n\n")
     text = f"""# curvedit demo report
 
 Memorized windows found by `find_memorized` (recited verbatim by the unedited model):
@@ -250,35 +293,7 @@ extraction: chance that one of 100 samples at temperature 1 is the suffix. AUROC
 memorized strings against never-trained strings of the same generator (0.5 = indistinguishable).
 Definitions: docs/method.md. {OVERLAP_NOTE}
 
-## Spread over label-sampling seeds
-
-The chosen K-FAC edit, re-applied with factors collected on the same text under other seeds
-of the sampled labels:
-
-{label_seed_table(results)}
-
-## Does the edit last? (held-out loose recall, %)
-
-Every weight fine-tuned (AdamW, lr {results["settings"].get("attack_lr", "-")}, 16 sequences per step) on fresh
-general text, or on the tune half of the memorized strings (a relearning attack: does learning
-half bring back the other half?); and every block weight quantized round-to-nearest per output
-channel in groups of 32 inputs.
-
-{durability_table(results)}
-
-![durability](durability.png)
-
-## How much data do the factors need?
-
-The chosen edit made with factors from nested prefixes of the factors' text; "captured share" is
-the share of the largest budget's kept curvature mass that each budget's own selection holds
-(1 = the same subspace; docs/method.md section 12).
-
-{convergence_table(results)}
-
-![convergence](converge.png)
-
-{layer_map_section(results)}## Accuracy by family (%; retention vs unedited in parentheses)
+{full_sections}{layer_map_section(results)}## Accuracy by family (%; retention vs unedited in parentheses)
 
 {family_table(results)}
 
@@ -286,16 +301,7 @@ the share of the largest budget's kept curvature mass that each budget's own sel
 
 ![sweep on the tune half](sweep/sweep.png)
 
-## Curvature bands (paper's Figures 2 and 4)
-
-Mean |v^T x| of each target's inputs on memorized (held-out half, suffix positions) vs general
-text, per band of the K-FAC order and of the SVD order; `analysis/bands.json` holds the numbers.
-
-{bands}
-
-![bottom-band share vs accuracy drop per family](analysis/families.png)
-
-## Timings (s)
+{bands_section}## Timings (s)
 
 {timings_table(results["timings_s"])}
 """
