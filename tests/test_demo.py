@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
+from curvedit.frontier import FRONTIER_METHODS
 from curvedit.demo.train import TrainConfig, build_model, train_demo_model
 from curvedit.demo.world import (WorldConfig, arithmetic_example, build_world, logic_example, open_book_example,
                                  pack, quote_split, evaluation_examples, training_lines)
@@ -125,3 +126,5 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     layer_map = results["layer_map"]  # the smoke model's 2 blocks: each alone, no run of three
     assert [p["layers"] for p in layer_map["placements"]] == ["0", "1"] and layer_map["mark"] == "0-1"
     assert "## Where to cut: the layer map" in report and (tmp_path / "demo" / "layer_map.png").is_file()
+    assert [p["method"] for p in results["frontier"]["points"]] == list(FRONTIER_METHODS)  # one amount each
+    assert "## Is curvature the lever?" in report and (tmp_path / "demo" / "frontier" / "frontier.png").is_file()

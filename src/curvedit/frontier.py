@@ -125,6 +125,13 @@ class FrontierResult:
         return {"options": asdict(self.options), "baseline": asdict(self.baseline),
                 "points": [asdict(p) for p in self.points]}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FrontierResult":
+        """The result back from `to_dict`'s form (frontier.json)."""
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}
+        return cls(options=FrontierOptions(**opts), baseline=FrontierPoint(**data["baseline"]),
+                   points=[FrontierPoint(**p) for p in data["points"]])
+
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write `frontier.json` and `frontier.png`; returns their paths."""
         from curvedit.io import write_json  # noqa: PLC0415
@@ -132,6 +139,16 @@ class FrontierResult:
         out = Path(out_dir)
         write_json(out / FRONTIER_JSON, self.to_dict())
         return out / FRONTIER_JSON, plot_frontier(self, out / FRONTIER_PNG)
+
+    def best_within(self, nats: float) -> dict[str, FrontierPoint | None]:
+        """Per method, its point of lowest loose recall (then strict, then cost) among those
+        costing at most `nats` per token; None where every point costs more."""
+        best: dict[str, FrontierPoint | None] = {}
+        for method in self.options.methods:
+            fits = [p for p in self.points if p.method == method and p.nats["value"] <= nats]
+            best[method] = min(fits, key=lambda p: (p.loose["value"], p.strict["value"], p.nats["value"]),
+                               default=None)
+        return best
 
     def table(self) -> str:
         """The points as a text table."""

@@ -78,10 +78,12 @@ class DemoOptions:
             is re-applied with each one's factors to measure the spread of its outcome.
         layer_map_keep: the layer map's fixed keep fraction on mlp-in (`curvedit layer-map`:
             every single block and run of three edited alone; None: no map).
+        frontier_keep: the keep fractions of the frontier (`curvedit frontier`: every method's
+            held-out forgetting against its cost, at the chosen placement; --full).
         full: also the stages a first look does not need (`curvedit demo --full`, what
             `docs/demo/` holds): durability attacks, EK-FAC masses, the targeted edit,
             BalancedSubnet, the band analysis, the label-seed spread, the convergence study and
-            the layer map. Without it the demo measures the headline only: recitation,
+            the layer map and the frontier. Without it the demo measures the headline only: recitation,
             perplexity, privacy and families for K-FAC and the perplexity-matched controls.
         progress: show progress bars.
         all_candidates: measure recitation on every candidate window, memorized or not
@@ -111,6 +113,7 @@ class DemoOptions:
     seed: int = 0
     label_seeds: tuple[int, ...] = (1, 2)
     layer_map_keep: float | None = 0.5
+    frontier_keep: tuple[float, ...] = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
     full: bool = False
     progress: bool = True
     all_candidates: bool = False
@@ -126,7 +129,7 @@ def smoke_options(out: Path, full: bool = True) -> DemoOptions:
     return DemoOptions(out=out, train=train, prefix_chars=16, factor_tokens=4000, layer_grid=("1", "0-1"),
                        keep_grid=(0.5,), rho_grid=(0.99,), ppl_budget=10.0, tests_per_family=16,
                        bsn_ratios=(0.05,), bsn_epochs=1, label_seeds=(1,), attack_steps=(0, 2),
-                       converge_tokens=(1000, 4000),
+                       converge_tokens=(1000, 4000), frontier_keep=(0.5,),
                        heldout_lines=100, progress=False, all_candidates=True, full=full)
 
 
@@ -473,6 +476,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     label_seeds = timer.stage("label_seeds", lambda: label_seed_spread(model, tokenizer, world, probe, targets,
                                                                        EditPlan([rule]), variants["kfac"], options))
 
+    frontier = timer.stage("frontier", lambda: demo_frontier(model, tokenizer, factor_dir, targets, probe, options))
     convergence = timer.stage("converge", lambda: converge_study(model, tokenizer, world, probe, targets, rule,
                                                                 options))
     results = {
@@ -485,9 +489,23 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "full": True,
         "label_seeds": label_seeds,
         "layer_map": layer_map,
+        "frontier": frontier,
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
+
+
+def demo_frontier(model, tokenizer, factor_dir: Path, targets, probe: WorldProbe, options: DemoOptions
+                  ) -> dict[str, Any]:
+    """Every method's forgetting of the held-out memorized strings against its cost, at the
+    chosen placement (`curvedit.frontier`), written to `out/frontier/`."""
+    from curvedit.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
+
+    result = run_frontier(model, tokenizer, factor_dir, targets, probe.heldout, probe.text,
+                          FrontierOptions(keep_fractions=options.frontier_keep, seed=options.seed, batch_size=64,
+                                          progress=options.progress))
+    result.write(options.out / "frontier")
+    return result.to_dict()
 
 
 def settings(options: DemoOptions, model_dir: Path, chosen: Any) -> dict[str, Any]:

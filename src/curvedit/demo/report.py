@@ -4,6 +4,7 @@ chart like its Figure 3, the chosen settings and the timings of each stage."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,32 @@ def timings_table(timings: dict[str, float]) -> str:
     return f"| stage | seconds |\n|---|---|\n{rows}"
 
 
+def frontier_section(results: dict[str, Any]) -> str:
+    """Is curvature the lever? The frontier's figure and, per method, the least held-out recall
+    it reaches within the chosen K-FAC edit's cost (or nothing without a frontier)."""
+    data = results.get("frontier")
+    if not data:
+        return ""
+    from curvedit.frontier import FrontierResult  # noqa: PLC0415
+
+    frontier = FrontierResult.from_dict(data)
+    kfac = results["variants"]["kfac"]
+    budget = math.log(kfac["perplexity"] / results["variants"]["unedited"]["perplexity"])
+    rows = ["| method | keep | held-out strict | held-out loose | nats / token |", "|---|---|---|---|---|"]
+    for method, p in frontier.best_within(budget).items():
+        if p is None:
+            rows.append(f"| {method} | - | - | - | every point costs more |")
+            continue
+        rows.append(f"| {method} | {p.keep_fraction:g} | {format_interval(p.strict, True)} | "
+                    f"{format_interval(p.loose, True)} | {format_interval(p.nats, False, 5)} |")
+    return ("## Is curvature the lever? Every method on one frontier\n\n"
+            f"At the chosen placement, each method at keep fractions {list(frontier.options.keep_fractions)}: "
+            "held-out memorized strings' recall against the mean loss increase on general text (nats per token; "
+            "`curvedit frontier`). Per method, its lowest held-out loose recall at a cost within the chosen K-FAC "
+            f"edit's ({budget:.5f} nats / token):\n\n" + "\n".join(rows)
+            + "\n\n![frontier](frontier/frontier.png)\n\n")
+
+
 def layer_map_section(results: dict[str, Any]) -> str:
     """Where to cut: the layer map's figure and best placements, with a blank line after (or
     nothing without a map)."""
@@ -217,6 +244,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     notes = "\n".join(f"- **{name}**: {results['variants'][name]['settings'].get('note', '')}"
                       for name in _variants(results) if results["variants"][name]["settings"].get("note"))
     full = results.get("full", True)
+    levers = layer_map_section(results) + frontier_section(results)
     full_sections = f"""## Spread over label-sampling seeds
 
 The chosen K-FAC edit, re-applied with factors collected on the same text under other seeds
@@ -293,7 +321,7 @@ extraction: chance that one of 100 samples at temperature 1 is the suffix. AUROC
 memorized strings against never-trained strings of the same generator (0.5 = indistinguishable).
 Definitions: docs/method.md. {OVERLAP_NOTE}
 
-{full_sections}{layer_map_section(results)}## Accuracy by family (%; retention vs unedited in parentheses)
+{full_sections}{levers}## Accuracy by family (%; retention vs unedited in parentheses)
 
 {family_table(results)}
 
