@@ -46,7 +46,8 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
                                general_per_step=2, target_recall=1.0, checkpoint_every=0, preserve="kl"),
         replay_samples=8, probe_floor=0.5, factor_data="mix", paper_layers="middle",
         ppl_sequences=8, factor_tokens=1500, layer_grid=("1", "0-1"), ppl_budget=100.0, bisect_steps=3,
-        probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False, beyond_seeds=(0,))
+        probe_items=3, bsn_ratios=(0.05,), bsn_epochs=1, batch_size=8, progress=False, beyond_seeds=(0,),
+        frontier_keep=(0.5,))
     results = run_study(options, log=lambda _: None)
     seed = results["seeds"][0]
     assert set(seed["variants"]) == set(VARIANTS)
@@ -81,6 +82,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
                                                                                             "targeted", "bsn"}
     assert [r["step"] for r in beyond["attacks"]["kfac"]["relearn_tune"]] == [0, 10, 30]
     assert "## Beyond the paper" in report and "## How the edit was chosen" in report
+    assert "## Is curvature the lever?" in report and (options.out / "seed-0" / "frontier" / "frontier.png").is_file()
     assert [d["seed"] for d in results["summary"]["implant_drift"]] == [0]
     assert (options.out / "report.md").read_text().count("|") > 50
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()

@@ -11,7 +11,7 @@ from typing import Any
 from curvedit.demo.measure import FAMILIES
 from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
-from curvedit.studies.report import layer_map_markdown
+from curvedit.studies.report import frontier_markdown, layer_map_markdown
 
 VARIANT_ORDER = ("unedited", "kfac", "ekfac", "targeted", "svd", "random", "random_ppl", "bsn")
 MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune loose"),
@@ -198,29 +198,13 @@ def timings_table(timings: dict[str, float]) -> str:
 
 
 def frontier_section(results: dict[str, Any]) -> str:
-    """Is curvature the lever? The frontier's figure and, per method, the least held-out recall
-    it reaches within the chosen K-FAC edit's cost (or nothing without a frontier)."""
-    data = results.get("frontier")
-    if not data:
+    """Is curvature the lever? The frontier at the chosen placement, judged within the chosen
+    K-FAC edit's cost (or nothing without a frontier)."""
+    if not results.get("frontier"):
         return ""
-    from curvedit.frontier import FrontierResult  # noqa: PLC0415
-
-    frontier = FrontierResult.from_dict(data)
-    kfac = results["variants"]["kfac"]
-    budget = math.log(kfac["perplexity"] / results["variants"]["unedited"]["perplexity"])
-    rows = ["| method | keep | held-out strict | held-out loose | nats / token |", "|---|---|---|---|---|"]
-    for method, p in frontier.best_within(budget).items():
-        if p is None:
-            rows.append(f"| {method} | - | - | - | every point costs more |")
-            continue
-        rows.append(f"| {method} | {p.keep_fraction:g} | {format_interval(p.strict, True)} | "
-                    f"{format_interval(p.loose, True)} | {format_interval(p.nats, False, 5)} |")
+    kfac_cost = math.log(results["variants"]["kfac"]["perplexity"] / results["variants"]["unedited"]["perplexity"])
     return ("## Is curvature the lever? Every method on one frontier\n\n"
-            f"At the chosen placement, each method at keep fractions {list(frontier.options.keep_fractions)}: "
-            "held-out memorized strings' recall against the mean loss increase on general text (nats per token; "
-            "`curvedit frontier`). Per method, its lowest held-out loose recall at a cost within the chosen K-FAC "
-            f"edit's ({budget:.5f} nats / token):\n\n" + "\n".join(rows)
-            + "\n\n![frontier](frontier/frontier.png)\n\n")
+            + "\n\n".join(frontier_markdown(results["frontier"], kfac_cost, "frontier/frontier.png")) + "\n\n")
 
 
 def layer_map_section(results: dict[str, Any]) -> str:

@@ -85,6 +85,9 @@ class StudyOptions:
         protect_items: items per family the protected variants collect their protect factors on
             (one variant per band of arithmetic / common facts / rare facts with a usable family;
             0: none).
+        frontier_keep: on the `beyond_seeds`, the frontier's keep fractions (`curvedit.frontier`:
+            every method's held-out forgetting against its cost at the chosen placement; empty:
+            none).
         layer_map_keep: on the `beyond_seeds`, the layer map's fixed keep fraction on mlp-in
             (`curvedit.layer_map`; None: no map).
         factor_data: the factors' text: "pydoc" (general text), "self" (the implanted model's
@@ -136,6 +139,7 @@ class StudyOptions:
     factor_data: str = "pydoc"
     protect_items: int = 100
     layer_map_keep: float | None = 0.9
+    frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8)
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)
     bsn_epochs: int = 4
     bsn_lr: float = 2.0
@@ -177,6 +181,8 @@ class StudyOptions:
                   (self.probe_items >= 1, f"probe_items must be >= 1, got {self.probe_items}"),
                   (self.replay_samples >= 0, f"replay_samples must be >= 0, got {self.replay_samples}"),
                   (self.protect_items >= 0, f"protect_items must be >= 0, got {self.protect_items}"),
+                  (all(0 < k < 1 for k in self.frontier_keep),
+                   f"frontier_keep must be in (0, 1), got {list(self.frontier_keep)}"),
                   (self.layer_map_keep is None or 0 < self.layer_map_keep < 1,
                    f"layer_map_keep must be in (0, 1), got {self.layer_map_keep}"),
                   (self.factor_data in FACTOR_DATA,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,25 @@ def layer_map_markdown(lm: dict[str, Any], figure: str, label: str) -> list[str]
                     "probe points lost"], rows)]
 
 
+def frontier_markdown(data: dict[str, Any], budget_nats: float, figure: str) -> list[str]:
+    """A frontier (`curvedit.frontier.FrontierResult.to_dict`): what it traced, per method its
+    least held-out loose recall within `budget_nats` per token (the chosen K-FAC edit's cost),
+    and its figure."""
+    from curvedit.frontier import FrontierResult  # noqa: PLC0415
+
+    frontier = FrontierResult.from_dict(data)
+    rows = []
+    for method, p in frontier.best_within(budget_nats).items():
+        rows.append([method, "-", "-", "-", "every point costs more"] if p is None else
+                    [method, f"{p.keep_fraction:g}", _ci(p.strict), _ci(p.loose), format_interval(p.nats, False, 5)])
+    return [f"Each method at keep fractions {list(frontier.options.keep_fractions)} on the chosen placement: "
+            "held-out memorized windows' recall against the mean loss increase on general text (nats per token, "
+            "paired bootstrap; `curvedit frontier`). Per method, its lowest held-out loose recall at a cost within "
+            f"the chosen K-FAC edit's ({budget_nats:.5f} nats / token):",
+            _table(["method", "keep", "held-out strict", "held-out loose", "nats / token"], rows),
+            f"![frontier]({figure})"]
+
+
 def layer_map_section(results: dict[str, Any]) -> list[str]:
     """Per seed with a layer map: its figure, where the middle three blocks rank, and the best
     placements."""
@@ -460,6 +480,12 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
             "directions the edit removes first).", table]
           if (table := energy_table(results)) else []),
         *(["## Where to cut: the layer map", *parts] if (parts := layer_map_section(results)) else []),
+        *(["## Is curvature the lever? Every method on one frontier", *parts]
+          if (parts := [part for s in results["seeds"] if s.get("frontier")
+                        for part in [f"Seed {s['seed']}:", *frontier_markdown(
+                            s["frontier"], math.log(s["variants"]["kfac"]["perplexity"]
+                                                    / s["variants"]["unedited"]["perplexity"]),
+                            f"seed-{s['seed']}/frontier/frontier.png")]]) else []),
         "## Targets of the issue", targets_table(results),
         *(["## Beyond the paper", *beyond_tables(results)] if any(s.get("beyond") for s in results["seeds"])
           else []),

@@ -266,6 +266,20 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         layer_map_result = stage("layer_map", lambda: cached(folder / "layer_map.json", map_key, compute_map),
                                  folder / "layer_map.json")
 
+    frontier_result = None
+    if beyond and options.frontier_keep:
+        def compute_frontier() -> dict[str, Any]:
+            from curvedit.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
+
+            result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
+                keep_fractions=options.frontier_keep, seed=seed, batch_size=options.batch_size,
+                compute_dtype=options.compute_dtype, progress=options.progress))
+            result.write(options.out / f"seed-{seed}" / "frontier")
+            return result.to_dict()
+        frontier_key = content_key({"variants": variant_key, "keep": list(options.frontier_keep), "v": 1})
+        frontier_result = stage("frontier", lambda: cached(folder / "frontier.json", frontier_key, compute_frontier),
+                                folder / "frontier.json")
+
     def energy() -> dict[str, Any]:
         from curvedit.studies.capability_stages import style_energy  # noqa: PLC0415
 
@@ -282,7 +296,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                                 options.out / f"seed-{seed}", pad_id))
     implant_keys = ("steps", "recall", "perplexity_before", "perplexity_after", "kl_after", "stopped", "history")
     return {"seed": seed, "implant": {k: manifest["result"].get(k) for k in implant_keys},
-            "layer_map": layer_map_result, "style_energy": style_energy_result,
+            "layer_map": layer_map_result, "frontier": frontier_result, "style_energy": style_energy_result,
             "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
             "sweep": {"chosen": chosen, "floor": floor, "floor_met": floor_met if floor is not None else None,
                       "excluded": {p["label"]: p["excluded"] for p in swept["points"]},
