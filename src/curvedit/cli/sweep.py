@@ -18,6 +18,20 @@ def _groups(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(";") if part.strip())
 
 
+def _model_windows_heldout(model: str, memorized: Path, heldout: str, *, device: str, dtype: Optional[str],
+                           progress: bool, seq_len: int, max_tokens: Optional[int], text_field: str):
+    """The model, its memorized windows and the held-out sequences, as sweep, layer-map and
+    frontier read them."""
+    from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.models import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    windows = read_windows(memorized, loaded)
+    sequences = heldout_sequences(heldout, loaded.preprocessor, seq_len=seq_len, max_tokens=max_tokens,
+                                  text_field=text_field)
+    return loaded, windows, sequences
+
+
 def _factor_targets(model, factor_dir: Path, preset: Optional[str], targets: Optional[List[str]],
                     layers: Optional[str]):
     """The targets to analyse: those of the spec when one is given, else every target of the factors."""
@@ -83,8 +97,6 @@ def sweep_command(
     to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
     """
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.perplexity import heldout_sequences
-    from curvedit.models import load_model
     from curvedit.evaluate.tasks import load_tasks
     from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, parse_probe_floor, run_sweep
 
@@ -101,10 +113,9 @@ def sweep_command(
     probe_tasks = load_tasks(tasks) if tasks is not None else []
     check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG))
     check_corpus_source(heldout)
-    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
-    windows = read_windows(memorized, loaded)
-    heldout_seqs = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
-                                     max_tokens=heldout_max_tokens, text_field=text_field)
+    loaded, windows, heldout_seqs = _model_windows_heldout(
+        model, memorized, heldout, device=device, dtype=dtype, progress=progress, seq_len=heldout_seq_len,
+        max_tokens=heldout_max_tokens, text_field=text_field)
     result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options,
                        tasks=probe_tasks, protect_dir=protect)
     paths = result.write(out)
@@ -221,10 +232,8 @@ def layer_map_command(
 ) -> None:
     """Where to cut: the same small edit at every block and run of blocks, alone; forgetting per unit of cost."""
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.evaluate.tasks import load_tasks
     from curvedit.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map
-    from curvedit.models import load_model
 
     options = LayerMapOptions(matrices=matrices, keep_fraction=keep_fraction,
                               group_sizes=int_list(group_sizes, "--group-sizes"), batch_size=batch_size,
@@ -233,10 +242,9 @@ def layer_map_command(
     probe_tasks = load_tasks(tasks) if tasks is not None else []
     check_output(out, kind="dir", overwrite=overwrite, model=model, names=(LAYER_MAP_JSON, LAYER_MAP_PNG))
     check_corpus_source(heldout)
-    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
-    windows = read_windows(memorized, loaded)
-    sequences = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
-                                  max_tokens=heldout_max_tokens, text_field=text_field)
+    loaded, windows, sequences = _model_windows_heldout(
+        model, memorized, heldout, device=device, dtype=dtype, progress=progress, seq_len=heldout_seq_len,
+        max_tokens=heldout_max_tokens, text_field=text_field)
     result = layer_map(loaded.model, loaded.preprocessor, factors, windows, sequences, options, tasks=probe_tasks)
     paths = result.write(out)
     typer.echo(f"{'blocks':<10} {'forgetting':>10} {'ppl rise':>9} {'per ppl':>9} {'probe pts':>9}")
@@ -273,10 +281,8 @@ def frontier_command(
 ) -> None:
     """Is curvature the lever? Held-out forgetting against cost (nats per token) for every method, on one figure."""
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.evaluate.tasks import load_tasks
     from curvedit.frontier import FRONTIER_JSON, FRONTIER_PNG, FrontierOptions, run_frontier
-    from curvedit.models import load_model
     from curvedit.targets import select_targets
 
     options = FrontierOptions(methods=_groups(methods.replace(",", ";")),
@@ -288,11 +294,10 @@ def frontier_command(
     probe_tasks = load_tasks(tasks) if tasks is not None else []
     check_output(out, kind="dir", overwrite=overwrite, model=model, names=(FRONTIER_JSON, FRONTIER_PNG))
     check_corpus_source(heldout)
-    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
+    loaded, windows, sequences = _model_windows_heldout(
+        model, memorized, heldout, device=device, dtype=dtype, progress=progress, seq_len=heldout_seq_len,
+        max_tokens=heldout_max_tokens, text_field=text_field)
     chosen = select_targets(loaded.model, target_spec(preset or ("mlp-in" if not targets else None), targets, layers))
-    windows = read_windows(memorized, loaded)
-    sequences = heldout_sequences(heldout, loaded.preprocessor, seq_len=heldout_seq_len,
-                                  max_tokens=heldout_max_tokens, text_field=text_field)
     result = run_frontier(loaded.model, loaded.preprocessor, factors, chosen, windows, sequences, options,
                           tasks=probe_tasks)
     paths = result.write(out)
