@@ -93,7 +93,12 @@ def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--smoke", "--full", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["variants"]) == {"unedited", "kfac", "ekfac", "targeted", "svd", "random", "random_ppl", "bsn"}
+    assert set(results["variants"]) == {"unedited", "kfac", "ekfac", "targeted", "step", "svd", "random",
+                                        "random_ppl", "bsn"}
+    step = results["variants"]["step"]
+    assert step["perplexity"] <= max(results["variants"]["kfac"]["perplexity"],
+                                     results["variants"]["unedited"]["perplexity"]) * (1 + 1e-9)
+    assert step["settings"]["step"]["norm"] >= 0 and "attacks" in step
     for name, row in results["variants"].items():
         assert SCHEMA <= set(row) and "settings" in row, name
         assert all(0 <= row[k] <= 1 for k in SCHEMA - {"perplexity"})

@@ -22,15 +22,17 @@ from curvedit.demo.measure import (
     FAMILIES, WorldProbe, heldout_sequences, measure, nonmember_strings, quote_windows, string_windows)
 from curvedit.demo.train import TrainConfig, cached_model_dir, train_demo_model
 from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
-from curvedit.edit import EditPlan, EditRule, apply_edit
+from curvedit.edit import AppliedEdit, EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized
 from curvedit.evaluate.perplexity import next_token_rankings
 from curvedit.factors import save_factors
 from curvedit.io import write_json
 from curvedit.spectrum import load_bases
+from curvedit.step import apply_step, forget_gradients, step_directions, step_within_budget
 from curvedit.targeted import attach_forget_masses, forget_masses
 from curvedit.targets import TargetSpec, select_targets
+from curvedit.windows import default_pad_id
 
 if TYPE_CHECKING:
     from curvedit.budget import BudgetSearch
@@ -408,9 +410,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     if options.full:
         variants["unedited"]["attacks"] = timer.stage("attacks_unedited", attacks)
 
-    def run_variant(name: str, plan: EditPlan, extra: dict[str, Any]) -> None:
+    def run_variant(name: str, plan: EditPlan, extra: dict[str, Any],
+                    apply: Callable[[], AppliedEdit] | None = None) -> None:
+        """Measure the model under `plan` (or the in-memory edit `apply` makes), then undo it."""
         start = time.perf_counter()
-        applied = apply_edit(targets, plan, bases)
+        applied = apply() if apply is not None else apply_edit(targets, plan, bases)
         metrics = measure(model, tokenizer, probe)
         if options.full and name in ATTACKED:
             metrics["attacks"] = attacks()
@@ -466,6 +470,16 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                               f"{kfac_ppl:.4f}; {'within' if search.matches() else 'NOT within'} "
                                               "10% of its rise)"}))
 
+    step, norm, search = timer.stage("step_match", lambda: coherent_step(model, tokenizer, probe, targets, bases, rule,
+                                                                        kfac_ppl, unedited["perplexity"]))
+    timer.stage("step", lambda: run_variant(
+        "step", EditPlan([rule]), {"step": {"norm": norm, "deletion_norm": step.deletion_norm,
+                                            "gradient_share_in_block": step.gradient_share},
+                                   "note": f"one coherent step up the tune half's suffix loss in the block K-FAC "
+                                           f"deletes, norm {norm:.4g} ({norm / step.deletion_norm:.2f} x the "
+                                           "deletion's), the largest within kfac's perplexity"},
+        apply=lambda: apply_step(targets, step, norm)))
+
     start = time.perf_counter()
     bsn_metrics, bsn_settings = timer.stage("bsn", lambda: run_bsn(model, tokenizer, probe, targets,
                                                                    unedited["perplexity"], options, attacks))
@@ -493,6 +507,19 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
+
+
+def coherent_step(model, tokenizer, probe: WorldProbe, targets, bases, rule: EditRule, kfac_ppl: float,
+                  unedited_ppl: float) -> tuple[Any, float, Any]:
+    """The coherent step from the tune half (`curvedit.step`) in the block the chosen K-FAC
+    edit deletes, at the largest norm (up to 4x the deletion's) within K-FAC's perplexity."""
+    pad_id = default_pad_id(tokenizer)
+    step = step_directions(forget_gradients(model, probe.tune, targets, pad_id=pad_id, batch_size=64), targets,
+                           bases, rule)
+    norm, search = step_within_budget(model, targets, step, probe.text, budget=max(1.0, kfac_ppl / unedited_ppl),
+                                      unedited_ppl=unedited_ppl, max_norm=4 * step.deletion_norm, steps=14,
+                                      pad_id=pad_id, batch_size=64)
+    return step, norm, search
 
 
 def demo_frontier(model, tokenizer, factor_dir: Path, targets, probe: WorldProbe, options: DemoOptions
@@ -535,7 +562,8 @@ def converge_study(model, tokenizer, world: World, probe: WorldProbe, targets, r
     return result
 
 
-ATTACKED = ("kfac", "ekfac", "targeted", "svd", "random_ppl")  # and unedited, bsn: the durability attacks run on these
+# and unedited, bsn: the durability attacks run on these
+ATTACKED = ("kfac", "ekfac", "targeted", "step", "svd", "random_ppl")
 
 SPREAD_KEYS = ("memorized_heldout_strict", "memorized_heldout_loose", "quotes_loose", "perplexity")
 

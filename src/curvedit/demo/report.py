@@ -13,7 +13,7 @@ from curvedit.evaluate.intervals import Interval, format_interval
 from curvedit.plots import pyplot, save_figure
 from curvedit.studies.report import frontier_markdown, layer_map_markdown
 
-VARIANT_ORDER = ("unedited", "kfac", "ekfac", "targeted", "svd", "random", "random_ppl", "bsn")
+VARIANT_ORDER = ("unedited", "kfac", "ekfac", "targeted", "step", "svd", "random", "random_ppl", "bsn")
 MEMORY_COLUMNS = (("memorized_strict", "tune strict"), ("memorized_loose", "tune loose"),
                   ("memorized_heldout_strict", "held-out strict"), ("memorized_heldout_loose", "held-out loose"),
                   ("memorized_heldout_lev", "held-out lev"), ("quotes_strict", "quotes strict"),
