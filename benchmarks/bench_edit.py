@@ -21,7 +21,7 @@ import torch
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.factors import TargetFactors
 from curvedit.spectrum import eigenbasis, select_by_mass, sym_eigh
-from curvedit.targets import select_targets, TargetSpec
+from curvedit.targets import TargetSpec, select_targets
 
 
 def timed(fn):

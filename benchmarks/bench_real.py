@@ -44,10 +44,10 @@ from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, pad_batch
 from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate.memorization import FindOptions, evaluate_recitation, find_memorized
-from curvedit.windows import Window
 from curvedit.evaluate.perplexity import ndcg_at_k, next_token_rankings, perplexity
 from curvedit.evaluate.tasks import choice_scores
 from curvedit.targets import TargetSpec, select_targets
+from curvedit.windows import Window
 
 PREFIX, SUFFIX = 64, 48
 

@@ -7,13 +7,20 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from curvedit.analysis import (AnalysisError, BandOptions, band_analysis, band_bounds, band_labels,
-                               task_family_shares, write_task_families)
+from curvedit.analysis import (
+    AnalysisError,
+    BandOptions,
+    band_analysis,
+    band_bounds,
+    band_labels,
+    task_family_shares,
+    write_task_families,
+)
 from curvedit.cli import app
-from curvedit.windows import Window
 from curvedit.factors import TargetFactors
 from curvedit.spectrum import eigenbasis
 from curvedit.targets import Target
+from curvedit.windows import Window
 
 D_IN, D_OUT = 20, 8
 

@@ -7,13 +7,21 @@ import random
 
 import pytest
 import torch
+from evaluate_helpers import MEMORIZED, PREFIX, tiny_gpt2, trained_reciter, write_workspace
 from typer.testing import CliRunner
 
-from curvedit.attack import (AttackError, RelearnOptions, block_weights, quantization_rows, quantize_rtn, quantized,
-                             recall_and_perplexity, relearn_curve)
+from curvedit.attack import (
+    AttackError,
+    RelearnOptions,
+    block_weights,
+    quantization_rows,
+    quantize_rtn,
+    quantized,
+    recall_and_perplexity,
+    relearn_curve,
+)
 from curvedit.cli import app
 from curvedit.windows import Window
-from evaluate_helpers import MEMORIZED, PREFIX, tiny_gpt2, trained_reciter, write_workspace
 
 
 def test_quantize_rtn_by_hand():

@@ -9,13 +9,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from curvedit.baselines.balanced_subnet import (BSNError, BSNOptions, SubnetMasks, balanced_subnet, masked_count,
-                                                train_subnet)
+from curvedit.baselines.balanced_subnet import (
+    BSNError,
+    BSNOptions,
+    SubnetMasks,
+    balanced_subnet,
+    masked_count,
+    train_subnet,
+)
 from curvedit.cli import app
 from curvedit.evaluate.generation import greedy_generate
 from curvedit.targets import Target, TargetSpec, select_targets
 from tests.conftest import tiny_gpt2, tiny_olmo2
-
 
 
 def mlp_targets(model):

@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from curvedit.cli import app
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.capabilities import (
-    BANDS, FAMILIES, capability_tasks, chance, score_families, write_tasks)
+from curvedit.evaluate.capabilities import BANDS, FAMILIES, capability_tasks, chance, score_families, write_tasks
 from curvedit.evaluate.tasks import ChoiceItem, GenerateItem, TaskResult, load_tasks
 
 

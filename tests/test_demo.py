@@ -1,18 +1,26 @@
 """The demo world, its training, and an end-to-end smoke run of `curvedit demo`."""
 
 import json
-
-import pytest
 import random
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.frontier import FRONTIER_METHODS
 from curvedit.demo.train import TrainConfig, build_model, train_demo_model
-from curvedit.demo.world import (WorldConfig, arithmetic_example, build_world, logic_example, open_book_example,
-                                 pack, quote_split, evaluation_examples, training_lines)
+from curvedit.demo.world import (
+    WorldConfig,
+    arithmetic_example,
+    build_world,
+    evaluation_examples,
+    logic_example,
+    open_book_example,
+    pack,
+    quote_split,
+    training_lines,
+)
+from curvedit.frontier import FRONTIER_METHODS
 
 SCHEMA = {"memorized_strict", "memorized_loose", "memorized_heldout_strict", "memorized_heldout_loose",
           "memorized_heldout_lev", "quotes_strict", "quotes_loose", "perplexity", "logic", "open_book",

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.collect import read_checkpoint_meta, CollectError, CollectOptions, collect_factors, layer_groups
+from curvedit.collect import CollectError, CollectOptions, collect_factors, layer_groups, read_checkpoint_meta
 from curvedit.data import pad_batch
 from curvedit.distributed import DistContext, DistributedError, shard_model
 from curvedit.factors import load_factors, model_identity

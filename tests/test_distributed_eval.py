@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, write_workspace
 from typer.testing import CliRunner
 
 from curvedit.cli import app
 from curvedit.distributed import DistributedError, map_batches
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, write_workspace
 
 
 def free_port() -> int:

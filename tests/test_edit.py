@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from curvedit.edit import (METHODS, EditError, EditPlan, EditRule, apply_edit, change_basis_and_mask, edit_model,
-                           svd_truncate)
+from curvedit.edit import (
+    METHODS,
+    EditError,
+    EditPlan,
+    EditRule,
+    apply_edit,
+    change_basis_and_mask,
+    edit_model,
+    svd_truncate,
+)
 from curvedit.factors import FactorError, TargetFactors
 from curvedit.spectrum import eigenbasis, select_by_mass
 from curvedit.targets import TargetSpec, select_targets

@@ -21,8 +21,16 @@ from curvedit.data import pad_batch
 from curvedit.edit import EditError, EditPlan, EditRule, apply_edit
 from curvedit.eigencorrect import collect_eigencorrections, eigencorrect_factors, eigencorrection_sum
 from curvedit.factors import FactorError, load_factors, save_factors
-from curvedit.spectrum import (Eigenbasis, SelectionError, basis_sha256, eigenbasis, load_bases, select_by_count,
-                               select_by_mass, select_by_masses)
+from curvedit.spectrum import (
+    Eigenbasis,
+    SelectionError,
+    basis_sha256,
+    eigenbasis,
+    load_bases,
+    select_by_count,
+    select_by_mass,
+    select_by_masses,
+)
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import char_model_dir, target_io, tiny_gpt2, tiny_olmo2
 
@@ -123,8 +131,8 @@ def test_factor_file_keeps_the_masses_and_the_basis_they_belong_to(corrected_dir
         assert torch.equal(bases[target.name].S, tf.S)
     # a basis recomputed differently (another machine's eigh, say) is refused
     cache = folder / "eigenbasis.safetensors"
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(cache))
     with safe_open(str(cache), framework="pt") as handle:
@@ -146,8 +154,9 @@ def test_format_version_1_files_still_load(corrected_dir, tmp_path):
         meta = json.loads(path.read_text())
         meta["format_version"] = 1
         path.write_text(json.dumps(meta))
-    from curvedit.io import write_safetensors
     from safetensors.torch import load_file
+
+    from curvedit.io import write_safetensors
 
     tensors = load_file(str(tmp_path / "v1" / "factors.safetensors"))
     write_safetensors(tmp_path / "v1" / "factors.safetensors", tensors, metadata={"format": "curvedit-factors"})

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from evaluate_helpers import MEMORIZED, PREFIX, SUFFIX, write_workspace
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from evaluate_helpers import MEMORIZED, PREFIX, SUFFIX, write_workspace
 
 runner = CliRunner()
 

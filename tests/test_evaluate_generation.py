@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from evaluate_helpers import tiny_gpt2
 
 from curvedit.evaluate.generation import context_window, greedy_generate
-from evaluate_helpers import tiny_gpt2
 
 
 def one_by_one(model, prompt, steps):

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from evaluate_helpers import tiny_gpt2
 
 from curvedit.data import DataError
 from curvedit.evaluate.perplexity import ndcg_at_k, next_token_rankings, perplexity
-from evaluate_helpers import tiny_gpt2
 
 VOCAB = 40
 

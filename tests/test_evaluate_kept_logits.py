@@ -13,16 +13,16 @@ import weakref
 import pytest
 import torch
 import transformers
+from evaluate_helpers import tiny_gpt2
 from transformers import GPT2LMHeadModel
 
 from curvedit.data import pad_batch
 from curvedit.evaluate import generation
 from curvedit.evaluate.generation import kept_logits
 from curvedit.evaluate.memorization import teacher_forced_match
-from curvedit.windows import Window
 from curvedit.evaluate.perplexity import ndcg_at_k, next_token_rankings, perplexity
 from curvedit.evaluate.tasks import choice_scores
-from evaluate_helpers import tiny_gpt2
+from curvedit.windows import Window
 
 VOCAB = 50
 

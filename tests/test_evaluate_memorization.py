@@ -8,14 +8,19 @@ from dataclasses import replace
 
 import pytest
 import torch
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 
 from curvedit.data import DataError, Record
-from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate import memorization
+from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate.memorization import (
-    FindOptions, evaluate_recitation, find_memorized, found_to_row, teacher_forced_match)
+    FindOptions,
+    evaluate_recitation,
+    find_memorized,
+    found_to_row,
+    teacher_forced_match,
+)
 from curvedit.windows import Window, read_memorized, write_jsonl
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 
 
 @pytest.fixture(scope="module")

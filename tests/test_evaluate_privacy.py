@@ -11,12 +11,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, tiny_gpt2, trained_reciter
 from sklearn.metrics import roc_auc_score
 
 from curvedit.evaluate.privacy import (
-    auroc, auroc_interval, extraction_metrics, extraction_strength, membership_inference, membership_scores,
-    sequence_stats, zlib_entropy)
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, tiny_gpt2, trained_reciter
+    auroc,
+    auroc_interval,
+    extraction_metrics,
+    extraction_strength,
+    membership_inference,
+    membership_scores,
+    sequence_stats,
+    zlib_entropy,
+)
 
 
 @pytest.fixture(scope="module")

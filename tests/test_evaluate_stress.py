@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 
 from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate.memorization import longest_prefix_match
 from curvedit.evaluate.stress import (
-    ReferenceStressOptions, StressOptions, match_runs, reference_stress_test, reference_variants, score_continuations,
-    stress_test)
+    ReferenceStressOptions,
+    StressOptions,
+    match_runs,
+    reference_stress_test,
+    reference_variants,
+    score_continuations,
+    stress_test,
+)
 from curvedit.windows import Window
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 
 
 @pytest.fixture(scope="module")

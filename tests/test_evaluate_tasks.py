@@ -7,11 +7,20 @@ import json
 
 import pytest
 import torch
+from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, trained_reciter
 
 from curvedit.evaluate.tasks import (
-    ChoiceItem, GenerateItem, Task, TaskFormatError, TaskOptions, choice_scores, load_tasks, parse_task_file,
-    run_lm_eval, run_tasks)
-from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, trained_reciter
+    ChoiceItem,
+    GenerateItem,
+    Task,
+    TaskFormatError,
+    TaskOptions,
+    choice_scores,
+    load_tasks,
+    parse_task_file,
+    run_lm_eval,
+    run_tasks,
+)
 
 
 def write_lines(path, *rows):
@@ -134,6 +143,7 @@ def test_lm_eval_scores_capability_items_from_a_local_yaml_as_curvedit_does(tmp_
     import string
 
     from conftest import tiny_gpt2
+
     from curvedit.chartok import build_char_tokenizer
     from curvedit.evaluate.capabilities import capability_tasks
 

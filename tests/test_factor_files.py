@@ -6,11 +6,17 @@ import pytest
 import torch
 
 from curvedit.chartok import build_char_tokenizer
-from curvedit.collect import read_checkpoint_meta, CollectError, CollectOptions, collect_factors
+from curvedit.collect import CollectError, CollectOptions, collect_factors, read_checkpoint_meta
 from curvedit.data import Record, lm_batches, pad_batch, token_sequences
-from curvedit.factors import (FactorError, check_factors_match, load_factors, merge_factors, model_identity,
-                              tensor_sha256,
-                              save_factors)
+from curvedit.factors import (
+    FactorError,
+    check_factors_match,
+    load_factors,
+    merge_factors,
+    model_identity,
+    save_factors,
+    tensor_sha256,
+)
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import Interrupt, interrupted, tiny_gpt2, tiny_olmo2
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_gpt2
 from typer.testing import CliRunner
 
-from conftest import tiny_gpt2
 from curvedit.cli import app
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches

@@ -7,17 +7,16 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import Interrupt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import curvedit.implant as implant_module
-from conftest import Interrupt
 from curvedit.canaries import STYLES, Canary, generate_canaries, read_canaries
 from curvedit.cli import app
 from curvedit.data import DataError
+from curvedit.implant import ImplantError, ImplantOptions, canary_stream, implant, model_weights_sha256, step_batch
 from curvedit.windows import read_memorized
-from curvedit.implant import (
-    ImplantError, ImplantOptions, canary_stream, implant, model_weights_sha256, step_batch)
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine, they said.",
          "pack my box with five dozen liquor jugs", "how vexingly quick daft zebras jump, again"]

@@ -13,8 +13,7 @@ import curvedit.io as io_module
 from curvedit.collect import CollectError, CollectOptions, collect_factors
 from curvedit.data import lm_batches
 from curvedit.edit import EditError, EditPlan, EditRule, apply_edit, svd_truncate
-from curvedit.factors import (FactorError, TargetFactors, check_factors_match, load_factors, merge_factors,
-                              save_factors)
+from curvedit.factors import FactorError, TargetFactors, check_factors_match, load_factors, merge_factors, save_factors
 from curvedit.spectrum import SelectionError, eigenbasis, select_by_count, select_by_mass
 from curvedit.targets import TargetSpec, select_targets
 from tests.conftest import Interrupt, interrupted, tiny_gpt2

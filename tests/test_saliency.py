@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_gpt2
+
 from curvedit.edit import EditError, EditPlan, EditRule, apply_edit, kfac_mask, saliency_masses
 from curvedit.spectrum import Eigenbasis, identity_bases, sym_eigh
 from curvedit.targets import TargetSpec, select_targets

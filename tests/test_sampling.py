@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gpt2
 from typer.testing import CliRunner
 
-from conftest import tiny_gpt2
 from curvedit.cli import app
 from curvedit.sampling import SampleError, SampleOptions, sample_sequences, sequence_uniforms
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from gguf_helpers import tiny_llama, write_tiny_llama_gguf
 
 from curvedit.evaluate.capabilities import FAMILIES

@@ -12,15 +12,23 @@ from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.factors import save_factors
 from curvedit.spectrum import load_bases
-from curvedit.sweep import (SweepError, SweepGrid, SweepOptions, SweepPoint, choose_point, exclusion, pareto_front,
-                            parse_probe_floor, run_sweep)
+from curvedit.sweep import (
+    SweepError,
+    SweepGrid,
+    SweepOptions,
+    SweepPoint,
+    choose_point,
+    exclusion,
+    pareto_front,
+    parse_probe_floor,
+    run_sweep,
+)
 from curvedit.targets import TargetSpec, select_targets
+from curvedit.windows import Window
 from tests.conftest import tiny_gpt2
-
 
 
 @pytest.fixture

@@ -17,8 +17,15 @@ from typer.testing import CliRunner
 from curvedit.cli import app
 from curvedit.data import DataError
 from curvedit.demo.vision import Candidate, choose_candidate, default_layer_grid
-from curvedit.demo.vision_data import (DIGITS, VisionDataConfig, corrupt_labels, digits_images, image_processor,
-                                       load_images, split_and_corrupt)
+from curvedit.demo.vision_data import (
+    DIGITS,
+    VisionDataConfig,
+    corrupt_labels,
+    digits_images,
+    image_processor,
+    load_images,
+    split_and_corrupt,
+)
 from curvedit.demo.vision_train import VisionTrainConfig, train_vision_model
 
 METRICS = {"noisy_memorized", "noisy_true_label", "heldout_accuracy", "clean_train_accuracy"}

@@ -46,9 +46,9 @@ from tqdm.auto import tqdm
 
 from curvedit.data import DataError, batched, pad_batch, read_records
 from curvedit.errors import CurveditError
-from curvedit.windows import Window
 from curvedit.spectrum import Eigenbasis
 from curvedit.targets import Target
+from curvedit.windows import Window
 
 DEFAULT_EDGES = (0.1, 0.25, 0.5)
 POSITIONS = ("suffix", "all")

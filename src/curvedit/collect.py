@@ -32,8 +32,14 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from curvedit.distributed import (DistContext, check_same, current_context, is_sharded_model, reduce_sums,
-                                  transformer_blocks)
+from curvedit.distributed import (
+    DistContext,
+    check_same,
+    current_context,
+    is_sharded_model,
+    reduce_sums,
+    transformer_blocks,
+)
 from curvedit.errors import CurveditError
 from curvedit.evaluate.generation import context_window
 from curvedit.factors import FactorSet, TargetFactors, model_identity, weight_sha256

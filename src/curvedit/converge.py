@@ -150,8 +150,7 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
     from curvedit.collect import CollectOptions, collect_factors  # noqa: PLC0415
     from curvedit.data import lm_batches  # noqa: PLC0415
     from curvedit.edit import EditPlan, apply_edit  # noqa: PLC0415
-    from curvedit.factors import (  # noqa: PLC0415
-        check_factors_match, load_factors, model_identity, save_factors)
+    from curvedit.factors import check_factors_match, load_factors, model_identity, save_factors  # noqa: PLC0415
     from curvedit.implant import model_weights_sha256  # noqa: PLC0415
     from curvedit.io import write_json  # noqa: PLC0415
 

@@ -28,9 +28,19 @@ import torch
 from torch import nn
 
 from curvedit.errors import CurveditError
-from curvedit.spectrum import (MASSES, Eigenbasis, SelectionError, mass_fraction, select_by_count, select_by_mass,
-                               identity_bases, select_by_masses, staircase, staircase_mask)
 from curvedit.protect import attach_protect_masses, protect_mask
+from curvedit.spectrum import (
+    MASSES,
+    Eigenbasis,
+    SelectionError,
+    identity_bases,
+    mass_fraction,
+    select_by_count,
+    select_by_mass,
+    select_by_masses,
+    staircase,
+    staircase_mask,
+)
 from curvedit.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
 from curvedit.targets import Target
 

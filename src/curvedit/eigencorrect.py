@@ -28,8 +28,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.collect import (
-    ACCUMULATE_DTYPES, BatchSource, CollectError, CollectOptions, _batch_factory, _batch_tokens,
-    _only_targets_require_grad, _rows, _to_device, batch_generator, no_tf32)
+    ACCUMULATE_DTYPES,
+    BatchSource,
+    CollectError,
+    CollectOptions,
+    _batch_factory,
+    _batch_tokens,
+    _only_targets_require_grad,
+    _rows,
+    _to_device,
+    batch_generator,
+    no_tf32,
+)
 from curvedit.distributed import current_context, is_sharded_model, reduce_sums
 from curvedit.factors import FactorSet, TargetFactors, check_factors_match, load_factors, save_factors
 from curvedit.objectives import CausalLMObjective, Objective

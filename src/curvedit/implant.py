@@ -43,9 +43,9 @@ from curvedit.canaries import Canary
 from curvedit.data import DataError, pad_batch
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.windows import Window
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.io import write_json, write_safetensors
+from curvedit.windows import Window
 
 MANIFEST_FILE = "curvedit-implant.json"
 WINDOWS_FILE = "memorized.jsonl"

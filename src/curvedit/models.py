@@ -295,7 +295,12 @@ def _load_model(name_or_path: str | Path, *, device: str = "cpu",
                            source=source)
     from safetensors import SafetensorError  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415 - keep `import curvedit` light
-        AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer)
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoTokenizer,
+    )
 
     local = _check_model_path(name_or_path)
     kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}

@@ -50,11 +50,11 @@ from curvedit.edit import METHODS, EditError, EditPlan, EditRule, apply_edit, me
 from curvedit.errors import CurveditError
 from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
-from curvedit.windows import Window, default_pad_id
 from curvedit.evaluate.perplexity import perplexity
+from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
 from curvedit.spectrum import MASSES
 from curvedit.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
+from curvedit.windows import Window, default_pad_id
 
 METRICS = ("strict", "loose", "similarity")
 SWEEP_JSON = "sweep.json"

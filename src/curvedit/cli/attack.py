@@ -7,8 +7,18 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import (DeviceOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list, model_option,
-    out_option, overwrite_option, read_windows)
+from curvedit.cli.common import (
+    DeviceOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    fail,
+    int_list,
+    model_option,
+    out_option,
+    overwrite_option,
+    read_windows,
+)
 
 attack_app = typer.Typer(no_args_is_help=True, help="Durability attacks on an edited model: relearning, quantization.")
 
@@ -24,8 +34,8 @@ HeldoutOpt = typer.Option(None, "--heldout", help="Held-out text for perplexity 
 
 
 def _load(model: str, memorized: Path, heldout: Optional[Path], device: str, text_field: str, progress: bool):
-    from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.evaluate.generation import context_window
+    from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.windows import default_pad_id
 

@@ -8,8 +8,19 @@ from typing import List, Optional
 import typer
 
 from curvedit.cli.common import (
-    DeviceOpt, DtypeOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, model_option, out_option,
-    overwrite_option, preset_option, target_spec, targets_option)
+    DeviceOpt,
+    DtypeOpt,
+    LayersOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    model_option,
+    out_option,
+    overwrite_option,
+    preset_option,
+    target_spec,
+    targets_option,
+)
 
 baseline_app = typer.Typer(no_args_is_help=True, help="Baselines the K-FAC edit is compared with.")
 
@@ -50,9 +61,9 @@ def bsn_command(
     from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_manifest, read_forget_sequences
     from curvedit.data import check_corpus_source, read_records, token_sequences
     from curvedit.edit import save_edited_model
-    from curvedit.windows import default_pad_id
     from curvedit.models import load_model
     from curvedit.targets import select_targets
+    from curvedit.windows import default_pad_id
 
     options = BSNOptions(ratio=ratio, retain_weight=retain_weight, lr=lr, epochs=epochs, momentum=momentum,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, progress=progress)

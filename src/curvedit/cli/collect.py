@@ -8,8 +8,20 @@ from typing import Optional
 import typer
 
 from curvedit.cli.common import (
-    DeviceOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail, model_option, out_option, overwrite_option,
-    preset_option, resumable, target_spec, targets_option)
+    DeviceOpt,
+    LayersOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    fail,
+    model_option,
+    out_option,
+    overwrite_option,
+    preset_option,
+    resumable,
+    target_spec,
+    targets_option,
+)
 
 # Files of an unfinished collection in its --out folder (continued with --resume).
 CHECKPOINT_FILES = ("checkpoint.*",)
@@ -66,8 +78,8 @@ def collect_command(
     from curvedit.collect import ACCUMULATE_DTYPES, CHECKPOINT_TENSORS, CollectOptions, collect_factors
     from curvedit.data import check_corpus_source, image_batches, lm_batches, read_records, token_sequences
     from curvedit.distributed import all_agree, barrier, destroy, init_from_env, shard_model
-    from curvedit.factors import save_factors
     from curvedit.evaluate.generation import context_window
+    from curvedit.factors import save_factors
     from curvedit.memory import plan_memory
     from curvedit.models import load_model
     from curvedit.objectives import LABEL_MODES, ImageClassificationObjective

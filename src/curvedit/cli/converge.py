@@ -7,8 +7,20 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import (DeviceOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list,
-    overwrite_option, preset_option, read_windows, target_spec, targets_option)
+from curvedit.cli.common import (
+    DeviceOpt,
+    LayersOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    fail,
+    int_list,
+    overwrite_option,
+    preset_option,
+    read_windows,
+    target_spec,
+    targets_option,
+)
 
 
 def converge_command(

@@ -9,8 +9,20 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from curvedit.cli.common import (DeviceOpt, LayersOpt, TextFieldOpt, check_output, fail, model_option, out_option,
-    overwrite_option, preset_option, read_windows, target_spec, targets_option)
+from curvedit.cli.common import (
+    DeviceOpt,
+    LayersOpt,
+    TextFieldOpt,
+    check_output,
+    fail,
+    model_option,
+    out_option,
+    overwrite_option,
+    preset_option,
+    read_windows,
+    target_spec,
+    targets_option,
+)
 
 if TYPE_CHECKING:
     from curvedit.edit import EditRule
@@ -92,11 +104,11 @@ def edit_command(
     from curvedit.budget import edit_within_budget
     from curvedit.data import check_corpus_source
     from curvedit.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
-    from curvedit.windows import default_pad_id
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
     from curvedit.models import load_model
     from curvedit.spectrum import EIGH_PRECISIONS
     from curvedit.targets import select_targets
+    from curvedit.windows import default_pad_id
 
     if step_from is not None or step_norm is not None:
         others = {"--plan": plan_file, "--method": method, "--masses": masses, "--forget": forget, "--side": side,

@@ -12,8 +12,17 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 import typer
 
 from curvedit.cli.common import (
-    DtypeOpt, ProgressOpt, TextFieldOpt, check_output, device_option, fail, int_list, model_option, out_option,
-    overwrite_option)
+    DtypeOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    device_option,
+    fail,
+    int_list,
+    model_option,
+    out_option,
+    overwrite_option,
+)
 
 if TYPE_CHECKING:
     from curvedit.distributed import DistContext
@@ -63,8 +72,8 @@ def find_memorized_command(
     """
     from curvedit.data import check_corpus_source
     from curvedit.evaluate.memorization import FindOptions, find_memorized, found_to_row
-    from curvedit.windows import write_jsonl
     from curvedit.models import load_model
+    from curvedit.windows import write_jsonl
 
     check_output(out, kind="file", overwrite=overwrite, inputs=[data])
     check_corpus_source(data)
@@ -134,8 +143,8 @@ def evaluate_command(
     process). lm-eval tasks need a single process.
     """
     from curvedit.data import check_corpus_source
-    from curvedit.evaluate.results import details_path, write_results
     from curvedit.evaluate.privacy import PrivacyOptions
+    from curvedit.evaluate.results import details_path, write_results
     from curvedit.evaluate.runner import EvaluateOptions
     from curvedit.evaluate.stress import ReferenceStressOptions, StressOptions
 

@@ -8,8 +8,18 @@ from typing import Optional
 import typer
 
 from curvedit.cli.common import (
-    DeviceOpt, DtypeOpt, ProgressOpt, TextFieldOpt, check_output, fail, int_list, model_option, out_option,
-    overwrite_option, resumable)
+    DeviceOpt,
+    DtypeOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    fail,
+    int_list,
+    model_option,
+    out_option,
+    overwrite_option,
+    resumable,
+)
 
 
 def implant_command(
@@ -62,8 +72,7 @@ def implant_command(
     """
     from curvedit.canaries import generate_canaries, read_canaries
     from curvedit.data import check_corpus_source, read_records, token_sequences
-    from curvedit.implant import (
-        STATE_DIR, ImplantOptions, general_split, implant, model_weights_sha256, save_implanted)
+    from curvedit.implant import STATE_DIR, ImplantOptions, general_split, implant, model_weights_sha256, save_implanted
     from curvedit.models import load_model
     from curvedit.sampling import SampleOptions, sample_sequences
 

@@ -7,8 +7,16 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import DeviceOpt, DtypeOpt, ProgressOpt, check_output, fail, model_option, out_option, \
-    overwrite_option
+from curvedit.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ProgressOpt,
+    check_output,
+    fail,
+    model_option,
+    out_option,
+    overwrite_option,
+)
 
 
 def sample_command(

@@ -8,8 +8,15 @@ from typing import Optional
 
 import typer
 
-from curvedit.cli.common import (ProgressOpt, check_device, device_option, int_list, out_option, overwrite_option,
-                                 reuse_output)
+from curvedit.cli.common import (
+    ProgressOpt,
+    check_device,
+    device_option,
+    int_list,
+    out_option,
+    overwrite_option,
+    reuse_output,
+)
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies on real pretrained models (offline, cached stages).")
 
@@ -52,8 +59,8 @@ def smollm2_command(
     """The paper's Table 1 on SmolLM2-135M-Instruct: implant canaries, find them, collect
     factors on general text, sweep under a perplexity budget, edit, compare with controls
     and BalancedSubnet, and write report.md + results.json."""
-    from curvedit.studies.report import main_table
     from curvedit.studies.options import StudyOptions
+    from curvedit.studies.report import main_table
     from curvedit.studies.smollm2 import run_study
     from curvedit.sweep import parse_probe_floor
 

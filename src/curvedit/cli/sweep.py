@@ -9,9 +9,24 @@ from typing import List, Optional
 
 import typer
 
-from curvedit.cli.common import (DeviceOpt, DtypeOpt, LayersOpt, ProgressOpt, TextFieldOpt, check_output, fail,
-    float_list, int_list, model_option, out_option, overwrite_option, preset_option, read_windows, target_spec,
-    targets_option)
+from curvedit.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    LayersOpt,
+    ProgressOpt,
+    TextFieldOpt,
+    check_output,
+    fail,
+    float_list,
+    int_list,
+    model_option,
+    out_option,
+    overwrite_option,
+    preset_option,
+    read_windows,
+    target_spec,
+    targets_option,
+)
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -164,13 +179,22 @@ def analyze_command(
     progress: bool = ProgressOpt,
 ) -> None:
     """Mean |v^T x| per curvature band, memorized vs clean, in the K-FAC and the SVD basis."""
-    from curvedit.analysis import (BANDS_JSON, FAMILIES_JSON, FAMILIES_PNG, BandOptions, band_analysis, read_drops,
-                                   read_prompts, task_family_shares, write_task_families)
+    from curvedit.analysis import (
+        BANDS_JSON,
+        FAMILIES_JSON,
+        FAMILIES_PNG,
+        BandOptions,
+        band_analysis,
+        read_drops,
+        read_prompts,
+        task_family_shares,
+        write_task_families,
+    )
     from curvedit.data import check_corpus_source
-    from curvedit.windows import default_pad_id, read_memorized
     from curvedit.evaluate.perplexity import heldout_sequences
     from curvedit.models import load_model
     from curvedit.spectrum import load_bases
+    from curvedit.windows import default_pad_id, read_memorized
 
     families: dict[str, Path] = {}
     for item in family or []:

@@ -15,13 +15,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, lm_batches
 from curvedit.demo.measure import (
-    FAMILIES, WorldProbe, heldout_sequences, measure, nonmember_strings, quote_windows, string_windows)
+    FAMILIES,
+    WorldProbe,
+    heldout_sequences,
+    measure,
+    nonmember_strings,
+    quote_windows,
+    string_windows,
+)
 from curvedit.demo.train import TrainConfig, cached_model_dir, train_demo_model
-from curvedit.demo.world import World, WorldConfig, build_world, fact_line, general_lines, pack, evaluation_examples
+from curvedit.demo.world import World, WorldConfig, build_world, evaluation_examples, fact_line, general_lines, pack
 from curvedit.edit import AppliedEdit, EditPlan, EditRule, apply_edit
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized

@@ -34,8 +34,8 @@ from curvedit.budget import Bisection, bisect_edit, edit_at
 from curvedit.collect import CollectOptions, collect_factors
 from curvedit.demo.glyphs import MATPLOTLIB_FONTS, GlyphWorldConfig
 from curvedit.demo.pipeline import DemoError, Timer, write_results_and_report
-from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConfig, load_images, split_and_corrupt
 from curvedit.demo.train import TRAIN_META, cached_model_dir
+from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConfig, load_images, split_and_corrupt
 from curvedit.demo.vision_train import VisionTrainConfig, predict, train_vision_model
 from curvedit.edit import EditPlan, EditRule, apply_edit
 from curvedit.evaluate.intervals import wilson

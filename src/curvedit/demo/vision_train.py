@@ -23,7 +23,6 @@ from curvedit.demo.vision_data import LabelledImages, NoisySplit, VisionDataConf
 from curvedit.io import write_json
 
 
-
 @dataclass(frozen=True)
 class VisionTrainConfig:
     """Data, model shape and optimisation of the demo ViT.

@@ -14,9 +14,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from curvedit.errors import EvaluateError
 from curvedit.data import pad_batch
 from curvedit.distributed import map_batches
+from curvedit.errors import EvaluateError
 
 _CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from curvedit.errors import EvaluateError
 from curvedit.data import DataError, Record, batched, pad_batch, read_records
 from curvedit.distributed import current_context, map_batches
-from curvedit.evaluate.intervals import bootstrap_mean, wilson
+from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
+from curvedit.evaluate.intervals import bootstrap_mean, wilson
 from curvedit.windows import Window, default_pad_id
 
 

@@ -23,14 +23,20 @@ from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_vocabulary, context_window
 from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.evaluate.privacy import (
-    PrivacyOptions, extraction_metrics, membership_inference, sequence_stats)
-from curvedit.windows import Window, default_pad_id, read_memorized
 from curvedit.evaluate.perplexity import (
-    NDCG_DEFINITIONS, NDCG_GAINS, NextTokenRankings, heldout_sequences, ndcg_at_k, next_token_rankings, perplexity)
+    NDCG_DEFINITIONS,
+    NDCG_GAINS,
+    NextTokenRankings,
+    heldout_sequences,
+    ndcg_at_k,
+    next_token_rankings,
+    perplexity,
+)
+from curvedit.evaluate.privacy import PrivacyOptions, extraction_metrics, membership_inference, sequence_stats
 from curvedit.evaluate.stress import ReferenceStressOptions, StressOptions, reference_stress_test, stress_test
 from curvedit.evaluate.tasks import TaskOptions, load_tasks, run_lm_eval, run_tasks
 from curvedit.models import LoadedModel
+from curvedit.windows import Window, default_pad_id, read_memorized
 
 
 @dataclass(frozen=True)

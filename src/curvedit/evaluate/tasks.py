@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from curvedit.errors import EvaluateError
 from curvedit.data import DataError, iter_jsonl, pad_batch
 from curvedit.distributed import map_batches
+from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
 
 DEFAULT_MAX_NEW_TOKENS = 32

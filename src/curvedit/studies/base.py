@@ -17,7 +17,7 @@ import torch
 
 from curvedit.data import Record, token_sequences
 from curvedit.io import file_sha256, write_json
-from curvedit.studies.cache import content_key, cached
+from curvedit.studies.cache import cached, content_key
 from curvedit.studies.options import GGUF_NAME, WHEEL, StudyError, StudyOptions
 from curvedit.windows import default_pad_id
 

@@ -20,7 +20,7 @@ from curvedit.evaluate.memorization import FindOptions, find_memorized
 from curvedit.implant import canary_token_ids, implant, save_implanted
 from curvedit.io import write_json
 from curvedit.studies.base import StudyData
-from curvedit.studies.cache import content_key, cached
+from curvedit.studies.cache import cached, content_key
 from curvedit.studies.options import StudyOptions
 from curvedit.windows import Window
 

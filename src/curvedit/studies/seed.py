@@ -16,7 +16,7 @@ from curvedit.canaries import generate_canaries
 from curvedit.implant import canary_token_ids
 from curvedit.studies.base import PROBE_SEED, StudyData, base_losses, study_tasks
 from curvedit.studies.beyond import BEYOND, beyond_paper
-from curvedit.studies.cache import content_key, cached, compute_seconds
+from curvedit.studies.cache import cached, compute_seconds, content_key
 from curvedit.studies.canary_stage import (
     NONMEMBER_SEED,
     factor_sequences,
