@@ -110,8 +110,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     tasks = study_tasks(probes_used, options.probe_items)
     floor = floor_map(options.probe_floor) if probes_used else None  # no usable family: nothing to hold
     held = [f for f in probes_used if family_floor(floor, f)]  # the sweep scores only what the floor holds
-    if not held:
-        floor = None
+    floor = {f: family_floor(floor, f) for f in held} or None  # ... and holds each at its own share
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
