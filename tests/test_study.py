@@ -37,6 +37,16 @@ def test_with_no_point_above_the_probe_floor_the_study_takes_the_perplexity_only
     assert budget_choice(swept, 1.01) is None
 
 
+def test_the_study_s_sweep_holds_only_the_usable_families_its_floor_names():
+    from curvedit.studies.seed import held_floor
+
+    floor = {"boolean": 0.9, "open_book": 0.9, "facts_common": 0.7}  # boolean is not usable on this model
+    assert held_floor(floor, ["open_book", "add_1d", "facts_common"]) == {"open_book": 0.9, "facts_common": 0.7}
+    assert held_floor({"*": 0.5, "open_book": 0.9}, ["open_book", "add_1d"]) == {"open_book": 0.9, "add_1d": 0.5}
+    assert held_floor(0.6, ["add_1d"]) == {"add_1d": 0.6}
+    assert held_floor(floor, ["add_1d"]) is None and held_floor(None, ["add_1d"]) is None
+
+
 def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path):
     gguf = write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "tiny.gguf")  # few-shot prompts
     options = StudyOptions(

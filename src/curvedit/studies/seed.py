@@ -32,6 +32,15 @@ from curvedit.windows import Window, default_pad_id
 LAYER_MAP_PROBE_ITEMS = 10  # per family: the layer map scores each of its placements on a short suite
 
 
+def held_floor(probe_floor: float | dict[str, float] | None, usable: Sequence[str]) -> dict[str, float] | None:
+    """The floor the study's sweep applies: each usable family that has a share (its own, or
+    "*"'s) at that share; None when no usable family has one."""
+    from curvedit.sweep import family_floor, floor_map  # noqa: PLC0415
+
+    floor = floor_map(probe_floor)
+    return {f: share for f in usable if (share := family_floor(floor, f))} or None
+
+
 def budget_choice(swept: dict[str, Any], budget: float) -> int | None:
     """The sweep's choice by memorization and perplexity alone (no probe floor), from its
     JSON form (`curvedit.sweep.SweepResult.to_dict`)."""
@@ -56,7 +65,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
     from curvedit.factors import save_factors  # noqa: PLC0415
     from curvedit.spectrum import load_bases  # noqa: PLC0415
-    from curvedit.sweep import SweepGrid, SweepOptions, family_floor, floor_map, matrices_spec, run_sweep  # noqa: PLC0415
+    from curvedit.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
     from curvedit.targets import TargetSpec, select_targets  # noqa: PLC0415
 
     folder = options.cache / f"seed-{seed}"
@@ -108,9 +117,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
     ppl_text = data.ppl_subset(options.ppl_sequences)
     tasks = study_tasks(probes_used, options.probe_items)
-    floor = floor_map(options.probe_floor) if probes_used else None  # no usable family: nothing to hold
-    held = [f for f in probes_used if family_floor(floor, f)]  # the sweep scores only what the floor holds
-    floor = {f: family_floor(floor, f) for f in held} or None  # ... and holds each at its own share
+    floor = held_floor(options.probe_floor, probes_used)
+    held = list(floor or {})  # the sweep scores only what the floor holds
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
                                  bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
