@@ -55,3 +55,29 @@ def test_implant_drift_allows_five_points_or_the_base_interval_and_ppl_within_3_
     assert first["families"]["a"]["ok"] and first["families"]["b"]["ok"]  # -8 is inside a's interval
     assert not second["families"]["a"]["ok"] and second["families"]["b"]["ok"]  # -20: outside both
     assert first["ppl_ok"] and not second["ppl_ok"]  # 1.02x; 0.95x is a drift too
+
+
+def test_the_report_states_the_bands_the_drift_and_the_choice():
+    from curvedit.studies.report import bands_table, choice_section, implant_table
+
+    items = {"facts_common": [1] * 10, "facts_rare": [1] * 10, "add_1d": [1] * 10}
+    kept = {"facts_common": [1] * 9 + [0], "facts_rare": [1] * 5 + [0] * 5, "add_1d": [1] * 7 + [0] * 3}
+    s = seed(0, items, kept)
+    s["variants"]["paper_placement"] = s["variants"]["kfac"]
+    bands = {"facts_common": "closed-book common", "facts_rare": "closed-book rare", "add_1d": "arithmetic"}
+    base = {f: {"accuracy": 1.0, "correct": 10, "n": 10, "ci": [0.7, 1.0], "band": b} for f, b in bands.items()}
+    s["sweep"] = {"chosen": {"layers": "10-19", "matrices": "mlp", "amount": 0.8, "perplexity": 21.0},
+                  "baseline": {"perplexity": 20.0}, "floor": {"facts_common": 0.7}, "floor_met": False,
+                  "excluded": {"layers 0-29 mlp keep_fraction=0.5": "facts_common kept 10% < 70%", "other": ""}}
+    results = {"seeds": [s], "base_probes": base, "summary": {
+        "variants": {name: {"retention_ci": {f: retention_interval([s], name, [f]) for f in items}}
+                     for name in ("kfac", "paper_placement")},
+        "paper_bands": {name: paper_bands([s], name, list(items), bands) for name in ("kfac", "paper_placement")},
+        "implant_drift": implant_drift([s], base, list(items))}}
+    text = "\n".join(bands_table(results))
+    assert "| closed-book | facts_common, facts_rare | 74-86% |" in text and "**holds**" in text  # 14/20 = 70%
+    assert "rare facts fall further than common ones, as in the paper" in text
+    drift = implant_table(results)
+    assert "held-out perplexity / base" in drift and "1.020x" in drift
+    choice = "\n".join(choice_section(results))
+    assert "no point kept it" in choice and "facts_common kept 10% < 70%" in choice and "| other |" not in choice
