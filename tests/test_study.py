@@ -59,7 +59,8 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         frontier_keep=(0.5,))
     results = run_study(options, log=lambda _: None)
     seed = results["seeds"][0]
-    assert set(seed["variants"]) == set(VARIANTS)
+    assert set(seed["variants"]) == {*VARIANTS, "kfac_self_factors"}  # the factor text it did not use
+    assert "sampled itself" in seed["variants"]["kfac_self_factors"]["note"]
     assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
     assert results["model"]["quantization"] == "F32"
     assert seed["implant"]["kl_after"] is not None  # the KL implant replayed the model's own samples

@@ -93,6 +93,10 @@ class StudyOptions:
         factor_data: the factors' text: "pydoc" (general text), "self" (the implanted model's
             own samples, temperature 1, so inputs and sampled labels come from its
             distribution) or "mix" (half of each).
+        factor_variants: other factor texts (of `FACTOR_DATA`), each measured as its own K-FAC
+            variant at the chosen placement: factors collected on that text (as many tokens),
+            the keep fraction bisected to the same perplexity budget (`kfac_<text>_factors`);
+            the study's own `factor_data` is skipped.
         replay_samples: when > 0, this many sequences sampled from the base model itself
             (temperature 1, seeded by the implant seed) join the pydoc text the implant replays;
             with `implant.preserve = "kl"` the model is pulled to the base model's distribution
@@ -137,6 +141,7 @@ class StudyOptions:
     paper_layers: str | None = "middle"
     replay_samples: int = 512
     factor_data: str = "pydoc"
+    factor_variants: tuple[str, ...] = ("self", "mix")
     protect_items: int = 100
     layer_map_keep: float | None = 0.9
     frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8)
@@ -185,6 +190,8 @@ class StudyOptions:
                    f"frontier_keep must be in (0, 1), got {list(self.frontier_keep)}"),
                   (self.layer_map_keep is None or 0 < self.layer_map_keep < 1,
                    f"layer_map_keep must be in (0, 1), got {self.layer_map_keep}"),
+                  (set(self.factor_variants) <= set(FACTOR_DATA),
+                   f"factor_variants must be some of {sorted(FACTOR_DATA)}, got {list(self.factor_variants)}"),
                   (self.factor_data in FACTOR_DATA,
                    f"factor_data must be one of {sorted(FACTOR_DATA)}, got {self.factor_data!r}"),
                   (0 < self.heldout_share < 1, f"heldout_share must be in (0, 1), got {self.heldout_share}"),

@@ -15,7 +15,9 @@ LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "
           "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl",
           "kfac_protect_arithmetic": "K-FAC, arithmetic protected", "kfac_protect_facts_common":
           "K-FAC, common facts protected", "kfac_protect_facts_rare": "K-FAC, rare facts protected",
-          "paper_placement": "K-FAC, the paper's placement"}
+          "paper_placement": "K-FAC, the paper's placement", "kfac_self_factors": "K-FAC, factors on its own samples",
+          "kfac_mix_factors": "K-FAC, factors half pydoc half own samples",
+          "kfac_pydoc_factors": "K-FAC, factors on pydoc text"}
 COMMAND = "curvedit study smollm2"
 
 

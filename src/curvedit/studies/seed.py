@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -218,6 +218,23 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
 
     variant("bsn", bsn, bsn_settings)
+    for kind in (k for k in options.factor_variants if k != options.factor_data):
+        def other_factors(kind: str = kind) -> dict[str, Any]:
+            text = factor_sequences(model, tokenizer, data, replace(options, factor_data=kind), seed, model_key)
+            other_dir = folder / f"factors-{kind}"
+            save_factors(collect_factors(model, lm_batches(text, options.factor_batch, pad_id), targets, options=(
+                CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
+                               description=FACTOR_DATA[kind]))), other_dir)
+            other_bases = load_bases(targets, other_dir)
+            search = bisect_amount(model, targets, other_bases, ppl_text, mode="within", budget=options.ppl_budget,
+                                   unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
+                                   pad_id=pad_id, compute_dtype=options.compute_dtype)
+            plan = EditPlan([search.rule()], compute_dtype=options.compute_dtype)
+            note = (f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} "
+                    f"({sum(len(t) for t in text)} tokens), keep {search.amount:.3f} within {options.ppl_budget}x")
+            return edit_and_measure(model, tokenizer, targets, other_bases, plan, probe, reference, options) | {
+                "bisection": search.to_dict(), "note": note}
+        variant(f"kfac_{kind}_factors", other_factors, [kind, options.factor_tokens, options.factor_batch])
     if options.paper_layers is not None:
         from curvedit.layer_map import middle_three  # noqa: PLC0415
 
