@@ -249,7 +249,8 @@ def plot_frontier(result: FrontierResult, path: str | Path) -> Path:
                     [getattr(p, key)["high"] - v for v, p in zip(y, rows)]]
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", markersize=3, capsize=2, linewidth=1, label=method)
         ax.axhline(getattr(result.baseline, key)["value"], color="gray", linestyle=":", linewidth=1)
-        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xscale("symlog", linthresh=1e-5)  # linear around 0 (edits that cost nothing measurable)
+        ax.set_xlim(left=-1e-4)
         ax.set_xlabel("cost: mean loss increase on general text (nats / token)")
         ax.set_title(f"held-out {key} recall")
     axes[0].set_ylabel("recall")
