@@ -47,6 +47,19 @@ def test_the_study_s_sweep_holds_only_the_usable_families_its_floor_names():
     assert held_floor(floor, ["add_1d"]) is None and held_floor(None, ["add_1d"]) is None
 
 
+def test_never_implanted_canaries_are_fewer_when_the_prose_passages_do_not_go_round():
+    from collections import Counter
+
+    from curvedit.canaries import generate_canaries
+    from curvedit.studies.canary_stage import nonmember_canaries
+
+    options = StudyOptions()  # 24 canaries, record / code / prose: 8 prose implanted of the 14 passages
+    implanted = [c.text for c in generate_canaries(options.canaries, 0, options.styles, options.counts)]
+    controls = nonmember_canaries(options, 0, implanted)
+    assert Counter(c.style for c in controls) == {"record": 7, "code": 7, "prose": 6}
+    assert not {c.text for c in controls} & set(implanted)
+
+
 def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path):
     gguf = write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "tiny.gguf")  # few-shot prompts
     options = StudyOptions(

@@ -45,6 +45,20 @@ def style_of(window: Window) -> str:
 NONMEMBER_SEED = 10_000  # non-member canaries of seed s are generated with seed s + 10000
 
 
+def nonmember_canaries(options: StudyOptions, seed: int, implanted: Sequence[str]) -> list[Canary]:
+    """Never-implanted canaries of the same styles and counts: as many as were implanted, or
+    fewer when the prose passages left once the implanted ones are excluded do not go round
+    (the stdlib gives 14; 8 implanted leave 6)."""
+    from curvedit.canaries import prose_passages  # noqa: PLC0415
+
+    styles, n = options.styles, options.canaries
+    if "prose" in styles:
+        left = len(set(prose_passages()) - set(implanted))
+        while n > 1 and sum(styles[i % len(styles)] == "prose" for i in range(n)) > left:
+            n -= 1
+    return generate_canaries(n, seed + NONMEMBER_SEED, styles, options.counts, avoid=implanted)
+
+
 def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any]) -> Path:
     """Implant the seed's canaries into the base model (cached by its settings)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415

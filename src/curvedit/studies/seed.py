@@ -12,16 +12,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from curvedit.canaries import generate_canaries
 from curvedit.implant import canary_token_ids
 from curvedit.studies.base import PROBE_SEED, StudyData, base_losses, study_tasks
 from curvedit.studies.beyond import BEYOND, beyond_paper
 from curvedit.studies.cache import cached, compute_seconds, content_key
 from curvedit.studies.canary_stage import (
-    NONMEMBER_SEED,
     factor_sequences,
     find_canaries,
     implant_seed,
+    nonmember_canaries,
     split_halves,
     style_of,
 )
@@ -152,9 +151,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     bases = load_bases(targets, factor_dir)
     text = data.heldout
     implanted = [c["text"] for c in manifest["canaries"]]
-    nonmembers = canary_token_ids(generate_canaries(options.canaries, seed + NONMEMBER_SEED, options.styles,
-                                                    options.counts, avoid=implanted),
-                                  tokenizer, options.implant.prefix_len + options.implant.suffix_len)
+    nonmembers = canary_token_ids(nonmember_canaries(options, seed, implanted), tokenizer,
+                                  options.implant.prefix_len + options.implant.suffix_len)
     members = [w.prefix_ids + w.suffix_ids for w in heldout]
     probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
                       tasks=tasks,
