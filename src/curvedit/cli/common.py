@@ -193,6 +193,9 @@ DeviceOpt = device_option()
 DtypeOpt = typer.Option(None, "--dtype", help="Load weights as bf16/fp16/float32.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
 TextFieldOpt = typer.Option("text", "--text-field", help="JSON field with the text.")
+HeldoutSeqLenOpt = typer.Option(512, "--heldout-seq-len", help="Held-out sequence length.")
+HeldoutMaxTokensOpt = typer.Option(100_000, "--heldout-max-tokens", help="Held-out token budget.")
+BatchSizeOpt = typer.Option(16, "--batch-size", help="Sequences per forward pass / decoding batch.")
 
 
 def target_spec(preset: Optional[str], targets: Optional[list[str]], layers: Optional[str]):
