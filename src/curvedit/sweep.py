@@ -567,8 +567,9 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
 
 
 def plot_sweep(result: SweepResult, out: str | Path) -> Path:
-    """Memorization vs perplexity: every point, the front (line), the chosen point (star),
-    the unedited model (cross) and the perplexity budget (dashed line). Writes a PNG.
+    """Memorization vs perplexity: every point (red x: below the probe floor), the front
+    (line), the chosen point (star), the unedited model (cross) and the perplexity budget
+    (dashed line). Writes a PNG.
 
     Returns:
         The PNG path.
@@ -580,7 +581,12 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
     mem = [100 * memorization_value(p, metric) for p in result.points]
     ppl = [p.perplexity for p in result.points]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    ax.scatter(ppl, mem, s=22, color="0.65", label="grid points", zorder=2)
+    floored = [i for i, p in enumerate(result.points) if p.excluded and "kept" in p.excluded]
+    others = [i for i in range(len(result.points)) if i not in floored]
+    ax.scatter([ppl[i] for i in others], [mem[i] for i in others], s=22, color="0.65", label="grid points", zorder=2)
+    if floored:
+        ax.scatter([ppl[i] for i in floored], [mem[i] for i in floored], s=30, marker="x", color="tab:red",
+                   label="below the probe floor", zorder=2)
     front_x = [ppl[i] for i in result.front]
     front_y = [mem[i] for i in result.front]
     ax.plot(front_x, front_y, "-o", color="tab:blue", ms=5, lw=1.2, label="Pareto front", zorder=3)
