@@ -75,7 +75,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert set(seed["variants"]) == {*VARIANTS, "kfac_self_factors"}  # the factor text it did not use
     assert "sampled itself" in seed["variants"]["kfac_self_factors"]["note"]
     assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
-    assert results["model"]["quantization"] == "F32"
+    assert results["model"]["quantization"] == "F32" and results["model"]["name"] == "tiny"  # the file's own name
     assert seed["implant"]["kl_after"] is not None  # the KL implant replayed the model's own samples
     assert (options.cache / "seed-0" / "self-samples.json").is_file()  # half the factor text: its own samples
     assert [p["layers"] for p in seed["layer_map"]["placements"]] == ["0", "1"]  # the 2-block model's map

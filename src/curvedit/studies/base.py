@@ -134,7 +134,8 @@ def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Pat
     loaded.model.save_pretrained(folder)
     loaded.preprocessor.save_pretrained(folder)
     source = getattr(loaded, "source", None) or {}
-    name = "SmolLM2-135M-Instruct" if options.model is None else Path(str(options.model)).name
+    name = (Path(str(options.model)).name if options.model is not None
+            else Path(options.gguf).stem if options.gguf is not None else "SmolLM2-135M-Instruct")
     info = {"name": name, "gguf": str(gguf) if gguf is not None else None,
             "source": str(source_path), "sha256": digest, "quantization": source.get("quantization"),
             "wheel": WHEEL if options.model is None and options.gguf is None else None,
