@@ -125,10 +125,7 @@ def edit_command(
             fail("--step-from needs one of --step-norm or --ppl-budget (which bisects the norm)")
         if step_norm is not None and not (math.isfinite(step_norm) and step_norm >= 0):
             fail(f"--step-norm must be a finite number >= 0, got {step_norm}")
-        if ppl_budget is not None and heldout is None:
-            fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
-        if ppl_budget is None and heldout is not None:
-            fail("--heldout is only read with --ppl-budget")
+        _check_heldout(ppl_budget, heldout)
         check_output(out, kind="dir", overwrite=overwrite, model=model, inputs=[step_from])
         if heldout is not None:
             check_corpus_source(heldout)
@@ -141,10 +138,7 @@ def edit_command(
         return
     if ppl_budget is not None and (rho is not None or keep_fraction is not None or plan_file is not None):
         fail("--ppl-budget chooses the amount itself: give it without --rho, --keep-fraction or --plan")
-    if ppl_budget is not None and heldout is None:
-        fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
-    if ppl_budget is None and heldout is not None:
-        fail("--heldout is only read with --ppl-budget")
+    _check_heldout(ppl_budget, heldout)
     block_shares = None
     if block is not None:
         try:
@@ -230,6 +224,14 @@ def edit_command(
     for s in applied.stats:
         typer.echo(f"{s.name:<48} {s.kept:>12} {s.total:>12} {s.mass_kept:>10.4f} {s.rel_change:>9.4f}")
     typer.echo(f"wrote edited model to {out}")
+
+
+def _check_heldout(ppl_budget: Optional[float], heldout: Optional[Path]) -> None:
+    """--heldout goes with --ppl-budget, in both directions."""
+    if ppl_budget is not None and heldout is None:
+        fail("--ppl-budget needs --heldout (held-out text to measure the perplexity on)")
+    if ppl_budget is None and heldout is not None:
+        fail("--heldout is only read with --ppl-budget")
 
 
 def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec, block: EditRule, step_from: Path,
