@@ -87,8 +87,8 @@ def forget_gradients(model: nn.Module, windows: Sequence[Window], targets: list[
         for t in targets:
             t.module.weight.requires_grad_(True)
             t.module.weight.grad = None
+        device = targets[0].module.weight.device
         for batch in forget_batches(windows, batch_size, pad_id):
-            device = targets[0].module.weight.device
             objective(model, {k: v.to(device) for k, v in batch.items()}, generator).loss.backward()
         for t in targets:
             grad = t.module.weight.grad.detach().to("cpu", torch.float64)
