@@ -15,8 +15,8 @@ import time
 import torch
 import transformers
 
-from curvedit.collect import CollectOptions, collect_factors
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 
 def plain_forward_backward(model, batches) -> None:

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from curvedit.edit import EditPlan, EditRule, apply_edit
-from curvedit.factors import TargetFactors
-from curvedit.spectrum import eigenbasis, select_by_mass, sym_eigh
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.kfac.factors import TargetFactors
+from curvedit.kfac.spectrum import eigenbasis, select_by_mass, sym_eigh
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 
 def timed(fn):

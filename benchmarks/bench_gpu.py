@@ -10,7 +10,7 @@ read across machines.
    (about 1.28B parameters; nothing is downloaded). Batches of random tokens,
    `--batches` x `--batch-size` x `--seq-len` (default 8 x 8 x 1024 = 65536 tokens), on
    the device before timing.
-2. Collection: `curvedit.collect.collect_factors` (sampled labels, float32 accumulators)
+2. Collection: `curvedit.kfac.collect.collect_factors` (sampled labels, float32 accumulators)
    on the MLP matrices (gate/up/down) of the last `--few-blocks` blocks and of all
    blocks (in one pass if the memory plan says it fits, else the largest
    `layers_per_pass` that fits), against two plain forward+backward passes over the same
@@ -25,8 +25,8 @@ read across machines.
    call. The per-batch part is also compared with "collector's objective" plus the float32
    covariance matmuls alone (`addmm` of `x^T x` and `g^T g` for every target, TF32 off as
    in the collector): the work that cannot be avoided. The memory plan
-   (`curvedit.memory.plan_memory`) is printed with the measured peak.
-3. Eigendecomposition (`curvedit.spectrum.sym_eigh`) of random PSD matrices of sizes
+   (`curvedit.kfac.memory.plan_memory`) is printed with the measured peak.
+3. Eigendecomposition (`curvedit.kfac.spectrum.sym_eigh`) of random PSD matrices of sizes
    8192, 2048, 11008, 4096 (the K-FAC factors of 8192 x 2048 and 11008 x 4096 MLP
    weights) in float64 and in float32 with its
    residual check (falls back to float64 when the check fails); a raw float32
@@ -56,13 +56,13 @@ from typing import Any
 import torch
 import transformers
 
-from curvedit import spectrum
-from curvedit.collect import CollectOptions, batch_generator, collect_factors, no_tf32
-from curvedit.edit import change_basis_and_mask
-from curvedit.memory import plan_memory
-from curvedit.objectives import CausalLMObjective
-from curvedit.spectrum import Eigenbasis, mass_fraction, select_by_mass, sym_eigh
-from curvedit.targets import Target, TargetSpec, select_targets
+from curvedit.editing.edit import change_basis_and_mask
+from curvedit.kfac import spectrum
+from curvedit.kfac.collect import CollectOptions, batch_generator, collect_factors, no_tf32
+from curvedit.kfac.memory import plan_memory
+from curvedit.kfac.objectives import CausalLMObjective
+from curvedit.kfac.spectrum import Eigenbasis, mass_fraction, select_by_mass, sym_eigh
+from curvedit.kfac.targets import Target, TargetSpec, select_targets
 
 SIZES = {
     "full": {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 16, "vocab": 50304},

@@ -40,14 +40,14 @@ import torch
 import transformers
 from bench_collect import plain_forward_backward
 
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import Record, pad_batch
 from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate.memorization import FindOptions, evaluate_recitation, find_memorized
 from curvedit.evaluate.perplexity import ndcg_at_k, next_token_rankings, perplexity
 from curvedit.evaluate.tasks import choice_scores
-from curvedit.targets import TargetSpec, select_targets
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 PREFIX, SUFFIX = 64, 48
 

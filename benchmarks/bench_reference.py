@@ -55,8 +55,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from curvedit.collect import CollectOptions, collect_factors
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_collect import add_workload_arguments, gpt2_config, random_workload  # noqa: E402

@@ -8,7 +8,7 @@
 2. Selection on OLMo-7B-shaped spectra (G: 11008, A: 4096; power-law eigenvalues with a
    little noise so that no products tie; several exponents, since the number of kept pairs,
    hence the heap's work, depends on how fast the spectra decay), rho = 0.6: the selection
-   (`curvedit.spectrum.staircase`: the kept count of every row, which is the whole kept set)
+   (`curvedit.kfac.spectrum.staircase`: the kept count of every row, which is the whole kept set)
    and the selection plus its `(11008, 4096)` bool mask (`select_by_mass`, what the edit
    multiplies by) vs a pure-Python heap merge in the style of the reference code (a heap over the rows,
    one `.item()` and one heappop per kept pair). When the heap would pop more than
@@ -35,10 +35,10 @@ import torch.multiprocessing as mp
 import transformers
 from bench_collect import add_workload_arguments, best_of, random_workload
 
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.distributed import current_context, reduce_sums
-from curvedit.spectrum import select_by_mass, staircase
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.spectrum import select_by_mass, staircase
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 
 def _collect_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:

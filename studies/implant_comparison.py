@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from curvedit.canaries import STYLES, generate_canaries
+from curvedit.data import default_pad_id
 from curvedit.evaluate.capabilities import capability_tasks, score_families
 from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.perplexity import perplexity
+from curvedit.evaluate.sampling import SampleOptions, sample_sequences
 from curvedit.evaluate.tasks import TaskOptions, run_tasks
-from curvedit.implant import ImplantOptions, general_split, implant, mean_kl
+from curvedit.experiments.studies.base import general_sequences
+from curvedit.experiments.studies.options import StudyOptions
 from curvedit.io import write_json
-from curvedit.sampling import SampleOptions, sample_sequences
-from curvedit.studies.base import general_sequences
-from curvedit.studies.options import StudyOptions
-from curvedit.windows import default_pad_id
+from curvedit.memorize.canaries import STYLES, generate_canaries
+from curvedit.memorize.implant import ImplantOptions, general_split, implant, mean_kl
 
 STUDY = StudyOptions()
 # the study's implant until this comparison: cross-entropy replay of pydoc text at a constant lr 5e-4

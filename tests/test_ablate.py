@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
-from curvedit.ablate import AblationError, ablated, sublayer_outputs
+from curvedit.diagnostics.ablate import AblationError, ablated, sublayer_outputs
 
 
 def _vit():

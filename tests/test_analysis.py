@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from curvedit.analysis import (
+from curvedit.cli import app
+from curvedit.diagnostics.analysis import (
     AnalysisError,
     BandOptions,
     band_analysis,
@@ -16,11 +17,10 @@ from curvedit.analysis import (
     task_family_shares,
     write_task_families,
 )
-from curvedit.cli import app
-from curvedit.factors import TargetFactors
-from curvedit.spectrum import eigenbasis
-from curvedit.targets import Target
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.factors import TargetFactors
+from curvedit.kfac.spectrum import eigenbasis
+from curvedit.kfac.targets import Target
 
 D_IN, D_OUT = 20, 8
 

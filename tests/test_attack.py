@@ -10,7 +10,8 @@ import torch
 from evaluate_helpers import MEMORIZED, PREFIX, tiny_gpt2, trained_reciter, write_workspace
 from typer.testing import CliRunner
 
-from curvedit.attack import (
+from curvedit.cli import app
+from curvedit.diagnostics.attack import (
     AttackError,
     RelearnOptions,
     block_weights,
@@ -20,8 +21,7 @@ from curvedit.attack import (
     recall_and_perplexity,
     relearn_curve,
 )
-from curvedit.cli import app
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
 
 
 def test_quantize_rtn_by_hand():

@@ -542,7 +542,7 @@ def test_the_handler_maps_user_errors_and_leaves_bugs_alone(err, expected):
 
 def test_a_curvedit_error_over_several_lines_prints_as_one():
     from curvedit.cli.common import user_error_message
-    from curvedit.factors import FactorError
+    from curvedit.kfac.factors import FactorError
 
     message = user_error_message(FactorError("factors do not match this model:\n  a: differ\n  b: differ"))
     assert message == "factors do not match this model: a: differ; b: differ"
@@ -570,12 +570,12 @@ def test_every_error_type_of_curvedit_is_a_curvedit_error_and_a_value_error():
 
 
 def test_ctrl_c_during_collection_says_where_the_checkpoint_is(ws, monkeypatch):
-    import curvedit.collect
+    import curvedit.kfac.collect
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(curvedit.collect, "collect_factors", interrupted)
+    monkeypatch.setattr(curvedit.kfac.collect, "collect_factors", interrupted)
     out = ws.out("interrupted")
     result = runner.invoke(app, [str(a) for a in collect(ws, ws.model, out, "--checkpoint-every", 7)])
     assert result.exit_code == 130

@@ -9,7 +9,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from curvedit.baselines.balanced_subnet import (
+from curvedit.cli import app
+from curvedit.editing.balanced_subnet import (
     BSNError,
     BSNOptions,
     SubnetMasks,
@@ -17,9 +18,8 @@ from curvedit.baselines.balanced_subnet import (
     masked_count,
     train_subnet,
 )
-from curvedit.cli import app
 from curvedit.evaluate.generation import greedy_generate
-from curvedit.targets import Target, TargetSpec, select_targets
+from curvedit.kfac.targets import Target, TargetSpec, select_targets
 from tests.conftest import tiny_gpt2, tiny_olmo2
 
 

@@ -7,19 +7,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import curvedit.budget
-from curvedit.budget import BudgetError, bisect_amount, edit_within_budget
+import curvedit.editing.budget
 from curvedit.cli import app
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches
-from curvedit.demo.pipeline import match_perplexity
-from curvedit.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.budget import BudgetError, bisect_amount, edit_within_budget
+from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.sweep import SweepError, SweepGrid, SweepOptions, run_sweep
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.factors import save_factors
-from curvedit.spectrum import load_bases
-from curvedit.sweep import SweepError, SweepGrid, SweepOptions, run_sweep
-from curvedit.targets import TargetSpec, select_targets
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
+from curvedit.experiments.demo.pipeline import match_perplexity
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.factors import save_factors
+from curvedit.kfac.spectrum import load_bases
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
 
 runner = CliRunner()
@@ -136,7 +136,7 @@ def test_nothing_within_the_target_returns_no_edit(trained):
 
 def test_the_model_is_restored_when_an_evaluation_fails(trained, monkeypatch):
     before = {k: v.clone() for k, v in trained.model.state_dict().items()}
-    real = curvedit.budget.perplexity
+    real = curvedit.editing.budget.perplexity
     calls = []
 
     def failing(*args, **kwargs):
@@ -145,7 +145,7 @@ def test_the_model_is_restored_when_an_evaluation_fails(trained, monkeypatch):
             raise RuntimeError("out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(curvedit.budget, "perplexity", failing)
+    monkeypatch.setattr(curvedit.editing.budget, "perplexity", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         bisect_amount(trained.model, trained.targets, trained.bases, trained.heldout, budget=1.1)
     after = trained.model.state_dict()

@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.factors import load_factors
+from curvedit.kfac.factors import load_factors
 
 runner = CliRunner()
 

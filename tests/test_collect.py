@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvedit.collect import CollectError, CollectOptions, collect_factors
 from curvedit.data import pad_batch
-from curvedit.objectives import CustomObjective, ImageClassificationObjective
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.collect import CollectError, CollectOptions, collect_factors
+from curvedit.kfac.objectives import CustomObjective, ImageClassificationObjective
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import target_io, tiny_gpt2, tiny_olmo2, tiny_vit
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2], [5, 1, 4]]
@@ -272,7 +272,7 @@ def test_nan_gradient_is_reported_with_the_target_name():
 
 
 def test_inverse_cdf_sampler_draws_from_the_given_distribution():
-    from curvedit.objectives import sample_categorical
+    from curvedit.kfac.objectives import sample_categorical
 
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 1e-9])
     logp = probs.log().expand(100_000, 5)

@@ -10,11 +10,17 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.converge import ConvergeOptions, captured_mass, compare_factors, prefix_by_tokens, run_convergence
-from curvedit.edit import EditRule, kfac_mask
-from curvedit.factors import FactorError, FactorSet, TargetFactors
-from curvedit.spectrum import eigenbasis
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.diagnostics.converge import (
+    ConvergeOptions,
+    captured_mass,
+    compare_factors,
+    prefix_by_tokens,
+    run_convergence,
+)
+from curvedit.editing.edit import EditRule, kfac_mask
+from curvedit.kfac.factors import FactorError, FactorSet, TargetFactors
+from curvedit.kfac.spectrum import eigenbasis
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import char_model_dir, tiny_gpt2
 
 
@@ -75,14 +81,14 @@ def test_convergence_run_compares_every_budget_with_the_last(tmp_path):
 
 
 def test_a_rerun_with_another_model_or_data_recollects_instead_of_reusing_the_folders(tmp_path, monkeypatch):
-    import curvedit.collect
+    import curvedit.kfac.collect
 
     model, other = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
     sequences = torch.randint(1, 11, (40, 8), generator=torch.Generator().manual_seed(0)).tolist()
     options = ConvergeOptions(budgets=(40, 120), rule=EditRule(keep_fraction=0.5), gold=False, progress=False)
     calls = []
-    real = curvedit.collect.collect_factors
-    monkeypatch.setattr(curvedit.collect, "collect_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = curvedit.kfac.collect.collect_factors
+    monkeypatch.setattr(curvedit.kfac.collect, "collect_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = run_convergence(model, sequences, select_targets(model, TargetSpec(preset="mlp")), tmp_path, options)
     assert len(calls) == 2
     run_convergence(model, sequences, select_targets(model, TargetSpec(preset="mlp")), tmp_path, options)

@@ -8,8 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.demo.train import TrainConfig, build_model, train_demo_model
-from curvedit.demo.world import (
+from curvedit.diagnostics.frontier import FRONTIER_METHODS
+from curvedit.experiments.demo.train import TrainConfig, build_model, train_demo_model
+from curvedit.experiments.demo.world import (
     WorldConfig,
     arithmetic_example,
     build_world,
@@ -20,7 +21,6 @@ from curvedit.demo.world import (
     quote_split,
     training_lines,
 )
-from curvedit.frontier import FRONTIER_METHODS
 
 SCHEMA = {"memorized_strict", "memorized_loose", "memorized_heldout_strict", "memorized_heldout_loose",
           "memorized_heldout_lev", "quotes_strict", "quotes_loose", "perplexity", "logic", "open_book",

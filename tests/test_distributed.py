@@ -18,11 +18,11 @@ from torch.distributed.tensor import DTensor
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.collect import CollectError, CollectOptions, collect_factors, layer_groups, read_checkpoint_meta
 from curvedit.data import pad_batch
 from curvedit.distributed import DistContext, DistributedError, shard_model
-from curvedit.factors import load_factors, model_identity
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.collect import CollectError, CollectOptions, collect_factors, layer_groups, read_checkpoint_meta
+from curvedit.kfac.factors import load_factors, model_identity
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import Interrupt, interrupted, tiny_gpt2, tiny_olmo2
 
 # 7 batches of 2: rank 0 owns 4 batches, rank 1 owns 3.

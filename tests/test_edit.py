@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from curvedit.edit import (
+from curvedit.editing.edit import (
     METHODS,
     EditError,
     EditPlan,
@@ -15,9 +15,9 @@ from curvedit.edit import (
     edit_model,
     svd_truncate,
 )
-from curvedit.factors import FactorError, TargetFactors
-from curvedit.spectrum import eigenbasis, select_by_mass
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.factors import FactorError, TargetFactors
+from curvedit.kfac.spectrum import eigenbasis, select_by_mass
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
 
 
@@ -94,9 +94,9 @@ def reference_edit(weight_oi, a, g, rho):
 
 
 def collected(tmp_path, model):
-    from curvedit.collect import CollectOptions, collect_factors
     from curvedit.data import pad_batch
-    from curvedit.factors import save_factors
+    from curvedit.kfac.collect import CollectOptions, collect_factors
+    from curvedit.kfac.factors import save_factors
 
     targets = select_targets(model, TargetSpec(preset="mlp"))
     seqs = [[1, 2, 3, 4, 5, 6, 7], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7, 1, 9]] * 3
@@ -108,7 +108,7 @@ def test_edit_model_equals_independent_recomputation_and_undo_restores_bits(tmp_
     model = tiny_gpt2(dtype=torch.float32)
     factor_dir, targets = collected(tmp_path, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from curvedit.factors import load_factors
+    from curvedit.kfac.factors import load_factors
 
     factors = load_factors(factor_dir)
     plan = EditPlan(rules=[EditRule("*.c_fc", rho=0.6), EditRule("*", rho=0.9)])
@@ -131,8 +131,8 @@ def test_edit_model_equals_independent_recomputation_and_undo_restores_bits(tmp_
 
 
 def test_cached_eigenbasis_is_reused_and_invalidated_when_factors_change(tmp_path):
-    from curvedit.factors import load_factors, save_factors
-    from curvedit.spectrum import EIGEN_FILE, cached_eigenbases
+    from curvedit.kfac.factors import load_factors, save_factors
+    from curvedit.kfac.spectrum import EIGEN_FILE, cached_eigenbases
 
     model = tiny_gpt2(dtype=torch.float32)
     factor_dir, targets = collected(tmp_path, model)

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import pad_batch
-from curvedit.edit import EditError, EditPlan, EditRule, apply_edit
-from curvedit.eigencorrect import collect_eigencorrections, eigencorrect_factors, eigencorrection_sum
-from curvedit.factors import FactorError, load_factors, save_factors
-from curvedit.spectrum import (
+from curvedit.editing.edit import EditError, EditPlan, EditRule, apply_edit
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.eigencorrect import collect_eigencorrections, eigencorrect_factors, eigencorrection_sum
+from curvedit.kfac.factors import FactorError, load_factors, save_factors
+from curvedit.kfac.spectrum import (
     Eigenbasis,
     SelectionError,
     basis_sha256,
@@ -31,7 +31,7 @@ from curvedit.spectrum import (
     select_by_mass,
     select_by_masses,
 )
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import char_model_dir, target_io, tiny_gpt2, tiny_olmo2
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2], [5, 1, 4]]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import curvedit.spectrum as spectrum
-from curvedit.factors import load_factors
-from curvedit.spectrum import EIGEN_FILE, EighError, cached_eigenbases, sym_eigh
+import curvedit.kfac.spectrum as spectrum
+from curvedit.kfac.factors import load_factors
+from curvedit.kfac.spectrum import EIGEN_FILE, EighError, cached_eigenbases, sym_eigh
 from tests.conftest import tiny_gpt2
 from tests.test_edit import collected
 
@@ -89,7 +89,7 @@ def test_a_float32_cache_never_serves_a_float64_request(tmp_path, monkeypatch):
 def test_a_matrix_clearly_not_positive_semi_definite_is_refused_but_round_off_is_clamped():
     import pytest
 
-    from curvedit.spectrum import EighError, sym_eigh
+    from curvedit.kfac.spectrum import EighError, sym_eigh
 
     q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     for precision in ("float64", "float32"):

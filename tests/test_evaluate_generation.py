@@ -6,7 +6,8 @@ import pytest
 import torch
 from evaluate_helpers import tiny_gpt2
 
-from curvedit.evaluate.generation import context_window, greedy_generate
+from curvedit.evaluate.generation import greedy_generate
+from curvedit.models import context_window
 
 
 def one_by_one(model, prompt, steps):

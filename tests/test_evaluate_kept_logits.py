@@ -22,7 +22,7 @@ from curvedit.evaluate.generation import kept_logits
 from curvedit.evaluate.memorization import teacher_forced_match
 from curvedit.evaluate.perplexity import ndcg_at_k, next_token_rankings, perplexity
 from curvedit.evaluate.tasks import choice_scores
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
 
 VOCAB = 50
 

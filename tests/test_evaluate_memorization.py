@@ -10,7 +10,7 @@ import pytest
 import torch
 from evaluate_helpers import HELDOUT, MEMORIZED, PREFIX, SUFFIX, trained_reciter
 
-from curvedit.data import DataError, Record
+from curvedit.data import DataError, Record, write_jsonl
 from curvedit.evaluate import memorization
 from curvedit.evaluate.generation import greedy_generate
 from curvedit.evaluate.memorization import (
@@ -20,7 +20,7 @@ from curvedit.evaluate.memorization import (
     found_to_row,
     teacher_forced_match,
 )
-from curvedit.windows import Window, read_memorized, write_jsonl
+from curvedit.evaluate.windows import Window, read_memorized
 
 
 @pytest.fixture(scope="module")

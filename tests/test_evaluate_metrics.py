@@ -12,7 +12,7 @@ from curvedit.evaluate.perplexity import NextTokenRankings, ndcg_from_rankings
 from curvedit.evaluate.report import retention
 from curvedit.evaluate.results import flatten_metrics
 from curvedit.evaluate.stress import left_extended, right_shifted
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
 
 
 def score(generated, target, **kwargs):

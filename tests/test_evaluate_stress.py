@@ -17,7 +17,7 @@ from curvedit.evaluate.stress import (
     score_continuations,
     stress_test,
 )
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from curvedit.chartok import build_char_tokenizer
-from curvedit.collect import CollectError, CollectOptions, collect_factors, read_checkpoint_meta
 from curvedit.data import Record, lm_batches, pad_batch, token_sequences
-from curvedit.factors import (
+from curvedit.kfac.collect import CollectError, CollectOptions, collect_factors, read_checkpoint_meta
+from curvedit.kfac.factors import (
     FactorError,
     check_factors_match,
     load_factors,
@@ -17,7 +17,7 @@ from curvedit.factors import (
     save_factors,
     tensor_sha256,
 )
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import Interrupt, interrupted, tiny_gpt2, tiny_olmo2
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7], [5, 1, 4], [9, 8, 7, 6], [1, 1, 2, 3]]

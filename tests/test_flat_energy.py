@@ -10,11 +10,11 @@ from conftest import tiny_gpt2
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches
-from curvedit.flat_energy import FlatEnergyError, flat_energy_shares
-from curvedit.spectrum import eigenbasis
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.diagnostics.flat_energy import FlatEnergyError, flat_energy_shares
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.spectrum import eigenbasis
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 
 def test_the_share_equals_a_per_sequence_brute_force_and_does_not_depend_on_batching():
@@ -71,7 +71,7 @@ def test_cli_score_writes_one_score_per_sequence(tmp_path, lm_dir, text_jsonl):
 
 
 def test_a_screen_keeping_99_percent_of_members_skips_the_non_members_below_its_threshold():
-    from curvedit.flat_energy import screen_savings
+    from curvedit.diagnostics.flat_energy import screen_savings
 
     members = [0.1 * k for k in range(1, 101)]  # 0.1 .. 10.0: the 1% quantile (lower) is 0.1
     nonmembers = [0.05, 0.08, 0.1, 0.5, 7.0]

@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.edit import EditPlan, EditRule, apply_edit, method_bases
+from curvedit.diagnostics.frontier import FrontierError, FrontierOptions, run_frontier
+from curvedit.editing.edit import EditPlan, EditRule, apply_edit, method_bases
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
-from curvedit.frontier import FrontierError, FrontierOptions, run_frontier
-from curvedit.targets import TargetSpec, select_targets
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.test_sweep import factors_and_windows
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from curvedit.data import DataError
-from curvedit.demo.glyphs import GlyphWorldConfig, draw_glyph_world, render_glyphs, save_image_folder
-from curvedit.demo.vision_data import GLYPHS, VisionDataConfig, load_images
+from curvedit.experiments.demo.glyphs import GlyphWorldConfig, draw_glyph_world, render_glyphs, save_image_folder
+from curvedit.experiments.demo.vision_data import GLYPHS, VisionDataConfig, load_images
 
 FONTS = ("DejaVuSans.ttf", "cmtt10.ttf", "STIXGeneralItalic.ttf")
 

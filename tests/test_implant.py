@@ -11,12 +11,19 @@ from conftest import Interrupt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-import curvedit.implant as implant_module
-from curvedit.canaries import STYLES, Canary, generate_canaries, read_canaries
+import curvedit.memorize.implant as implant_module
 from curvedit.cli import app
 from curvedit.data import DataError
-from curvedit.implant import ImplantError, ImplantOptions, canary_stream, implant, model_weights_sha256, step_batch
-from curvedit.windows import read_memorized
+from curvedit.evaluate.windows import read_memorized
+from curvedit.memorize.canaries import STYLES, Canary, generate_canaries, read_canaries
+from curvedit.memorize.implant import (
+    ImplantError,
+    ImplantOptions,
+    canary_stream,
+    implant,
+    model_weights_sha256,
+    step_batch,
+)
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine, they said.",
          "pack my box with five dozen liquor jugs", "how vexingly quick daft zebras jump, again"]
@@ -254,7 +261,7 @@ def test_cli_kl_implant_replays_the_model_s_own_samples_and_reports_the_shift(lm
 def test_prose_canaries_are_distinct_natural_passages_outside_the_study_s_general_text():
     from pydoc_data.topics import topics
 
-    from curvedit.canaries import ALL_STYLES, PROSE_MIN_WORDS, prose_passages
+    from curvedit.memorize.canaries import ALL_STYLES, PROSE_MIN_WORDS, prose_passages
 
     canaries = generate_canaries(24, seed=0, styles=ALL_STYLES)
     prose = [c.text for c in canaries if c.style == "prose"]

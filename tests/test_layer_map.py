@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.layer_map import LayerMapError, LayerMapOptions, layer_map, middle_three, placements_of
-from curvedit.sweep import SweepGrid, SweepOptions, run_sweep
+from curvedit.diagnostics.layer_map import LayerMapError, LayerMapOptions, layer_map, middle_three, placements_of
+from curvedit.editing.sweep import SweepGrid, SweepOptions, run_sweep
 from tests.test_sweep import factors_and_windows, world  # noqa: F401 - the sweep's fixture
 
 

@@ -5,8 +5,8 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.memory import HEADROOM, MemoryPlan, plan_memory, tokens_per_example
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.kfac.memory import HEADROOM, MemoryPlan, plan_memory, tokens_per_example
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2, tiny_olmo2, tiny_vit
 
 GIB = 2 ** 30

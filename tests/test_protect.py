@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.edit import EditRule, change_basis_and_mask, kfac_mask
-from curvedit.protect import protect_mask, protect_masses
-from curvedit.spectrum import Eigenbasis, select_by_mass, sym_eigh
+from curvedit.editing.edit import EditRule, change_basis_and_mask, kfac_mask
+from curvedit.editing.protect import protect_mask, protect_masses
+from curvedit.kfac.spectrum import Eigenbasis, select_by_mass, sym_eigh
 
 
 def random_psd(d: int, seed: int) -> torch.Tensor:

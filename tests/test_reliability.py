@@ -10,12 +10,19 @@ import pytest
 import torch
 
 import curvedit.io as io_module
-from curvedit.collect import CollectError, CollectOptions, collect_factors
 from curvedit.data import lm_batches
-from curvedit.edit import EditError, EditPlan, EditRule, apply_edit, svd_truncate
-from curvedit.factors import FactorError, TargetFactors, check_factors_match, load_factors, merge_factors, save_factors
-from curvedit.spectrum import SelectionError, eigenbasis, select_by_count, select_by_mass
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.editing.edit import EditError, EditPlan, EditRule, apply_edit, svd_truncate
+from curvedit.kfac.collect import CollectError, CollectOptions, collect_factors
+from curvedit.kfac.factors import (
+    FactorError,
+    TargetFactors,
+    check_factors_match,
+    load_factors,
+    merge_factors,
+    save_factors,
+)
+from curvedit.kfac.spectrum import SelectionError, eigenbasis, select_by_count, select_by_mass
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import Interrupt, interrupted, tiny_gpt2
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7], [5, 1, 4], [9, 8, 7, 6], [1, 1, 2, 3]]
@@ -93,7 +100,7 @@ def test_a_kill_between_tensors_and_json_is_refused_on_load(tmp_path, gpt2, monk
     first = collect_factors(gpt2, list(lm_batches(SEQS, 2, 0)), targets, options=options(None))
     save_factors(first, tmp_path)
     second = collect_factors(gpt2, list(lm_batches(SEQS[:3], 2, 0)), targets, options=options(None))
-    import curvedit.factors as factors_module
+    import curvedit.kfac.factors as factors_module
 
     def killed(*_args, **_kw):
         raise Interrupt
@@ -191,7 +198,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(gpt2):
 
 
 def test_bsn_refuses_a_nan_learning_rate():
-    from curvedit.baselines.balanced_subnet import BSNError, BSNOptions
+    from curvedit.editing.balanced_subnet import BSNError, BSNOptions
 
     for bad in (dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan"))):
         with pytest.raises(BSNError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from curvedit.studies.retention import implant_drift, paper_bands, retention_interval, verdict
+from curvedit.experiments.studies.retention import implant_drift, paper_bands, retention_interval, verdict
 
 
 def seed(number: int, unedited: dict[str, list[int]], kfac: dict[str, list[int]], recall: float = 1.0,
@@ -58,7 +58,7 @@ def test_implant_drift_allows_five_points_or_the_base_interval_and_ppl_within_3_
 
 
 def test_the_report_states_the_bands_the_drift_and_the_choice():
-    from curvedit.studies.report import bands_table, choice_section, implant_table
+    from curvedit.experiments.studies.report import bands_table, choice_section, implant_table
 
     items = {"facts_common": [1] * 10, "facts_rare": [1] * 10, "add_1d": [1] * 10}
     kept = {"facts_common": [1] * 9 + [0], "facts_rare": [1] * 5 + [0] * 5, "add_1d": [1] * 7 + [0] * 3}

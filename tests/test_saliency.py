@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
-from curvedit.edit import EditError, EditPlan, EditRule, apply_edit, kfac_mask, saliency_masses
-from curvedit.spectrum import Eigenbasis, identity_bases, sym_eigh
-from curvedit.targets import TargetSpec, select_targets
+from curvedit.editing.edit import EditError, EditPlan, EditRule, apply_edit, kfac_mask, saliency_masses
+from curvedit.kfac.spectrum import Eigenbasis, identity_bases, sym_eigh
+from curvedit.kfac.targets import TargetSpec, select_targets
 
 
 def random_basis(d_out: int, d_in: int, seed: int) -> Eigenbasis:
@@ -74,7 +74,7 @@ def test_cli_magnitude_pruning_needs_no_factors(tmp_path, lm_dir):
 
 
 def test_the_noise_control_moves_the_weight_as_far_as_the_edit_inside_the_removed_block_only():
-    from curvedit.edit import change_basis_and_mask, noise_in_block
+    from curvedit.editing.edit import change_basis_and_mask, noise_in_block
 
     basis = random_basis(6, 5, 2)
     weight = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -107,7 +107,7 @@ def test_cli_noise_control(tmp_path, lm_dir, text_jsonl):
 
 
 def test_side_restricted_edits_keep_whole_top_eigendirections_of_one_side():
-    from curvedit.edit import shaped_mask
+    from curvedit.editing.edit import shaped_mask
 
     basis = random_basis(6, 5, 4)
     g_side = shaped_mask(basis, EditRule(keep_fraction=0.5, side="G"))
@@ -119,8 +119,8 @@ def test_side_restricted_edits_keep_whole_top_eigendirections_of_one_side():
 
 
 def test_block_deletion_removes_the_flattest_block_only():
-    from curvedit.edit import shaped_mask
-    from curvedit.spectrum import SelectionError
+    from curvedit.editing.edit import shaped_mask
+    from curvedit.kfac.spectrum import SelectionError
 
     basis = random_basis(6, 5, 5)
     mask = shaped_mask(basis, EditRule(block=(0.5, 0.6)))

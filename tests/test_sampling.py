@@ -11,7 +11,7 @@ from conftest import tiny_gpt2
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.sampling import SampleError, SampleOptions, sample_sequences, sequence_uniforms
+from curvedit.evaluate.sampling import SampleError, SampleOptions, sample_sequences, sequence_uniforms
 
 
 class Tok:

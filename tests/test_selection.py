@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import curvedit.spectrum as spectrum
-from curvedit.spectrum import SelectionError, mass_curve, mass_fraction, select_by_count, select_by_mass, sym_eigh
+import curvedit.kfac.spectrum as spectrum
+from curvedit.kfac.spectrum import SelectionError, mass_curve, mass_fraction, select_by_count, select_by_mass, sym_eigh
 
 
 def brute_force_mass(lam, mu, rho):

@@ -1,4 +1,4 @@
-"""The coherent step (`curvedit.step`, `edit --step-from`): its gradient against per-window
+"""The coherent step (`curvedit.editing.step`, `edit --step-from`): its gradient against per-window
 autograd, its place in the flat block, its norm, and a toy where a shared direction carries
 two memorized sets."""
 
@@ -12,11 +12,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.edit import EditRule, change_basis_and_mask, kfac_mask
-from curvedit.spectrum import Eigenbasis
-from curvedit.step import StepError, apply_step, forget_gradients, step_directions, step_within_budget
-from curvedit.targets import Target, TargetSpec, select_targets
-from curvedit.windows import Window
+from curvedit.editing.edit import EditRule, change_basis_and_mask, kfac_mask
+from curvedit.editing.step import StepError, apply_step, forget_gradients, step_directions, step_within_budget
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.spectrum import Eigenbasis
+from curvedit.kfac.targets import Target, TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
 from tests.test_sweep import factors_and_windows
 
@@ -134,7 +134,7 @@ def test_step_within_budget_keeps_the_perplexity_and_leaves_the_model_as_it_was(
     from transformers import AutoModelForCausalLM
 
     from curvedit.evaluate.perplexity import perplexity
-    from curvedit.spectrum import load_bases
+    from curvedit.kfac.spectrum import load_bases
 
     factors, _ = factors_and_windows(tmp_path, lm_dir, text_jsonl)
     model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()

@@ -8,12 +8,12 @@ import pytest
 from gguf_helpers import tiny_llama, write_tiny_llama_gguf
 
 from curvedit.evaluate.capabilities import FAMILIES
-from curvedit.implant import ImplantOptions
-from curvedit.studies.canary_stage import split_halves
-from curvedit.studies.options import StudyOptions
-from curvedit.studies.smollm2 import run_study
-from curvedit.studies.summary import VARIANTS
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
+from curvedit.experiments.studies.canary_stage import split_halves
+from curvedit.experiments.studies.options import StudyOptions
+from curvedit.experiments.studies.smollm2 import run_study
+from curvedit.experiments.studies.summary import VARIANTS
+from curvedit.memorize.implant import ImplantOptions
 
 
 def test_halves_split_each_style_evenly():
@@ -24,8 +24,8 @@ def test_halves_split_each_style_evenly():
 
 
 def test_with_no_point_above_the_probe_floor_the_study_takes_the_perplexity_only_choice():
-    from curvedit.studies.seed import budget_choice
-    from curvedit.sweep import SweepGrid, SweepOptions, SweepPoint, SweepResult
+    from curvedit.editing.sweep import SweepGrid, SweepOptions, SweepPoint, SweepResult
+    from curvedit.experiments.studies.seed import budget_choice
 
     baseline = SweepPoint(perplexity=10.0)
     points = [SweepPoint(layers="0", amount_kind="rho", amount=0.5, loose=0.2, perplexity=10.2, excluded="x"),
@@ -38,7 +38,7 @@ def test_with_no_point_above_the_probe_floor_the_study_takes_the_perplexity_only
 
 
 def test_the_study_s_sweep_holds_only_the_usable_families_its_floor_names():
-    from curvedit.studies.seed import held_floor
+    from curvedit.experiments.studies.seed import held_floor
 
     floor = {"boolean": 0.9, "open_book": 0.9, "facts_common": 0.7}  # boolean is not usable on this model
     assert held_floor(floor, ["open_book", "add_1d", "facts_common"]) == {"open_book": 0.9, "facts_common": 0.7}
@@ -50,8 +50,8 @@ def test_the_study_s_sweep_holds_only_the_usable_families_its_floor_names():
 def test_never_implanted_canaries_are_fewer_when_the_prose_passages_do_not_go_round():
     from collections import Counter
 
-    from curvedit.canaries import generate_canaries
-    from curvedit.studies.canary_stage import nonmember_canaries
+    from curvedit.experiments.studies.canary_stage import nonmember_canaries
+    from curvedit.memorize.canaries import generate_canaries
 
     options = StudyOptions()  # 24 canaries, record / code / prose: 8 prose implanted of the 14 passages
     implanted = [c.text for c in generate_canaries(options.canaries, 0, options.styles, options.counts)]
@@ -115,7 +115,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
 
 
 def test_the_base_model_cache_is_keyed_by_the_gguf_s_content_not_its_size(tmp_path):
-    from curvedit.studies.base import prepare_base
+    from curvedit.experiments.studies.base import prepare_base
 
     first = write_tiny_llama_gguf(tiny_llama(seed=0), tmp_path / "a.gguf")
     second = write_tiny_llama_gguf(tiny_llama(seed=1), tmp_path / "b.gguf")
@@ -132,7 +132,7 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
     from dataclasses import replace
     from pathlib import Path
 
-    from curvedit.studies.config import load_study_config
+    from curvedit.experiments.studies.config import load_study_config
 
     path = Path(__file__).parents[1] / "studies" / "smollm2" / "study.toml"
     options = load_study_config(path)
@@ -150,8 +150,8 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
     ("probe_floor = { open_book = 1.5 }\n", "probe floor of open_book must be"),
     ("paper_layers = '40-42'\n", "paper_layers: layer group")])
 def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
-    from curvedit.studies.config import load_study_config
-    from curvedit.studies.options import StudyError
+    from curvedit.experiments.studies.config import load_study_config
+    from curvedit.experiments.studies.options import StudyError
 
     (tmp_path / "study.toml").write_text(text)
     with pytest.raises(StudyError, match=message):
@@ -189,11 +189,11 @@ def test_study_run_takes_any_model_and_general_text_from_a_file(tmp_path):
 def test_protected_variants_take_each_band_s_usable_families_and_leave_the_shared_bases_alone():
     from conftest import tiny_gpt2
 
-    from curvedit.collect import CollectOptions, collect_factors
     from curvedit.data import lm_batches
-    from curvedit.spectrum import eigenbasis
-    from curvedit.studies.capability_stages import protect_bands, protected_bases, variant_name
-    from curvedit.targets import TargetSpec, select_targets
+    from curvedit.experiments.studies.capability_stages import protect_bands, protected_bases, variant_name
+    from curvedit.kfac.collect import CollectOptions, collect_factors
+    from curvedit.kfac.spectrum import eigenbasis
+    from curvedit.kfac.targets import TargetSpec, select_targets
 
     assert protect_bands(["add_1d", "copying", "facts_common", "sub_1d"]) == {
         "arithmetic": ["add_1d", "sub_1d"], "closed-book common": ["facts_common"]}

@@ -6,16 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import curvedit.spectrum
+import curvedit.kfac.spectrum
 from curvedit.cli import app
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import lm_batches
-from curvedit.edit import EditPlan, EditRule, apply_edit
-from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.evaluate.perplexity import perplexity
-from curvedit.factors import save_factors
-from curvedit.spectrum import load_bases
-from curvedit.sweep import (
+from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.sweep import (
     SweepError,
     SweepGrid,
     SweepOptions,
@@ -26,8 +21,13 @@ from curvedit.sweep import (
     parse_probe_floor,
     run_sweep,
 )
-from curvedit.targets import TargetSpec, select_targets
-from curvedit.windows import Window
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.evaluate.perplexity import perplexity
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.factors import save_factors
+from curvedit.kfac.spectrum import load_bases
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import tiny_gpt2
 
 
@@ -51,8 +51,8 @@ def test_a_two_by_two_grid_gives_four_points_and_leaves_the_model_bit_identical(
     model, factors, windows, heldout = world
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
-    real_eigenbasis = curvedit.spectrum.eigenbasis
-    monkeypatch.setattr(curvedit.spectrum, "eigenbasis", lambda *args: calls.append(1) or real_eigenbasis(*args))
+    real_eigenbasis = curvedit.kfac.spectrum.eigenbasis
+    monkeypatch.setattr(curvedit.kfac.spectrum, "eigenbasis", lambda *args: calls.append(1) or real_eigenbasis(*args))
     grid = SweepGrid(layers=("0", "1"), matrices=("mlp-in",), rho=(0.5, 0.9))
     result = run_sweep(model, None, factors, grid, windows, heldout, quiet(ppl_budget=1.5))
 

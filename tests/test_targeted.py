@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.collect import CollectOptions, collect_factors
 from curvedit.data import pad_batch
-from curvedit.edit import EditError, EditPlan, EditRule, edit_model
-from curvedit.factors import save_factors
-from curvedit.spectrum import SelectionError, eigenbasis, load_bases
-from curvedit.targeted import forget_masses, general_masses, targeted_mask
-from curvedit.targets import TargetSpec, select_targets
-from curvedit.windows import Window
+from curvedit.editing.edit import EditError, EditPlan, EditRule, edit_model
+from curvedit.editing.targeted import forget_masses, general_masses, targeted_mask
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.factors import save_factors
+from curvedit.kfac.spectrum import SelectionError, eigenbasis, load_bases
+from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.conftest import char_model_dir, target_io, tiny_olmo2
 
 WINDOWS = [Window([1, 2, 3], [4, 5]), Window([6, 7], [8, 9, 10]), Window([2, 4, 6, 8], [3])]

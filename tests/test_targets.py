@@ -5,7 +5,7 @@ import torch
 import transformers
 from transformers.pytorch_utils import Conv1D
 
-from curvedit.targets import TargetError, TargetSpec, layer_index, parse_layers, select_targets
+from curvedit.kfac.targets import TargetError, TargetSpec, layer_index, parse_layers, select_targets
 from tests.conftest import tiny_gpt2, tiny_olmo2, tiny_vit
 
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from curvedit.cli import app
 from curvedit.data import DataError
-from curvedit.demo.vision import Candidate, choose_candidate, default_layer_grid
-from curvedit.demo.vision_data import (
+from curvedit.experiments.demo.vision import Candidate, choose_candidate, default_layer_grid
+from curvedit.experiments.demo.vision_data import (
     DIGITS,
     VisionDataConfig,
     corrupt_labels,
@@ -26,7 +26,7 @@ from curvedit.demo.vision_data import (
     load_images,
     split_and_corrupt,
 )
-from curvedit.demo.vision_train import VisionTrainConfig, train_vision_model
+from curvedit.experiments.demo.vision_train import VisionTrainConfig, train_vision_model
 
 METRICS = {"noisy_memorized", "noisy_true_label", "heldout_accuracy", "clean_train_accuracy"}
 

@@ -336,3 +336,36 @@ def _read_image(path: Path) -> Any:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
+
+
+def default_pad_id(tokenizer: Any | None) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is always masked out)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write dict rows as JSON lines.
+
+    Args:
+        rows: the rows.
+        path: the output file (parent folders are created).
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError: the file exists and `overwrite` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

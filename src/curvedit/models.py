@@ -9,7 +9,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -331,3 +331,60 @@ def _load_model(name_or_path: str | Path, *, device: str = "cpu",
         preprocessor = None
     model.to(device).eval()
     return LoadedModel(model=model, preprocessor=preprocessor, name=str(name_or_path), kind=kind)
+
+
+_CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_window(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model accepts, read from its config.
+
+    Args:
+        model: an HF causal LM (or any module with a `config`).
+
+    Returns:
+        The first of `n_positions`, `max_position_embeddings`, `n_ctx`,
+        `max_sequence_length`, `seq_length` that the config sets; None if none is set.
+    """
+    config = getattr(model, "config", None)
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def restored(model: torch.nn.Module, parameters: Iterable[torch.Tensor] | None = None) -> Iterator[None]:
+    """Within the block the model may be trained or changed; afterwards it is what it was.
+
+    Args:
+        model: the model.
+        parameters: the tensors to snapshot and restore (a edit's target weights, say); None:
+            every parameter and buffer of `model`. The train/eval mode is restored either way.
+
+    Yields:
+        Nothing; the snapshot is restored when the block ends, also on an exception.
+    """
+    was_training = model.training
+    if parameters is None:
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        tensors = list(parameters)
+        copies = [p.detach().clone() for p in tensors]
+    try:
+        yield
+    finally:
+        if parameters is None:
+            model.load_state_dict(saved)
+        else:
+            with torch.no_grad():
+                for tensor, copy in zip(tensors, copies):
+                    tensor.copy_(copy)
+        model.train(was_training)

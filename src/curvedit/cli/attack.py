@@ -34,10 +34,9 @@ HeldoutOpt = typer.Option(None, "--heldout", help="Held-out text for perplexity 
 
 
 def _load(model: str, memorized: Path, heldout: Optional[Path], device: str, text_field: str, progress: bool):
-    from curvedit.evaluate.generation import context_window
+    from curvedit.data import default_pad_id
     from curvedit.evaluate.perplexity import heldout_sequences
-    from curvedit.models import load_model
-    from curvedit.windows import default_pad_id
+    from curvedit.models import context_window, load_model
 
     loaded = load_model(model, device=device, progress=progress)
     windows = read_windows(memorized, loaded)
@@ -77,8 +76,8 @@ def relearn_command(
 ) -> None:
     """Fine-tune every weight on --data or --windows and re-measure recall of --memorized
     (and --heldout perplexity) after each step count; the model on disk is not changed."""
-    from curvedit.attack import RelearnOptions, recall_and_perplexity, relearn_curve
     from curvedit.data import check_corpus_source, read_records, token_sequences
+    from curvedit.diagnostics.attack import RelearnOptions, recall_and_perplexity, relearn_curve
 
     if (data is None) == (windows is None):
         fail("give one of --data (text) or --windows (memorized windows) to fine-tune on")
@@ -121,8 +120,8 @@ def quantize_command(
 ) -> None:
     """Round-to-nearest quantization (per output channel, in groups) of every block weight,
     and recall of --memorized (and --heldout perplexity) before and after."""
-    from curvedit.attack import quantization_rows, recall_and_perplexity
     from curvedit.data import check_corpus_source
+    from curvedit.diagnostics.attack import quantization_rows, recall_and_perplexity
 
     widths = int_list(bits, "--bits")
     if not widths or any(not 2 <= b <= 16 for b in widths):

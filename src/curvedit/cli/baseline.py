@@ -58,12 +58,11 @@ def bsn_command(
     progress: bool = ProgressOpt,
 ) -> None:
     """BalancedSubnet: learn a sparse mask over MLP weights that forgets --forget and keeps --retain."""
-    from curvedit.baselines.balanced_subnet import BSNOptions, balanced_subnet, bsn_manifest, read_forget_sequences
-    from curvedit.data import check_corpus_source, read_records, token_sequences
-    from curvedit.edit import save_edited_model
+    from curvedit.data import check_corpus_source, default_pad_id, read_records, token_sequences
+    from curvedit.editing.balanced_subnet import BSNOptions, balanced_subnet, bsn_manifest, read_forget_sequences
+    from curvedit.editing.edit import save_edited_model
+    from curvedit.kfac.targets import select_targets
     from curvedit.models import load_model
-    from curvedit.targets import select_targets
-    from curvedit.windows import default_pad_id
 
     options = BSNOptions(ratio=ratio, retain_weight=retain_weight, lr=lr, epochs=epochs, momentum=momentum,
                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, progress=progress)

@@ -75,15 +75,14 @@ def collect_command(
     processes every N-th batch, the sums are all-reduced, and rank 0 alone writes. With
     --fsdp the weights are sharded over the processes too (FSDP2, one unit per block).
     """
-    from curvedit.collect import ACCUMULATE_DTYPES, CHECKPOINT_TENSORS, CollectOptions, collect_factors
     from curvedit.data import check_corpus_source, image_batches, lm_batches, read_records, token_sequences
     from curvedit.distributed import all_agree, barrier, destroy, init_from_env, shard_model
-    from curvedit.evaluate.generation import context_window
-    from curvedit.factors import save_factors
-    from curvedit.memory import plan_memory
-    from curvedit.models import load_model
-    from curvedit.objectives import LABEL_MODES, ImageClassificationObjective
-    from curvedit.targets import select_targets
+    from curvedit.kfac.collect import ACCUMULATE_DTYPES, CHECKPOINT_TENSORS, CollectOptions, collect_factors
+    from curvedit.kfac.factors import save_factors
+    from curvedit.kfac.memory import plan_memory
+    from curvedit.kfac.objectives import LABEL_MODES, ImageClassificationObjective
+    from curvedit.kfac.targets import select_targets
+    from curvedit.models import context_window, load_model
 
     if labels not in LABEL_MODES:
         fail(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
@@ -156,7 +155,7 @@ def collect_command(
                        + (f", {ctx.world_size} processes)" if ctx.distributed else ")"))
         barrier(ctx)
         if eigencorrect:
-            from curvedit.eigencorrect import eigencorrect_factors
+            from curvedit.kfac.eigencorrect import eigencorrect_factors
 
             eigencorrect_factors(loaded.model, batches, chosen, out, objective, options)
             if ctx.is_main:
@@ -172,7 +171,7 @@ def merge_command(
     overwrite: bool = overwrite_option("Replace existing factors in --out."),
 ) -> None:
     """Merge factor directories into their position-weighted mean."""
-    from curvedit.factors import load_factors, merge_factors, save_factors
+    from curvedit.kfac.factors import load_factors, merge_factors, save_factors
 
     check_output(out, kind="dir", overwrite=overwrite, inputs=parts)
     merged = merge_factors([load_factors(p) for p in parts])

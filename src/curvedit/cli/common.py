@@ -200,7 +200,7 @@ BatchSizeOpt = typer.Option(16, "--batch-size", help="Sequences per forward pass
 
 def target_spec(preset: Optional[str], targets: Optional[list[str]], layers: Optional[str]):
     """Build a TargetSpec from CLI options; default preset is 'mlp'."""
-    from curvedit.targets import TargetSpec
+    from curvedit.kfac.targets import TargetSpec
 
     if not preset and not targets:
         preset = "mlp"
@@ -405,7 +405,7 @@ def read_windows(path: Path, loaded: Any) -> list:
     """Memorized windows for a loaded model: read (`read_memorized`), then checked against its
     vocabulary and context window (`check_windows`), so every command refuses the same inputs."""
     from curvedit.evaluate.generation import check_windows
-    from curvedit.windows import read_memorized
+    from curvedit.evaluate.windows import read_memorized
 
     windows = read_memorized(path, loaded.preprocessor)
     check_windows(loaded.model, windows, f"memorized windows of {path}")

@@ -53,8 +53,8 @@ def converge_command(
     """Where does the edit stop changing as the factors see more tokens? Compare the kept
     subspaces (share of the reference selection's mass the other captures), and with
     --memorized/--heldout the recall and perplexity of the edit made with each budget."""
-    from curvedit.converge import ConvergeOptions, compare_factors, plot_convergence, run_convergence
-    from curvedit.edit import EditRule
+    from curvedit.diagnostics.converge import ConvergeOptions, compare_factors, plot_convergence, run_convergence
+    from curvedit.editing.edit import EditRule
     from curvedit.io import write_json
 
     if rho is not None and keep_fraction is not None:
@@ -66,7 +66,7 @@ def converge_command(
     if factors_a is not None:
         if model is not None or data is not None:
             fail("compare two factor folders (--factors-a/-b) or collect (--model/--data), not both")
-        from curvedit.factors import load_factors
+        from curvedit.kfac.factors import load_factors
 
         check_output(out, kind="file", overwrite=overwrite, inputs=[factors_a, factors_b])
         comparison = compare_factors(load_factors(factors_a), load_factors(factors_b), rule)
@@ -85,12 +85,11 @@ def converge_command(
     check_output(out, kind="dir", reuse=True, model=model)
     if not overwrite and (out / "converge.json").exists():
         fail(f"{out / 'converge.json'} exists; pass --overwrite to replace it (the factors per budget are reused)")
-    from curvedit.attack import recall_and_perplexity
-    from curvedit.data import check_corpus_source, read_records, token_sequences
+    from curvedit.data import check_corpus_source, default_pad_id, read_records, token_sequences
+    from curvedit.diagnostics.attack import recall_and_perplexity
     from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.kfac.targets import select_targets
     from curvedit.models import load_model
-    from curvedit.targets import select_targets
-    from curvedit.windows import default_pad_id
 
     check_corpus_source(data)
     loaded = load_model(model, device=device, progress=progress)

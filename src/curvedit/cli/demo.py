@@ -25,8 +25,8 @@ def demo_command(
 ) -> None:
     """Run the paper end to end on a synthetic world: train, find, collect, sweep, edit, report."""
     if vision:
-        from curvedit.demo.vision import VisionDemoOptions, run_vision_demo, smoke_vision_options
-        from curvedit.demo.vision_report import vision_table
+        from curvedit.experiments.demo.vision import VisionDemoOptions, run_vision_demo, smoke_vision_options
+        from curvedit.experiments.demo.vision_report import vision_table
 
         out = out or Path("demo-out/vision")
         reuse_output(out, overwrite)  # the folder caches the trained model
@@ -37,8 +37,8 @@ def demo_command(
         typer.echo(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}  "
                    f"total {sum(results['timings_s'].values()):.0f} s")
         return
-    from curvedit.demo.pipeline import DemoOptions, run_demo, smoke_options
-    from curvedit.demo.report import family_table, memorization_table, timings_table
+    from curvedit.experiments.demo.pipeline import DemoOptions, run_demo, smoke_options
+    from curvedit.experiments.demo.report import family_table, memorization_table, timings_table
 
     out = out or Path("demo-out")
     reuse_output(out, overwrite)  # the folder caches the trained model

@@ -25,9 +25,9 @@ from curvedit.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from curvedit.edit import EditRule
+    from curvedit.editing.edit import EditRule
     from curvedit.evaluate.runner import EvaluateOptions
-    from curvedit.targets import TargetSpec
+    from curvedit.kfac.targets import TargetSpec
 
 
 def edit_command(
@@ -101,14 +101,13 @@ def edit_command(
     text to the strongest edit within X times the unedited perplexity, then applied; the
     steps are printed and recorded under "budget" in curvedit-edit.json.
     """
-    from curvedit.budget import edit_within_budget
-    from curvedit.data import check_corpus_source
-    from curvedit.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
+    from curvedit.data import check_corpus_source, default_pad_id
+    from curvedit.editing.budget import edit_within_budget
+    from curvedit.editing.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
+    from curvedit.kfac.spectrum import EIGH_PRECISIONS
+    from curvedit.kfac.targets import select_targets
     from curvedit.models import load_model
-    from curvedit.spectrum import EIGH_PRECISIONS
-    from curvedit.targets import select_targets
-    from curvedit.windows import default_pad_id
 
     if step_from is not None or step_norm is not None:
         others = {"--plan": plan_file, "--method": method, "--masses": masses, "--forget": forget, "--side": side,
@@ -238,14 +237,14 @@ def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec,
                step_norm: Optional[float], ppl_budget: Optional[float], heldout: Optional[Path], *, device: str,
                eigh_precision: str, budget_steps: int, batch_size: int, evaluate: EvaluateOptions, progress: bool,
                overwrite: bool) -> None:
-    """`edit --step-from`: build the coherent step (`curvedit.step`), take it at the given norm
+    """`edit --step-from`: build the coherent step (`curvedit.editing.step`), take it at the given norm
     or the largest within the perplexity budget, and save the model with its manifest."""
-    from curvedit.edit import edit_manifest, method_bases, save_edited_model
+    from curvedit.data import default_pad_id
+    from curvedit.editing.edit import edit_manifest, method_bases, save_edited_model
+    from curvedit.editing.step import apply_step, forget_gradients, step_directions, step_within_budget
     from curvedit.evaluate.runner import load_heldout
+    from curvedit.kfac.targets import select_targets
     from curvedit.models import load_model
-    from curvedit.step import apply_step, forget_gradients, step_directions, step_within_budget
-    from curvedit.targets import select_targets
-    from curvedit.windows import default_pad_id
 
     if factors is None:
         fail("--step-from needs --factors (the step lives in the K-FAC eigenbasis)")
@@ -287,9 +286,9 @@ def spectrum_command(
     overwrite: bool = overwrite_option("Replace existing PNGs of these targets in --out."),
 ) -> None:
     """Plot factor spectra and cumulative curvature mass per target; print a table."""
-    from curvedit.factors import load_factors
+    from curvedit.kfac.factors import load_factors
+    from curvedit.kfac.spectrum import cached_eigenbases, mass_curve, select_by_count, select_by_mass
     from curvedit.plots import plot_spectrum
-    from curvedit.spectrum import cached_eigenbases, mass_curve, select_by_count, select_by_mass
 
     if rho is not None and not 0 < rho <= 1:
         fail(f"rho must be in (0, 1], got {rho}")

@@ -70,10 +70,9 @@ def find_memorized_command(
     the results are gathered and rank 0 writes the one output file (the same file as one
     process writes).
     """
-    from curvedit.data import check_corpus_source
+    from curvedit.data import check_corpus_source, write_jsonl
     from curvedit.evaluate.memorization import FindOptions, find_memorized, found_to_row
     from curvedit.models import load_model
-    from curvedit.windows import write_jsonl
 
     check_output(out, kind="file", overwrite=overwrite, inputs=[data])
     check_corpus_source(data)

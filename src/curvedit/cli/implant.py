@@ -70,11 +70,18 @@ def implant_command(
     base model hash, recall history, perplexity before/after) and `memorized.jsonl` (the
     canary windows, readable by `evaluate --memorized` and `sweep --memorized`).
     """
-    from curvedit.canaries import generate_canaries, read_canaries
     from curvedit.data import check_corpus_source, read_records, token_sequences
-    from curvedit.implant import STATE_DIR, ImplantOptions, general_split, implant, model_weights_sha256, save_implanted
+    from curvedit.evaluate.sampling import SampleOptions, sample_sequences
+    from curvedit.memorize.canaries import generate_canaries, read_canaries
+    from curvedit.memorize.implant import (
+        STATE_DIR,
+        ImplantOptions,
+        general_split,
+        implant,
+        model_weights_sha256,
+        save_implanted,
+    )
     from curvedit.models import load_model
-    from curvedit.sampling import SampleOptions, sample_sequences
 
     if (canaries is None) == (generate is None):
         fail("give one of --canaries FILE or --generate N")

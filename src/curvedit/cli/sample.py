@@ -35,9 +35,9 @@ def sample_command(
     progress: bool = ProgressOpt,
 ) -> None:
     """Draw sequences from the model itself (factor data and replay text that match its distribution)."""
+    from curvedit.data import write_jsonl
+    from curvedit.evaluate.sampling import SampleOptions, sample_sequences
     from curvedit.models import load_model
-    from curvedit.sampling import SampleOptions, sample_sequences
-    from curvedit.windows import write_jsonl
 
     options = SampleOptions(n=n, seq_len=seq_len, temperature=temperature, seed=seed, batch_size=batch_size,
                             start_id=start_id, progress=progress)

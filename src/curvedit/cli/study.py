@@ -59,10 +59,10 @@ def smollm2_command(
     """The paper's Table 1 on SmolLM2-135M-Instruct: implant canaries, find them, collect
     factors on general text, sweep under a perplexity budget, edit, compare with controls
     and BalancedSubnet, and write report.md + results.json."""
-    from curvedit.studies.options import StudyOptions
-    from curvedit.studies.report import main_table
-    from curvedit.studies.smollm2 import run_study
-    from curvedit.sweep import parse_probe_floor
+    from curvedit.editing.sweep import parse_probe_floor
+    from curvedit.experiments.studies.options import StudyOptions
+    from curvedit.experiments.studies.report import main_table
+    from curvedit.experiments.studies.smollm2 import run_study
 
     base = StudyOptions()  # a flag left out keeps the study's default
     given = {"seeds": tuple(int_list(seeds, "--seeds")) if seeds is not None else None, "canaries": canaries,
@@ -93,9 +93,9 @@ def run_command(
     progress: bool = ProgressOpt,
 ) -> None:
     """Run the study protocol a file describes, on any causal LM (HF folder or name, or GGUF)."""
-    from curvedit.studies.config import load_study_config
-    from curvedit.studies.report import main_table
-    from curvedit.studies.smollm2 import run_study
+    from curvedit.experiments.studies.config import load_study_config
+    from curvedit.experiments.studies.report import main_table
+    from curvedit.experiments.studies.smollm2 import run_study
 
     options = load_study_config(config)
     if device is not None:

@@ -1,6 +1,6 @@
 """The `sweep`, `analyze`, `layer-map`, `frontier` and `score` commands (thin layers over
-`curvedit.sweep`, `curvedit.analysis`, `curvedit.layer_map`, `curvedit.frontier` and
-`curvedit.flat_energy`)."""
+`curvedit.editing.sweep`, `curvedit.diagnostics.analysis`, `curvedit.diagnostics.layer_map`,
+`curvedit.diagnostics.frontier` and `curvedit.diagnostics.flat_energy`)."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def _model_windows_heldout(model: str, memorized: Path, heldout: str, *, device:
 def _factor_targets(model, factor_dir: Path, preset: Optional[str], targets: Optional[List[str]],
                     layers: Optional[str]):
     """The targets to analyse: those of the spec when one is given, else every target of the factors."""
-    from curvedit.factors import load_factors
-    from curvedit.targets import TargetError, TargetSpec, select_targets
+    from curvedit.kfac.factors import load_factors
+    from curvedit.kfac.targets import TargetError, TargetSpec, select_targets
 
     if preset or targets or layers:
         return select_targets(model, target_spec(preset, targets, layers))
@@ -115,8 +115,8 @@ def sweep_command(
     to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
     """
     from curvedit.data import check_corpus_source
+    from curvedit.editing.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, parse_probe_floor, run_sweep
     from curvedit.evaluate.tasks import load_tasks
-    from curvedit.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, parse_probe_floor, run_sweep
 
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
                      keep_fraction=float_list(keep_grid, "--keep-grid"), method=method)
@@ -182,7 +182,8 @@ def analyze_command(
     progress: bool = ProgressOpt,
 ) -> None:
     """Mean |v^T x| per curvature band, memorized vs clean, in the K-FAC and the SVD basis."""
-    from curvedit.analysis import (
+    from curvedit.data import check_corpus_source, default_pad_id
+    from curvedit.diagnostics.analysis import (
         BANDS_JSON,
         FAMILIES_JSON,
         FAMILIES_PNG,
@@ -193,11 +194,10 @@ def analyze_command(
         task_family_shares,
         write_task_families,
     )
-    from curvedit.data import check_corpus_source
     from curvedit.evaluate.perplexity import heldout_sequences
+    from curvedit.evaluate.windows import read_memorized
+    from curvedit.kfac.spectrum import load_bases
     from curvedit.models import load_model
-    from curvedit.spectrum import load_bases
-    from curvedit.windows import default_pad_id, read_memorized
 
     families: dict[str, Path] = {}
     for item in family or []:
@@ -259,8 +259,8 @@ def layer_map_command(
 ) -> None:
     """Where to cut: the same small edit at every block and run of blocks, alone; forgetting per unit of cost."""
     from curvedit.data import check_corpus_source
+    from curvedit.diagnostics.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map
     from curvedit.evaluate.tasks import load_tasks
-    from curvedit.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map
 
     options = LayerMapOptions(matrices=matrices, keep_fraction=keep_fraction,
                               group_sizes=int_list(group_sizes, "--group-sizes"), batch_size=batch_size,
@@ -308,9 +308,9 @@ def frontier_command(
 ) -> None:
     """Is curvature the lever? Held-out forgetting against cost (nats per token) for every method, on one figure."""
     from curvedit.data import check_corpus_source
+    from curvedit.diagnostics.frontier import FRONTIER_JSON, FRONTIER_PNG, FrontierOptions, run_frontier
     from curvedit.evaluate.tasks import load_tasks
-    from curvedit.frontier import FRONTIER_JSON, FRONTIER_PNG, FrontierOptions, run_frontier
-    from curvedit.targets import select_targets
+    from curvedit.kfac.targets import select_targets
 
     options = FrontierOptions(methods=_groups(methods.replace(",", ";")),
                               keep_fractions=tuple(float_list(keep_grid, "--keep-grid")), seed=seed,
@@ -351,11 +351,10 @@ def score_command(
     progress: bool = ProgressOpt,
 ) -> None:
     """Label-free: each sequence's share of input activation energy in the flattest directions of A."""
-    from curvedit.data import check_corpus_source, read_records, token_sequences
-    from curvedit.flat_energy import flat_directions, flat_energy_shares
+    from curvedit.data import check_corpus_source, default_pad_id, read_records, token_sequences, write_jsonl
+    from curvedit.diagnostics.flat_energy import flat_directions, flat_energy_shares
+    from curvedit.kfac.spectrum import load_bases
     from curvedit.models import load_model
-    from curvedit.spectrum import load_bases
-    from curvedit.windows import default_pad_id, write_jsonl
 
     if not 0 < flat_fraction < 1:
         fail(f"--flat-fraction must be in (0, 1), got {flat_fraction}")

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from curvedit.data import write_jsonl
 from curvedit.errors import EvaluateError
 from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.tasks import ChoiceItem, GenerateItem, Task, TaskResult
-from curvedit.windows import write_jsonl
 
 Format = Literal["generate", "choice"]
 FORMATS: tuple[str, ...] = ("generate", "choice")

@@ -17,26 +17,7 @@ import torch
 from curvedit.data import pad_batch
 from curvedit.distributed import map_batches
 from curvedit.errors import EvaluateError
-
-_CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
-
-
-def context_window(model: torch.nn.Module) -> int | None:
-    """The longest sequence the model accepts, read from its config.
-
-    Args:
-        model: an HF causal LM (or any module with a `config`).
-
-    Returns:
-        The first of `n_positions`, `max_position_embeddings`, `n_ctx`,
-        `max_sequence_length`, `seq_length` that the config sets; None if none is set.
-    """
-    config = getattr(model, "config", None)
-    for name in _CONTEXT_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+from curvedit.models import context_window, model_device
 
 
 def check_fits_context(model: torch.nn.Module, length: int, what: str) -> None:
@@ -82,7 +63,7 @@ def check_windows(model: torch.nn.Module, windows: Sequence[Any], what: str) -> 
 
     Args:
         model: the model that will read them.
-        windows: `curvedit.windows.Window`s.
+        windows: `curvedit.evaluate.windows.Window`s.
         what: how to name them in the error ("memorized windows of mem.jsonl").
 
     Raises:
@@ -92,12 +73,6 @@ def check_windows(model: torch.nn.Module, windows: Sequence[Any], what: str) -> 
     if windows:
         longest = max(len(w.prefix_ids) + len(w.suffix_ids) for w in windows)
         check_fits_context(model, longest, f"the longest of the {what} (prefix + suffix)")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 class _ForwardSpec:

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from curvedit.data import DataError, Record, batched, pad_batch, read_records
+from curvedit.data import DataError, Record, batched, default_pad_id, pad_batch, read_records
 from curvedit.distributed import current_context, map_batches
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
+from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits
 from curvedit.evaluate.intervals import bootstrap_mean, wilson
-from curvedit.windows import Window, default_pad_id
+from curvedit.evaluate.windows import Window
+from curvedit.models import model_device
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from curvedit.data import DataError, pad_batch, read_records, token_sequences
 from curvedit.distributed import map_batches
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.generation import check_fits_context, kept_logits, model_device
+from curvedit.evaluate.generation import check_fits_context, kept_logits
 from curvedit.evaluate.intervals import Interval, bootstrap_ratio
+from curvedit.models import model_device
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,9 @@ from scipy.stats import rankdata
 from curvedit.data import pad_batch
 from curvedit.distributed import map_batches
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.generation import check_fits_context, kept_logits, model_device
+from curvedit.evaluate.generation import check_fits_context, kept_logits
 from curvedit.evaluate.intervals import Interval, bootstrap_mean
+from curvedit.models import model_device
 
 MIA_SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
 

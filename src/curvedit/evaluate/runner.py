@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curvedit.data import DataError
+from curvedit.data import DataError, default_pad_id
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.generation import check_vocabulary, context_window
+from curvedit.evaluate.generation import check_vocabulary
 from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import (
@@ -35,8 +35,8 @@ from curvedit.evaluate.perplexity import (
 from curvedit.evaluate.privacy import PrivacyOptions, extraction_metrics, membership_inference, sequence_stats
 from curvedit.evaluate.stress import ReferenceStressOptions, StressOptions, reference_stress_test, stress_test
 from curvedit.evaluate.tasks import TaskOptions, load_tasks, run_lm_eval, run_tasks
-from curvedit.models import LoadedModel
-from curvedit.windows import Window, default_pad_id, read_memorized
+from curvedit.evaluate.windows import Window, read_memorized
+from curvedit.models import LoadedModel, context_window
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_fits_context, greedy_generate
 from curvedit.evaluate.intervals import bootstrap_mean, wilson
 from curvedit.evaluate.memorization import longest_prefix_match, teacher_forced_match
-from curvedit.windows import Window
+from curvedit.evaluate.windows import Window
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from curvedit.data import DataError, iter_jsonl, pad_batch
 from curvedit.distributed import map_batches
 from curvedit.errors import EvaluateError
-from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits, model_device
+from curvedit.evaluate.generation import check_fits_context, greedy_generate, kept_logits
+from curvedit.models import model_device
 
 DEFAULT_MAX_NEW_TOKENS = 32
 

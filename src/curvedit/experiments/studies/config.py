@@ -1,0 +1,97 @@
+"""A study as a configuration file: `curvedit study run study.toml`.
+
+The file sets `StudyOptions` fields by name (the model, general text, canaries, implant
+settings, capability families, layer grid, budget, probe floor, seeds, ...), with the implant
+settings in an `[implant]` table; a field left out keeps the SmolLM2 study's default, so
+`studies/smollm2/study.toml` reproduces `curvedit study smollm2`. Relative paths (`out`,
+`gguf`, and `model` / `general` when they name something that exists) are taken from the
+file's folder. Every stage stays cached by content, so changing, say, the probe families
+reruns only what measures them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from curvedit.experiments.studies.options import StudyError, StudyOptions
+from curvedit.memorize.implant import ImplantOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_NOT_IN_FILES = {"progress", "config"}
+
+
+def _tuple_fields() -> set[str]:
+    return {f.name for f in fields(StudyOptions) if str(f.type).startswith("tuple")}
+
+
+def _check_types(path: Path, data: dict[str, Any], types: dict[str, str], where: str = "") -> None:
+    """Refuse a value of another type than its field's (an int where a number is expected is
+    fine; "none" sets an optional field to None)."""
+    for name, value in list(data.items()):
+        kind = types[name]
+        if "None" in kind and value == "none":
+            data[name] = None
+            continue
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str), "bool": isinstance(value, bool)}
+        base = next((k for k in ("float", "int", "bool", "str") if kind.startswith(k)), None)
+        if base is not None and not ok[base]:
+            raise StudyError(f"{path}: {where}{name} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}")
+
+
+def load_study_config(path: str | Path) -> StudyOptions:
+    """Read a study file into `StudyOptions` (validated).
+
+    Args:
+        path: a TOML file.
+
+    Returns:
+        The options, with `config` set to the file.
+
+    Raises:
+        StudyError: a missing or malformed file, an unknown field, or a setting
+            `StudyOptions.validate` refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: not a valid TOML file ({err})") from None
+    base = StudyOptions()
+    implant_table = data.pop("implant", {})
+    allowed = {f.name for f in fields(StudyOptions)} - _NOT_IN_FILES - {"implant"}
+    unknown = sorted(set(data) - allowed)
+    if unknown or not isinstance(implant_table, dict):
+        raise StudyError(f"{path}: unknown field(s) {unknown or ['implant (must be a table)']}; "
+                         f"allowed: {sorted(allowed | {'implant'})}")
+    implant_allowed = set(asdict(base.implant))
+    wrong = sorted(set(implant_table) - implant_allowed)
+    if wrong:
+        raise StudyError(f"{path}: unknown [implant] field(s) {wrong}; allowed: {sorted(implant_allowed)}")
+    _check_types(path, data, {f.name: str(f.type) for f in fields(StudyOptions)})
+    _check_types(path, implant_table, {f.name: str(f.type) for f in fields(ImplantOptions)}, "[implant] ")
+    for name in _tuple_fields() & set(data):
+        if not isinstance(data[name], list):
+            raise StudyError(f"{path}: {name} must be a list, got {data[name]!r}")
+        data[name] = tuple(data[name])
+    folder = path.parent
+    for name in ("out", "gguf"):
+        if data.get(name) is not None:
+            data[name] = folder / data[name] if not Path(data[name]).is_absolute() else Path(data[name])
+    for name in ("model", "general"):
+        if isinstance(data.get(name), str) and (folder / data[name]).exists():
+            data[name] = str(folder / data[name])
+    options = replace(base, **data, implant=ImplantOptions(**{**asdict(base.implant), **implant_table}),
+                      config=path)
+    options.validate()
+    return options

@@ -1,0 +1,328 @@
+"""Every stage of one implant seed: implant, find, collect, sweep, then every variant
+measured, each stage cached by what it depends on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from curvedit.data import default_pad_id
+from curvedit.evaluate.windows import Window
+from curvedit.experiments.stages import Timer, cached, content_key
+from curvedit.experiments.studies.base import PROBE_SEED, StudyData, base_losses, study_tasks
+from curvedit.experiments.studies.beyond import BEYOND, beyond_paper
+from curvedit.experiments.studies.canary_stage import (
+    factor_sequences,
+    find_canaries,
+    implant_seed,
+    nonmember_canaries,
+    split_halves,
+    style_of,
+)
+from curvedit.experiments.studies.measure import (
+    SeedProbe,
+    edit_and_measure,
+    measure,
+    perplexity_after,
+    run_band_analysis,
+)
+from curvedit.experiments.studies.options import FACTOR_DATA, StudyError, StudyOptions
+from curvedit.memorize.implant import canary_token_ids
+from curvedit.models import restored
+
+LAYER_MAP_PROBE_ITEMS = 10  # per family: the layer map scores each of its placements on a short suite
+
+
+def held_floor(probe_floor: float | dict[str, float] | None, usable: Sequence[str]) -> dict[str, float] | None:
+    """The floor the study's sweep applies: each usable family that has a share (its own, or
+    "*"'s) at that share; None when no usable family has one."""
+    from curvedit.editing.sweep import family_floor, floor_map  # noqa: PLC0415
+
+    floor = floor_map(probe_floor)
+    return {f: share for f in usable if (share := family_floor(floor, f))} or None
+
+
+def budget_choice(swept: dict[str, Any], budget: float) -> int | None:
+    """The sweep's choice by memorization and perplexity alone (no probe floor), from its
+    JSON form (`curvedit.editing.sweep.SweepResult.to_dict`)."""
+    from curvedit.editing.sweep import SweepPoint, choose_point  # noqa: PLC0415
+
+    points = [SweepPoint(**{f.name: p[f.name] for f in fields(SweepPoint)}) for p in swept["points"]]
+    return choose_point(points, swept["baseline"]["perplexity"], budget, swept["options"]["metric"])
+
+
+def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
+             probes_used: Sequence[str], log: Callable[[str], None], beyond: bool = False) -> dict[str, Any]:
+    """Every stage for one implant seed; returns its results (also cached per stage). With
+    `beyond`, also the work beyond the paper (`beyond_paper`: EK-FAC masses, the targeted edit,
+    durability attacks), under "beyond"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from curvedit.data import lm_batches  # noqa: PLC0415
+    from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
+    from curvedit.editing.budget import bisect_amount, match_tolerance  # noqa: PLC0415
+    from curvedit.editing.edit import EditPlan, EditRule  # noqa: PLC0415
+    from curvedit.editing.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
+    from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
+    from curvedit.kfac.collect import CollectOptions, collect_factors  # noqa: PLC0415
+    from curvedit.kfac.factors import save_factors  # noqa: PLC0415
+    from curvedit.kfac.spectrum import load_bases  # noqa: PLC0415
+    from curvedit.kfac.targets import TargetSpec, select_targets  # noqa: PLC0415
+
+    folder = options.cache / f"seed-{seed}"
+    timer = Timer(lambda name: log(f"seed {seed}: {name}"))
+    stage, timings = timer.stage, timer.seconds
+
+    implanted = stage("implant", lambda: implant_seed(base_dir, seed, data, options, base),
+                      options.cache / f"seed-{seed}" / "implanted" / "study-key.json")
+    manifest = json.loads((implanted / "curvedit-implant.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(implanted, dtype=torch.float32).to(options.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(implanted)
+    pad_id = default_pad_id(tokenizer)
+    model_key = content_key({"implant": json.loads((implanted / "study-key.json").read_text())["key"]})
+
+    def found() -> dict[str, Any]:
+        windows, styles = find_canaries(model, tokenizer, manifest, options)
+        tune, heldout = split_halves(windows, styles, seed)
+        return {"tune": [asdict(w) for w in tune], "heldout": [asdict(w) for w in heldout]}
+
+    halves = stage("find_memorized", lambda: cached(folder / "found.json", model_key, found), folder / "found.json")
+    tune, heldout = [Window(**d) for d in halves["tune"]], [Window(**d) for d in halves["heldout"]]
+    if not tune or not heldout:
+        raise StudyError(f"seed {seed}: the {len(tune) + len(heldout)} recited canaries leave the tune or the "
+                         "held-out half empty (the halves split each style, so a style needs two recited canaries): "
+                         "raise the canaries, the implant steps or the learning rate")
+    targets_all = select_targets(model, TargetSpec(preset="mlp"))
+    factor_dir = folder / "factors"
+    factor_key = content_key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch,
+                       **({"data": options.factor_data} if options.factor_data != "pydoc" else {})})
+
+    factor_text = factor_sequences(model, tokenizer, data, options, seed, model_key)
+
+    def collect() -> str:
+        total = sum(len(s) for s in factor_text)
+        factors = collect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets_all,
+                                  options=CollectOptions(seed=seed, progress=options.progress, total_tokens=total,
+                                                         description=FACTOR_DATA[options.factor_data]))
+        save_factors(factors, factor_dir)
+        return str(factor_dir)
+
+    stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
+    ppl_text = data.ppl_subset(options.ppl_sequences)
+    tasks = study_tasks(probes_used, options.probe_items)
+    floor = held_floor(options.probe_floor, probes_used)
+    held = list(floor or {})  # the sweep scores only what the floor holds
+    grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
+    sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
+                                 bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
+                                 progress=options.progress, probe_floor=floor, probe_margin=options.probe_margin)
+    swept_with = {k: v for k, v in asdict(sweep_options).items() if k not in ("progress", "masses")}
+    swept_with |= {"progress": 0} | ({"masses": sweep_options.masses} if sweep_options.masses != "kfac" else {})
+    for default_off in ("probe_floor", "probe_margin"):  # sweeps cached before the floor existed stay valid
+        if swept_with[default_off] == getattr(SweepOptions(), default_off):
+            swept_with.pop(default_off)
+    if floor is not None:
+        swept_with["probe_tasks"] = [options.probe_items, held]
+    sweep_key = content_key({"factors": factor_key, "grid": asdict(grid), "sweep": swept_with,
+                      "tune": halves["tune"], "ppl": options.ppl_sequences})
+
+    def sweep() -> dict[str, Any]:
+        result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options,
+                           tasks=study_tasks(held, options.probe_items) if floor is not None else ())
+        result.write(options.out / f"seed-{seed}")
+        return result.to_dict()
+
+    swept = stage("sweep", lambda: cached(folder / "sweep.key.json", sweep_key, sweep), folder / "sweep.key.json")
+    chosen_index, floor_met = swept.get("chosen"), floor is not None
+    if chosen_index is None and floor is not None:  # say so, and measure the perplexity-only choice
+        log(f"seed {seed}: no sweep point keeps the probe floor {floor}; going on with the perplexity-only choice")
+        chosen_index, floor_met = budget_choice(swept, options.ppl_budget), False
+    if chosen_index is None:
+        raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {options.out}/"
+                         f"seed-{seed}/sweep.json")
+    chosen = swept["points"][chosen_index]
+    targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
+    bases = load_bases(targets, factor_dir)
+    text = data.heldout
+    implanted = [c["text"] for c in manifest["canaries"]]
+    nonmembers = canary_token_ids(nonmember_canaries(options, seed, implanted), tokenizer,
+                                  options.implant.prefix_len + options.implant.suffix_len)
+    members = [w.prefix_ids + w.suffix_ids for w in heldout]
+    probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
+                      tasks=tasks,
+                      filler=[t for s in text[-4:] for t in s], nonmembers=nonmembers,
+                      texts={"members": [tokenizer.decode(ids) for ids in members],
+                             "nonmembers": [tokenizer.decode(ids) for ids in nonmembers]},
+                      reference_losses=base_losses(base_dir, {"members": members, "nonmembers": nonmembers}, options))
+    reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
+    kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
+                         compute_dtype=options.compute_dtype)
+    variant_key = content_key({"sweep": sweep_key, "chosen": chosen_index, "halves": halves, "v": 4,
+                               "probes": [options.probe_items, list(probes_used)]})
+    bsn_settings = [options.bsn_ratios, options.bsn_epochs, options.bsn_lr]
+    variants: dict[str, Any] = {}
+
+    def variant(name: str, compute: Callable[[], dict[str, Any]], settings: Any = None) -> None:
+        """Measure (or read back) one variant; `settings` are what only this variant depends on."""
+        record = folder / "variants" / f"{name}.json"
+        key = variant_key if settings is None else content_key({"variants": variant_key, name: settings})
+        variants[name] = stage(name, lambda: cached(record, key, compute), record)
+
+    variant("unedited", lambda: measure(model, tokenizer, probe, reference, options))
+    variant("kfac", lambda: edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference,
+                                              options))
+    kept_share = variants["kfac"]["kept_components"] / variants["kfac"]["total_components"]
+    variant("random_count", lambda: edit_and_measure(
+        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)], method="random", seed=seed,
+                                                       compute_dtype=options.compute_dtype),
+        probe, reference, options) | {"note": "random components, as many as K-FAC keeps"})
+    unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
+    kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
+    for name, method in (("random_ppl", "random"), ("svd", "svd")):
+        def matched(m: str = method) -> dict[str, Any]:
+            search = bisect_amount(model, targets, bases, ppl_text, mode="match", target_ppl=kfac_ppl,
+                                   unedited_ppl=unedited_ppl, method=m, seed=seed,
+                                   steps=options.bisect_steps + (7 if m == "svd" else 2),  # SVD is steep near 1
+                                   tolerance=match_tolerance(kfac_ppl, unedited_ppl),
+                                   batch_size=options.batch_size, pad_id=pad_id,
+                                   compute_dtype=options.compute_dtype)
+            plan = EditPlan([search.rule()], method=m, seed=seed, compute_dtype=options.compute_dtype)
+            return edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
+                "matched": search.to_dict(), "note": f"{m} at K-FAC's perplexity ({search.perplexity:.4f} vs "
+                                                     f"{kfac_ppl:.4f})"}
+        variant(name, matched)
+
+    def bsn() -> dict[str, Any]:
+        forget = [w.prefix_ids + w.suffix_ids for w in tune]
+        retain = data.train[: max(4 * len(forget), 32)]
+        bsn_options = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=16,
+                                 progress=options.progress)
+        with restored(model, [t.module.weight for t in targets]):
+            choice = bsn_within_budget(model, targets, forget, retain, tune, ppl_text, options.bsn_ratios,
+                                       options.ppl_budget * unedited_ppl, bsn_options, pad_id=pad_id,
+                                       batch_size=options.batch_size)
+            metrics = measure(model, tokenizer, probe, reference, options)
+        return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
+
+    variant("bsn", bsn, bsn_settings)
+    for kind in (k for k in options.factor_variants if k != options.factor_data):
+        def other_factors(kind: str = kind) -> dict[str, Any]:
+            text = factor_sequences(model, tokenizer, data, replace(options, factor_data=kind), seed, model_key)
+            other_dir = folder / f"factors-{kind}"
+            save_factors(collect_factors(model, lm_batches(text, options.factor_batch, pad_id), targets, options=(
+                CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
+                               description=FACTOR_DATA[kind]))), other_dir)
+            other_bases = load_bases(targets, other_dir)
+            search = bisect_amount(model, targets, other_bases, ppl_text, mode="within", budget=options.ppl_budget,
+                                   unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
+                                   pad_id=pad_id, compute_dtype=options.compute_dtype)
+            plan = EditPlan([search.rule()], compute_dtype=options.compute_dtype)
+            note = (f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} "
+                    f"({sum(len(t) for t in text)} tokens), keep {search.amount:.3f} within {options.ppl_budget}x")
+            return edit_and_measure(model, tokenizer, targets, other_bases, plan, probe, reference, options) | {
+                "bisection": search.to_dict(), "note": note}
+        variant(f"kfac_{kind}_factors", other_factors, [kind, options.factor_tokens, options.factor_batch])
+    if options.paper_layers is not None:
+        from curvedit.diagnostics.layer_map import middle_three  # noqa: PLC0415
+
+        paper_layers = (middle_three(1 + max(t.layer for t in targets_all)) if options.paper_layers == "middle"
+                        else options.paper_layers)
+
+        def paper() -> dict[str, Any]:
+            paper_targets = select_targets(model, matrices_spec("mlp-in", paper_layers))
+            paper_bases = load_bases(paper_targets, factor_dir)
+            search = bisect_amount(model, paper_targets, paper_bases, ppl_text, mode="within",
+                                   budget=options.ppl_budget, unedited_ppl=unedited_ppl, steps=options.bisect_steps,
+                                   batch_size=options.batch_size, pad_id=pad_id, compute_dtype=options.compute_dtype)
+            plan = EditPlan([search.rule()], compute_dtype=options.compute_dtype)
+            note = (f"K-FAC on gate/up of blocks {paper_layers} only, keep {search.amount:.3f} within "
+                    f"{options.ppl_budget}x perplexity")
+            return edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference,
+                                     options) | {"bisection": search.to_dict(), "note": note}
+        variant("paper_placement", paper, paper_layers)
+    if options.protect_items:
+        from curvedit.experiments.studies.capability_stages import (  # noqa: PLC0415
+            family_texts,
+            protect_bands,
+            protected_bases,
+            variant_name,
+        )
+
+        for band, families in protect_bands(probes_used).items():
+            def protected(families: list[str] = families, band: str = band) -> dict[str, Any]:
+                # in-sample: a fact family is its whole list, and 1-digit arithmetic has fewer items than the
+                # probes take; 2-digit arithmetic draws other items from the same seeds' stream
+                texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
+                copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
+                return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
+                    "note": f"K-FAC at the chosen amount with {band} protected", "protected": {
+                        "band": band, "families": families, "items": len(texts)}}
+            variant(variant_name(band), protected, options.protect_items)
+    extra = None
+    if beyond:
+        def compute_beyond() -> dict[str, Any]:
+            return beyond_paper(model, tokenizer, targets, bases, factor_dir, factor_text, probe, reference, options,
+                                seed=seed, kfac_plan=kfac_plan, kfac_ppl=kfac_ppl, unedited_ppl=unedited_ppl,
+                                bsn_ratio=variants["bsn"]["bsn"]["ratio"], retain=data.train)
+        beyond_key = content_key({"variants": variant_key, "bsn": bsn_settings, "beyond": asdict(BEYOND), "v": 1})
+        extra = stage("beyond", lambda: cached(folder / "beyond.json", beyond_key, compute_beyond),
+                      folder / "beyond.json")
+    layer_map_result = None
+    if beyond and options.layer_map_keep is not None:
+        from curvedit.experiments.studies.capability_stages import run_layer_map  # noqa: PLC0415
+
+        def compute_map() -> dict[str, Any]:
+            few = study_tasks(probes_used, LAYER_MAP_PROBE_ITEMS)
+            return run_layer_map(model, tokenizer, factor_dir, tune, ppl_text, options.out / f"seed-{seed}",
+                                 keep_fraction=options.layer_map_keep, tasks=few, batch_size=options.batch_size,
+                                 progress=options.progress)
+        map_key = content_key({"factors": factor_key, "tune": halves["tune"], "keep": options.layer_map_keep,
+                        "ppl": options.ppl_sequences,
+                        "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
+        layer_map_result = stage("layer_map", lambda: cached(folder / "layer_map.json", map_key, compute_map),
+                                 folder / "layer_map.json")
+
+    frontier_result = None
+    if beyond and options.frontier_keep:
+        def compute_frontier() -> dict[str, Any]:
+            from curvedit.diagnostics.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
+
+            result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
+                keep_fractions=options.frontier_keep, seed=seed, batch_size=options.batch_size,
+                compute_dtype=options.compute_dtype, progress=options.progress))
+            result.write(options.out / f"seed-{seed}" / "frontier")
+            return result.to_dict()
+        frontier_key = content_key({"variants": variant_key, "keep": list(options.frontier_keep), "v": 1})
+        frontier_result = stage("frontier", lambda: cached(folder / "frontier.json", frontier_key, compute_frontier),
+                                folder / "frontier.json")
+
+    def energy() -> dict[str, Any]:
+        from curvedit.experiments.studies.capability_stages import style_energy  # noqa: PLC0415
+
+        windows = tune + heldout
+        return style_energy(model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
+                            batch_size=options.batch_size, nonmembers=nonmembers)
+
+    style_energy_result = stage("style_energy", lambda: cached(folder / "style_energy.json",
+                                                               content_key({"variants": variant_key, "v": 2}), energy),
+                                folder / "style_energy.json")
+    layers = sorted({t.layer for t in targets})
+    shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
+    stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
+                                                options.out / f"seed-{seed}", pad_id))
+    implant_keys = ("steps", "recall", "perplexity_before", "perplexity_after", "kl_after", "stopped", "history")
+    return {"seed": seed, "implant": {k: manifest["result"].get(k) for k in implant_keys},
+            "layer_map": layer_map_result, "frontier": frontier_result, "style_energy": style_energy_result,
+            "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
+            "sweep": {"chosen": chosen, "floor": floor, "floor_met": floor_met if floor is not None else None,
+                      "excluded": {p["label"]: p["excluded"] for p in swept["points"]},
+                      "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
+                                                                      "strict", "loose", "perplexity")}
+                                                   for p in swept["points"]],
+                      "baseline": swept["baseline"]},
+            "variants": variants, "timings_s": timings, **({"beyond": extra} if extra is not None else {})}
