@@ -12,6 +12,7 @@ from curvedit.cli import app
 from curvedit.data import lm_batches
 from curvedit.editing.budget import BudgetError, bisect_amount, edit_within_budget
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.settings import EditSettings
 from curvedit.editing.sweep import SweepError, SweepGrid, SweepOptions, run_sweep
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.windows import Window
@@ -118,8 +119,9 @@ def test_match_mode_returns_an_edit_even_when_the_unedited_model_is_closer(train
 def test_an_amount_that_rounds_to_keeping_everything_is_no_edit(trained):
     # SVD keeps round(keep_fraction * rank) singular values: amounts near 1 keep all of them
     unedited = perplexity(trained.model, trained.heldout).perplexity
-    search = bisect_amount(trained.model, trained.targets, None, trained.heldout, mode="match", method="svd",
-                           target_ppl=unedited * (1 + 1e-9), unedited_ppl=unedited, steps=12)
+    search = bisect_amount(trained.model, trained.targets, None, trained.heldout, mode="match",
+                           target_ppl=unedited * (1 + 1e-09), unedited_ppl=unedited, steps=12,
+                           settings=EditSettings(method="svd"))
     assert any(step.kept == step.total for step in search.steps)  # the case arises
     chosen = [step for step in search.steps if step.amount == search.amount]
     assert search.edited and chosen and chosen[0].kept < chosen[0].total
@@ -260,8 +262,8 @@ def test_cli_edit_refuses_a_budget_below_one(tmp_path, lm_dir, text_jsonl):
 
 def test_an_svd_amount_that_would_keep_nothing_is_skipped_as_too_strong(trained):
     # any perplexity fits, so the search halves the keep fraction until it rounds to no singular value
-    search = bisect_amount(trained.model, trained.targets, None, trained.heldout, mode="within", method="svd",
-                           budget=1e9, steps=12)
+    search = bisect_amount(trained.model, trained.targets, None, trained.heldout, mode="within", budget=1e9, steps=12,
+                           settings=EditSettings(method="svd"))
     assert len(search.steps) < 12  # the amounts that keep nothing were skipped, not measured
     assert all(step.kept >= 1 for step in search.steps) and search.edited
     assert search.amount == min(step.amount for step in search.steps)

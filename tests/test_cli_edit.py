@@ -101,4 +101,4 @@ def test_edit_in_float32_is_close_to_float64_and_bad_precisions_are_refused(tmp_
     for name in ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"):
         torch.testing.assert_close(f32[name], f64[name], rtol=0, atol=1e-4)
     bad = run(*common, "--out", tmp_path / "bad", "--eigh-precision", "half")
-    assert bad.exit_code != 0 and "--eigh-precision must be one of float64, float32" in bad.output
+    assert bad.exit_code != 0 and "eigh precision must be one of ['float64', 'float32'], got 'half'" in bad.output

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from curvedit.editing.edit import (
-    METHODS,
     EditError,
     EditPlan,
     EditRule,
@@ -15,6 +14,7 @@ from curvedit.editing.edit import (
     edit_model,
     svd_truncate,
 )
+from curvedit.editing.settings import METHODS, EditSettings
 from curvedit.kfac.factors import FactorError, TargetFactors
 from curvedit.kfac.spectrum import eigenbasis, select_by_mass
 from curvedit.kfac.targets import TargetSpec, select_targets
@@ -156,7 +156,7 @@ def test_controls_keep_as_many_components_as_kfac(tmp_path, method):
     rules = [EditRule("*", keep_fraction=0.3)]
     kfac = edit_model(model, targets, EditPlan(rules), factor_dir)
     kfac.undo()
-    control = edit_model(model, targets, EditPlan(rules, method=method, seed=1), factor_dir)
+    control = edit_model(model, targets, EditPlan(rules, EditSettings(method=method, seed=1)), factor_dir)
     for k, c in zip(kfac.stats, control.stats):
         assert c.kept == k.kept == round(0.3 * k.total)
         assert c.mass_kept < k.mass_kept
@@ -184,7 +184,7 @@ def test_bad_requests_are_refused(tmp_path):
     with pytest.raises(EditError, match="exactly one"):
         EditRule(rho=0.5, keep_fraction=0.5)
     with pytest.raises(EditError, match="unknown method"):
-        EditPlan([EditRule(rho=0.5)], method="magic")
+        EditPlan([EditRule(rho=0.5)], EditSettings(method="magic"))
     assert set(METHODS) == {"kfac", "svd", "random", "lowest", "identity", "noise"}
     model = tiny_gpt2(dtype=torch.float32)
     factor_dir, targets = collected(tmp_path, model)
@@ -192,7 +192,7 @@ def test_bad_requests_are_refused(tmp_path):
     with pytest.raises(FactorError, match="weights differ"):
         edit_model(model, other, EditPlan([EditRule(rho=0.5)]), factor_dir)
     with pytest.raises(EditError, match="no rule of the plan matches"):
-        apply_edit(targets, EditPlan([EditRule("*.c_fc", rho=0.5)], method="svd"))
+        apply_edit(targets, EditPlan([EditRule('*.c_fc', rho=0.5)], EditSettings(method="svd")))
     # a failing plan leaves the model as it was
     assert all(torch.equal(t.weight_oi(), s.weight_oi()) for t, s in
                zip(targets, select_targets(model, TargetSpec(preset="mlp"))))

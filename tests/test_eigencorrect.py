@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from curvedit.cli import app
 from curvedit.data import pad_batch
 from curvedit.editing.edit import EditError, EditPlan, EditRule, apply_edit
+from curvedit.editing.settings import EditSettings
 from curvedit.kfac.collect import CollectOptions, collect_factors
 from curvedit.kfac.eigencorrect import collect_eigencorrections, eigencorrect_factors, eigencorrection_sum
 from curvedit.kfac.factors import FactorError, load_factors, save_factors
@@ -168,7 +169,7 @@ def test_ekfac_edit_ranks_by_the_stored_masses(corrected_dir):
     model, targets, folder = corrected_dir
     bases = load_bases(targets, folder)
     before = [t.weight_oi().clone() for t in targets]
-    applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=0.5)], masses="ekfac"), bases)
+    applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=0.5)], EditSettings(masses="ekfac")), bases)
     for target, stats, weight in zip(targets, applied.stats, before):
         basis = bases[target.name]
         mask = select_by_masses(basis.S, keep_fraction=0.5)
@@ -178,9 +179,9 @@ def test_ekfac_edit_ranks_by_the_stored_masses(corrected_dir):
     applied.undo()
     without = {name: Eigenbasis(b.lam, b.U_G, b.mu, b.U_A) for name, b in bases.items()}
     with pytest.raises(EditError, match="collect --eigencorrect"):
-        apply_edit(targets, EditPlan([EditRule(keep_fraction=0.5)], masses="ekfac"), without)
+        apply_edit(targets, EditPlan([EditRule(keep_fraction=0.5)], EditSettings(masses="ekfac")), without)
     with pytest.raises(EditError, match="unknown masses"):
-        EditPlan([EditRule(keep_fraction=0.5)], masses="fisher")
+        EditPlan([EditRule(keep_fraction=0.5)], EditSettings(masses="fisher"))
 
 
 def test_cli_collect_eigencorrect_then_edit_with_ekfac_masses(tmp_path):

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from curvedit.cli import app
 from curvedit.diagnostics.frontier import FrontierError, FrontierOptions, run_frontier
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit, method_bases
+from curvedit.editing.settings import EditSettings
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.windows import Window
@@ -35,7 +36,7 @@ def test_each_point_is_its_method_s_edit_measured_and_the_model_is_left_as_it_wa
     assert result.baseline.nats["value"] == 0.0
     unedited = perplexity(model, heldout)
     kfac = next(p for p in result.points if p.method == "kfac" and p.keep_fraction == 0.5)
-    bases = method_bases(model, targets, factors, "kfac")
+    bases = method_bases(model, targets, factors, EditSettings(method="kfac"))
     applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=0.5)]), bases)
     edited = perplexity(model, heldout)
     recitation, _ = evaluate_recitation(model, windows)

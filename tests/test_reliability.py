@@ -180,8 +180,8 @@ def test_plan_file_values_win_and_conflicts_are_refused(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"rules": [{"pattern": "*", "keep_fraction": 0.5}], "method": "svd", "seed": 3}))
     plan = EditPlan.from_json(path, method=None, seed=None)
-    assert (plan.method, plan.seed) == ("svd", 3)
-    assert EditPlan.from_json(path, method="svd", compute_dtype="float32").compute_dtype == "float32"
+    assert (plan.settings.method, plan.settings.seed) == ("svd", 3)
+    assert EditPlan.from_json(path, method="svd", compute_dtype="float32").settings.compute_dtype == "float32"
     with pytest.raises(EditError, match="sets method='svd' but 'kfac' was also given"):
         EditPlan.from_json(path, method="kfac")
     for bad in ("{not json", "[1, 2]", '{"*": "half"}', '{"rules": [{"pattern": "*", "rho": 0.5, "x": 1}]}',

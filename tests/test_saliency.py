@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_gpt2
 
 from curvedit.editing.edit import EditError, EditPlan, EditRule, apply_edit, kfac_mask, saliency_masses
+from curvedit.editing.settings import EditSettings
 from curvedit.kfac.spectrum import Eigenbasis, identity_bases, sym_eigh
 from curvedit.kfac.targets import TargetSpec, select_targets
 
@@ -41,7 +42,8 @@ def test_the_identity_basis_with_saliency_is_magnitude_pruning():
     model = tiny_gpt2(vocab=11)
     targets = select_targets(model, TargetSpec(preset="mlp-in"))
     before = {t.name: t.weight_oi().clone() for t in targets}
-    applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=0.3)], method="identity", masses="saliency"),
+    applied = apply_edit(targets, EditPlan([EditRule(keep_fraction=0.3)],
+                                           EditSettings(method="identity", masses="saliency")),
                          identity_bases(targets))
     for t in targets:
         w, edited = before[t.name], t.weight_oi()
@@ -55,7 +57,7 @@ def test_the_identity_basis_with_saliency_is_magnitude_pruning():
 
 def test_identity_needs_saliency_masses():
     with pytest.raises(EditError, match="saliency"):
-        EditPlan([EditRule(keep_fraction=0.3)], method="identity")
+        EditPlan([EditRule(keep_fraction=0.3)], EditSettings(method="identity"))
 
 
 def test_cli_magnitude_pruning_needs_no_factors(tmp_path, lm_dir):
@@ -130,7 +132,7 @@ def test_block_deletion_removes_the_flattest_block_only():
     with pytest.raises(EditError, match="takes no rho"):
         EditRule(block=(0.5, 0.5), rho=0.5)
     with pytest.raises(EditError, match="need method kfac"):
-        EditPlan([EditRule(block=(0.5, 0.5))], method="svd")
+        EditPlan([EditRule(block=(0.5, 0.5))], EditSettings(method="svd"))
     with pytest.raises(EditError, match="side must be"):
         EditRule(keep_fraction=0.5, side="X")
 

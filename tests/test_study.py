@@ -148,7 +148,10 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
     ("styles = ['words', 'haiku']\n", "styles must be"), ("canaries = 5\n", "2 per style"),
     ("probe_floor = { poetry = 0.9 }\n", "unknown family 'poetry'"), ("probe_floor = 'high'\n", "probe floor must be"),
     ("probe_floor = { open_book = 1.5 }\n", "probe floor of open_book must be"),
-    ("paper_layers = '40-42'\n", "paper_layers: layer group")])
+    ("paper_layers = '40-42'\n", "paper_layers: layer group"),
+    ("[edit]\nmethod = 'magic'\n", "\\[edit\\] unknown method 'magic'"),
+    ("[edit]\nrho = 0.5\n", "unknown \\[edit\\] field"), ("[edit]\nseed = 'one'\n", "\\[edit\\] seed must be"),
+    ("compute_dtype = 'float32'\n", "unknown field")])
 def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
     from curvedit.experiments.studies.config import load_study_config
     from curvedit.experiments.studies.options import StudyError

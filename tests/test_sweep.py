@@ -10,6 +10,7 @@ import curvedit.kfac.spectrum
 from curvedit.cli import app
 from curvedit.data import lm_batches
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.settings import EditSettings
 from curvedit.editing.sweep import (
     SweepError,
     SweepGrid,
@@ -242,5 +243,5 @@ def test_sweep_protected_by_the_general_factors_is_the_plain_sweep(world):
     protected = run_sweep(model, None, factors, grid, windows, heldout, quiet(), protect_dir=factors)
     assert [(p.kept, p.perplexity) for p in protected.points] == [(p.kept, p.perplexity) for p in plain.points]
     with pytest.raises(SweepError, match="svd"):
-        run_sweep(model, None, factors, SweepGrid(layers=("0",), keep_fraction=(0.5,), method="svd"), windows,
-                  heldout, quiet(), protect_dir=factors)
+        run_sweep(model, None, factors, SweepGrid(layers=("0",), keep_fraction=(0.5,)), windows, heldout,
+                  quiet(settings=EditSettings(method="svd")), protect_dir=factors)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from curvedit.cli import app
 from curvedit.data import pad_batch
 from curvedit.editing.edit import EditError, EditPlan, EditRule, edit_model
+from curvedit.editing.settings import EditSettings
 from curvedit.editing.targeted import forget_masses, general_masses, targeted_mask
 from curvedit.evaluate.windows import Window
 from curvedit.kfac.collect import CollectOptions, collect_factors
@@ -77,8 +78,8 @@ def test_targeted_edit_removes_the_highest_ratio_components(tmp_path):
     bases = load_bases(targets, tmp_path / "f")
     masses = forget_masses(model, WINDOWS, targets, bases)
     before = {t.name: t.weight_oi().clone() for t in targets}
-    applied = edit_model(model, targets, EditPlan([EditRule(keep_fraction=0.8)], masses="targeted"), tmp_path / "f",
-                         forget=WINDOWS)
+    plan = EditPlan([EditRule(keep_fraction=0.8)], EditSettings(masses="targeted"))
+    applied = edit_model(model, targets, plan, tmp_path / "f", forget=WINDOWS)
     for target in targets:
         basis = bases[target.name]
         mask = targeted_mask(masses[target.name], general_masses(basis), keep_fraction=0.8)
@@ -87,7 +88,8 @@ def test_targeted_edit_removes_the_highest_ratio_components(tmp_path):
         assert torch.allclose(target.weight_oi(), expected.to(w), atol=1e-12)
     applied.undo()
     with pytest.raises(EditError, match="forget set"):
-        edit_model(model, targets, EditPlan([EditRule(keep_fraction=0.8)], masses="targeted"), tmp_path / "f")
+        edit_model(model, targets, EditPlan([EditRule(keep_fraction=0.8)], EditSettings(masses="targeted")),
+                   tmp_path / "f")
 
 
 def test_cli_edit_forget(tmp_path):

@@ -26,6 +26,7 @@ from curvedit.cli.common import (
 
 if TYPE_CHECKING:
     from curvedit.editing.edit import EditRule
+    from curvedit.editing.settings import EditSettings
     from curvedit.evaluate.runner import EvaluateOptions
     from curvedit.kfac.targets import TargetSpec
 
@@ -104,8 +105,8 @@ def edit_command(
     from curvedit.data import check_corpus_source, default_pad_id
     from curvedit.editing.budget import edit_within_budget
     from curvedit.editing.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
+    from curvedit.editing.settings import EditSettings
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
-    from curvedit.kfac.spectrum import EIGH_PRECISIONS
     from curvedit.kfac.targets import select_targets
     from curvedit.models import load_model
 
@@ -129,8 +130,9 @@ def edit_command(
         if heldout is not None:
             check_corpus_source(heldout)
         _step_edit(model, factors, out, target_spec(preset, targets, layers), EditRule("*", rho=rho,
-                   keep_fraction=keep_fraction), step_from, step_norm, ppl_budget, heldout, device=device,
-                   eigh_precision=eigh_precision, budget_steps=budget_steps, batch_size=batch_size,
+                   keep_fraction=keep_fraction), step_from, step_norm, ppl_budget, heldout,
+                   settings=EditSettings(seed=seed or 0, eigh_precision=eigh_precision, device=device),
+                   budget_steps=budget_steps, batch_size=batch_size,
                    evaluate=EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
                                             heldout_max_tokens=heldout_max_tokens, text_field=text_field),
                    progress=progress, overwrite=overwrite)
@@ -168,8 +170,8 @@ def edit_command(
                       if protect_rho is not None or protect_keep_fraction is not None else None)
     if protect_amount is not None and ppl_budget is not None:
         fail("with --ppl-budget the protect amount follows the bisected amount: give --protect alone")
-    if eigh_precision not in EIGH_PRECISIONS:
-        fail(f"--eigh-precision must be one of {', '.join(EIGH_PRECISIONS)}, got {eigh_precision!r}")
+    settings = EditSettings(method=method or "kfac", masses=masses or "kfac", seed=seed or 0,
+                            compute_dtype=compute_dtype or "float64", eigh_precision=eigh_precision, device=device)
     check_output(out, kind="dir", overwrite=overwrite, model=model,
                  inputs=[p for p in (forget, protect) if p is not None])
     if heldout is not None:
@@ -179,34 +181,31 @@ def edit_command(
         plan = None
     elif plan_file is not None:
         plan = replace(EditPlan.from_json(plan_file, method=method, seed=seed, compute_dtype=compute_dtype,
-                                          masses=masses), protect=protect_amount)
+                                          masses=masses, eigh_precision=eigh_precision, device=device),
+                       protect=protect_amount)
     else:
         plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction, side=side, block=block_shares)],
-                        method=method or "kfac",
-                        seed=seed or 0, compute_dtype=compute_dtype or "float64", masses=masses or "kfac",
-                        protect=protect_amount)
+                        settings, protect=protect_amount)
     loaded = load_model(model, device=device, progress=progress)
     chosen = select_targets(loaded.model, target_spec(preset, targets, layers))
     forget_windows = read_windows(forget, loaded) if forget is not None else None
     pad_id = default_pad_id(loaded.preprocessor)
     if plan is not None:
-        applied = edit_model(loaded.model, chosen, plan, factors, device, eigh_precision, forget_windows, pad_id,
+        applied = edit_model(loaded.model, chosen, plan, factors, forget=forget_windows, pad_id=pad_id,
                              protect_dir=protect)
     else:
         sequences = load_heldout(loaded, EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
                                                          heldout_max_tokens=heldout_max_tokens,
                                                          text_field=text_field))
         search, applied = edit_within_budget(
-            loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, method=method or "kfac",
-            seed=seed or 0, compute_dtype=compute_dtype or "float64", device=device, eigh_precision=eigh_precision,
-            masses=masses or "kfac", forget=forget_windows, protect_dir=protect, steps=budget_steps,
-            batch_size=batch_size,
-            pad_id=pad_id, progress=progress)
+            loaded.model, chosen, factors, sequences, budget=ppl_budget, knob=budget_knob, settings=settings,
+            forget=forget_windows, protect_dir=protect, steps=budget_steps, batch_size=batch_size, pad_id=pad_id,
+            progress=progress)
         if not search.edited:
             typer.echo(search.table(), err=True)
             fail(f"no {budget_knob} below 1 keeps the perplexity within x{ppl_budget:g} of the unedited "
                  f"{search.unedited_perplexity:.4f}; nothing written (raise --ppl-budget or edit fewer targets)")
-    manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
+    manifest = edit_manifest(applied, model, factors, loaded.source)
     if forget is not None:
         manifest["forget"] = {"path": str(forget), "windows": len(forget_windows)}
     if protect is not None:
@@ -234,8 +233,8 @@ def _check_heldout(ppl_budget: Optional[float], heldout: Optional[Path]) -> None
 
 
 def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec, block: EditRule, step_from: Path,
-               step_norm: Optional[float], ppl_budget: Optional[float], heldout: Optional[Path], *, device: str,
-               eigh_precision: str, budget_steps: int, batch_size: int, evaluate: EvaluateOptions, progress: bool,
+               step_norm: Optional[float], ppl_budget: Optional[float], heldout: Optional[Path], *,
+               settings: EditSettings, budget_steps: int, batch_size: int, evaluate: EvaluateOptions, progress: bool,
                overwrite: bool) -> None:
     """`edit --step-from`: build the coherent step (`curvedit.editing.step`), take it at the given norm
     or the largest within the perplexity budget, and save the model with its manifest."""
@@ -248,11 +247,11 @@ def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec,
 
     if factors is None:
         fail("--step-from needs --factors (the step lives in the K-FAC eigenbasis)")
-    loaded = load_model(model, device=device, progress=progress)
+    loaded = load_model(model, device=settings.device, progress=progress)
     chosen = select_targets(loaded.model, spec)
     windows = read_windows(step_from, loaded)
     pad_id = default_pad_id(loaded.preprocessor)
-    bases = method_bases(loaded.model, chosen, factors, "kfac", device=device, eigh_precision=eigh_precision)
+    bases = method_bases(loaded.model, chosen, factors, settings)
     step = step_directions(forget_gradients(loaded.model, windows, chosen, pad_id=pad_id, batch_size=batch_size),
                            chosen, bases, block)
     search = None
@@ -264,8 +263,8 @@ def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec,
         if not search.edited:
             fail(f"no step norm keeps the perplexity within x{ppl_budget:g} (the smallest tried was "
                  f"{(1 - search.steps[-1].amount) * step.deletion_norm:.4g}); nothing written")
-    applied = apply_step(chosen, step, step_norm)
-    manifest = edit_manifest(applied, model, factors, eigh_precision, loaded.source)
+    applied = apply_step(chosen, step, step_norm, settings)
+    manifest = edit_manifest(applied, model, factors, loaded.source)
     manifest["step"] = {"from": str(step_from), "windows": len(windows), "norm": step_norm,
                         "deletion_norm": step.deletion_norm, "gradient_share_in_block": step.gradient_share,
                         **({"budget": ppl_budget, "heldout": str(heldout),

@@ -115,13 +115,15 @@ def sweep_command(
     to the strongest edit within --ppl-budget, and its steps are recorded in sweep.json.
     """
     from curvedit.data import check_corpus_source
+    from curvedit.editing.settings import EditSettings
     from curvedit.editing.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, parse_probe_floor, run_sweep
     from curvedit.evaluate.tasks import load_tasks
 
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
-                     keep_fraction=float_list(keep_grid, "--keep-grid"), method=method)
+                     keep_fraction=float_list(keep_grid, "--keep-grid"))
     options = SweepOptions(metric=metric, ppl_budget=ppl_budget, loose_threshold=loose_threshold,
-                           batch_size=batch_size, seed=seed, masses=masses, device=device, progress=progress,
+                           batch_size=batch_size, settings=EditSettings(method=method, masses=masses, seed=seed,
+                                                                        device=device), progress=progress,
                            bisect_budget=bisect_budget, bisect_knob=budget_knob, bisect_steps=budget_steps,
                            probe_floor=parse_probe_floor(probe_floor or []))
     grid.validate(bisect=bisect_budget)
@@ -309,11 +311,13 @@ def frontier_command(
     """Is curvature the lever? Held-out forgetting against cost (nats per token) for every method, on one figure."""
     from curvedit.data import check_corpus_source
     from curvedit.diagnostics.frontier import FRONTIER_JSON, FRONTIER_PNG, FrontierOptions, run_frontier
+    from curvedit.editing.settings import EditSettings
     from curvedit.evaluate.tasks import load_tasks
     from curvedit.kfac.targets import select_targets
 
     options = FrontierOptions(methods=_groups(methods.replace(",", ";")),
-                              keep_fractions=tuple(float_list(keep_grid, "--keep-grid")), seed=seed,
+                              keep_fractions=tuple(float_list(keep_grid, "--keep-grid")),
+                              settings=EditSettings(seed=seed),
                               batch_size=batch_size, progress=progress)
     options.validate()
     if factors is None and set(options.methods) - {"magnitude", "svd"}:

@@ -21,7 +21,7 @@ components as K-FAC keeps, chosen at random) and "svd" (singular-value truncatio
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from curvedit.data import default_pad_id
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit, method_bases
+from curvedit.editing.settings import EditSettings
 from curvedit.errors import CurveditError
 from curvedit.evaluate.intervals import bootstrap_ratio, wilson
 from curvedit.evaluate.memorization import evaluate_recitation
@@ -58,18 +59,17 @@ class FrontierOptions:
         methods: names from `FRONTIER_METHODS`.
         keep_fractions: amounts, each in (0, 1): the share of components (singular values for
             svd; weight entries for magnitude) kept.
-        seed: seed of the random and noise controls.
+        settings: the seed of the random and noise controls, the basis change's dtype and the
+            device (`EditSettings`; each method sets its own method and masses).
         batch_size: sequences per forward pass / decoding batch.
-        compute_dtype: "float64" or "float32" for the basis change.
         loose_threshold: loose recall counts `1 - d/L >=` this.
         progress: show a progress bar over the points.
     """
 
     methods: tuple[str, ...] = tuple(FRONTIER_METHODS)
     keep_fractions: tuple[float, ...] = (0.99, 0.95, 0.9, 0.8, 0.6, 0.4)
-    seed: int = 0
+    settings: EditSettings = field(default_factory=EditSettings)
     batch_size: int = 16
-    compute_dtype: str = "float64"
     loose_threshold: float = 0.75
     progress: bool = True
 
@@ -130,6 +130,8 @@ class FrontierResult:
     def from_dict(cls, data: dict[str, Any]) -> "FrontierResult":
         """The result back from `to_dict`'s form (frontier.json)."""
         opts = {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}
+        flat = {k: opts.pop(k) for k in ("seed", "compute_dtype") if k in opts}  # frontier.json before EditSettings
+        opts["settings"] = EditSettings(**(opts.get("settings") or flat))
         return cls(options=FrontierOptions(**opts), baseline=FrontierPoint(**data["baseline"]),
                    points=[FrontierPoint(**p) for p in data["points"]])
 
@@ -197,7 +199,8 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
     pad_id = default_pad_id(tokenizer)
     kinds = {"identity": "identity", "svd": "svd"}  # every other method edits in the K-FAC eigenbasis
     needs = {kinds.get(FRONTIER_METHODS[m][0], "kfac") for m in options.methods}
-    loaded = {kind: method_bases(model, targets, factor_dir, kind) for kind in needs}
+    loaded = {kind: method_bases(model, targets, factor_dir, replace(
+        options.settings, method=kind, masses="saliency" if kind == "identity" else "kfac")) for kind in needs}
 
     def measure(method: str, amount: float, kept: int, total: int, base: PerplexityResult | None,
                 base_probes: dict[str, float]) -> tuple[FrontierPoint, PerplexityResult]:
@@ -221,8 +224,7 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
     settings = [(m, k) for m in options.methods for k in options.keep_fractions]
     for name, amount in tqdm(settings, unit="point", desc="frontier", disable=not options.progress):
         method, masses = FRONTIER_METHODS[name]
-        plan = EditPlan([EditRule("*", keep_fraction=amount)], method=method, seed=options.seed,
-                        compute_dtype=options.compute_dtype, masses=masses)
+        plan = EditPlan([EditRule("*", keep_fraction=amount)], replace(options.settings, method=method, masses=masses))
         applied = apply_edit(targets, plan, loaded[kinds.get(method, "kfac")])
         try:
             point, _ = measure(name, amount, sum(s.kept for s in applied.stats), sum(s.total for s in applied.stats),

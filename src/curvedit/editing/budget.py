@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from curvedit.editing.edit import AppliedEdit, EditPlan, EditRule, apply_edit, method_bases
+from curvedit.editing.settings import EditSettings
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.kfac.spectrum import Eigenbasis, SelectionError
@@ -165,11 +166,7 @@ def bisect_amount(
     target_ppl: float | None = None,
     unedited_ppl: float | None = None,
     knob: str = "keep_fraction",
-    method: str = "kfac",
-    seed: int = 0,
-    compute_dtype: str = "float64",
-    masses: str = "kfac",
-    device: str | None = None,
+    settings: EditSettings | None = None,
     steps: int = 10,
     tolerance: float = 0.0,
     batch_size: int = 16,
@@ -194,11 +191,7 @@ def bisect_amount(
         unedited_ppl: the unedited model's perplexity on `heldout_sequences`, when known
             (measured otherwise).
         knob: "keep_fraction" (share of components by count) or "rho" (share of mass).
-        method: the edit method (`curvedit.editing.edit.METHODS`).
-        seed: seed of the "random" control.
-        compute_dtype: "float64" or "float32" for the basis change.
-        masses: "kfac", "ekfac" or "targeted" (see `curvedit.editing.edit.EditPlan`).
-        device: where to do the edit's linear algebra (default: the weights' device).
+        settings: how each candidate edit is made (`EditSettings`; None: the defaults).
         steps: candidates at most (the amount is resolved to `2**-steps`).
         tolerance: stop early once a candidate's perplexity is within this relative
             distance of the target (in mode "within", only a candidate that fits); 0 runs
@@ -217,9 +210,10 @@ def bisect_amount(
     """
     _validate(heldout_sequences, targets, mode, knob, budget, target_ppl, steps, tolerance, batch_size)
 
+    settings = settings or EditSettings()
+
     def plan(amount: float) -> EditPlan:
-        return EditPlan([EditRule("*", **{knob: amount})], method=method, seed=seed, compute_dtype=compute_dtype,
-                        masses=masses)
+        return EditPlan([EditRule("*", **{knob: amount})], settings)
 
     def measure() -> float:
         return perplexity(model, heldout_sequences, pad_id=pad_id, batch_size=batch_size).perplexity
@@ -227,12 +221,12 @@ def bisect_amount(
     plan(1.0)  # an unknown method or dtype fails before any measurement
     unedited = measure() if unedited_ppl is None else unedited_ppl
     target = budget * unedited if budget is not None else target_ppl
-    found = bisect_edit(edit_at(targets, plan, bases, device), measure, target, mode=mode,
+    found = bisect_edit(edit_at(targets, plan, bases), measure, target, mode=mode,
                         gap=lambda ppl: abs(ppl / target - 1), steps=steps, tolerance=tolerance, progress=progress,
                         description=f"{knob} for ppl {target:.4g}")
     tried = [BudgetStep(amount=step.amount, perplexity=step.value, kept=step.kept, total=step.total, fits=step.fits)
              for step in found.steps]
-    return BudgetSearch(mode=mode, knob=knob, method=method, amount=found.amount,
+    return BudgetSearch(mode=mode, knob=knob, method=settings.method, amount=found.amount,
                         perplexity=found.value if found.edited else unedited, unedited_perplexity=unedited,
                         target_perplexity=target, ppl_budget=budget, edited=found.edited, steps=tried)
 
@@ -266,10 +260,10 @@ class Bisection:
     steps: list[BisectionStep]
 
 
-def edit_at(targets: list[Target], plan: Callable[[float], EditPlan], bases: dict[str, Eigenbasis] | None,
-            device: str | None = None) -> Callable[[float], AppliedEdit]:
+def edit_at(targets: list[Target], plan: Callable[[float], EditPlan], bases: dict[str, Eigenbasis] | None
+            ) -> Callable[[float], AppliedEdit]:
     """amount -> `apply_edit` of `plan(amount)` on `targets` (what `bisect_edit` applies)."""
-    return lambda amount: apply_edit(targets, plan(amount), bases, device)
+    return lambda amount: apply_edit(targets, plan(amount), bases)
 
 
 def bisect_edit(apply: Callable[[float], AppliedEdit], measure: Callable[[], float], target: float, *, mode: str,
@@ -339,14 +333,9 @@ def edit_within_budget(
     *,
     budget: float,
     knob: str = "keep_fraction",
-    method: str = "kfac",
-    seed: int = 0,
-    compute_dtype: str = "float64",
-    masses: str = "kfac",
+    settings: EditSettings | None = None,
     forget: Sequence[Any] | None = None,
     protect_dir: str | Path | None = None,
-    device: str | None = None,
-    eigh_precision: str = "float64",
     steps: int = 10,
     batch_size: int = 16,
     pad_id: int = 0,
@@ -362,15 +351,10 @@ def edit_within_budget(
         heldout_sequences: held-out token sequences for perplexity.
         budget: allowed perplexity ratio to the unedited model (>= 1).
         knob: "keep_fraction" or "rho".
-        method: the edit method.
-        seed: seed of the "random" control.
-        compute_dtype: "float64" or "float32" for the basis change.
-        masses: "kfac", "ekfac" or "targeted" (see `curvedit.editing.edit.EditPlan`).
+        settings: how the edit is made (`EditSettings`: method, masses, seed, dtypes, device).
         forget: the forget set's windows, for masses "targeted".
         protect_dir: protect factors (`curvedit.editing.protect`): their top mass, at each bisected
             amount, is kept too.
-        device: where to run eigh and the basis change.
-        eigh_precision: "float64" or "float32" (see `curvedit.kfac.spectrum.sym_eigh`).
         steps: bisection steps (resolution `2**-steps`).
         batch_size: sequences per forward pass.
         pad_id: padding id.
@@ -385,11 +369,8 @@ def edit_within_budget(
         curvedit.editing.edit.EditError: no factor directory for a method that needs one.
         curvedit.kfac.factors.FactorError: factors missing or of another model.
     """
-    bases = method_bases(model, targets, factor_dir, method, device=device, eigh_precision=eigh_precision,
-                         masses=masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
+    settings = settings or EditSettings()
+    bases = method_bases(model, targets, factor_dir, settings, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
     search = bisect_amount(model, targets, bases, heldout_sequences, mode="within", budget=budget, knob=knob,
-                           method=method, seed=seed, compute_dtype=compute_dtype, masses=masses, device=device,
-                           steps=steps,
-                           batch_size=batch_size, pad_id=pad_id, progress=progress)
-    plan = EditPlan([search.rule()], method=method, seed=seed, compute_dtype=compute_dtype, masses=masses)
-    return search, apply_edit(targets, plan, bases, device)
+                           settings=settings, steps=steps, batch_size=batch_size, pad_id=pad_id, progress=progress)
+    return search, apply_edit(targets, EditPlan([search.rule()], settings), bases)

@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from curvedit.editing.protect import attach_protect_masses, protect_mask
+from curvedit.editing.settings import BASIS_METHODS, EIGENBASIS_METHODS, EditError, EditSettings
 from curvedit.editing.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
-from curvedit.errors import CurveditError
 from curvedit.kfac.spectrum import (
-    MASSES,
     Eigenbasis,
     SelectionError,
     identity_bases,
@@ -43,15 +42,6 @@ from curvedit.kfac.spectrum import (
     staircase_mask,
 )
 from curvedit.kfac.targets import Target
-
-METHODS = ("kfac", "svd", "random", "lowest", "identity", "noise")
-BASIS_METHODS = ("kfac", "identity", "noise")  # the selection itself is used (no control drawn from its count)
-EIGENBASIS_METHODS = ("kfac", "random", "lowest", "noise")  # select components of the factors' eigenbasis
-COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-class EditError(CurveditError):
-    """An edit that cannot be made as asked (no rule for a target, bad method, ...)."""
 
 
 @dataclass(frozen=True)
@@ -102,45 +92,34 @@ class EditRule:
 
 @dataclass
 class EditPlan:
-    """Which method, and per target pattern how much to keep (first matching rule wins).
+    """How the edit is made, and per target pattern how much to keep (first matching rule wins).
 
     Attributes:
         rules: the rules, in priority order.
-        method: one of `METHODS`.
-        seed: seed of the "random" control.
-        compute_dtype: "float64" (default) or "float32" for the basis change.
-        masses: what ranks the components: "kfac" (`lam_i * mu_j`), "ekfac" (the
-            eigenvalue-corrected `S` stored by `collect --eigencorrect`), "targeted" (the
-            ratio of a forget set's masses to the general ones, `curvedit.editing.targeted`) or
-            "saliency" (`lam_i mu_j C_ij^2`, the second-order cost of removing component
-            (i, j) of the weight's coefficients `C = U_G^T W U_A`, as Optimal Brain Damage).
+        settings: method, masses, seed, dtypes and device (`curvedit.editing.settings.EditSettings`).
         protect: the amount of the protect selection (its pattern is ignored) for bases that
             carry protect masses (`curvedit.editing.protect`); None: each target's own rule.
     """
 
     rules: list[EditRule]
-    method: str = "kfac"
-    seed: int = 0
-    compute_dtype: str = "float64"
-    masses: str = "kfac"
+    settings: EditSettings = field(default_factory=EditSettings)
     protect: EditRule | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise EditError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.masses not in MASSES:
-            raise EditError(f"unknown masses {self.masses!r}; choose one of {MASSES}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise EditError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise EditError for a plan without rules, bad settings, or shaped rules (side or
+        block) with a method or masses that do not select K-FAC eigendirections."""
+        if not isinstance(self.settings, EditSettings):
+            raise EditError(f"settings must be an EditSettings, got {type(self.settings).__name__}")
+        self.settings.validate()
         if not self.rules:
             raise EditError("an edit plan needs at least one rule")
         shaped = [r for r in self.rules if r.side is not None or r.block is not None]
-        if shaped and (self.method not in EIGENBASIS_METHODS or self.masses != "kfac"):
+        if shaped and (self.settings.method not in EIGENBASIS_METHODS or self.settings.masses != "kfac"):
             raise EditError("side-restricted and block edits select K-FAC eigendirections: they need method kfac "
                             "(or its controls noise / random / lowest) and masses kfac")
-        if self.method == "identity" and self.masses != "saliency":
-            raise EditError("method 'identity' makes every component (weight entry) equally curved: rank them with "
-                            "masses 'saliency' (W_ij^2, magnitude pruning)")
 
     def rule_for(self, name: str) -> EditRule:
         """The first rule matching `name`.
@@ -154,7 +133,8 @@ class EditPlan:
         raise EditError(f"no rule of the plan matches target {name} (patterns: {[r.pattern for r in self.rules]})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "seed": self.seed, "compute_dtype": self.compute_dtype, "masses": self.masses,
+        s = self.settings
+        return {"method": s.method, "seed": s.seed, "compute_dtype": s.compute_dtype, "masses": s.masses,
                 "rules": [asdict(r) for r in self.rules],
                 **({"protect": asdict(self.protect)} if self.protect is not None else {})}
 
@@ -200,7 +180,8 @@ class EditPlan:
             if key in data and data[key] != value:
                 raise EditError(f"{path} sets {key}={data[key]!r} but {value!r} was also given: give it once")
             data[key] = value
-        return cls(rules=rules, **data)
+        protect = data.pop("protect", None)
+        return cls(rules=rules, settings=EditSettings(**data), protect=protect)
 
 
 @dataclass
@@ -393,15 +374,14 @@ def svd_truncate(weight_oi: torch.Tensor, rule: EditRule) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasis] | None = None,
-               device: str | torch.device | None = None) -> AppliedEdit:
+def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasis] | None = None) -> AppliedEdit:
     """Edit the target weights in place, per the plan; returns what undoes it.
 
     Args:
         targets: the weights to edit (from `select_targets`).
-        plan: method and per-pattern amounts.
+        plan: method and per-pattern amounts; its settings' device is where the linear algebra
+            runs (None: the weight's device).
         bases: name -> eigenbasis (from `cached_eigenbases`); needed for every method but svd.
-        device: where to do the linear algebra (default: the weight's device).
 
     Returns:
         An `AppliedEdit` with per-target stats and the originals.
@@ -410,27 +390,28 @@ def apply_edit(targets: list[Target], plan: EditPlan, bases: dict[str, Eigenbasi
         EditError: a target without eigenbasis, or no matching rule.
         SelectionError: an invalid rho/keep fraction.
     """
-    dtype = COMPUTE_DTYPES[plan.compute_dtype]
-    generator = torch.Generator().manual_seed(plan.seed)
+    settings = plan.settings
+    dtype = getattr(torch, settings.compute_dtype)
+    generator = torch.Generator().manual_seed(settings.seed)
     originals: dict[str, torch.Tensor] = {}
     stats: list[TargetEditStats] = []
     done: list[Target] = []
     try:
         for target in targets:
             rule = plan.rule_for(target.name)
-            weight = target.weight_oi().to(device=device or target.module.weight.device, dtype=dtype)
-            if plan.method == "svd":
+            weight = target.weight_oi().to(device=settings.device or target.module.weight.device, dtype=dtype)
+            if settings.method == "svd":
                 edited, kept, total, mass = svd_truncate(weight, rule)
             else:
                 if bases is None or target.name not in bases:
-                    raise EditError(f"{target.name}: no eigenbasis (factors) for method {plan.method!r}")
+                    raise EditError(f"{target.name}: no eigenbasis (factors) for method {settings.method!r}")
                 basis = bases[target.name].to(weight.device, dtype)
-                mask = kfac_mask(basis, rule, plan.masses, plan.protect, weight)
-                if plan.method not in BASIS_METHODS:
-                    mask = control_mask(basis, int(mask.sum()), plan.method, generator)
-                edited = (noise_in_block(weight, basis, mask, generator) if plan.method == "noise"
+                mask = kfac_mask(basis, rule, settings.masses, plan.protect, weight)
+                if settings.method not in BASIS_METHODS:
+                    mask = control_mask(basis, int(mask.sum()), settings.method, generator)
+                edited = (noise_in_block(weight, basis, mask, generator) if settings.method == "noise"
                           else change_basis_and_mask(weight, basis, mask))
-                kept, total, mass = int(mask.sum()), mask.numel(), kept_mass(basis, mask, plan.masses)
+                kept, total, mass = int(mask.sum()), mask.numel(), kept_mass(basis, mask, settings.masses)
             rel = float(torch.linalg.norm(edited - weight) / torch.linalg.norm(weight).clamp(min=1e-30))
             originals[target.name] = target.module.weight.detach().clone()
             target.set_weight_oi(edited)
@@ -447,19 +428,15 @@ MANIFEST_FILE = "curvedit-edit.json"
 
 
 def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_dir: str | Path | None = None,
-               device: str | torch.device | None = None, eigh_precision: str = "float64",
-               forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
+               *, forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
                ) -> AppliedEdit:
     """Check the factors against the model, get the (cached) eigenbases, apply the plan.
 
     Args:
         model: the unedited model (factors must come from these weights).
         targets: the weights to edit; each needs factors in `factor_dir` (unless svd).
-        plan: the edit plan.
+        plan: the edit plan (its settings say the method, the device and the eigh precision).
         factor_dir: the factor directory (not needed for svd).
-        device: where to run eigh and the basis change.
-        eigh_precision: "float64", or "float32" with a residual check and float64
-            fallback (see `curvedit.kfac.spectrum.sym_eigh`).
         forget: the forget set's windows (`curvedit.evaluate.windows.Window`) for masses "targeted".
         pad_id: padding id of the forget pass.
         protect_dir: a factor folder collected (from this model) on a population to keep:
@@ -475,35 +452,48 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
     """
     from curvedit.kfac.factors import without_eigencorrections  # noqa: PLC0415
 
+    settings = plan.settings
     for target in targets:  # before any eigendecomposition is computed or cached
         rule = plan.rule_for(target.name)
         d_out, d_in = target.shape_oi
-        size = min(d_out, d_in) if plan.method == "svd" else d_out * d_in
+        size = min(d_out, d_in) if settings.method == "svd" else d_out * d_in
         if rule.keep_fraction is not None and round(rule.keep_fraction * size) == 0:
             raise SelectionError(f"{target.name}: keep fraction {rule.keep_fraction} keeps no component of {size} "
                                  "(the edit would zero the weight)")
-    if plan.masses == "ekfac" and plan.method in EIGENBASIS_METHODS and factor_dir is not None:
+    if settings.masses == "ekfac" and settings.method in EIGENBASIS_METHODS and factor_dir is not None:
         missing = without_eigencorrections(factor_dir, [t.name for t in targets])
         if missing:
             raise EditError(f"masses 'ekfac' need eigenvalue-corrected factors, and {factor_dir} has none for "
                             f"{missing[0]}{' and others' if len(missing) > 1 else ''}: run collect --eigencorrect")
-    bases = method_bases(model, targets, factor_dir, plan.method, device=device, eigh_precision=eigh_precision,
-                         masses=plan.masses, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
-    return apply_edit(targets, plan, bases, device)
+    bases = method_bases(model, targets, factor_dir, settings, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
+    return apply_edit(targets, plan, bases)
 
 
-def method_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path | None, method: str, *,
-                 device: str | torch.device | None = None, eigh_precision: str = "float64", masses: str = "kfac",
-                 forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
-                 ) -> dict[str, Eigenbasis] | None:
+def method_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path | None,
+                 settings: EditSettings | None = None, *, forget: Sequence[Any] | None = None, pad_id: int = 0,
+                 protect_dir: str | Path | None = None) -> dict[str, Eigenbasis] | None:
     """The bases a method edits in: none for "svd", the standard basis for "identity", else the
     factors' eigenbases with what the ranking needs (`prepare_bases`).
+
+    Args:
+        model: the unedited model.
+        targets: the weights to edit.
+        factor_dir: the factor directory (None only for "svd" and "identity").
+        settings: the method, masses, device and eigh precision (None: the defaults).
+        forget: the forget set's windows, for masses "targeted".
+        pad_id: padding id of the forget pass.
+        protect_dir: protect factors (`curvedit.editing.protect`).
+
+    Returns:
+        name -> eigenbasis, or None for "svd".
 
     Raises:
         EditError: protect factors for a method that does not select eigenbasis components, or
             no factor directory for a method that needs one.
         FactorError: as `prepare_bases`.
     """
+    settings = settings or EditSettings()
+    method = settings.method
     if protect_dir is not None and method not in EIGENBASIS_METHODS:
         raise EditError(f"protection keeps components of the K-FAC eigenbasis: it does not apply to method "
                         f"{method!r}")
@@ -513,14 +503,12 @@ def method_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path
         return identity_bases(targets)
     if factor_dir is None:
         raise EditError(f"method {method!r} needs a factor directory")
-    return prepare_bases(model, targets, factor_dir, device=device, eigh_precision=eigh_precision, masses=masses,
-                         forget=forget, pad_id=pad_id, protect_dir=protect_dir)
+    return prepare_bases(model, targets, factor_dir, settings, forget=forget, pad_id=pad_id, protect_dir=protect_dir)
 
 
-def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path, *,
-                  device: str | torch.device | None = None, eigh_precision: str = "float64", masses: str = "kfac",
-                  forget: Sequence[Any] | None = None, pad_id: int = 0, protect_dir: str | Path | None = None
-                  ) -> dict[str, Eigenbasis]:
+def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Path,
+                  settings: EditSettings | None = None, *, forget: Sequence[Any] | None = None, pad_id: int = 0,
+                  protect_dir: str | Path | None = None) -> dict[str, Eigenbasis]:
     """The targets' (cached) eigenbases, checked against the model, with what the plan's
     ranking needs attached: a forget set's masses ("targeted") and a protected population's
     masses (`protect_dir`, a factor folder collected on it from the same model).
@@ -536,9 +524,11 @@ def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Pat
     if protect_dir is not None:  # checked before any eigenbasis is computed or cached
         protect = load_factors(protect_dir)
         check_factors_match(protect, targets)
+    settings = settings or EditSettings()
+    masses = settings.masses
     if masses == "targeted" and not forget:
         raise EditError("masses 'targeted' need a forget set (edit --forget mem.jsonl)")
-    bases = load_bases(targets, factor_dir, device, eigh_precision)
+    bases = load_bases(targets, factor_dir, settings.device, settings.eigh_precision)
     if masses == "targeted":
         attach_forget_masses(bases, forget_masses(model, forget, targets, bases, pad_id=pad_id))
     if protect is not None:
@@ -547,7 +537,7 @@ def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Pat
 
 
 def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None,
-                  eigh_precision: str = "float64", model_source: dict[str, Any] | None = None) -> dict[str, Any]:
+                  model_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON description of an edit: plan, factor identity, eigh precision, per-target
     statistics, and the model's non-HF origin (`LoadedModel.source`, e.g. a GGUF file and its
     quantization) as `model_source`, null for an HF checkpoint."""
@@ -563,7 +553,7 @@ def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path 
         "model_source": model_source,
         "plan": applied.plan.to_dict(),
         "factors": factors_info,
-        "eigh_precision": eigh_precision,
+        "eigh_precision": applied.plan.settings.eigh_precision,
         "targets": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in applied.stats},
     }
 

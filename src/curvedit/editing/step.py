@@ -31,6 +31,7 @@ from torch import nn
 
 from curvedit.editing.budget import Bisection, bisect_edit
 from curvedit.editing.edit import AppliedEdit, EditPlan, EditRule, TargetEditStats, kept_mass, kfac_mask
+from curvedit.editing.settings import EditSettings
 from curvedit.editing.targeted import SuffixObjective, forget_batches
 from curvedit.errors import CurveditError
 from curvedit.evaluate.perplexity import perplexity
@@ -141,8 +142,19 @@ def step_directions(gradients: dict[str, torch.Tensor], targets: list[Target], b
 
 
 @torch.no_grad()
-def apply_step(targets: list[Target], step: StepDirections, norm: float) -> AppliedEdit:
+def apply_step(targets: list[Target], step: StepDirections, norm: float, settings: EditSettings | None = None
+               ) -> AppliedEdit:
     """`W <- W + norm * D` for every target, in place; returns what undoes it bit for bit.
+
+    Args:
+        targets: the weights the step moves.
+        step: the directions (`step_directions`).
+        norm: the step's Frobenius norm over all targets.
+        settings: recorded as the returned edit's settings (the eigh precision and device the
+            bases were made with); None: the defaults.
+
+    Returns:
+        The `AppliedEdit` (`.undo()` restores the weights).
 
     Raises:
         StepError: a negative or non-finite norm.
@@ -162,7 +174,8 @@ def apply_step(targets: list[Target], step: StepDirections, norm: float) -> Appl
                                      rel_change=norm * float(torch.linalg.norm(step.directions[t.name]))
                                      / max(float(torch.linalg.norm(weight.double())), 1e-30),
                                      rule=asdict(step.block)))
-    return AppliedEdit(plan=EditPlan([step.block]), stats=stats, originals=originals, targets=list(targets))
+    return AppliedEdit(plan=EditPlan([step.block], settings or EditSettings()), stats=stats, originals=originals,
+                       targets=list(targets))
 
 
 def step_within_budget(model: nn.Module, targets: list[Target], step: StepDirections,

@@ -47,14 +47,14 @@ from tqdm.auto import tqdm
 
 from curvedit.data import default_pad_id
 from curvedit.editing.budget import KNOBS, bisect_amount
-from curvedit.editing.edit import METHODS, EditError, EditPlan, EditRule, apply_edit, method_bases
+from curvedit.editing.edit import EditError, EditPlan, EditRule, apply_edit, method_bases
+from curvedit.editing.settings import EditSettings
 from curvedit.errors import CurveditError
 from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
 from curvedit.evaluate.windows import Window
-from curvedit.kfac.spectrum import MASSES
 from curvedit.kfac.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 
 METRICS = ("strict", "loose", "similarity")
@@ -77,14 +77,12 @@ class SweepGrid:
         rho: curvature-mass fractions to keep, each in (0, 1] (empty when bisecting).
         keep_fraction: component-count fractions to keep, each in (0, 1] (empty when
             bisecting).
-        method: the edit method (`curvedit.editing.edit.METHODS`; "kfac" by default).
     """
 
     layers: tuple[str, ...]
     matrices: tuple[str, ...] = ("mlp-in",)
     rho: tuple[float, ...] = ()
     keep_fraction: tuple[float, ...] = ()
-    method: str = "kfac"
 
     def validate(self, bisect: bool = False) -> None:
         """Check the grid.
@@ -112,8 +110,6 @@ class SweepGrid:
             bad = [v for v in values if not 0 < v <= 1]
             if bad:
                 raise SweepError(f"{name} values must be in (0, 1], got {bad}")
-        if self.method not in METHODS:
-            raise SweepError(f"unknown method {self.method!r}; choose one of {METHODS}")
         for group in self.layers:
             parse_layers(group)
 
@@ -143,10 +139,7 @@ class SweepOptions:
             (1.1 = 10% above); None chooses nothing.
         loose_threshold: loose accuracy counts 1 - d/L >= this.
         batch_size: sequences per forward pass / decoding batch.
-        seed: seed of the "random" control method.
-        compute_dtype: "float64" or "float32" for the basis change.
-        masses: "kfac" or "ekfac" component ranking (see `curvedit.editing.edit.EditPlan`).
-        device: where to do the edit's linear algebra (default: the weights' device).
+        settings: how every point's edit is made (method, masses, seed, dtypes, device).
         progress: show a progress bar over the points.
         bisect_budget: instead of the grid's amounts, bisect one amount per (layers x
             matrices) cell: the strongest edit within `ppl_budget` (needs a budget >= 1).
@@ -164,10 +157,7 @@ class SweepOptions:
     ppl_budget: float | None = 1.1
     loose_threshold: float = 0.75
     batch_size: int = 16
-    seed: int = 0
-    compute_dtype: str = "float64"
-    masses: str = "kfac"
-    device: str | None = None
+    settings: EditSettings = field(default_factory=EditSettings)
     progress: bool = True
     bisect_budget: bool = False
     bisect_knob: str = "keep_fraction"
@@ -185,8 +175,10 @@ class SweepOptions:
             raise SweepError(f"the loose threshold is a share of the suffix in (0, 1], got {self.loose_threshold}")
         if self.metric not in METRICS:
             raise SweepError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
-        if self.masses not in MASSES:
-            raise SweepError(f"unknown masses {self.masses!r}; choose one of {MASSES}")
+        try:
+            self.settings.validate()
+        except EditError as err:
+            raise SweepError(str(err)) from None
         for family, share in (self.probe_floor or {}).items():
             if not 0 < share <= 1:
                 where = "" if family == "*" else f" of {family}"
@@ -500,8 +492,6 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         raise SweepError("the sweep needs at least one memorized window")
     if not heldout_sequences:
         raise SweepError("the sweep needs held-out sequences for perplexity")
-    if grid.method == "identity" and options.masses != "saliency":
-        raise SweepError("method 'identity' ranks weight entries: give masses 'saliency' (magnitude pruning)")
     if options.probe_floor is not None and not tasks:
         raise SweepError("a probe floor needs task probes (--tasks)")
     unknown = sorted(set(options.probe_floor or {}) - {"*"} - {t.name for t in tasks})
@@ -516,7 +506,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
     union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
     try:
-        bases = method_bases(model, union, factor_dir, grid.method, protect_dir=protect_dir)
+        bases = method_bases(model, union, factor_dir, options.settings, protect_dir=protect_dir)
     except EditError as err:  # a method that needs factors without any, or protection it cannot take
         raise SweepError(str(err)) from None
     pad_id = default_pad_id(tokenizer)
@@ -538,20 +528,19 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         if options.bisect_budget:
             search = bisect_amount(model, point_targets[layers, matrices], bases, heldout_sequences, mode="within",
                                    budget=options.ppl_budget, unedited_ppl=baseline.perplexity, knob=kind,
-                                   method=grid.method, seed=options.seed, compute_dtype=options.compute_dtype,
-                                   masses=options.masses, device=options.device, steps=options.bisect_steps,
+                                   settings=options.settings, steps=options.bisect_steps,
                                    batch_size=options.batch_size, pad_id=pad_id)
             value, bisection = search.amount, search.to_dict()
-        plan = EditPlan([EditRule("*", **{kind: value})], method=grid.method, seed=options.seed,
-                        compute_dtype=options.compute_dtype, masses=options.masses)
-        applied = apply_edit(point_targets[layers, matrices], plan, bases, options.device)
+        plan = EditPlan([EditRule("*", **{kind: value})], options.settings)
+        applied = apply_edit(point_targets[layers, matrices], plan, bases)
         try:
             metrics, _ = _evaluate(model, tokenizer, memorized_windows, heldout_sequences, tasks, pad_id, options)
         finally:
             applied.undo()
         stats = {s.name: {"kept": s.kept, "total": s.total, "mass_kept": s.mass_kept, "rel_change": s.rel_change}
                  for s in applied.stats}
-        points.append(SweepPoint(layers=layers, matrices=matrices, amount_kind=kind, amount=value, method=grid.method,
+        points.append(SweepPoint(layers=layers, matrices=matrices, amount_kind=kind, amount=value,
+                                 method=options.settings.method,
                                  kept=sum(s.kept for s in applied.stats), total=sum(s.total for s in applied.stats),
                                  targets=stats, bisection=bisection, **metrics))
         bar.set_postfix(**{options.metric: f"{memorization_value(points[-1], options.metric):.3f}",
@@ -605,7 +594,8 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
         ax.set_xscale("log")
     ax.set_xlabel("held-out perplexity")
     ax.set_ylabel(f"memorization ({metric}, %)")
-    ax.set_title(f"{result.grid.method} sweep: {len(result.points)} points, {len(result.front)} on the front",
+    ax.set_title(f"{result.options.settings.method} sweep: {len(result.points)} points, "
+                 f"{len(result.front)} on the front",
                  fontsize=10)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from curvedit.data import Record, default_pad_id, lm_batches
 from curvedit.editing.edit import AppliedEdit, EditPlan, EditRule, apply_edit
+from curvedit.editing.settings import EditSettings
 from curvedit.editing.step import apply_step, forget_gradients, step_directions, step_within_budget
 from curvedit.editing.targeted import attach_forget_masses, forget_masses
 from curvedit.errors import CurveditError
@@ -272,7 +273,8 @@ def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl:
     from curvedit.editing.budget import bisect_amount, match_tolerance  # noqa: PLC0415
 
     return bisect_amount(model, targets, bases, probe.text, mode="match", target_ppl=target_ppl,
-                         unedited_ppl=unedited_ppl, method=method, seed=seed, steps=steps, masses=masses,
+                         unedited_ppl=unedited_ppl, settings=EditSettings(method=method, masses=masses, seed=seed),
+                         steps=steps,
                          tolerance=match_tolerance(target_ppl, unedited_ppl), batch_size=64)
 
 
@@ -423,14 +425,15 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                           "timings_s": round(time.perf_counter() - start, 1)}
 
     timer.stage("kfac", lambda: run_variant("kfac", EditPlan([rule]), {}))
-    timer.stage("random", lambda: run_variant("random", EditPlan([rule], method="random", seed=options.seed),
+    random_settings = EditSettings(method="random", seed=options.seed)
+    timer.stage("random", lambda: run_variant("random", EditPlan([rule], random_settings),
                                               {"note": "same number of components as kfac, chosen at random"}))
     kfac_ppl = variants["kfac"]["perplexity"]
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
         search = timer.stage(f"{name}_match", lambda m=method: match_perplexity(
             model, probe, targets, m, kfac_ppl, unedited["perplexity"], bases, options.seed))
         timer.stage(name, lambda n=name, m=method, s=search: run_variant(
-            n, EditPlan([s.rule()], method=m, seed=options.seed),
+            n, EditPlan([s.rule()], EditSettings(method=m, seed=options.seed)),
             {"matched": s.matches(), "note": f"keep fraction {s.amount:.5f} chosen so perplexity matches kfac's "
                                              f"({s.perplexity:.4f} vs {kfac_ppl:.4f}; "
                                              f"{'within' if s.matches() else 'NOT within'} 10% of its rise)"}))
@@ -447,7 +450,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     search = timer.stage("ekfac_match", lambda: match_perplexity(
         model, probe, targets, "kfac", kfac_ppl, unedited["perplexity"], bases, options.seed, masses="ekfac"))
     timer.stage("ekfac", lambda: run_variant(
-        "ekfac", EditPlan([search.rule()], masses="ekfac"),
+        "ekfac", EditPlan([search.rule()], EditSettings(masses="ekfac")),
         {"matched": search.matches(), "note": f"EK-FAC masses, keep fraction {search.amount:.5f} chosen so perplexity "
                                               f"matches kfac's ({search.perplexity:.4f} vs {kfac_ppl:.4f}; "
                                               f"{'within' if search.matches() else 'NOT within'} 10% of its rise)"}))
@@ -459,7 +462,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
     search = timer.stage("targeted_match", targeted_search)
     timer.stage("targeted", lambda: run_variant(
-        "targeted", EditPlan([search.rule()], masses="targeted"),
+        "targeted", EditPlan([search.rule()], EditSettings(masses="targeted")),
         {"matched": search.matches(), "note": f"forget set = the tune half; components of highest forget/general "
                                               f"(EK-FAC) mass ratio removed, keep fraction {search.amount:.5f} chosen "
                                               f"so perplexity matches kfac's ({search.perplexity:.4f} vs "
@@ -525,7 +528,8 @@ def demo_frontier(model, tokenizer, factor_dir: Path, targets, probe: WorldProbe
     from curvedit.diagnostics.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
 
     result = run_frontier(model, tokenizer, factor_dir, targets, probe.heldout, probe.text,
-                          FrontierOptions(keep_fractions=options.frontier_keep, seed=options.seed, batch_size=64,
+                          FrontierOptions(keep_fractions=options.frontier_keep,
+                                          settings=EditSettings(seed=options.seed), batch_size=64,
                                           progress=options.progress))
     result.write(options.out / "frontier")
     return result.to_dict()

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from curvedit.diagnostics.ablate import SUBLAYERS, ablated
 from curvedit.editing.budget import Bisection, bisect_edit, edit_at
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.settings import EditSettings
 from curvedit.editing.sweep import matrices_spec
 from curvedit.evaluate.intervals import wilson
 from curvedit.experiments.demo.glyphs import MATPLOTLIB_FONTS, GlyphWorldConfig
@@ -332,7 +333,7 @@ def sweep_candidates(model: torch.nn.Module, targets_of: Callable[[str], list[Ta
     """
     out = []
     for method, layers, kind, amount in tqdm(settings, desc=description, unit="edit", disable=not progress):
-        plan = EditPlan([EditRule(**{kind: amount})], method=method, seed=seed)
+        plan = EditPlan([EditRule(**{kind: amount})], EditSettings(method=method, seed=seed))
         try:
             metrics, stats = _edit_and_measure(model, targets_of(layers), plan, bases, probe)
         except SelectionError:
@@ -384,7 +385,7 @@ def match_accuracy(model: torch.nn.Module, targets: list[Target], bases, method:
         The search (`value` is the validation *error* of the chosen amount).
     """
     def plan(amount: float) -> EditPlan:
-        return EditPlan([EditRule(keep_fraction=amount)], method=method, seed=seed)
+        return EditPlan([EditRule(keep_fraction=amount)], EditSettings(method=method, seed=seed))
 
     def error() -> float:
         return 1 - measure(model, validation)["validation_accuracy"]
@@ -471,7 +472,7 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
 
     def run_variant(name: str, layers: str, rule: EditRule, method: str, note: str, **extra: Any) -> None:
         start = time.perf_counter()
-        plan = EditPlan([rule], method=method, seed=options.seed)
+        plan = EditPlan([rule], EditSettings(method=method, seed=options.seed))
         metrics, stats = _edit_and_measure(model, targets_of(layers), plan, bases, eval_probe, intervals=True)
         variants[name] = {**metrics, "settings": {
             "layers": layers, "matrices": options.matrices, "plan": plan.to_dict(),

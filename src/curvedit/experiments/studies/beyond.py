@@ -4,7 +4,7 @@ and durability attacks (relearning, quantization).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,10 @@ def beyond_paper(model, tokenizer, targets, bases, factor_dir: Path, factor_text
     plans = {"kfac": kfac_plan}
     for name in ("ekfac", "targeted"):
         search = bisect_amount(model, targets, corrected, probe.ppl_text, mode="match", target_ppl=kfac_ppl,
-                               unedited_ppl=unedited_ppl, masses=name, steps=options.bisect_steps + 2,
-                               tolerance=match_tolerance(kfac_ppl, unedited_ppl), batch_size=options.batch_size,
-                               pad_id=pad_id, compute_dtype=options.compute_dtype)
-        plans[name] = EditPlan([search.rule()], masses=name, compute_dtype=options.compute_dtype)
+                               unedited_ppl=unedited_ppl, settings=replace(options.edit, masses=name),
+                               steps=options.bisect_steps + 2, tolerance=match_tolerance(kfac_ppl, unedited_ppl),
+                               batch_size=options.batch_size, pad_id=pad_id)
+        plans[name] = EditPlan([search.rule()], replace(options.edit, masses=name))
         out["variants"][name] = edit_and_measure(model, tokenizer, targets, corrected, plans[name], probe, reference,
                                                   options) | {"matched": search.to_dict()}
 

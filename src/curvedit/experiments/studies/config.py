@@ -2,7 +2,8 @@
 
 The file sets `StudyOptions` fields by name (the model, general text, canaries, implant
 settings, capability families, layer grid, budget, probe floor, seeds, ...), with the implant
-settings in an `[implant]` table; a field left out keeps the SmolLM2 study's default, so
+settings in an `[implant]` table and the edit settings (`EditSettings`: method, masses,
+seed, dtypes, device) in an `[edit]` table; a field left out keeps the SmolLM2 study's default, so
 `studies/smollm2/study.toml` reproduces `curvedit study smollm2`. Relative paths (`out`,
 `gguf`, and `model` / `general` when they name something that exists) are taken from the
 file's folder. Every stage stays cached by content, so changing, say, the probe families
@@ -16,6 +17,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from curvedit.editing.settings import EditSettings
+from curvedit.errors import CurveditError
 from curvedit.experiments.studies.options import StudyError, StudyOptions
 from curvedit.memorize.implant import ImplantOptions
 
@@ -25,6 +28,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 _NOT_IN_FILES = {"progress", "config"}
+_TABLES = {"implant": ImplantOptions, "edit": EditSettings}  # a StudyOptions field -> the dataclass of its table
 
 
 def _tuple_fields() -> set[str]:
@@ -68,18 +72,21 @@ def load_study_config(path: str | Path) -> StudyOptions:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise StudyError(f"{path}: not a valid TOML file ({err})") from None
     base = StudyOptions()
-    implant_table = data.pop("implant", {})
-    allowed = {f.name for f in fields(StudyOptions)} - _NOT_IN_FILES - {"implant"}
-    unknown = sorted(set(data) - allowed)
-    if unknown or not isinstance(implant_table, dict):
-        raise StudyError(f"{path}: unknown field(s) {unknown or ['implant (must be a table)']}; "
-                         f"allowed: {sorted(allowed | {'implant'})}")
-    implant_allowed = set(asdict(base.implant))
-    wrong = sorted(set(implant_table) - implant_allowed)
-    if wrong:
-        raise StudyError(f"{path}: unknown [implant] field(s) {wrong}; allowed: {sorted(implant_allowed)}")
+    tables = {name: data.pop(name, {}) for name in _TABLES}
+    allowed = {f.name for f in fields(StudyOptions)} - _NOT_IN_FILES - set(_TABLES)
+    unknown = sorted(set(data) - allowed) + [f"{name} (must be a table)" for name, table in tables.items()
+                                             if not isinstance(table, dict)]
+    if unknown:
+        raise StudyError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(allowed | set(_TABLES))}")
     _check_types(path, data, {f.name: str(f.type) for f in fields(StudyOptions)})
-    _check_types(path, implant_table, {f.name: str(f.type) for f in fields(ImplantOptions)}, "[implant] ")
+    nested = {}
+    for name, kind in _TABLES.items():
+        table_allowed = {f.name for f in fields(kind)}
+        wrong = sorted(set(tables[name]) - table_allowed)
+        if wrong:
+            raise StudyError(f"{path}: unknown [{name}] field(s) {wrong}; allowed: {sorted(table_allowed)}")
+        _check_types(path, tables[name], {f.name: str(f.type) for f in fields(kind)}, f"[{name}] ")
+        nested[name] = asdict(getattr(base, name)) | tables[name]
     for name in _tuple_fields() & set(data):
         if not isinstance(data[name], list):
             raise StudyError(f"{path}: {name} must be a list, got {data[name]!r}")
@@ -91,7 +98,10 @@ def load_study_config(path: str | Path) -> StudyOptions:
     for name in ("model", "general"):
         if isinstance(data.get(name), str) and (folder / data[name]).exists():
             data[name] = str(folder / data[name])
-    options = replace(base, **data, implant=ImplantOptions(**{**asdict(base.implant), **implant_table}),
-                      config=path)
+    try:
+        edit = EditSettings(**nested["edit"])
+    except CurveditError as err:
+        raise StudyError(f"{path}: [edit] {err}") from None
+    options = replace(base, **data, implant=ImplantOptions(**nested["implant"]), edit=edit, config=path)
     options.validate()
     return options

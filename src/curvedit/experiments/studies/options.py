@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curvedit.editing.settings import EditError, EditSettings
 from curvedit.errors import CurveditError
 from curvedit.memorize.canaries import ALL_STYLES
 from curvedit.memorize.implant import ImplantOptions
@@ -67,8 +68,10 @@ class StudyOptions:
         matrices: matrix selections tried by the sweep.
         ppl_budget: the edit may raise held-out perplexity to this times unedited.
         bisect_steps: bisection steps per sweep cell (matched controls take 2 more).
-        compute_dtype: dtype of the edit's basis change ("float32" halves the sweep's time on
-            a CPU; "float64" is the library default).
+        edit: how every edit of the study is made (`curvedit.editing.settings.EditSettings`, an
+            `[edit]` table in a study file); each variant sets its own method, masses and seed.
+            The study's default basis change is float32 (it halves the sweep's time on a CPU;
+            the library's default is float64).
         probe_items: items per capability family (`curvedit.evaluate.capabilities`; fact
             families have fewer).
         probe_margin: a family is used when the base model's 95% interval clears chance by
@@ -134,7 +137,7 @@ class StudyOptions:
     matrices: tuple[str, ...] = ("mlp", "mlp-in")
     ppl_budget: float = 1.05
     bisect_steps: int = 6
-    compute_dtype: str = "float32"
+    edit: EditSettings = field(default_factory=lambda: EditSettings(compute_dtype="float32"))
     probe_items: int = 100
     probe_margin: float = 0.1
     probe_floor: dict[str, float] | float | None = field(default_factory=lambda: dict(STUDY_FLOOR))
@@ -176,8 +179,7 @@ class StudyOptions:
                    f"half of each), got {self.canaries} for {len(self.styles)} styles"),
                   (self.device == "cpu" or self.device.startswith("cuda"), f"device must be cpu or cuda, got "
                    f"{self.device!r}"),
-                  (self.compute_dtype in ("float32", "float64"), f"compute_dtype must be float32 or float64, got "
-                   f"{self.compute_dtype!r}"),
+                  (isinstance(self.edit, EditSettings), f"edit must be an EditSettings, got {self.edit!r}"),
                   (0 <= self.probe_margin < 1, f"probe_margin must be in [0, 1), got {self.probe_margin}"),
                   (self.ppl_sequences >= 1, f"ppl_sequences must be >= 1, got {self.ppl_sequences}"),
                   (bool(self.counts) and all(c >= 1 for c in self.counts), f"counts must be >= 1, got {self.counts}"),
@@ -219,6 +221,10 @@ class StudyOptions:
             if unknown or not self.probe_families:
                 raise StudyError(f"probe_families: unknown {unknown or 'empty list'}; choose from {list(FAMILIES)}")
         self.implant.validate()
+        try:
+            self.edit.validate()
+        except EditError as err:
+            raise StudyError(f"[edit] {err}") from None
 
 
     def _validate_floor(self) -> None:

@@ -38,6 +38,37 @@ from curvedit.models import restored
 LAYER_MAP_PROBE_ITEMS = 10  # per family: the layer map scores each of its placements on a short suite
 
 
+def sweep_key_fields(sweep: Any, probe_tasks: list[Any] | None) -> dict[str, Any]:
+    """The sweep options as the sweep's cache key holds them: flat, with the edit settings'
+    seed, dtype and device beside the other fields (as sweeps cached before `EditSettings`
+    were keyed), and with only what differs from the defaults for the later fields (masses,
+    eigh precision, probe floor and margin), so those caches stay valid.
+
+    Args:
+        sweep: the `SweepOptions`.
+        probe_tasks: [items, held families] when a probe floor is held, else None.
+
+    Returns:
+        The dict the key is computed from.
+    """
+    from curvedit.editing.sweep import SweepOptions  # noqa: PLC0415
+
+    fields_kept = {k: v for k, v in asdict(sweep).items() if k not in ("progress", "settings")}
+    settings = sweep.settings
+    fields_kept |= {"progress": 0, "seed": settings.seed, "compute_dtype": settings.compute_dtype,
+                    "device": settings.device}
+    if settings.masses != "kfac":
+        fields_kept["masses"] = settings.masses
+    if settings.eigh_precision != "float64":
+        fields_kept["eigh_precision"] = settings.eigh_precision
+    for default_off in ("probe_floor", "probe_margin"):
+        if fields_kept[default_off] == getattr(SweepOptions(), default_off):
+            fields_kept.pop(default_off)
+    if probe_tasks is not None:
+        fields_kept["probe_tasks"] = probe_tasks
+    return fields_kept
+
+
 def held_floor(probe_floor: float | dict[str, float] | None, usable: Sequence[str]) -> dict[str, float] | None:
     """The floor the study's sweep applies: each usable family that has a share (its own, or
     "*"'s) at that share; None when no usable family has one."""
@@ -119,17 +150,12 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     held = list(floor or {})  # the sweep scores only what the floor holds
     grid = SweepGrid(layers=options.layer_grid, matrices=options.matrices)
     sweep_options = SweepOptions(ppl_budget=options.ppl_budget, batch_size=options.batch_size, bisect_budget=True,
-                                 bisect_steps=options.bisect_steps, compute_dtype=options.compute_dtype,
+                                 bisect_steps=options.bisect_steps, settings=options.edit,
                                  progress=options.progress, probe_floor=floor, probe_margin=options.probe_margin)
-    swept_with = {k: v for k, v in asdict(sweep_options).items() if k not in ("progress", "masses")}
-    swept_with |= {"progress": 0} | ({"masses": sweep_options.masses} if sweep_options.masses != "kfac" else {})
-    for default_off in ("probe_floor", "probe_margin"):  # sweeps cached before the floor existed stay valid
-        if swept_with[default_off] == getattr(SweepOptions(), default_off):
-            swept_with.pop(default_off)
-    if floor is not None:
-        swept_with["probe_tasks"] = [options.probe_items, held]
-    sweep_key = content_key({"factors": factor_key, "grid": asdict(grid), "sweep": swept_with,
-                      "tune": halves["tune"], "ppl": options.ppl_sequences})
+    sweep_key = content_key({"factors": factor_key, "grid": asdict(grid) | {"method": options.edit.method},
+                             "sweep": sweep_key_fields(sweep_options, None if floor is None else
+                                                       [options.probe_items, held]),
+                             "tune": halves["tune"], "ppl": options.ppl_sequences})
 
     def sweep() -> dict[str, Any]:
         result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options,
@@ -160,8 +186,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                              "nonmembers": [tokenizer.decode(ids) for ids in nonmembers]},
                       reference_losses=base_losses(base_dir, {"members": members, "nonmembers": nonmembers}, options))
     reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
-    kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})],
-                         compute_dtype=options.compute_dtype)
+    kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})], options.edit)
     variant_key = content_key({"sweep": sweep_key, "chosen": chosen_index, "halves": halves, "v": 4,
                                "probes": [options.probe_items, list(probes_used)]})
     bsn_settings = [options.bsn_ratios, options.bsn_epochs, options.bsn_lr]
@@ -178,20 +203,19 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                               options))
     kept_share = variants["kfac"]["kept_components"] / variants["kfac"]["total_components"]
     variant("random_count", lambda: edit_and_measure(
-        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)], method="random", seed=seed,
-                                                       compute_dtype=options.compute_dtype),
+        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)],
+                                                       replace(options.edit, method="random", seed=seed)),
         probe, reference, options) | {"note": "random components, as many as K-FAC keeps"})
     unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
     kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
         def matched(m: str = method) -> dict[str, Any]:
             search = bisect_amount(model, targets, bases, ppl_text, mode="match", target_ppl=kfac_ppl,
-                                   unedited_ppl=unedited_ppl, method=m, seed=seed,
+                                   unedited_ppl=unedited_ppl, settings=replace(options.edit, method=m, seed=seed),
                                    steps=options.bisect_steps + (7 if m == "svd" else 2),  # SVD is steep near 1
                                    tolerance=match_tolerance(kfac_ppl, unedited_ppl),
-                                   batch_size=options.batch_size, pad_id=pad_id,
-                                   compute_dtype=options.compute_dtype)
-            plan = EditPlan([search.rule()], method=m, seed=seed, compute_dtype=options.compute_dtype)
+                                   batch_size=options.batch_size, pad_id=pad_id)
+            plan = EditPlan([search.rule()], replace(options.edit, method=m, seed=seed))
             return edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
                 "matched": search.to_dict(), "note": f"{m} at K-FAC's perplexity ({search.perplexity:.4f} vs "
                                                      f"{kfac_ppl:.4f})"}
@@ -220,8 +244,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
             other_bases = load_bases(targets, other_dir)
             search = bisect_amount(model, targets, other_bases, ppl_text, mode="within", budget=options.ppl_budget,
                                    unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
-                                   pad_id=pad_id, compute_dtype=options.compute_dtype)
-            plan = EditPlan([search.rule()], compute_dtype=options.compute_dtype)
+                                   pad_id=pad_id, settings=options.edit)
+            plan = EditPlan([search.rule()], options.edit)
             note = (f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} "
                     f"({sum(len(t) for t in text)} tokens), keep {search.amount:.3f} within {options.ppl_budget}x")
             return edit_and_measure(model, tokenizer, targets, other_bases, plan, probe, reference, options) | {
@@ -238,8 +262,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
             paper_bases = load_bases(paper_targets, factor_dir)
             search = bisect_amount(model, paper_targets, paper_bases, ppl_text, mode="within",
                                    budget=options.ppl_budget, unedited_ppl=unedited_ppl, steps=options.bisect_steps,
-                                   batch_size=options.batch_size, pad_id=pad_id, compute_dtype=options.compute_dtype)
-            plan = EditPlan([search.rule()], compute_dtype=options.compute_dtype)
+                                   batch_size=options.batch_size, pad_id=pad_id, settings=options.edit)
+            plan = EditPlan([search.rule()], options.edit)
             note = (f"K-FAC on gate/up of blocks {paper_layers} only, keep {search.amount:.3f} within "
                     f"{options.ppl_budget}x perplexity")
             return edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference,
@@ -293,8 +317,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
             from curvedit.diagnostics.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
 
             result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
-                keep_fractions=options.frontier_keep, seed=seed, batch_size=options.batch_size,
-                compute_dtype=options.compute_dtype, progress=options.progress))
+                keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed),
+                batch_size=options.batch_size, progress=options.progress))
             result.write(options.out / f"seed-{seed}" / "frontier")
             return result.to_dict()
         frontier_key = content_key({"variants": variant_key, "keep": list(options.frontier_keep), "v": 1})
