@@ -164,7 +164,7 @@ def test_layer_groups_cut_blocks_in_module_order():
     targets = select_targets(model, TargetSpec(preset="mlp"))
     assert [[t.layer for t in g] for g in layer_groups(targets, 2)] == [[0, 0, 1, 1], [2, 2]]
     assert layer_groups(targets, None) == [targets] == layer_groups(targets, 3)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(CollectError, match="at least 1"):
         layer_groups(targets, 0)
 
 
@@ -183,7 +183,7 @@ def test_layer_group_passes_equal_a_single_pass(make_model, label_mode, dtype):
 
 def test_layer_group_passes_refuse_one_shot_iterators_and_changing_data(gpt2):
     targets = select_targets(gpt2, TargetSpec(preset="mlp"))
-    with pytest.raises(ValueError, match="one-shot iterator"):
+    with pytest.raises(CollectError, match="one-shot iterator"):
         collect_factors(gpt2, iter(make_batches()), targets, options=opts(layers_per_pass=1))
     calls = []
 

@@ -77,21 +77,18 @@ def collect_command(
     """
     from curvedit.data import check_corpus_source, image_batches, lm_batches, read_records, token_sequences
     from curvedit.distributed import all_agree, barrier, destroy, init_from_env, shard_model
-    from curvedit.kfac.collect import ACCUMULATE_DTYPES, CHECKPOINT_TENSORS, CollectOptions, collect_factors
+    from curvedit.kfac.collect import CHECKPOINT_TENSORS, CollectOptions, collect_factors
     from curvedit.kfac.factors import save_factors
     from curvedit.kfac.memory import plan_memory
-    from curvedit.kfac.objectives import LABEL_MODES, ImageClassificationObjective
+    from curvedit.kfac.objectives import ImageClassificationObjective
     from curvedit.kfac.targets import select_targets
     from curvedit.models import context_window, load_model
 
-    if labels not in LABEL_MODES:
-        fail(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
-    if accumulate not in ACCUMULATE_DTYPES:
-        fail(f"--accumulate-dtype must be one of {', '.join(ACCUMULATE_DTYPES)}, got {accumulate!r}")
-    if checkpoint_every < 1:
-        fail(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
-    if layers_per_pass is not None and layers_per_pass < 1:
-        fail(f"--layers-per-pass must be at least 1, got {layers_per_pass}")
+    options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
+                             checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                             description=str(data), layers_per_pass=layers_per_pass,
+                             gradient_checkpointing=gradient_checkpointing)
+    options.validate()
     check_output(out, kind="dir", overwrite=overwrite, model=model, state=CHECKPOINT_FILES, resume=resume)
     if resume and not (out / CHECKPOINT_TENSORS).is_file():
         fail(f"--resume: no checkpoint in {out}")
@@ -123,10 +120,6 @@ def collect_command(
             fail(f"the memory plan says this run will not fit: {reason} (--no-memory-check runs it anyway)")
         if fsdp:
             shard_model(loaded.model, device, ctx)
-        options = CollectOptions(label_mode=labels, accumulate_dtype=accumulate, seed=seed, checkpoint_dir=out,
-                                 checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                                 description=str(data), layers_per_pass=layers_per_pass,
-                                 gradient_checkpointing=gradient_checkpointing)
         if loaded.kind == "image-classification":
             def batches():
                 return image_batches(data, loaded.preprocessor, batch_size, max_images=max_tokens)

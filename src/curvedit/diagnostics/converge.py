@@ -118,6 +118,14 @@ class ConvergeOptions:
     seed: int = 0
     progress: bool = True
 
+    def validate(self) -> None:
+        """Raise FactorError for token budgets that are not positive and ascending, or a batch size below 1."""
+        budgets = list(self.budgets)
+        if not budgets or budgets != sorted(set(budgets)) or budgets[0] < 1:
+            raise FactorError(f"token budgets must be positive and ascending, got {budgets}")
+        if self.batch_size < 1:
+            raise FactorError(f"batch_size must be at least 1, got {self.batch_size}")
+
 
 def prefix_by_tokens(sequences: list[list[int]], budget: int) -> list[list[int]]:
     """The leading sequences holding `budget` tokens (the last one cut)."""
@@ -154,9 +162,8 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
     from curvedit.kfac.factors import check_factors_match, load_factors, model_identity, save_factors  # noqa: PLC0415
     from curvedit.memorize.implant import model_weights_sha256  # noqa: PLC0415
 
+    options.validate()
     budgets = list(options.budgets)
-    if not budgets or budgets != sorted(set(budgets)) or budgets[0] < 1:
-        raise FactorError(f"token budgets must be positive and ascending, got {budgets}")
     available = sum(len(s) for s in sequences)
     if available < budgets[-1]:
         raise FactorError(f"the data holds {available} tokens, fewer than the largest budget {budgets[-1]}")

@@ -39,6 +39,11 @@ class ReportOptions:
     reference_name: str | None = None
     overwrite: bool = False
 
+    def validate(self) -> None:
+        """Raise EvaluateError for an empty reference name (None means the first run)."""
+        if self.reference_name is not None and not self.reference_name.strip():
+            raise EvaluateError("the reference run's name is empty; give a run name or none (the first file's run)")
+
 
 @dataclass(frozen=True)
 class Run:
@@ -194,6 +199,7 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, options: Repo
         FileExistsError: a report file exists and `overwrite` is False.
     """
     options = options or ReportOptions()
+    options.validate()
     runs = load_runs(paths)
     names = [run.name for run in runs]
     if options.reference_name is not None and options.reference_name not in names:

@@ -205,6 +205,13 @@ class TaskOptions:
     batch_size: int = 16
     limit: int | None = None
 
+    def validate(self) -> None:
+        """Raise EvaluateError for a batch size below 1 or a limit below 1."""
+        if self.batch_size < 1:
+            raise EvaluateError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise EvaluateError(f"the item limit must be at least 1 (or None for all), got {self.limit}")
+
 
 @dataclass
 class TaskResult:
@@ -353,6 +360,7 @@ def run_tasks(
     if tokenizer is None:
         raise EvaluateError("task probes are text: the model needs a tokenizer")
     options = options or TaskOptions()
+    options.validate()
     encoder = _Encoder(tokenizer)
     stop_ids: list[int] | None = None
     results = []

@@ -99,6 +99,21 @@ class CollectOptions:
     layers_per_pass: int | None = None
     gradient_checkpointing: bool = False
 
+    def validate(self) -> None:
+        """Raise CollectError for an unknown label mode or accumulate dtype, or a checkpoint
+        interval or layers per pass below 1 (each message names the command-line flag too)."""
+        if self.label_mode not in LABEL_MODES:
+            raise CollectError(f"the label mode (--labels) must be one of {', '.join(LABEL_MODES)}, "
+                               f"got {self.label_mode!r}")
+        if self.accumulate_dtype not in ACCUMULATE_DTYPES:
+            raise CollectError(f"the accumulate dtype (--accumulate-dtype) must be one of "
+                               f"{', '.join(ACCUMULATE_DTYPES)}, got {self.accumulate_dtype!r}")
+        if self.checkpoint_every < 1:
+            raise CollectError(f"the checkpoint interval (--checkpoint-every) must be at least 1, "
+                               f"got {self.checkpoint_every}")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise CollectError(f"layers per pass (--layers-per-pass) must be at least 1, got {self.layers_per_pass}")
+
 
 @dataclass
 class _Sums:
@@ -184,12 +199,12 @@ def layer_groups(targets: list[Target], layers_per_pass: int | None) -> list[lis
         The non-empty groups, in pass order.
 
     Raises:
-        ValueError: `layers_per_pass` below 1.
+        CollectError: `layers_per_pass` below 1.
     """
     if layers_per_pass is None:
         return [list(targets)]
     if layers_per_pass < 1:
-        raise ValueError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
+        raise CollectError(f"layers per pass (--layers-per-pass) must be at least 1, got {layers_per_pass}")
     blocks = list(dict.fromkeys(t.layer for t in targets))
     chunks = [set(blocks[i:i + layers_per_pass]) for i in range(0, len(blocks), layers_per_pass)]
     return [[t for t in targets if t.layer in chunk] for chunk in chunks]
@@ -199,7 +214,7 @@ def _batch_factory(batches: BatchSource, passes: int) -> Callable[[], Iterable[d
     if callable(batches):
         return batches
     if passes > 1 and isinstance(batches, IteratorABC):
-        raise ValueError(f"{passes} layer-group passes read the data once per pass, but `batches` is a one-shot "
+        raise CollectError(f"{passes} layer-group passes read the data once per pass, but `batches` is a one-shot "
                          "iterator; pass a list or a callable that returns a fresh iterable of the same batches")
     return lambda: batches
 
@@ -391,16 +406,11 @@ def collect_factors(
             source that gives a different number of batches in a later pass.
         curvedit.distributed.DistributedError: ranks that walked different numbers of
             batches.
-        ValueError: an unknown label mode or accumulate dtype, `checkpoint_every` or
-            `layers_per_pass` below 1, or a one-shot iterator with several passes.
+            Also: bad options (`CollectOptions.validate`), or a one-shot iterator with several
+            passes.
     """
     options = options or CollectOptions()
-    if options.label_mode not in LABEL_MODES:
-        raise CollectError(f"unknown label mode {options.label_mode!r}; choose one of {LABEL_MODES}")
-    if options.accumulate_dtype not in ACCUMULATE_DTYPES:
-        raise ValueError(f"accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}")
-    if options.checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be at least 1, got {options.checkpoint_every}")
+    options.validate()
     groups = layer_groups(targets, options.layers_per_pass)
     make_batches = _batch_factory(batches, len(groups))
     objective = objective or CausalLMObjective(options.label_mode)

@@ -134,6 +134,27 @@ class DemoOptions:
     progress: bool = True
     all_candidates: bool = False
 
+    def validate(self) -> None:
+        """Raise DemoError for amounts outside (0, 1], a perplexity budget below 1, or counts below 1."""
+        shares = {"keep_grid": self.keep_grid, "rho_grid": self.rho_grid, "bsn_ratios": self.bsn_ratios,
+                  "frontier_keep": self.frontier_keep,
+                  "layer_map_keep": () if self.layer_map_keep is None else (self.layer_map_keep,)}
+        for name, values in shares.items():
+            if any(not 0 < v <= 1 for v in values):
+                raise DemoError(f"{name} values must be in (0, 1], got {list(values)}")
+        if not self.ppl_budget >= 1:
+            raise DemoError(f"the perplexity budget is a ratio >= 1, got {self.ppl_budget}")
+        counts = {"prefix_chars": self.prefix_chars, "factor_tokens": self.factor_tokens,
+                  "tests_per_family": self.tests_per_family, "heldout_lines": self.heldout_lines,
+                  "bsn_epochs": self.bsn_epochs}
+        for name, value in counts.items():
+            if value < 1:
+                raise DemoError(f"{name} must be at least 1, got {value}")
+        if not 0 <= self.factor_memorized_share < 1:
+            raise DemoError(f"factor_memorized_share must be in [0, 1), got {self.factor_memorized_share}")
+        if not self.layer_grid:
+            raise DemoError("the layer grid needs at least one layer group")
+
 
 def smoke_options(out: Path, full: bool = True) -> DemoOptions:
     """A configuration small enough for a test (seconds): every stage runs (only the headline's
@@ -358,6 +379,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from curvedit.experiments.demo.report import write_report  # noqa: PLC0415
     from curvedit.experiments.studies.capability_stages import run_layer_map  # noqa: PLC0415
 
+    options.validate()
     hf_logging.disable_progress_bar()  # the demo's model is tiny: loading bars are noise
     options.out.mkdir(parents=True, exist_ok=True)
     timer = Timer()

@@ -112,6 +112,25 @@ class VisionDemoOptions:
     seed: int = 0
     progress: bool = True
 
+    def validate(self) -> None:
+        """Raise DemoError for amounts outside (0, 1], a share outside (0, 1), or counts below 1."""
+        for name, values in {"rho_grid": self.rho_grid, "keep_grid": self.keep_grid,
+                             "svd_keep_grid": self.svd_keep_grid, "frontier_grid": self.frontier_grid}.items():
+            if any(not 0 < v <= 1 for v in values):
+                raise DemoError(f"{name} values must be in (0, 1], got {list(values)}")
+        if not 0 < self.validation_fraction < 1:
+            raise DemoError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for name, value in {"label_draws": self.label_draws, "clean_images": self.clean_images,
+                            "match_steps": self.match_steps}.items():
+            if value < 1:
+                raise DemoError(f"{name} must be at least 1, got {value}")
+        if self.positions not in ("cls", "all"):
+            raise DemoError(f"positions must be 'cls' or 'all', got {self.positions!r}")
+        if self.guard not in ("validation_accuracy", "clean_train_accuracy"):
+            raise DemoError(f"guard must be 'validation_accuracy' or 'clean_train_accuracy', got {self.guard!r}")
+        if self.guard_budget < 0 or self.match_tolerance < 0:
+            raise DemoError("guard_budget and match_tolerance are non-negative accuracy differences")
+
 
 def smoke_vision_options(out: Path) -> VisionDemoOptions:
     """A configuration small enough for a test (seconds): every stage runs, little is learned."""
@@ -417,12 +436,7 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
 
     from curvedit.experiments.demo.vision_report import write_vision_report  # noqa: PLC0415
 
-    if options.positions not in ("cls", "all"):
-        raise ValueError(f"positions must be 'cls' or 'all', got {options.positions!r}")
-    if options.label_draws < 1:
-        raise ValueError(f"label_draws must be at least 1, got {options.label_draws}")
-    if options.guard not in ("validation_accuracy", "clean_train_accuracy"):
-        raise ValueError(f"guard must be 'validation_accuracy' or 'clean_train_accuracy', got {options.guard!r}")
+    options.validate()
     options.out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
     images = timer.stage("load_images", lambda: load_images(options.train.data))
