@@ -149,8 +149,8 @@ def bench_select(args: argparse.Namespace) -> None:
         lam, mu = _spectra(m, n, alpha, beta)
         need = rho * float(lam.sum()) * float(mu.sum())
         mask = select_by_mass(lam, mu, rho)  # also the warm-up
-        t_vec = best_of(lambda: staircase(lam, mu, need, "mass"), 5)
-        t_mask = best_of(lambda: select_by_mass(lam, mu, rho), 5)
+        t_vec = best_of(lambda lam=lam, mu=mu, need=need: staircase(lam, mu, need, "mass"), 5)
+        t_mask = best_of(lambda lam=lam, mu=mu: select_by_mass(lam, mu, rho), 5)
         count = int(mask.sum())
         start = time.perf_counter()
         kept, complete = heap_select(lam, mu, rho, limit=args.heap_limit)

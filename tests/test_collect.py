@@ -28,7 +28,8 @@ def brute_force_lm(model, targets, seqs):
     count = 0
     for seq in seqs:
         ids = torch.tensor([seq])
-        io = target_io(model, targets, ids, lambda logits: F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
+        io = target_io(model, targets, ids, lambda logits, ids=ids: F.cross_entropy(logits[:-1], ids[0, 1:],
+                                                                               reduction="sum"))
         n = len(seq) - 1
         count += n
         for name, (x, g) in io.items():
@@ -57,7 +58,7 @@ def brute_force_vit(model, targets, pixels, labels, positions):
     sums = {t.name: [0, 0] for t in targets}
     for img, label in zip(pixels, labels):
         store = {}
-        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: store.__setitem__(n, (i[0], o)))
+        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name, store=store: store.__setitem__(n, (i[0], o)))
                  for t in targets]
         for t in targets:
             t.module.weight.requires_grad_(True)
@@ -102,7 +103,7 @@ def exact_true_fisher_g(model, target, seqs):
     total, count = 0, 0
     for seq in seqs:
         store = {}
-        hook = target.module.register_forward_hook(lambda m, i, o: store.__setitem__("out", o))
+        hook = target.module.register_forward_hook(lambda m, i, o, store=store: store.__setitem__("out", o))
         target.module.weight.requires_grad_(True)
         logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], -1)
         hook.remove()

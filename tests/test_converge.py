@@ -81,14 +81,15 @@ def test_convergence_run_compares_every_budget_with_the_last(tmp_path):
 
 
 def test_a_rerun_with_another_model_or_data_recollects_instead_of_reusing_the_folders(tmp_path, monkeypatch):
-    import curvedit.kfac.collect
+    import curvedit.diagnostics.converge
 
     model, other = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
     sequences = torch.randint(1, 11, (40, 8), generator=torch.Generator().manual_seed(0)).tolist()
     options = ConvergeOptions(budgets=(40, 120), rule=EditRule(keep_fraction=0.5), gold=False, progress=False)
     calls = []
-    real = curvedit.kfac.collect.collect_factors
-    monkeypatch.setattr(curvedit.kfac.collect, "collect_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = curvedit.diagnostics.converge.collect_factors
+    monkeypatch.setattr(curvedit.diagnostics.converge, "collect_factors",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     first = run_convergence(model, sequences, select_targets(model, TargetSpec(preset="mlp")), tmp_path, options)
     assert len(calls) == 2
     run_convergence(model, sequences, select_targets(model, TargetSpec(preset="mlp")), tmp_path, options)

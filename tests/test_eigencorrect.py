@@ -47,7 +47,8 @@ def brute_force_s(model, targets, bases, seqs):
     sums, count = {t.name: 0 for t in targets}, 0
     for seq in seqs:
         ids = torch.tensor([seq])
-        io = target_io(model, targets, ids, lambda logits: F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
+        io = target_io(model, targets, ids, lambda logits, ids=ids: F.cross_entropy(logits[:-1], ids[0, 1:],
+                                                                               reduction="sum"))
         n = len(seq) - 1
         count += n
         for name, (x, g) in io.items():
@@ -148,7 +149,7 @@ def test_factor_file_keeps_the_masses_and_the_basis_they_belong_to(corrected_dir
 def test_format_version_1_files_still_load(corrected_dir, tmp_path):
     model, targets, folder = corrected_dir
     factors = load_factors(folder)
-    for name, tf in factors.targets.items():
+    for tf in factors.targets.values():
         tf.S = None
     save_factors(factors, tmp_path / "v1")
     for path in (tmp_path / "v1" / "factors.json",):

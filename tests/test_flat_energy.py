@@ -27,7 +27,8 @@ def test_the_share_equals_a_per_sequence_brute_force_and_does_not_depend_on_batc
     got = flat_energy_shares(model, targets, bases, sequences, flat_fraction=0.25, batch_size=2)
     for seq, share in zip(sequences, got):
         inputs = {}
-        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: inputs.__setitem__(n, i[0][0].double()))
+        hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name, inputs=inputs: inputs.__setitem__(
+            n, i[0][0].double()))
                  for t in targets]
         with torch.no_grad():
             model(input_ids=torch.tensor([seq]))

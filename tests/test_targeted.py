@@ -45,7 +45,7 @@ def brute_force_forget(model, targets, bases, windows):
     for w in windows:
         ids = torch.tensor([w.prefix_ids + w.suffix_ids])
         positions = range(len(w.prefix_ids) - 1, len(w.prefix_ids) + len(w.suffix_ids) - 1)
-        io = target_io(model, targets, ids, lambda logits: sum(
+        io = target_io(model, targets, ids, lambda logits, ids=ids, positions=positions: sum(
             F.cross_entropy(logits[p][None], ids[0, p + 1][None], reduction="sum") for p in positions))
         count += len(positions)
         for name, (x, g) in io.items():

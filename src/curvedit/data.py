@@ -38,11 +38,11 @@ class Record:
 
 
 def iter_jsonl(path: Path, error: type[DataError] = DataError) -> Iterator[tuple[int, str, dict]]:
-    """Yield `(line number, "path:line", row)` for each non-blank line of a JSONL file.
+    r"""Yield `(line number, "path:line", row)` for each non-blank line of a JSONL file.
 
     Raises:
         DataError (or `error`): bytes that are not UTF-8, a line that is not valid JSON or
-            not a JSON object, or a `\\uD800`-style escape of a lone surrogate (not text).
+            not a JSON object, or a `\uD800`-style escape of a lone surrogate (not text).
     """
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):

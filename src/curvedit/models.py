@@ -243,7 +243,7 @@ def _check_model_path(name_or_path: str | Path) -> bool:
 
 @contextlib.contextmanager
 def _loading_bars(progress: bool) -> Iterator[None]:
-    """transformers' loading progress bars on (as they are) or off for the block."""
+    """Transformers' loading progress bars on (as they are) or off for the block."""
     if progress:
         yield
         return

@@ -10,6 +10,7 @@ import torch
 
 
 def pyplot():
+    """The pyplot of matplotlib on the non-interactive Agg backend (imported on first use)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")

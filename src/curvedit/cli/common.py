@@ -119,6 +119,7 @@ class CurveditGroup(TyperGroup):
     option callbacks such as the `--device` check included."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a CurveditError becomes one `error:` line and exit status 2."""
         try:
             with user_errors():
                 return super().invoke(ctx)
@@ -165,26 +166,32 @@ def _device_callback(value: Optional[str]) -> Optional[str]:
 
 
 def model_option(text: str = "HF model name, local directory or .gguf file.") -> Any:
+    """The `--model` option."""
     return typer.Option(..., "--model", "-m", help=text)
 
 
 def preset_option(text: str = "Target preset: mlp, mlp-in, mlp-out [default: mlp].") -> Any:
+    """The `--preset` option."""
     return typer.Option(None, "--preset", help=text)
 
 
 def targets_option(text: str = "Module-name glob (or 're:REGEX'); repeatable.") -> Any:
+    """The repeatable `--targets` option."""
     return typer.Option(None, "--targets", "-t", help=text)
 
 
 def overwrite_option(text: str = "Replace existing output.") -> Any:
+    """The `--overwrite/--no-overwrite` flag."""
     return typer.Option(False, "--overwrite/--no-overwrite", help=text)
 
 
 def out_option(text: str, default: Any = ...) -> Any:
+    """The `--out` option."""
     return typer.Option(default, "--out", "-o", help=text)
 
 
 def device_option(text: str = "cpu, cuda, cuda:1, ... (checked before anything is loaded).") -> Any:
+    """The `--device` option, checked before anything is loaded."""
     return typer.Option("cpu", "--device", help=text, callback=_device_callback)
 
 

@@ -111,20 +111,9 @@ def edit_command(
     from curvedit.models import load_model
 
     if step_from is not None or step_norm is not None:
-        others = {"--plan": plan_file, "--method": method, "--masses": masses, "--forget": forget, "--side": side,
-                  "--block": block, "--protect": protect}
-        given = [flag for flag, value in others.items() if value is not None]
-        if step_from is None:
-            fail("--step-norm is the norm of the --step-from step: give the memorized windows")
-        if given:
-            fail(f"--step-from takes the block from --rho or --keep-fraction; give it without {', '.join(given)}")
-        if (rho is None) == (keep_fraction is None):
-            fail("--step-from needs one of --rho or --keep-fraction (the step lives in the components it does not "
-                 "keep)")
-        if (step_norm is None) == (ppl_budget is None):
-            fail("--step-from needs one of --step-norm or --ppl-budget (which bisects the norm)")
-        if step_norm is not None and not (math.isfinite(step_norm) and step_norm >= 0):
-            fail(f"--step-norm must be a finite number >= 0, got {step_norm}")
+        _check_step_flags(step_from, step_norm, rho, keep_fraction, ppl_budget, {
+            "--plan": plan_file, "--method": method, "--masses": masses, "--forget": forget, "--side": side,
+            "--block": block, "--protect": protect})
         _check_heldout(ppl_budget, heldout)
         check_output(out, kind="dir", overwrite=overwrite, model=model, inputs=[step_from])
         if heldout is not None:
@@ -137,39 +126,10 @@ def edit_command(
                                             heldout_max_tokens=heldout_max_tokens, text_field=text_field),
                    progress=progress, overwrite=overwrite)
         return
-    if ppl_budget is not None and (rho is not None or keep_fraction is not None or plan_file is not None):
-        fail("--ppl-budget chooses the amount itself: give it without --rho, --keep-fraction or --plan")
     _check_heldout(ppl_budget, heldout)
-    block_shares = None
-    if block is not None:
-        try:
-            block_shares = tuple(float(v) for v in block.lower().split("x"))
-        except ValueError:
-            fail(f"--block expects PxQ such as 0.6x0.6, got {block!r}")
-        if len(block_shares) != 2 or rho is not None or keep_fraction is not None or plan_file is not None \
-                or ppl_budget is not None or side is not None:
-            fail("--block PxQ is the whole amount: give it without --rho, --keep-fraction, --plan, --ppl-budget "
-                 "or --side")
-    if block is None and ppl_budget is None and plan_file is None and (rho is None) == (keep_fraction is None):
-        fail("give one of --rho, --keep-fraction, --block or --plan")
-    if side is not None and (plan_file is not None or ppl_budget is not None):
-        fail("--side shapes a --rho / --keep-fraction rule: give it without --plan or --ppl-budget")
-    if plan_file is not None and (rho is not None or keep_fraction is not None):
-        fail("--plan gives the amounts: give it without --rho or --keep-fraction")
-    if forget is not None and masses not in (None, "targeted"):
-        fail(f"--forget ranks components by the forget set's masses: give it without --masses {masses}")
-    if forget is None and masses == "targeted":
-        fail("--masses targeted needs --forget (the memorized windows to target)")
-    if forget is not None:
-        masses = "targeted"
-    if protect is None and (protect_rho is not None or protect_keep_fraction is not None):
-        fail("--protect-rho / --protect-keep-fraction set the amount of --protect: give the protect factors")
-    if protect_rho is not None and protect_keep_fraction is not None:
-        fail("give one of --protect-rho or --protect-keep-fraction")
-    protect_amount = (EditRule("*", rho=protect_rho, keep_fraction=protect_keep_fraction)
-                      if protect_rho is not None or protect_keep_fraction is not None else None)
-    if protect_amount is not None and ppl_budget is not None:
-        fail("with --ppl-budget the protect amount follows the bisected amount: give --protect alone")
+    block_shares = _amount_flags(rho, keep_fraction, plan_file, ppl_budget, side, block)
+    masses = _forget_masses(forget, masses)
+    protect_amount = _protect_amount(protect, protect_rho, protect_keep_fraction, ppl_budget)
     settings = EditSettings(method=method or "kfac", masses=masses or "kfac", seed=seed or 0,
                             compute_dtype=compute_dtype or "float64", eigh_precision=eigh_precision, device=device)
     check_output(out, kind="dir", overwrite=overwrite, model=model,
@@ -222,6 +182,74 @@ def edit_command(
     for s in applied.stats:
         typer.echo(f"{s.name:<48} {s.kept:>12} {s.total:>12} {s.mass_kept:>10.4f} {s.rel_change:>9.4f}")
     typer.echo(f"wrote edited model to {out}")
+
+
+def _check_step_flags(step_from: Optional[Path], step_norm: Optional[float], rho: Optional[float],
+                      keep_fraction: Optional[float], ppl_budget: Optional[float], others: dict[str, object]) -> None:
+    """The flags of `edit --step-from`: one block amount, one of --step-norm / --ppl-budget,
+    and none of the deletion's own flags (`others`, flag -> value)."""
+    given = [flag for flag, value in others.items() if value is not None]
+    if step_from is None:
+        fail("--step-norm is the norm of the --step-from step: give the memorized windows")
+    if given:
+        fail(f"--step-from takes the block from --rho or --keep-fraction; give it without {', '.join(given)}")
+    if (rho is None) == (keep_fraction is None):
+        fail("--step-from needs one of --rho or --keep-fraction (the step lives in the components it does not "
+             "keep)")
+    if (step_norm is None) == (ppl_budget is None):
+        fail("--step-from needs one of --step-norm or --ppl-budget (which bisects the norm)")
+    if step_norm is not None and not (math.isfinite(step_norm) and step_norm >= 0):
+        fail(f"--step-norm must be a finite number >= 0, got {step_norm}")
+
+
+def _amount_flags(rho: Optional[float], keep_fraction: Optional[float], plan_file: Optional[Path],
+                  ppl_budget: Optional[float], side: Optional[str], block: Optional[str]
+                  ) -> Optional[tuple[float, ...]]:
+    """Exactly one way of saying how much a deletion keeps; returns the --block shares (None without --block)."""
+    if ppl_budget is not None and (rho is not None or keep_fraction is not None or plan_file is not None):
+        fail("--ppl-budget chooses the amount itself: give it without --rho, --keep-fraction or --plan")
+    block_shares = None
+    if block is not None:
+        try:
+            block_shares = tuple(float(v) for v in block.lower().split("x"))
+        except ValueError:
+            fail(f"--block expects PxQ such as 0.6x0.6, got {block!r}")
+        if len(block_shares) != 2 or rho is not None or keep_fraction is not None or plan_file is not None \
+                or ppl_budget is not None or side is not None:
+            fail("--block PxQ is the whole amount: give it without --rho, --keep-fraction, --plan, --ppl-budget "
+                 "or --side")
+    if block is None and ppl_budget is None and plan_file is None and (rho is None) == (keep_fraction is None):
+        fail("give one of --rho, --keep-fraction, --block or --plan")
+    if side is not None and (plan_file is not None or ppl_budget is not None):
+        fail("--side shapes a --rho / --keep-fraction rule: give it without --plan or --ppl-budget")
+    if plan_file is not None and (rho is not None or keep_fraction is not None):
+        fail("--plan gives the amounts: give it without --rho or --keep-fraction")
+    return block_shares
+
+
+def _forget_masses(forget: Optional[Path], masses: Optional[str]) -> Optional[str]:
+    """--forget means --masses targeted; the two must not disagree."""
+    if forget is not None and masses not in (None, "targeted"):
+        fail(f"--forget ranks components by the forget set's masses: give it without --masses {masses}")
+    if forget is None and masses == "targeted":
+        fail("--masses targeted needs --forget (the memorized windows to target)")
+    return "targeted" if forget is not None else masses
+
+
+def _protect_amount(protect: Optional[Path], protect_rho: Optional[float], protect_keep_fraction: Optional[float],
+                    ppl_budget: Optional[float]) -> Optional[EditRule]:
+    """The protect selection's own amount (None: the edit's own amount)."""
+    from curvedit.editing.edit import EditRule
+
+    if protect is None and (protect_rho is not None or protect_keep_fraction is not None):
+        fail("--protect-rho / --protect-keep-fraction set the amount of --protect: give the protect factors")
+    if protect_rho is not None and protect_keep_fraction is not None:
+        fail("give one of --protect-rho or --protect-keep-fraction")
+    amount = (EditRule("*", rho=protect_rho, keep_fraction=protect_keep_fraction)
+              if protect_rho is not None or protect_keep_fraction is not None else None)
+    if amount is not None and ppl_budget is not None:
+        fail("with --ppl-budget the protect amount follows the bisected amount: give --protect alone")
+    return amount
 
 
 def _check_heldout(ppl_budget: Optional[float], heldout: Optional[Path]) -> None:

@@ -1,5 +1,6 @@
-"""Activation bands by curvature order: do memorized inputs live in the low-curvature
-directions? (docs/method.md section 9; the paper's Figures 2 and 4.)
+"""Activation bands by curvature order: do memorized inputs live in the low-curvature directions?
+
+docs/method.md section 9; the paper's Figures 2 and 4.
 
 For a target `y = W x` with K-FAC factors `A = U_A diag(mu) U_A^T` and `G`, component
 `(i, j)` has curvature mass `lam_i * mu_j`, so all the components that eigenvector `v_j`
@@ -47,8 +48,10 @@ from tqdm.auto import tqdm
 from curvedit.data import DataError, batched, pad_batch, read_records
 from curvedit.errors import CurveditError
 from curvedit.evaluate.windows import Window
+from curvedit.io import write_json
 from curvedit.kfac.spectrum import Eigenbasis
 from curvedit.kfac.targets import Target
+from curvedit.plots import pyplot, save_figure
 
 DEFAULT_EDGES = (0.1, 0.25, 0.5)
 POSITIONS = ("suffix", "all")
@@ -336,8 +339,6 @@ class BandAnalysis:
         Returns:
             The paths written.
         """
-        from curvedit.io import write_json  # noqa: PLC0415
-
         out = Path(out_dir)
         write_json(out / BANDS_JSON, self.to_dict())
         return [out / BANDS_JSON, *plot_bands(self, out)]
@@ -407,8 +408,6 @@ def plot_bands(analysis: BandAnalysis, out_dir: str | Path) -> list[Path]:
     Returns:
         The PNG paths (`bands_layer{L}.png`; `bands_{target}.png` for targets without layer).
     """
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
-
     plt = pyplot()
     groups: dict[str, list[TargetBands]] = defaultdict(list)
     for target in analysis.targets:
@@ -522,8 +521,6 @@ def plot_task_families(shares: Sequence[FamilyShare], out: str | Path) -> Path:
     Raises:
         AnalysisError: no family has an accuracy drop.
     """
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
-
     points = [s for s in shares if s.accuracy_drop is not None]
     if not points:
         raise AnalysisError("no family has an accuracy drop to plot against")
@@ -553,8 +550,6 @@ def write_task_families(shares: Sequence[FamilyShare], out_dir: str | Path) -> l
     Returns:
         The paths written.
     """
-    from curvedit.io import write_json  # noqa: PLC0415
-
     out = Path(out_dir)
     write_json(out / FAMILIES_JSON, [asdict(s) for s in shares])
     paths = [out / FAMILIES_JSON]

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from curvedit.data import pad_batch
 from curvedit.errors import CurveditError
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.evaluate.perplexity import perplexity
 from curvedit.kfac.targets import Target, TargetSpec, select_targets
 from curvedit.models import model_device, restored
 
@@ -205,9 +207,6 @@ def recall_and_perplexity(model: nn.Module, windows: Sequence[Any], sequences: S
                           pad_id: int = 0, batch_size: int = 16) -> dict[str, Any]:
     """What an attack is judged by: greedy recitation of the windows (strict, loose, distance,
     with 95% intervals) and, when `sequences` are given, held-out perplexity with its interval."""
-    from curvedit.evaluate.memorization import evaluate_recitation  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
-
     result, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=batch_size)
     row: dict[str, Any] = {"n": result.n, "strict": result.strict, "loose": result.loose,
                            "distance": result.avg_normalized_distance,

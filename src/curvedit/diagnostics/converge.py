@@ -1,4 +1,4 @@
-"""How much data do the factors need? (`curvedit converge`)
+"""How much data do the factors need (`curvedit converge`)?
 
 Two factor sets of the same targets (fewer tokens vs more, sampled vs gold labels) are
 compared by what matters for the edit: the components each keeps. For a rule (keep a share
@@ -18,13 +18,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from curvedit.editing.edit import EditRule, kfac_mask
-from curvedit.kfac.factors import FactorError, FactorSet, TargetFactors
+from curvedit.data import lm_batches
+from curvedit.editing.edit import EditPlan, EditRule, apply_edit, kfac_mask
+from curvedit.io import write_json
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.factors import (
+    FactorError,
+    FactorSet,
+    TargetFactors,
+    check_factors_match,
+    load_factors,
+    model_identity,
+    save_factors,
+)
 from curvedit.kfac.spectrum import Eigenbasis, eigenbasis
+from curvedit.memorize.implant import model_weights_sha256
+from curvedit.plots import pyplot, save_figure
 
 KEY_FILE = "converge-key.json"  # what a budget folder's factors were collected from
 
@@ -153,15 +167,6 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
     Raises:
         FactorError: budgets not ascending or data shorter than the last budget.
     """
-    from pathlib import Path  # noqa: PLC0415
-
-    from curvedit.data import lm_batches  # noqa: PLC0415
-    from curvedit.editing.edit import EditPlan, apply_edit  # noqa: PLC0415
-    from curvedit.io import write_json  # noqa: PLC0415
-    from curvedit.kfac.collect import CollectOptions, collect_factors  # noqa: PLC0415
-    from curvedit.kfac.factors import check_factors_match, load_factors, model_identity, save_factors  # noqa: PLC0415
-    from curvedit.memorize.implant import model_weights_sha256  # noqa: PLC0415
-
     options.validate()
     budgets = list(options.budgets)
     available = sum(len(s) for s in sequences)
@@ -230,8 +235,6 @@ def run_convergence(model: Any, sequences: list[list[int]], targets: list[Any], 
 def plot_convergence(result: dict[str, Any], path: Any) -> Any:
     """Captured share of the reference's kept mass (and, when measured, held-out recall and
     perplexity of the edit) against the tokens the factors saw."""
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
-
     plt = pyplot()
     rows = result["rows"]
     tokens = [r["tokens"] for r in rows]

@@ -37,7 +37,9 @@ from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import PerplexityResult, perplexity
 from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
 from curvedit.evaluate.windows import Window
+from curvedit.io import write_json
 from curvedit.kfac.targets import Target
+from curvedit.plots import pyplot, save_figure
 
 # name -> (edit method, component ranking)
 FRONTIER_METHODS: dict[str, tuple[str, str]] = {"kfac": ("kfac", "kfac"), "saliency": ("kfac", "saliency"),
@@ -137,8 +139,6 @@ class FrontierResult:
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write `frontier.json` and `frontier.png`; returns their paths."""
-        from curvedit.io import write_json  # noqa: PLC0415
-
         out = Path(out_dir)
         write_json(out / FRONTIER_JSON, self.to_dict())
         return out / FRONTIER_JSON, plot_frontier(self, out / FRONTIER_PNG)
@@ -238,8 +238,6 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
 def plot_frontier(result: FrontierResult, path: str | Path) -> Path:
     """Loose and strict held-out recall against nats per token, one line per method, with
     both intervals as error bars."""
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
-
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key in zip(axes, ("loose", "strict")):

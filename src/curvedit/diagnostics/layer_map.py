@@ -27,7 +27,9 @@ from curvedit.editing.sweep import SweepGrid, SweepOptions, matrices_spec, run_s
 from curvedit.errors import CurveditError
 from curvedit.evaluate.tasks import Task
 from curvedit.evaluate.windows import Window
+from curvedit.io import write_json
 from curvedit.kfac.targets import select_targets
+from curvedit.plots import pyplot, save_figure
 
 LAYER_MAP_JSON, LAYER_MAP_PNG = "layer_map.json", "layer_map.png"
 
@@ -136,8 +138,6 @@ class LayerMap:
         Returns:
             (JSON path, PNG path).
         """
-        from curvedit.io import write_json  # noqa: PLC0415
-
         out = Path(out_dir)
         write_json(out / LAYER_MAP_JSON, self.to_dict())
         return out / LAYER_MAP_JSON, plot_layer_map(self, out / LAYER_MAP_PNG)
@@ -213,8 +213,6 @@ def layer_map(model: nn.Module, tokenizer: Any, factor_dir: str | Path, windows:
 def plot_layer_map(result: LayerMap, path: str | Path) -> Path:
     """Forgetting per unit of perplexity rise against the first block, one line per group size;
     with probes, a second panel per probe point lost."""
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415
-
     plt = pyplot()
     panels = [("per_ppl", "loose recall drop / perplexity rise")]
     if result.usable_probes:

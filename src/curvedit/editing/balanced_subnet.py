@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,8 +41,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from curvedit import __version__
 from curvedit.data import DataError, pad_batch, read_records, token_sequences
 from curvedit.errors import CurveditError
+from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.evaluate.perplexity import perplexity
+from curvedit.evaluate.windows import read_memorized
 from curvedit.kfac.targets import Target
 
 METHOD_NAME = "balanced-subnet"
@@ -478,8 +482,6 @@ def read_forget_sequences(path: str | Path, tokenizer: Any | None, *, seq_len: i
         DataError: a malformed line.
         FileNotFoundError: the file does not exist.
     """
-    from curvedit.evaluate.windows import read_memorized  # noqa: PLC0415
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"forget set not found: {path}")
@@ -516,8 +518,6 @@ def bsn_manifest(result: BSNResult, model_name: str, *, forget: str = "", retain
         A dict with the version, model, plan (method + options), data, per-target
         statistics and the loss history.
     """
-    from curvedit import __version__  # noqa: PLC0415
-
     return {
         "curvedit_version": __version__,
         "model": model_name,
@@ -576,11 +576,6 @@ def bsn_within_budget(model: nn.Module, targets: Sequence[Target], forget: Seque
     Raises:
         BSNError: no ratio, or as `balanced_subnet`.
     """
-    from dataclasses import replace  # noqa: PLC0415
-
-    from curvedit.evaluate.memorization import evaluate_recitation  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
-
     if not ratios:
         raise BSNError("give at least one mask ratio to try")
     originals = [t.module.weight.detach().clone() for t in targets]

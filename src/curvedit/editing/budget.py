@@ -262,7 +262,7 @@ class Bisection:
 
 def edit_at(targets: list[Target], plan: Callable[[float], EditPlan], bases: dict[str, Eigenbasis] | None
             ) -> Callable[[float], AppliedEdit]:
-    """amount -> `apply_edit` of `plan(amount)` on `targets` (what `bisect_edit` applies)."""
+    """Amount -> `apply_edit` of `plan(amount)` on `targets` (what `bisect_edit` applies)."""
     return lambda amount: apply_edit(targets, plan(amount), bases)
 
 

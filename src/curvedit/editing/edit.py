@@ -27,13 +27,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from curvedit import __version__
 from curvedit.editing.protect import attach_protect_masses, protect_mask
 from curvedit.editing.settings import BASIS_METHODS, EIGENBASIS_METHODS, EditError, EditSettings
 from curvedit.editing.targeted import attach_forget_masses, forget_masses, general_masses, targeted_mask
+from curvedit.io import write_json
+from curvedit.kfac.factors import check_factors_match, load_factors, without_eigencorrections
 from curvedit.kfac.spectrum import (
     Eigenbasis,
     SelectionError,
     identity_bases,
+    load_bases,
     mass_fraction,
     select_by_count,
     select_by_mass,
@@ -68,6 +72,7 @@ class EditRule:
     block: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        """Check the amount, side and block of the rule."""
         if self.block is not None:
             if self.rho is not None or self.keep_fraction is not None or self.side is not None:
                 raise EditError(f"rule {self.pattern!r}: a block deletion takes no rho, keep_fraction or side")
@@ -85,6 +90,7 @@ class EditRule:
                             f"must be in (0, 1], got {value}")
 
     def matches(self, name: str) -> bool:
+        """Whether the rule's pattern (a glob, or `re:REGEX` searched) matches target `name`."""
         if self.pattern.startswith("re:"):
             return re.search(self.pattern[3:], name) is not None
         return fnmatch.fnmatchcase(name, self.pattern)
@@ -106,6 +112,7 @@ class EditPlan:
     protect: EditRule | None = None
 
     def __post_init__(self) -> None:
+        """Check the plan (`validate`)."""
         self.validate()
 
     def validate(self) -> None:
@@ -133,6 +140,7 @@ class EditPlan:
         raise EditError(f"no rule of the plan matches target {name} (patterns: {[r.pattern for r in self.rules]})")
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON (the form `from_json` reads back)."""
         s = self.settings
         return {"method": s.method, "seed": s.seed, "compute_dtype": s.compute_dtype, "masses": s.masses,
                 "rules": [asdict(r) for r in self.rules],
@@ -450,8 +458,6 @@ def edit_model(model: nn.Module, targets: list[Target], plan: EditPlan, factor_d
         EditError: factors missing for a method that needs them, or a target no rule matches.
         SelectionError: a keep fraction that keeps no component of a target.
     """
-    from curvedit.kfac.factors import without_eigencorrections  # noqa: PLC0415
-
     settings = plan.settings
     for target in targets:  # before any eigendecomposition is computed or cached
         rule = plan.rule_for(target.name)
@@ -517,9 +523,6 @@ def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Pat
         FactorError: factors (or protect factors) of another model, or missing for a target.
         EditError: masses "targeted" without a forget set.
     """
-    from curvedit.kfac.factors import check_factors_match, load_factors  # noqa: PLC0415
-    from curvedit.kfac.spectrum import load_bases  # noqa: PLC0415
-
     protect = None
     if protect_dir is not None:  # checked before any eigenbasis is computed or cached
         protect = load_factors(protect_dir)
@@ -541,8 +544,6 @@ def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path 
     """The JSON description of an edit: plan, factor identity, eigh precision, per-target
     statistics, and the model's non-HF origin (`LoadedModel.source`, e.g. a GGUF file and its
     quantization) as `model_source`, null for an HF checkpoint."""
-    from curvedit import __version__  # noqa: PLC0415
-
     factors_info: dict[str, Any] | None = None
     if factor_dir is not None and (Path(factor_dir) / "factors.json").is_file():
         meta = json.loads((Path(factor_dir) / "factors.json").read_text())
@@ -566,8 +567,6 @@ def save_edited_model(model: nn.Module, preprocessor: Any | None, out: str | Pat
     Raises:
         EditError: `out` is the source model's directory, or exists and `overwrite` is False.
     """
-    from curvedit.io import write_json  # noqa: PLC0415
-
     out_path = Path(out)
     if source is not None and Path(source).exists() and out_path.resolve() == Path(source).resolve():
         raise EditError(f"refusing to write the edited model into the input model's directory {source}")

@@ -56,6 +56,7 @@ class EditSettings:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        """Check the settings (`validate`)."""
         self.validate()
 
     def validate(self) -> None:

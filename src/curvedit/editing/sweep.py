@@ -55,7 +55,9 @@ from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
 from curvedit.evaluate.windows import Window
+from curvedit.io import write_json
 from curvedit.kfac.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
+from curvedit.plots import pyplot, save_figure, spans
 
 METRICS = ("strict", "loose", "similarity")
 SWEEP_JSON = "sweep.json"
@@ -166,6 +168,7 @@ class SweepOptions:
     probe_margin: float = 0.1
 
     def __post_init__(self) -> None:
+        """Store a single probe floor as {"*": floor}."""
         self.probe_floor = floor_map(self.probe_floor)
 
     def validate(self) -> None:
@@ -431,8 +434,6 @@ class SweepResult:
         Returns:
             (JSON path, PNG path).
         """
-        from curvedit.io import write_json  # noqa: PLC0415
-
         out = Path(out_dir)
         write_json(out / SWEEP_JSON, self.to_dict())
         return out / SWEEP_JSON, plot_sweep(self, out / SWEEP_PNG)
@@ -564,8 +565,6 @@ def plot_sweep(result: SweepResult, out: str | Path) -> Path:
     Returns:
         The PNG path.
     """
-    from curvedit.plots import pyplot, save_figure, spans  # noqa: PLC0415
-
     plt = pyplot()
     metric = result.options.metric
     mem = [100 * memorization_value(p, metric) for p in result.points]

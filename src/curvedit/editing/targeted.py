@@ -60,6 +60,7 @@ class SuffixObjective:
     predict suffix tokens only."""
 
     def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
+        """Per-position logits and the suffix mask of a batch of memorized windows."""
         ids_bt, attn_bt, counted_bt = batch["input_ids"], batch["attention_mask"], batch["suffix_mask"]
         logits_btv = model(input_ids=ids_bt, attention_mask=attn_bt, use_cache=False).logits
         gold_bt = torch.roll(ids_bt, shifts=-1, dims=1)

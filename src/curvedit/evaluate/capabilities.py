@@ -158,7 +158,7 @@ def _fact_cases(tables: Sequence[FactTable]) -> list[Case]:
     cases = []
     for template, table in tables:
         answers = sorted(set(table.values()))
-        for index, (subject, answer) in enumerate(sorted(table.items())):
+        for subject, answer in sorted(table.items()):
             others = [a for a in answers if a != answer]
             picked = random.Random(f"{template}:{subject}").sample(others, 3)
             cases.append(Case(template.format(subject), answer, tuple(picked), ACCEPTED.get(answer, ())))
@@ -447,7 +447,7 @@ class FamilyScore:
 
     @property
     def accuracy(self) -> float:
-        """correct / n."""
+        """Correct / n."""
         return self.correct / self.n if self.n else 0.0
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -53,7 +54,6 @@ class Interval:
 def _z(confidence: float) -> float:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    from statistics import NormalDist  # noqa: PLC0415
 
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 

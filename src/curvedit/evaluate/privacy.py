@@ -328,8 +328,10 @@ def membership_inference(member: Sequence[SequenceStats], nonmember: Sequence[Se
     """AUROC of every membership score, memorized windows against non-members.
 
     Args:
-        member, nonmember: `sequence_stats` of each group.
-        member_texts, nonmember_texts: their texts (zlib entropy).
+        member: `sequence_stats` of the memorized windows.
+        nonmember: `sequence_stats` of the non-members.
+        member_texts: the memorized windows' texts (for the zlib entropy).
+        nonmember_texts: the non-members' texts.
         k_percent: k of Min-K% and Min-K%++.
         reference: (member losses, non-member losses) under the reference model.
 

@@ -24,7 +24,7 @@ from typing import Sequence
 from curvedit.errors import EvaluateError
 from curvedit.evaluate.intervals import Interval
 from curvedit.evaluate.results import flatten_intervals, flatten_metrics, read_results
-from curvedit.plots import spans
+from curvedit.plots import pyplot, save_figure, spans
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,6 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _bar_chart(path: Path, family: str, metrics: list[str], runs: Sequence[Run]) -> None:
     """One subplot per metric (each on its own scale), one bar per run."""
-    from curvedit.plots import pyplot, save_figure  # noqa: PLC0415 - matplotlib is heavy, only for reports
-
     plt = pyplot()
 
     cols = min(len(metrics), 4)

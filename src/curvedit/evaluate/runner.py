@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvedit import __version__
 from curvedit.data import DataError, default_pad_id
 from curvedit.errors import EvaluateError
 from curvedit.evaluate.generation import check_vocabulary
@@ -185,7 +186,6 @@ class ReferenceSide:
 
 def vocabulary_signature(loaded: LoadedModel) -> tuple[int | None, str | None]:
     """(number of output ids, SHA-256 of the tokenizer's token -> id map or None)."""
-
     head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
     size = int(head.weight.shape[0]) if head is not None else None
     vocab = loaded.preprocessor.get_vocab() if hasattr(loaded.preprocessor, "get_vocab") else None
@@ -351,8 +351,6 @@ def evaluate_model(
         curvedit.data.DataError: unreadable inputs.
         ImportError: lm-eval tasks requested and lm-eval not installed.
     """
-    from curvedit import __version__  # noqa: PLC0415
-
     options.validate()
     if reference is not None and options.heldout is None and options.mia is None:
         raise EvaluateError("a reference is used for nDCG (needs held-out text, --heldout) and for the reference "

@@ -23,6 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from curvedit.errors import CurveditError
+from curvedit.evaluate.generation import _ForwardSpec
+from curvedit.models import context_window
 
 
 class SampleError(CurveditError):
@@ -95,7 +97,6 @@ def pick_tokens(probs_bv: torch.Tensor, uniforms_b: torch.Tensor) -> torch.Tenso
 @torch.inference_mode()
 def _sample_batch(model: torch.nn.Module, start: int, indices: range, options: SampleOptions,
                   eos: int | None) -> list[list[int]]:
-    from curvedit.evaluate.generation import _ForwardSpec  # noqa: PLC0415 - the cache argument's name
 
     cache_kw = _ForwardSpec(model).cache_kw
     device = next(model.parameters()).device
@@ -141,8 +142,6 @@ def sample_sequences(model: torch.nn.Module, tokenizer: Any | None, options: Sam
         SampleError: bad options, no start token, a `seq_len` past the model's context window, or
             a next-token distribution that is not finite.
     """
-    from curvedit.models import context_window  # noqa: PLC0415
-
     options = options or SampleOptions()
     options.validate()
     window = context_window(model)

@@ -21,6 +21,7 @@ class Timer:
     """
 
     def __init__(self, log: Callable[[str], None] | None = None) -> None:
+        """Start with no stage timed."""
         self.seconds: dict[str, float | None] = {}
         self._log = log
 

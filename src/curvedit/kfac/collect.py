@@ -24,6 +24,7 @@ import hashlib
 import json
 from collections.abc import Iterator as IteratorABC
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
@@ -161,7 +162,6 @@ def _checkpointed_blocks(model: nn.Module, enable: bool) -> Iterator[None]:
     if not enable:
         yield
         return
-    from functools import partial  # noqa: PLC0415
 
     from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
 
@@ -437,22 +437,10 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     sums. A resumed pass first checks that the batches the checkpoint covered are the ones
     read now (`resumed_digest`)."""
     group = groups[pass_index]
-    for target in group:
-        d_out, d_in = target.shape_oi
-        if target.name not in sums.a_sum:
-            sums.a_sum[target.name] = torch.zeros(d_in, d_in, dtype=acc_dtype, device=device)
-            sums.g_sum[target.name] = torch.zeros(d_out, d_out, dtype=acc_dtype, device=device)
-    captured: list[tuple[Target, torch.Tensor, torch.Tensor]] = []
-    recording = [False]  # hooks record during the forward pass only, not a checkpoint's recomputation
-
-    def make_hook(target: Target):
-        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if recording[0]:
-                captured.append((target, inputs[0].detach(), output))
-        return hook
-
+    _zero_sums(sums, group, acc_dtype, device)
     first_pass = pass_index == 0
-    handles = [t.module.register_forward_hook(make_hook(t)) for t in group]
+    recorder = _Recorder()
+    handles = recorder.hook(group)
     total = None if options.total_tokens is None else options.total_tokens // ctx.world_size
     desc = "collect" if len(groups) == 1 else f"collect pass {pass_index + 1}/{len(groups)}"
     bar = tqdm(total=total, initial=sums.tokens_seen if first_pass else 0, unit="tok", unit_scale=True,
@@ -463,51 +451,15 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
     # missing (the data ended) or already covered (resumed mid-round) runs a lock-step pass,
     # checkpoints fall on round ends, and ranks check at each round that all still have data.
     lockstep = ctx.distributed and is_sharded_model(model)
-    context = context_window(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
     world = ctx.world_size
     uneven = "ranks disagree on the data: one ran out of batches before another (FSDP needs the same batches)"
     every = -(-options.checkpoint_every // world) * world if lockstep else options.checkpoint_every
 
-    def step(batch: dict, index: int, accumulate: bool) -> None:
-        """Forward and backward of one batch, its rows added to the sums when `accumulate`
-        (a lock-step pass under FSDP runs the same collectives and adds nothing)."""
-        width = batch["input_ids"].shape[-1] if "input_ids" in batch else 0
-        if context is not None and width > context:
-            raise CollectError(f"batch {index}: sequences of {width} tokens are longer than the model's context "
-                               f"window of {context} tokens (lower --seq-len)")
-        if width and vocab is not None:
-            ids = batch["input_ids"]
-            if "attention_mask" in batch:
-                ids = ids[batch["attention_mask"].bool()]
-            outside = ids[(ids < 0) | (ids >= vocab)]
-            if outside.numel():
-                raise CollectError(f"batch {index}: token id {int(outside[0])} is outside the model's vocabulary of "
-                                   f"{vocab} ids (input_ids made for another tokenizer?)")
-        captured.clear()
-        batch = _to_device(batch, device)
-        recording[0] = True
-        try:
-            out = objective(model, batch, batch_generator(options.seed, index, device))
-        finally:
-            recording[0] = False
-        if not torch.isfinite(out.loss):
-            raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
-        mask = out.positions_mask
-        counted = int(mask.sum())
-        if counted or lockstep:  # under FSDP every rank runs every backward (its all-gathers)
-            grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
-            if accumulate and counted:
-                _accumulate(sums, captured, grads, mask, acc_dtype, index)
-                for target, _, _ in captured:
-                    sums.positions[target.name] += counted
-        captured.clear()
-        if accumulate:
-            tokens = _batch_tokens(batch)
-            if first_pass:
-                sums.tokens_seen += tokens
-            bar.update(tokens)
+    step = _BatchStep(model=model, objective=objective, recorder=recorder, sums=sums, options=options, device=device,
+                      acc_dtype=acc_dtype, context=context_window(model),
+                      vocab=getattr(embeddings, "num_embeddings", None), lockstep=lockstep, first_pass=first_pass,
+                      bar=bar)
 
     start = sums.batches_done  # batches before it are covered by the checkpoint we resumed from
     covered: dict | None = None  # this rank's covered batch of the round `start` falls in
@@ -553,6 +505,116 @@ def _collect_pass(model: nn.Module, batches: Iterable[dict], targets: list[Targe
         for handle in handles:
             handle.remove()
 
+    _end_pass(sums, targets, groups, pass_index, options, ctx, device, weights_hash)
+
+
+class _Recorder:
+    """Forward hooks that keep each target's input and output, during the forward pass only
+    (not a gradient checkpoint's recomputation)."""
+
+    def __init__(self) -> None:
+        self.captured: list[tuple[Target, torch.Tensor, torch.Tensor]] = []
+        self.recording = False
+
+    def hook(self, group: list[Target]) -> list[Any]:
+        """Hook every target of `group`; returns the handles to remove."""
+        def make(target: Target) -> Callable[..., None]:
+            def record(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+                if self.recording:
+                    self.captured.append((target, inputs[0].detach(), output))
+            return record
+        return [t.module.register_forward_hook(make(t)) for t in group]
+
+
+@dataclass
+class _BatchStep:
+    """Forward and backward of one batch of a pass, its rows added to the sums (a lock-step
+    batch under FSDP runs the same collectives and adds nothing)."""
+
+    model: nn.Module
+    objective: Objective
+    recorder: _Recorder
+    sums: _Sums
+    options: CollectOptions
+    device: torch.device
+    acc_dtype: torch.dtype
+    context: int | None
+    vocab: int | None
+    lockstep: bool
+    first_pass: bool
+    bar: Any
+
+    def __call__(self, batch: dict, index: int, accumulate: bool) -> None:
+        """Run batch `index`; add it to the sums when `accumulate`.
+
+        Raises:
+            CollectError: a batch too long or outside the vocabulary, or a NaN/inf loss.
+        """
+        _check_batch(batch, index, self.context, self.vocab)
+        captured = self.recorder.captured
+        captured.clear()
+        batch = _to_device(batch, self.device)
+        self.recorder.recording = True
+        try:
+            out = self.objective(self.model, batch, batch_generator(self.options.seed, index, self.device))
+        finally:
+            self.recorder.recording = False
+        if not torch.isfinite(out.loss):
+            raise CollectError(f"batch {index}: the loss is {out.loss.item()} (NaN/inf); nothing accumulated")
+        mask = out.positions_mask
+        counted = int(mask.sum())
+        if counted or self.lockstep:  # under FSDP every rank runs every backward (its all-gathers)
+            grads = torch.autograd.grad(out.loss, [o for _, _, o in captured], allow_unused=True)
+            if accumulate and counted:
+                _accumulate(self.sums, captured, grads, mask, self.acc_dtype, index)
+                for target, _, _ in captured:
+                    self.sums.positions[target.name] += counted
+        captured.clear()
+        if accumulate:
+            tokens = _batch_tokens(batch)
+            if self.first_pass:
+                self.sums.tokens_seen += tokens
+            self.bar.update(tokens)
+
+
+def _zero_sums(sums: _Sums, group: list[Target], acc_dtype: torch.dtype, device: torch.device) -> None:
+    """Zero sums on `device` for the targets of `group` that have none yet (a resumed pass keeps its own)."""
+    for target in group:
+        d_out, d_in = target.shape_oi
+        if target.name not in sums.a_sum:
+            sums.a_sum[target.name] = torch.zeros(d_in, d_in, dtype=acc_dtype, device=device)
+            sums.g_sum[target.name] = torch.zeros(d_out, d_out, dtype=acc_dtype, device=device)
+
+
+def _check_batch(batch: dict, index: int, context: int | None, vocab: int | None) -> None:
+    """Refuse a batch longer than the context window or with token ids outside the vocabulary.
+
+    Raises:
+        CollectError: naming the batch, the length or the id.
+    """
+    width = batch["input_ids"].shape[-1] if "input_ids" in batch else 0
+    if context is not None and width > context:
+        raise CollectError(f"batch {index}: sequences of {width} tokens are longer than the model's context "
+                           f"window of {context} tokens (lower --seq-len)")
+    if width and vocab is not None:
+        ids = batch["input_ids"]
+        if "attention_mask" in batch:
+            ids = ids[batch["attention_mask"].bool()]
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.numel():
+            raise CollectError(f"batch {index}: token id {int(outside[0])} is outside the model's vocabulary of "
+                               f"{vocab} ids (input_ids made for another tokenizer?)")
+
+
+def _end_pass(sums: _Sums, targets: list[Target], groups: list[list[Target]], pass_index: int,
+              options: CollectOptions, ctx: DistContext, device: torch.device, weights_hash: str) -> None:
+    """Reduce the pass's sums, check its batch count against the first pass, offload them when
+    more passes follow, and checkpoint the start of the next pass.
+
+    Raises:
+        CollectError: no batch at all, or a later pass that read another number of batches.
+    """
+    group, first_pass = groups[pass_index], pass_index == 0
     _reduce_pass(sums, group, first_pass, ctx, keep_on_all=True)
     if sums.batches_done == 0:
         raise CollectError("no data: the batch iterator was empty")

@@ -73,10 +73,12 @@ class TargetFactors:
 
     @property
     def d_in(self) -> int:
+        """Input dimension of the weight (the side of A)."""
         return self.A.shape[0]
 
     @property
     def d_out(self) -> int:
+        """Output dimension of the weight (the side of G)."""
         return self.G.shape[0]
 
 

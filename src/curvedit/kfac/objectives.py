@@ -41,7 +41,8 @@ class ObjectiveOutput:
 class Objective(Protocol):
     """Turns a batch into an `ObjectiveOutput` by running the model forward."""
 
-    def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput: ...
+    def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
+        """The per-position loss and mask of `batch` (labels drawn with `generator` when sampled)."""
 
 
 def summed_nll(logits: torch.Tensor, gold: torch.Tensor | None, label_mode: str,
@@ -95,6 +96,7 @@ class CausalLMObjective:
     label_mode: str = "sampled"
 
     def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
+        """The next-token loss of every real position, with labels sampled from the model or gold."""
         ids_bt = batch["input_ids"]
         attn_bt = batch.get("attention_mask")
         if attn_bt is None:
@@ -126,6 +128,7 @@ class ImageClassificationObjective:
     positions: str = "cls"
 
     def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
+        """The classification loss at the CLS token (or every position), labels sampled or gold."""
         if self.positions not in ("cls", "all"):
             raise ObjectiveError(f"positions must be 'cls' or 'all', got {self.positions!r}")
         pixels = batch["pixel_values"]
@@ -162,6 +165,7 @@ class CustomObjective:
     label_mode: str = "sampled"
 
     def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
+        """The loss of the user's `forward` logits and mask, labels sampled or gold."""
         logits, mask = self.forward(model, batch)
         mask = mask.bool()
         if logits.shape[:-1] != mask.shape:

@@ -39,13 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from curvedit.data import DataError, pad_batch
+from curvedit import __version__
+from curvedit.data import DataError, pad_batch, write_jsonl
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.windows import Window
 from curvedit.io import write_json, write_safetensors
 from curvedit.memorize.canaries import Canary
+from curvedit.models import context_window
 
 MANIFEST_FILE = "curvedit-implant.json"
 WINDOWS_FILE = "memorized.jsonl"
@@ -371,8 +373,6 @@ def _step_loss(model: nn.Module, base: nn.Module | None, input_ids: torch.Tensor
 
 def _check_canaries(canaries: Sequence[Canary], model: nn.Module, options: ImplantOptions) -> None:
     """Refuse what would implant something else than asked, or never end."""
-    from curvedit.models import context_window  # noqa: PLC0415
-
     if not canaries:
         raise ImplantError("no canary to implant")
     seen: dict[str, int] = {}
@@ -504,14 +504,17 @@ def save_implanted(model: nn.Module, tokenizer: Any, out: str | Path, canaries: 
     checkpoints.
 
     Args:
+        model: the implanted model.
+        tokenizer: its tokenizer (saved beside it).
+        out: the output folder.
+        canaries: the canaries implanted.
+        result: the implant's outcome (`implant`).
+        options: the implant's settings.
         base: the base model's description (`name`, `weights_sha256`, source info).
 
     Returns:
         The output folder.
     """
-    from curvedit import __version__  # noqa: PLC0415
-    from curvedit.data import write_jsonl  # noqa: PLC0415
-
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

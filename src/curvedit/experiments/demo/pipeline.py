@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from curvedit.data import Record, default_pad_id, lm_batches
+from curvedit.diagnostics.analysis import BandOptions, band_analysis, task_family_shares, write_task_families
+from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve
+from curvedit.diagnostics.converge import ConvergeOptions, plot_convergence, run_convergence
+from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
+from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
+from curvedit.editing.budget import bisect_amount, match_tolerance
 from curvedit.editing.edit import AppliedEdit, EditPlan, EditRule, apply_edit
 from curvedit.editing.settings import EditSettings
 from curvedit.editing.step import apply_step, forget_gradients, step_directions, step_within_budget
+from curvedit.editing.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep
 from curvedit.editing.targeted import attach_forget_masses, forget_masses
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized
@@ -30,6 +37,7 @@ from curvedit.experiments.demo.measure import (
     quote_windows,
     string_windows,
 )
+from curvedit.experiments.demo.report import write_report
 from curvedit.experiments.demo.train import TrainConfig, cached_model_dir, train_demo_model
 from curvedit.experiments.demo.world import (
     World,
@@ -41,8 +49,10 @@ from curvedit.experiments.demo.world import (
     pack,
 )
 from curvedit.experiments.stages import Timer
+from curvedit.experiments.studies.capability_stages import run_layer_map
 from curvedit.io import write_json
 from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.eigencorrect import eigencorrect_factors
 from curvedit.kfac.factors import save_factors
 from curvedit.kfac.spectrum import load_bases
 from curvedit.kfac.targets import TargetSpec, select_targets
@@ -273,8 +283,6 @@ def collect_world_factors(model, tokenizer, world: World, options: DemoOptions, 
 def eigencorrect_world_factors(model, tokenizer, world: World, options: DemoOptions, targets, factor_dir: Path) -> None:
     """Add EK-FAC masses (`collect --eigencorrect`) to the demo's factors: a second pass over
     the same general text, same label seed."""
-    from curvedit.kfac.eigencorrect import eigencorrect_factors  # noqa: PLC0415
-
     sequences = factor_sequences(tokenizer, world, options)
     eigencorrect_factors(model, lm_batches(sequences, 32, 0), targets, factor_dir, options=CollectOptions(
         seed=options.seed, progress=options.progress, total_tokens=sum(len(s) for s in sequences),
@@ -291,8 +299,6 @@ def match_perplexity(model, probe: WorldProbe, targets, method: str, target_ppl:
         The search: the first amount within that tolerance, else the closest tried
         (`search.matches()` says which).
     """
-    from curvedit.editing.budget import bisect_amount, match_tolerance  # noqa: PLC0415
-
     return bisect_amount(model, targets, bases, probe.text, mode="match", target_ppl=target_ppl,
                          unedited_ppl=unedited_ppl, settings=EditSettings(method=method, masses=masses, seed=seed),
                          steps=steps,
@@ -304,8 +310,6 @@ def durability(model, world: World, tokenizer, probe: WorldProbe, options: DemoO
     fresh general text and on the tune half, re-measuring held-out recall and perplexity after
     `attack_steps`, and round-to-nearest quantization at `attack_bits` (groups of 32 inputs).
     The model is left as it was."""
-    from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve  # noqa: PLC0415
-
     if not options.attack_steps:
         return {}
 
@@ -333,8 +337,6 @@ def run_bsn(model, tokenizer, probe: WorldProbe, targets, unedited_ppl: float,
     Returns:
         (metrics of the kept ratio, its settings).
     """
-    from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
-
     forget = [w.prefix_ids + w.suffix_ids for w in probe.tune]
     retain = probe.text[: max(len(forget) * 8, 64)]
     bsn = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=options.seed, progress=False)
@@ -355,8 +357,6 @@ def run_analysis(model, tokenizer, probe: WorldProbe, targets, bases, variants: 
                  out: Path) -> None:
     """Band analysis (memorized held-out windows vs general text) and the task-family view
     (bottom-band share vs accuracy lost after the K-FAC edit), written to `out/analysis`."""
-    from curvedit.diagnostics.analysis import BandOptions, band_analysis, task_family_shares, write_task_families  # noqa: PLC0415
-
     band_options = BandOptions(batch_size=64, progress=False)
     band_analysis(model, targets, bases, probe.heldout, probe.text[:200], band_options).write(out / "analysis")
     families = {f: [tokenizer(e.prompt + e.answer, add_special_tokens=False)["input_ids"] for e in probe.tests[f]]
@@ -375,9 +375,6 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
-    from curvedit.editing.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
-    from curvedit.experiments.demo.report import write_report  # noqa: PLC0415
-    from curvedit.experiments.studies.capability_stages import run_layer_map  # noqa: PLC0415
 
     options.validate()
     hf_logging.disable_progress_bar()  # the demo's model is tiny: loading bars are noise
@@ -547,8 +544,6 @@ def demo_frontier(model, tokenizer, factor_dir: Path, targets, probe: WorldProbe
                   ) -> dict[str, Any]:
     """Every method's forgetting of the held-out memorized strings against its cost, at the
     chosen placement (`curvedit.diagnostics.frontier`), written to `out/frontier/`."""
-    from curvedit.diagnostics.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
-
     result = run_frontier(model, tokenizer, factor_dir, targets, probe.heldout, probe.text,
                           FrontierOptions(keep_fractions=options.frontier_keep,
                                           settings=EditSettings(seed=options.seed), batch_size=64,
@@ -571,9 +566,6 @@ def converge_study(model, tokenizer, world: World, probe: WorldProbe, targets, r
     """`curvedit converge` on the demo: factors on nested prefixes of the factors' text, each
     budget's selection (the chosen rule, on the chosen targets) against the largest, gold vs
     sampled labels, and the held-out recall and perplexity of the edit made with each."""
-    from curvedit.diagnostics.attack import recall_and_perplexity  # noqa: PLC0415
-    from curvedit.diagnostics.converge import ConvergeOptions, plot_convergence, run_convergence  # noqa: PLC0415
-
     if not options.converge_tokens:
         return None
     result = run_convergence(model, factor_sequences(tokenizer, world, options), targets, options.out / "converge",

@@ -45,6 +45,7 @@ from curvedit.experiments.demo.vision_data import (
     load_images,
     split_and_corrupt,
 )
+from curvedit.experiments.demo.vision_report import write_vision_report
 from curvedit.experiments.demo.vision_train import VisionTrainConfig, predict, train_vision_model
 from curvedit.experiments.stages import Timer
 from curvedit.kfac.collect import CollectOptions, collect_factors
@@ -434,7 +435,6 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
     """
     from transformers import ViTForImageClassification  # noqa: PLC0415
 
-    from curvedit.experiments.demo.vision_report import write_vision_report  # noqa: PLC0415
 
     options.validate()
     options.out.mkdir(parents=True, exist_ok=True)

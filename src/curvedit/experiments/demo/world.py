@@ -68,6 +68,7 @@ class WorldConfig:
     family_weights: tuple[float, float, float] = (0.2, 0.35, 0.45)
 
     def to_dict(self) -> dict:
+        """The configuration as JSON."""
         return asdict(self)
 
 

@@ -15,10 +15,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from curvedit.data import Record, default_pad_id, token_sequences
+from curvedit.data import Record, default_pad_id, read_records, token_sequences
+from curvedit.evaluate.capabilities import FAMILIES, capability_tasks, score_families
+from curvedit.evaluate.privacy import sequence_stats
+from curvedit.evaluate.tasks import TaskOptions, run_tasks
 from curvedit.experiments.stages import cached, content_key
 from curvedit.experiments.studies.options import GGUF_NAME, WHEEL, StudyError, StudyOptions
 from curvedit.io import file_sha256, write_json
+from curvedit.memorize.implant import model_weights_sha256
+from curvedit.models import find_gguf, load_model
 
 
 def obtain_gguf(options: StudyOptions) -> Path:
@@ -65,8 +70,6 @@ def general_sequences(tokenizer: Any, seq_len: int, source: str | None = None) -
     Raises:
         StudyError: the corpus gives no full window.
     """
-    from curvedit.data import read_records  # noqa: PLC0415
-
     if source is None:
         from pydoc_data.topics import topics  # noqa: PLC0415
 
@@ -110,9 +113,6 @@ def prepare_base(options: StudyOptions, log: Callable[[str], None]) -> tuple[Pat
     Raises:
         StudyError: the model cannot be obtained, or it is not a causal LM with a tokenizer.
     """
-    from curvedit.memorize.implant import model_weights_sha256  # noqa: PLC0415
-    from curvedit.models import find_gguf, load_model  # noqa: PLC0415
-
     source_path = obtain_gguf(options) if options.model is None else options.model
     gguf = find_gguf(source_path)
     folder = options.cache / "base-hf"
@@ -148,8 +148,6 @@ PROBE_SEED = 1234
 
 def study_tasks(families: Sequence[str], items: int) -> list[Any]:
     """The capability families the study measures, `items` each (generate format, seeded)."""
-    from curvedit.evaluate.capabilities import capability_tasks  # noqa: PLC0415
-
     return capability_tasks(list(families), n=items, seed=PROBE_SEED) if families else []
 
 
@@ -158,8 +156,6 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, An
     accuracy, interval, n, chance level and whether it is usable (`score_families`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    from curvedit.evaluate.capabilities import FAMILIES, score_families  # noqa: PLC0415
-    from curvedit.evaluate.tasks import TaskOptions, run_tasks  # noqa: PLC0415
 
     def compute() -> dict[str, dict[str, Any]]:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
@@ -179,7 +175,6 @@ def base_losses(base_dir: Path, groups: dict[str, list[list[int]]], options: Stu
     """The base (pre-implant) model's loss on every window of each group (the reference MIA score)."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from curvedit.evaluate.privacy import sequence_stats  # noqa: PLC0415
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
     return {name: [s.loss for s in sequence_stats(base, sequences, batch_size=options.batch_size)]

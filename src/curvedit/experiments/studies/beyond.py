@@ -8,9 +8,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from curvedit.data import default_pad_id
+from curvedit.data import default_pad_id, lm_batches
+from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve
+from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
+from curvedit.editing.budget import bisect_amount, match_tolerance
+from curvedit.editing.edit import EditPlan, apply_edit
+from curvedit.editing.targeted import attach_forget_masses, forget_masses
 from curvedit.experiments.studies.measure import SeedProbe, edit_and_measure
 from curvedit.experiments.studies.options import StudyOptions
+from curvedit.kfac.collect import CollectOptions
+from curvedit.kfac.eigencorrect import eigencorrect_factors
+from curvedit.kfac.spectrum import load_bases
 from curvedit.models import restored
 
 
@@ -43,16 +51,6 @@ def beyond_paper(model, tokenizer, targets, bases, factor_dir: Path, factor_text
     the tune half), each matched to K-FAC's perplexity and measured like the other variants;
     then relearning on the tune half and quantization of unedited, K-FAC, targeted and
     BalancedSubnet, judged by held-out canary recall and perplexity."""
-    from curvedit.data import lm_batches  # noqa: PLC0415
-    from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve  # noqa: PLC0415
-    from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
-    from curvedit.editing.budget import bisect_amount, match_tolerance  # noqa: PLC0415
-    from curvedit.editing.edit import EditPlan, apply_edit  # noqa: PLC0415
-    from curvedit.editing.targeted import attach_forget_masses, forget_masses  # noqa: PLC0415
-    from curvedit.kfac.collect import CollectOptions  # noqa: PLC0415
-    from curvedit.kfac.eigencorrect import eigencorrect_factors  # noqa: PLC0415
-    from curvedit.kfac.spectrum import load_bases  # noqa: PLC0415
-
     pad_id = default_pad_id(tokenizer)
     eigencorrect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets, factor_dir,
                          options=CollectOptions(seed=seed, progress=options.progress,

@@ -16,12 +16,13 @@ import torch
 
 from curvedit.data import Record
 from curvedit.evaluate.memorization import FindOptions, find_memorized
+from curvedit.evaluate.sampling import SampleOptions, sample_sequences
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.stages import cached, content_key
 from curvedit.experiments.studies.base import StudyData
 from curvedit.experiments.studies.options import StudyOptions
 from curvedit.io import write_json
-from curvedit.memorize.canaries import Canary, generate_canaries
+from curvedit.memorize.canaries import Canary, generate_canaries, prose_passages
 from curvedit.memorize.implant import canary_token_ids, implant, save_implanted
 
 
@@ -49,8 +50,6 @@ def nonmember_canaries(options: StudyOptions, seed: int, implanted: Sequence[str
     """Never-implanted canaries of the same styles and counts: as many as were implanted, or
     fewer when the prose passages left once the implanted ones are excluded do not go round
     (the stdlib gives 14; 8 implanted leave 6)."""
-    from curvedit.memorize.canaries import prose_passages  # noqa: PLC0415
-
     styles, n = options.styles, options.canaries
     if "prose" in styles:
         left = len(set(prose_passages()) - set(implanted))
@@ -78,7 +77,6 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     general = data.train
     if options.replay_samples:
-        from curvedit.evaluate.sampling import SampleOptions, sample_sequences  # noqa: PLC0415
 
         general = sample_sequences(model, tokenizer, SampleOptions(
             n=options.replay_samples, seq_len=implant_options.seq_len, seed=seed, batch_size=64,
@@ -97,8 +95,6 @@ def factor_sequences(model: torch.nn.Module, tokenizer: Any, data: StudyData, op
                      model_key: str) -> list[list[int]]:
     """The factors' text, `options.factor_tokens` tokens of it: pydoc text, the implanted model's
     own samples (drawn once per seed and cached), or half of each."""
-    from curvedit.evaluate.sampling import SampleOptions, sample_sequences  # noqa: PLC0415
-
     if options.factor_data == "pydoc":
         return data.factor_sequences(options.factor_tokens)
     wanted = options.factor_tokens if options.factor_data == "self" else options.factor_tokens // 2

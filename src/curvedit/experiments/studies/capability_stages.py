@@ -15,9 +15,14 @@ from typing import Any, Sequence
 
 import torch
 
+from curvedit.data import lm_batches
+from curvedit.diagnostics.flat_energy import flat_energy_shares
+from curvedit.diagnostics.layer_map import LayerMapOptions, layer_map
+from curvedit.editing.protect import attach_protect_masses
 from curvedit.evaluate.capabilities import FAMILIES, capability_tasks
 from curvedit.evaluate.tasks import GenerateItem
 from curvedit.evaluate.windows import Window
+from curvedit.kfac.collect import CollectOptions, collect_factors
 from curvedit.kfac.spectrum import Eigenbasis
 from curvedit.kfac.targets import Target
 
@@ -41,10 +46,6 @@ def protected_bases(model: torch.nn.Module, bases: dict[str, Eigenbasis], target
                     ) -> dict[str, Eigenbasis]:
     """Copies of `bases` carrying the protect masses of factors collected on `sequences`
     (sampled labels, like any collection); the originals are left as they are."""
-    from curvedit.data import lm_batches  # noqa: PLC0415
-    from curvedit.editing.protect import attach_protect_masses  # noqa: PLC0415
-    from curvedit.kfac.collect import CollectOptions, collect_factors  # noqa: PLC0415
-
     factors = collect_factors(model, lm_batches(sequences, batch_size, pad_id), targets,
                               options=CollectOptions(seed=seed, progress=False))
     copies = {name: dataclasses.replace(basis) for name, basis in bases.items()}
@@ -72,8 +73,6 @@ def run_layer_map(model: torch.nn.Module, tokenizer: Any, factor_dir: Path, wind
                   batch_size: int, progress: bool) -> dict[str, Any]:
     """The layer map on mlp-in (singles and runs of three), written to `out`; returns its
     dictionary with the paper's kind of placement and the best placements."""
-    from curvedit.diagnostics.layer_map import LayerMapOptions, layer_map  # noqa: PLC0415
-
     result = layer_map(model, tokenizer, factor_dir, windows, heldout,
                        LayerMapOptions(keep_fraction=keep_fraction, batch_size=batch_size, progress=progress),
                        tasks=tasks)
@@ -91,8 +90,6 @@ def style_energy(model: torch.nn.Module, targets: list[Target], bases: dict[str,
     """Mean flat-energy share (`curvedit.diagnostics.flat_energy`) of each canary style's windows, of
     general text and of never-implanted canaries (`nonmembers`, group "nonmember"), at the
     edited targets."""
-    from curvedit.diagnostics.flat_energy import flat_energy_shares  # noqa: PLC0415
-
     groups = [*styles, *["general"] * len(general), *["nonmember"] * len(nonmembers)]
     sequences = ([list(w.prefix_ids) + list(w.suffix_ids) for w in windows] + [list(s) for s in general]
                  + [list(s) for s in nonmembers])

@@ -12,7 +12,13 @@ from typing import Any, Sequence
 import torch
 
 from curvedit.data import default_pad_id
+from curvedit.diagnostics.analysis import BandOptions, band_analysis
+from curvedit.editing.edit import apply_edit
 from curvedit.evaluate.memorization import evaluate_recitation
+from curvedit.evaluate.perplexity import ndcg_at_k, perplexity
+from curvedit.evaluate.privacy import extraction_metrics, membership_scores, sequence_stats
+from curvedit.evaluate.stress import StressOptions, reference_stress_test, stress_test
+from curvedit.evaluate.tasks import TaskOptions, run_tasks
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.studies.canary_stage import style_of
 from curvedit.experiments.studies.options import StudyOptions
@@ -63,11 +69,6 @@ def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference:
         `extraction` (exact memorization, extraction strength, sampled extraction, per
         window) and `mia` (every membership score of the held-out canaries and the non-members).
     """
-    from curvedit.evaluate.perplexity import ndcg_at_k, perplexity  # noqa: PLC0415
-    from curvedit.evaluate.privacy import extraction_metrics, membership_scores, sequence_stats  # noqa: PLC0415
-    from curvedit.evaluate.stress import StressOptions, reference_stress_test, stress_test  # noqa: PLC0415
-    from curvedit.evaluate.tasks import TaskOptions, run_tasks  # noqa: PLC0415
-
     pad_id = default_pad_id(tokenizer)
     bs = options.batch_size
 
@@ -115,8 +116,7 @@ def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference:
 
 
 def edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) -> dict[str, Any]:
-    from curvedit.editing.edit import apply_edit  # noqa: PLC0415
-
+    """Apply `plan` in memory, measure the variant (`measure`), and undo the edit."""
     applied = apply_edit(targets, plan, bases)
     try:
         metrics = measure(model, tokenizer, probe, reference, options)
@@ -130,9 +130,6 @@ def edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, o
 
 def perplexity_after(model, targets, bases, plan, sequences, pad_id: int, batch_size: int) -> float:
     """Held-out perplexity with `plan` applied (then undone)."""
-    from curvedit.editing.edit import apply_edit  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import perplexity  # noqa: PLC0415
-
     applied = apply_edit(targets, plan, bases)
     try:
         return perplexity(model, sequences, pad_id=pad_id, batch_size=batch_size).perplexity
@@ -143,7 +140,5 @@ def perplexity_after(model, targets, bases, plan, sequences, pad_id: int, batch_
 def run_band_analysis(model, targets, bases, windows: Sequence[Window], text: Sequence[Sequence[int]], out: Path,
                       pad_id: int) -> None:
     """Figure 2 on the chosen targets: mean |projection| per curvature band, canaries vs text."""
-    from curvedit.diagnostics.analysis import BandOptions, band_analysis  # noqa: PLC0415
-
     band_analysis(model, targets, bases, windows, list(text[:64]), BandOptions(batch_size=16, progress=False),
                   pad_id=pad_id).write(out / "analysis")

@@ -1,5 +1,4 @@
-"""The study's settings (`StudyOptions`) and their checks, with the SmolLM2 defaults.
-"""
+"""The study's settings (`StudyOptions`) and their checks, with the SmolLM2 defaults."""
 
 from __future__ import annotations
 
@@ -8,6 +7,8 @@ from pathlib import Path
 
 from curvedit.editing.settings import EditError, EditSettings
 from curvedit.errors import CurveditError
+from curvedit.evaluate.capabilities import FAMILIES
+from curvedit.kfac.targets import TargetError, parse_layers
 from curvedit.memorize.canaries import ALL_STYLES
 from curvedit.memorize.implant import ImplantOptions
 
@@ -169,8 +170,6 @@ class StudyOptions:
                 blocks (checked when the study's own model is used).
             curvedit.memorize.implant.ImplantError: bad implant settings.
         """
-        from curvedit.kfac.targets import TargetError, parse_layers  # noqa: PLC0415
-
         checks = [(bool(self.seeds) and all(s >= 0 for s in self.seeds), f"seeds must be >= 0 and at least one, "
                    f"got {list(self.seeds)}"),
                   (bool(self.styles) and set(self.styles) <= set(ALL_STYLES),
@@ -215,7 +214,6 @@ class StudyOptions:
             raise StudyError("give the model as `model` (any causal LM) or `gguf` (a SmolLM2 file), not both")
         self._validate_floor()
         if self.probe_families is not None:
-            from curvedit.evaluate.capabilities import FAMILIES  # noqa: PLC0415
 
             unknown = sorted(set(self.probe_families) - set(FAMILIES))
             if unknown or not self.probe_families:
@@ -230,8 +228,6 @@ class StudyOptions:
     def _validate_floor(self) -> None:
         """Raises: StudyError: a probe floor that is not a share in (0, 1] or a table of
         capability family (or "*") -> share."""
-        from curvedit.evaluate.capabilities import FAMILIES  # noqa: PLC0415
-
         floor = self.probe_floor
         if floor is None:
             return

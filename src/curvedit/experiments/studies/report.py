@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from curvedit.diagnostics.frontier import FrontierResult
 from curvedit.evaluate.intervals import Interval, format_interval, wilson
 from curvedit.experiments.studies.retention import IMPLANT_DRIFT_POINTS, IMPLANT_PPL_RATIO, PAPER_BANDS
 from curvedit.plots import pyplot, save_figure
@@ -286,8 +287,6 @@ def frontier_markdown(data: dict[str, Any], budget_nats: float, figure: str) -> 
     """A frontier (`curvedit.diagnostics.frontier.FrontierResult.to_dict`): what it traced, per method its
     least held-out loose recall within `budget_nats` per token (the chosen K-FAC edit's cost),
     and its figure."""
-    from curvedit.diagnostics.frontier import FrontierResult  # noqa: PLC0415
-
     frontier = FrontierResult.from_dict(data)
     rows = []
     for method, p in frontier.best_within(budget_nats).items():

@@ -11,7 +11,23 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from curvedit.data import default_pad_id
+from curvedit.data import default_pad_id, lm_batches
+from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
+from curvedit.diagnostics.layer_map import middle_three
+from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
+from curvedit.editing.budget import bisect_amount, match_tolerance
+from curvedit.editing.edit import EditPlan, EditRule
+from curvedit.editing.sweep import (
+    SweepGrid,
+    SweepOptions,
+    SweepPoint,
+    choose_point,
+    family_floor,
+    floor_map,
+    matrices_spec,
+    run_sweep,
+)
+from curvedit.evaluate.perplexity import next_token_rankings
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.stages import Timer, cached, content_key
 from curvedit.experiments.studies.base import PROBE_SEED, StudyData, base_losses, study_tasks
@@ -24,6 +40,14 @@ from curvedit.experiments.studies.canary_stage import (
     split_halves,
     style_of,
 )
+from curvedit.experiments.studies.capability_stages import (
+    family_texts,
+    protect_bands,
+    protected_bases,
+    run_layer_map,
+    style_energy,
+    variant_name,
+)
 from curvedit.experiments.studies.measure import (
     SeedProbe,
     edit_and_measure,
@@ -32,6 +56,10 @@ from curvedit.experiments.studies.measure import (
     run_band_analysis,
 )
 from curvedit.experiments.studies.options import FACTOR_DATA, StudyError, StudyOptions
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.factors import save_factors
+from curvedit.kfac.spectrum import load_bases
+from curvedit.kfac.targets import TargetSpec, select_targets
 from curvedit.memorize.implant import canary_token_ids
 from curvedit.models import restored
 
@@ -51,8 +79,6 @@ def sweep_key_fields(sweep: Any, probe_tasks: list[Any] | None) -> dict[str, Any
     Returns:
         The dict the key is computed from.
     """
-    from curvedit.editing.sweep import SweepOptions  # noqa: PLC0415
-
     fields_kept = {k: v for k, v in asdict(sweep).items() if k not in ("progress", "settings")}
     settings = sweep.settings
     fields_kept |= {"progress": 0, "seed": settings.seed, "compute_dtype": settings.compute_dtype,
@@ -72,8 +98,6 @@ def sweep_key_fields(sweep: Any, probe_tasks: list[Any] | None) -> dict[str, Any
 def held_floor(probe_floor: float | dict[str, float] | None, usable: Sequence[str]) -> dict[str, float] | None:
     """The floor the study's sweep applies: each usable family that has a share (its own, or
     "*"'s) at that share; None when no usable family has one."""
-    from curvedit.editing.sweep import family_floor, floor_map  # noqa: PLC0415
-
     floor = floor_map(probe_floor)
     return {f: share for f in usable if (share := family_floor(floor, f))} or None
 
@@ -81,10 +105,113 @@ def held_floor(probe_floor: float | dict[str, float] | None, usable: Sequence[st
 def budget_choice(swept: dict[str, Any], budget: float) -> int | None:
     """The sweep's choice by memorization and perplexity alone (no probe floor), from its
     JSON form (`curvedit.editing.sweep.SweepResult.to_dict`)."""
-    from curvedit.editing.sweep import SweepPoint, choose_point  # noqa: PLC0415
-
     points = [SweepPoint(**{f.name: p[f.name] for f in fields(SweepPoint)}) for p in swept["points"]]
     return choose_point(points, swept["baseline"]["perplexity"], budget, swept["options"]["metric"])
+
+
+def matched_control(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], method: str,
+                    kfac_ppl: float, unedited_ppl: float, probe: SeedProbe, reference: Any, options: StudyOptions,
+                    pad_id: int, seed: int) -> dict[str, Any]:
+    """A control (`method` "random" or "svd") bisected to K-FAC's perplexity, then measured.
+
+    Returns:
+        The variant's measurements with the match and a note.
+    """
+    settings = replace(options.edit, method=method, seed=seed)
+    search = bisect_amount(model, targets, bases, probe.ppl_text, mode="match", target_ppl=kfac_ppl,
+                           unedited_ppl=unedited_ppl, settings=settings,
+                           steps=options.bisect_steps + (7 if method == "svd" else 2),  # SVD is steep near 1
+                           tolerance=match_tolerance(kfac_ppl, unedited_ppl), batch_size=options.batch_size,
+                           pad_id=pad_id)
+    plan = EditPlan([search.rule()], settings)
+    return edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
+        "matched": search.to_dict(), "note": f"{method} at K-FAC's perplexity ({search.perplexity:.4f} vs "
+                                             f"{kfac_ppl:.4f})"}
+
+
+def bsn_variant(model: Any, tokenizer: Any, targets: list[Any], data: StudyData, probe: SeedProbe, reference: Any,
+                options: StudyOptions, unedited_ppl: float, pad_id: int, seed: int) -> dict[str, Any]:
+    """BalancedSubnet trained on the tune half, its ratio chosen within the perplexity budget;
+    measured, then the weights are restored.
+
+    Returns:
+        The variant's measurements with the choice and a note.
+    """
+    forget = [w.prefix_ids + w.suffix_ids for w in probe.tune]
+    retain = data.train[: max(4 * len(forget), 32)]
+    bsn_options = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=16,
+                             progress=options.progress)
+    with restored(model, [t.module.weight for t in targets]):
+        choice = bsn_within_budget(model, targets, forget, retain, probe.tune, probe.ppl_text, options.bsn_ratios,
+                                   options.ppl_budget * unedited_ppl, bsn_options, pad_id=pad_id,
+                                   batch_size=options.batch_size)
+        metrics = measure(model, tokenizer, probe, reference, options)
+    return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
+
+
+def other_factors_variant(model: Any, tokenizer: Any, targets: list[Any], data: StudyData, kind: str, folder: Path,
+                          model_key: str, probe: SeedProbe, reference: Any, options: StudyOptions,
+                          unedited_ppl: float, pad_id: int, seed: int) -> dict[str, Any]:
+    """K-FAC at the chosen placement with factors collected on other text (`FACTOR_DATA[kind]`,
+    the same token count), bisected to the same budget, then measured.
+
+    Returns:
+        The variant's measurements with the bisection and a note.
+    """
+    text = factor_sequences(model, tokenizer, data, replace(options, factor_data=kind), seed, model_key)
+    other_dir = folder / f"factors-{kind}"
+    save_factors(collect_factors(model, lm_batches(text, options.factor_batch, pad_id), targets, options=(
+        CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
+                       description=FACTOR_DATA[kind]))), other_dir)
+    other_bases = load_bases(targets, other_dir)
+    search = bisect_amount(model, targets, other_bases, probe.ppl_text, mode="within", budget=options.ppl_budget,
+                           unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
+                           pad_id=pad_id, settings=options.edit)
+    plan = EditPlan([search.rule()], options.edit)
+    note = (f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} "
+            f"({sum(len(t) for t in text)} tokens), keep {search.amount:.3f} within {options.ppl_budget}x")
+    return edit_and_measure(model, tokenizer, targets, other_bases, plan, probe, reference, options) | {
+        "bisection": search.to_dict(), "note": note}
+
+
+def paper_placement(model: Any, tokenizer: Any, factor_dir: Path, paper_layers: str, probe: SeedProbe,
+                    reference: Any, options: StudyOptions, ppl_text: Sequence[Sequence[int]], unedited_ppl: float,
+                    pad_id: int) -> dict[str, Any]:
+    """The paper's kind of placement: K-FAC on gate/up of `paper_layers` only, bisected to the
+    study's perplexity budget, then measured like every variant.
+
+    Returns:
+        The variant's measurements with its bisection and a note.
+    """
+    paper_targets = select_targets(model, matrices_spec("mlp-in", paper_layers))
+    paper_bases = load_bases(paper_targets, factor_dir)
+    search = bisect_amount(model, paper_targets, paper_bases, ppl_text, mode="within", budget=options.ppl_budget,
+                           unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
+                           pad_id=pad_id, settings=options.edit)
+    plan = EditPlan([search.rule()], options.edit)
+    note = (f"K-FAC on gate/up of blocks {paper_layers} only, keep {search.amount:.3f} within "
+            f"{options.ppl_budget}x perplexity")
+    return edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference, options) | {
+        "bisection": search.to_dict(), "note": note}
+
+
+def protected_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], kfac_plan: EditPlan,
+                      band: str, families: list[str], probe: SeedProbe, reference: Any, options: StudyOptions,
+                      pad_id: int, seed: int) -> dict[str, Any]:
+    """K-FAC at the chosen amount with one capability band protected (`edit --protect`).
+
+    The protect texts are in-sample: a fact family is its whole list, and 1-digit arithmetic
+    has fewer items than the probes take; 2-digit arithmetic draws other items from the same
+    seeds' stream.
+
+    Returns:
+        The variant's measurements with a note and what was protected.
+    """
+    texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
+    copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
+    return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
+        "note": f"K-FAC at the chosen amount with {band} protected", "protected": {
+            "band": band, "families": families, "items": len(texts)}}
 
 
 def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
@@ -94,16 +221,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     durability attacks), under "beyond"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    from curvedit.data import lm_batches  # noqa: PLC0415
-    from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget  # noqa: PLC0415
-    from curvedit.editing.budget import bisect_amount, match_tolerance  # noqa: PLC0415
-    from curvedit.editing.edit import EditPlan, EditRule  # noqa: PLC0415
-    from curvedit.editing.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep  # noqa: PLC0415
-    from curvedit.evaluate.perplexity import next_token_rankings  # noqa: PLC0415
-    from curvedit.kfac.collect import CollectOptions, collect_factors  # noqa: PLC0415
-    from curvedit.kfac.factors import save_factors  # noqa: PLC0415
-    from curvedit.kfac.spectrum import load_bases  # noqa: PLC0415
-    from curvedit.kfac.targets import TargetSpec, select_targets  # noqa: PLC0415
 
     folder = options.cache / f"seed-{seed}"
     timer = Timer(lambda name: log(f"seed {seed}: {name}"))
@@ -209,84 +326,25 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
     kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
-        def matched(m: str = method) -> dict[str, Any]:
-            search = bisect_amount(model, targets, bases, ppl_text, mode="match", target_ppl=kfac_ppl,
-                                   unedited_ppl=unedited_ppl, settings=replace(options.edit, method=m, seed=seed),
-                                   steps=options.bisect_steps + (7 if m == "svd" else 2),  # SVD is steep near 1
-                                   tolerance=match_tolerance(kfac_ppl, unedited_ppl),
-                                   batch_size=options.batch_size, pad_id=pad_id)
-            plan = EditPlan([search.rule()], replace(options.edit, method=m, seed=seed))
-            return edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
-                "matched": search.to_dict(), "note": f"{m} at K-FAC's perplexity ({search.perplexity:.4f} vs "
-                                                     f"{kfac_ppl:.4f})"}
-        variant(name, matched)
+        variant(name, lambda method=method: matched_control(model, tokenizer, targets, bases, method, kfac_ppl,
+                                                            unedited_ppl, probe, reference, options, pad_id, seed))
 
-    def bsn() -> dict[str, Any]:
-        forget = [w.prefix_ids + w.suffix_ids for w in tune]
-        retain = data.train[: max(4 * len(forget), 32)]
-        bsn_options = BSNOptions(epochs=options.bsn_epochs, lr=options.bsn_lr, seed=seed, batch_size=16,
-                                 progress=options.progress)
-        with restored(model, [t.module.weight for t in targets]):
-            choice = bsn_within_budget(model, targets, forget, retain, tune, ppl_text, options.bsn_ratios,
-                                       options.ppl_budget * unedited_ppl, bsn_options, pad_id=pad_id,
-                                       batch_size=options.batch_size)
-            metrics = measure(model, tokenizer, probe, reference, options)
-        return metrics | {"bsn": asdict(choice), "note": f"BalancedSubnet on the tune half, ratio {choice.ratio}"}
-
-    variant("bsn", bsn, bsn_settings)
+    variant("bsn", lambda: bsn_variant(model, tokenizer, targets, data, probe, reference, options, unedited_ppl,
+                                       pad_id, seed), bsn_settings)
     for kind in (k for k in options.factor_variants if k != options.factor_data):
-        def other_factors(kind: str = kind) -> dict[str, Any]:
-            text = factor_sequences(model, tokenizer, data, replace(options, factor_data=kind), seed, model_key)
-            other_dir = folder / f"factors-{kind}"
-            save_factors(collect_factors(model, lm_batches(text, options.factor_batch, pad_id), targets, options=(
-                CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
-                               description=FACTOR_DATA[kind]))), other_dir)
-            other_bases = load_bases(targets, other_dir)
-            search = bisect_amount(model, targets, other_bases, ppl_text, mode="within", budget=options.ppl_budget,
-                                   unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
-                                   pad_id=pad_id, settings=options.edit)
-            plan = EditPlan([search.rule()], options.edit)
-            note = (f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} "
-                    f"({sum(len(t) for t in text)} tokens), keep {search.amount:.3f} within {options.ppl_budget}x")
-            return edit_and_measure(model, tokenizer, targets, other_bases, plan, probe, reference, options) | {
-                "bisection": search.to_dict(), "note": note}
-        variant(f"kfac_{kind}_factors", other_factors, [kind, options.factor_tokens, options.factor_batch])
+        variant(f"kfac_{kind}_factors", lambda kind=kind: other_factors_variant(
+            model, tokenizer, targets, data, kind, folder, model_key, probe, reference, options, unedited_ppl,
+            pad_id, seed), [kind, options.factor_tokens, options.factor_batch])
     if options.paper_layers is not None:
-        from curvedit.diagnostics.layer_map import middle_three  # noqa: PLC0415
-
         paper_layers = (middle_three(1 + max(t.layer for t in targets_all)) if options.paper_layers == "middle"
                         else options.paper_layers)
-
-        def paper() -> dict[str, Any]:
-            paper_targets = select_targets(model, matrices_spec("mlp-in", paper_layers))
-            paper_bases = load_bases(paper_targets, factor_dir)
-            search = bisect_amount(model, paper_targets, paper_bases, ppl_text, mode="within",
-                                   budget=options.ppl_budget, unedited_ppl=unedited_ppl, steps=options.bisect_steps,
-                                   batch_size=options.batch_size, pad_id=pad_id, settings=options.edit)
-            plan = EditPlan([search.rule()], options.edit)
-            note = (f"K-FAC on gate/up of blocks {paper_layers} only, keep {search.amount:.3f} within "
-                    f"{options.ppl_budget}x perplexity")
-            return edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference,
-                                     options) | {"bisection": search.to_dict(), "note": note}
-        variant("paper_placement", paper, paper_layers)
-    if options.protect_items:
-        from curvedit.experiments.studies.capability_stages import (  # noqa: PLC0415
-            family_texts,
-            protect_bands,
-            protected_bases,
-            variant_name,
-        )
-
-        for band, families in protect_bands(probes_used).items():
-            def protected(families: list[str] = families, band: str = band) -> dict[str, Any]:
-                # in-sample: a fact family is its whole list, and 1-digit arithmetic has fewer items than the
-                # probes take; 2-digit arithmetic draws other items from the same seeds' stream
-                texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
-                copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
-                return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
-                    "note": f"K-FAC at the chosen amount with {band} protected", "protected": {
-                        "band": band, "families": families, "items": len(texts)}}
-            variant(variant_name(band), protected, options.protect_items)
+        variant("paper_placement", lambda: paper_placement(
+            model, tokenizer, factor_dir, paper_layers, probe, reference, options, ppl_text, unedited_ppl, pad_id),
+            paper_layers)
+    for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
+        variant(variant_name(band), lambda band=band, families=families: protected_variant(
+            model, tokenizer, targets, bases, kfac_plan, band, families, probe, reference, options, pad_id, seed),
+            options.protect_items)
     extra = None
     if beyond:
         def compute_beyond() -> dict[str, Any]:
@@ -298,7 +356,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                       folder / "beyond.json")
     layer_map_result = None
     if beyond and options.layer_map_keep is not None:
-        from curvedit.experiments.studies.capability_stages import run_layer_map  # noqa: PLC0415
 
         def compute_map() -> dict[str, Any]:
             few = study_tasks(probes_used, LAYER_MAP_PROBE_ITEMS)
@@ -314,7 +371,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     frontier_result = None
     if beyond and options.frontier_keep:
         def compute_frontier() -> dict[str, Any]:
-            from curvedit.diagnostics.frontier import FrontierOptions, run_frontier  # noqa: PLC0415
 
             result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
                 keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed),
@@ -326,7 +382,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                 folder / "frontier.json")
 
     def energy() -> dict[str, Any]:
-        from curvedit.experiments.studies.capability_stages import style_energy  # noqa: PLC0415
 
         windows = tune + heldout
         return style_energy(model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from curvedit.experiments.studies.base import StudyData, base_probes, general_sequences, prepare_base
 from curvedit.experiments.studies.options import StudyOptions
+from curvedit.experiments.studies.report import write_study_report
 from curvedit.experiments.studies.seed import run_seed
 from curvedit.experiments.studies.summary import summarize, usable_families
 from curvedit.io import write_json
@@ -84,8 +85,6 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict
 def write_results(seeds: list[dict[str, Any]], options: StudyOptions, base: dict[str, Any], data: StudyData,
                   base_probe: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
     """Summarize the seeds, write `results.json` and the report; return the results."""
-    from curvedit.experiments.studies.report import write_study_report  # noqa: PLC0415
-
     results = {
         "model": base, "device": options.device,
         "data": {"general": options.general or "pydoc_data.topics", "train_sequences": len(data.train),

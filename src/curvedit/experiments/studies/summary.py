@@ -7,7 +7,18 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from curvedit.diagnostics.flat_energy import screen_savings
+from curvedit.editing.budget import BudgetSearch, BudgetStep
+from curvedit.evaluate.intervals import Interval, bootstrap_mean, bootstrap_ratio, wilson
+from curvedit.evaluate.privacy import MIA_SCORES, stratified_auroc_interval
 from curvedit.experiments.studies.options import StudyOptions
+from curvedit.experiments.studies.retention import (
+    IMPLANT_DRIFT_POINTS,
+    IMPLANT_PPL_RATIO,
+    implant_drift,
+    paper_bands,
+    retention_interval,
+)
 
 VARIANTS = ("unedited", "kfac", "random_count", "random_ppl", "svd", "bsn", "paper_placement")
 
@@ -16,8 +27,6 @@ def _matched(variant: dict[str, Any]) -> bool:
     """Whether a perplexity-matched control landed within 10% of K-FAC's perplexity rise
     (`curvedit.editing.budget.BudgetSearch.matches`; a control that cannot be matched is no
     comparison at equal cost)."""
-    from curvedit.editing.budget import BudgetSearch, BudgetStep  # noqa: PLC0415
-
     search = dict(variant["matched"])
     search.pop("ppl_ratio", None)
     search["steps"] = [BudgetStep(**step) for step in search["steps"]]
@@ -35,9 +44,6 @@ def pooled_intervals(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> 
     bootstrap over (seed, sequence); each MIA AUROC a bootstrap stratified by seed
     (members are compared with non-members of their own seed only).
     """
-    from curvedit.evaluate.intervals import Interval, bootstrap_mean, bootstrap_ratio, wilson  # noqa: PLC0415
-    from curvedit.evaluate.privacy import MIA_SCORES, stratified_auroc_interval  # noqa: PLC0415
-
     windows = [w for v, _ in pairs for w in v["heldout"]["per_window"]]
     stress = [(score, k) for v, _ in pairs
               for score, k in zip(v["stress_reference"]["per_window"], v["stress_reference"]["suffix_lengths"])]
@@ -80,8 +86,6 @@ def flat_score(seeds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     would skip (mean over seeds). None when a seed lacks the non-members' shares."""
     import numpy as np  # noqa: PLC0415
 
-    from curvedit.diagnostics.flat_energy import screen_savings  # noqa: PLC0415
-    from curvedit.evaluate.privacy import stratified_auroc_interval  # noqa: PLC0415
 
     strata = []
     for seed in seeds:
@@ -103,14 +107,6 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
     model and against the base model; pooled with intervals per family, and per paper band
     for K-FAC and the paper's placement: `curvedit.experiments.studies.retention`), the implant's drift
     from the base model, and the issue's targets checked per seed."""
-    from curvedit.experiments.studies.retention import (  # noqa: PLC0415
-        IMPLANT_DRIFT_POINTS,
-        IMPLANT_PPL_RATIO,
-        implant_drift,
-        paper_bands,
-        retention_interval,
-    )
-
     used = usable_families(base_probe)
     # retention is measured against the implanted model: families it no longer gets right say nothing
     kept = [f for f in used if all(s["variants"]["unedited"]["probes"].get(f) for s in seeds)]
@@ -120,7 +116,7 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
             continue
         rows = [s["variants"][name] for s in seeds]
 
-        def mean(get: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+        def mean(get: Callable[[dict[str, Any], dict[str, Any]], float], rows: list[Any] = rows) -> float:
             values = [get(r, s["variants"]["unedited"]) for r, s in zip(rows, seeds)]
             return sum(values) / len(values)
 
