@@ -1,10 +1,18 @@
-"""Shared fixtures: tiny random-initialised models of the architectures curvedit supports."""
+"""Shared fixtures: the tiny models of `tests/tiny_models.py`, a saved LM folder and a corpus."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+
+from curvedit.chartok import build_char_tokenizer
+from curvedit.data import lm_batches
+from curvedit.evaluate.windows import Window
+from curvedit.kfac.collect import CollectOptions, collect_factors
+from curvedit.kfac.factors import save_factors
+from curvedit.kfac.targets import TargetSpec, select_targets
+from tests.tiny_models import ALPHABET, tiny_gpt2, tiny_olmo2, tiny_vit
 
 transformers.logging.set_verbosity_error()
 
@@ -17,36 +25,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-def tiny_gpt2(seed: int = 0, vocab: int = 11, n_layer: int = 2, dtype=torch.float64):
-    """GPT-2 (Conv1D weights) with a small vocabulary, in float64, eval mode."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=vocab, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
-    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
-
-
-def tiny_olmo2(seed: int = 0, vocab: int = 13, dtype=torch.float64):
-    """OLMo-2 (nn.Linear gate/up/down, no biases) in float64, eval mode.
-
-    SDPA attention: transformers' eager OLMo-2 attention yields NaN on left-padded float64
-    batches (fully masked padding rows), which then leak into real positions.
-    """
-    torch.manual_seed(seed)
-    config = transformers.Olmo2Config(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    return transformers.Olmo2ForCausalLM(config).to(dtype).eval()
-
-
-def tiny_vit(seed: int = 0, labels: int = 5, dtype=torch.float64):
-    """ViT for 8x8 images with 4x4 patches (5 tokens: CLS + 4 patches), in float64."""
-    torch.manual_seed(seed)
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=24, num_labels=labels,
-                                    attn_implementation="eager")
-    return transformers.ViTForImageClassification(config).to(dtype).eval()
 
 
 @pytest.fixture
@@ -64,14 +42,9 @@ def vit():
     return tiny_vit()
 
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
-
-
 @pytest.fixture
 def lm_dir(tmp_path):
     """A tiny GPT-2 with a character tokenizer, saved as an HF model directory."""
-    from curvedit.chartok import build_char_tokenizer
-
     tokenizer = build_char_tokenizer(ALPHABET)
     model = tiny_gpt2(vocab=len(tokenizer), dtype=torch.float32)
     path = tmp_path / "model"
@@ -91,45 +64,13 @@ def text_jsonl(tmp_path):
     return path
 
 
-class Interrupt(Exception):
-    """Stands for a crash in the middle of a collection run."""
-
-
-def interrupted(batches, after):
-    """The batches, then a crash (`Interrupt`) when batch `after` would come."""
-    for index, batch in enumerate(batches):
-        if index == after:
-            raise Interrupt
-        yield batch
-
-
-def target_io(model, targets, ids, loss_of_logits):
-    """One unbatched forward/backward: per target, its input x and the gradient of
-    `loss_of_logits(logits)` with respect to its output, both `(T, d)` (the brute-force side
-    of the factor tests)."""
-    store = {}
-    hooks = [t.module.register_forward_hook(lambda m, i, o, n=t.name: store.__setitem__(n, (i[0], o)))
-             for t in targets]
-    for t in targets:
-        t.module.weight.requires_grad_(True)
-    try:
-        logits = model(input_ids=ids).logits[0]
-        for _, out in store.values():
-            out.retain_grad()
-        loss_of_logits(logits).backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: (x[0], out.grad[0]) for name, (x, out) in store.items()}
-
-
-def char_model_dir(root, letters: str = "abcdefgh"):
-    """A tiny float32 GPT-2 with a character tokenizer, saved to `root/m` (for CLI tests)."""
-    from curvedit.chartok import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer(letters)
-    model = tiny_gpt2(dtype=torch.float32)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(root / "m")
-    tokenizer.save_pretrained(root / "m")
-    return root / "m"
+@pytest.fixture
+def world(tmp_path):
+    """A tiny GPT-2 (float64), its factors on disk, windows to recite and held-out text."""
+    model = tiny_gpt2()
+    ids = torch.randint(1, 11, (10, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    factors = collect_factors(model, lm_batches(ids[:6], 3, 0), select_targets(model, TargetSpec(preset="mlp")),
+                              options=CollectOptions(progress=False))
+    save_factors(factors, tmp_path / "factors")
+    windows = [Window(s[:6], s[6:]) for s in ids[6:8]]
+    return model, tmp_path / "factors", windows, ids[8:]

@@ -11,13 +11,14 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
-from gguf_helpers import tiny_llama, write_tiny_llama_gguf  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from curvedit.cli import app  # noqa: E402
 from curvedit.io import file_sha256  # noqa: E402
 from curvedit.models import ModelLoadError, find_gguf, gguf_quantization, load_model  # noqa: E402
+from tests.gguf_files import write_tiny_llama_gguf  # noqa: E402
+from tests.tiny_models import tiny_llama  # noqa: E402
 
 IDS = torch.tensor([[3, 50, 100, 200, 262, 7, 259]])
 

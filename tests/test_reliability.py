@@ -23,7 +23,8 @@ from curvedit.kfac.factors import (
 )
 from curvedit.kfac.spectrum import SelectionError, eigenbasis, select_by_count, select_by_mass
 from curvedit.kfac.targets import TargetSpec, select_targets
-from tests.conftest import Interrupt, interrupted, tiny_gpt2
+from tests.helpers import Interrupt, interrupted
+from tests.tiny_models import tiny_gpt2
 
 SEQS = [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7], [5, 1, 4], [9, 8, 7, 6], [1, 1, 2, 3]]
 OTHER = [[1, 2, 3, 4, 6], [3, 4, 5, 6, 7, 8, 9], [2, 2, 7], [5, 1, 4], [9, 8, 7, 6], [1, 1, 2, 3]]
