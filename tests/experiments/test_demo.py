@@ -95,6 +95,13 @@ def test_the_quick_demo_measures_the_headline_only_and_prints_its_stage_table(tm
     assert "| stage | seconds |" in result.output and "demo --full" in result.output
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "## Recitation" in report and "## Does the edit last?" not in report and "demo --full" in report
+    score = results["flat_score"]  # the label-free score is part of the headline
+    for other in ("nonmembers", "general"):
+        auroc = score[f"vs_{other}"]["auroc"]
+        assert 0 <= auroc["low"] <= auroc["value"] <= auroc["high"] <= 1
+        assert 0 <= score[f"vs_{other}"]["skipped_at_99_recall"] <= 1
+    assert score["n"]["memorized"] > 0 and score["n"]["nonmembers"] > 0 and score["n"]["general"] > 0
+    assert "## A label-free memorization score" in report
 
 
 def test_demo_smoke_run_writes_report_and_results_schema(tmp_path):

@@ -13,10 +13,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from curvedit.data import Record, default_pad_id, lm_batches
 from curvedit.diagnostics.analysis import BandOptions, band_analysis, task_family_shares, write_task_families
 from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve
 from curvedit.diagnostics.converge import ConvergeOptions, plot_convergence, run_convergence
+from curvedit.diagnostics.flat_energy import flat_energy_shares, screen_savings
 from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, match_tolerance
@@ -28,6 +31,7 @@ from curvedit.editing.targeted import attach_forget_masses, forget_masses
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized
 from curvedit.evaluate.perplexity import next_token_rankings
+from curvedit.evaluate.privacy import auroc_interval
 from curvedit.experiments.demo.measure import (
     FAMILIES,
     WorldProbe,
@@ -457,8 +461,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                                              f"({s.perplexity:.4f} vs {kfac_ppl:.4f}; "
                                              f"{'within' if s.matches() else 'NOT within'} 10% of its rise)"}))
 
+    score = timer.stage("flat_score", lambda: label_free_score(model, tokenizer, targets, bases, probe))
     if not options.full:
         results = {"variants": variants, "world": asdict(options.train.world), "memorized_found": found,
+                   "flat_score": score,
                    "memorized_candidates": {"tune": len(world.tune), "heldout": len(world.heldout),
                                             "quotes": len(world.quotes)},
                    "settings": settings(options, model_dir, chosen), "full": False, "timings_s": timer.seconds}
@@ -522,9 +528,38 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "label_seeds": label_seeds,
         "layer_map": layer_map,
         "frontier": frontier,
+        "flat_score": score,
         "timings_s": timer.seconds,
     }
     return write_results_and_report(results, options.out, timer, write_report)
+
+
+def label_free_score(model, tokenizer, targets, bases, probe: WorldProbe, flat_fraction: float = 0.5
+                     ) -> dict[str, Any]:
+    """The flat-energy share as a label-free memorization score (`curvedit score`): every
+    memorized window (tune, held-out, quotes) against never-trained strings of the same kind and
+    against fresh general text, at the chosen placement's K-FAC eigenbases.
+
+    Returns:
+        Per comparison, the AUROC with its bootstrap interval and the share of the other group
+        a screen keeping 99% of the memorized windows would skip; the groups' mean shares.
+    """
+    members = [w.prefix_ids + w.suffix_ids for w in probe.tune + probe.heldout + probe.quotes]
+    general = probe.text[: 2 * len(members)]
+    groups = {"memorized": members, "nonmembers": probe.nonmembers, "general": general}
+    flat = flat_energy_shares(model, targets, bases, [s for g in groups.values() for s in g],
+                              flat_fraction=flat_fraction, batch_size=64, pad_id=default_pad_id(tokenizer))
+    shares, start = {}, 0
+    for name, sequences in groups.items():
+        shares[name], start = flat[start:start + len(sequences)], start + len(sequences)
+    out: dict[str, Any] = {"flat_fraction": flat_fraction,
+                           "mean": {name: sum(v) / len(v) for name, v in shares.items()},
+                           "n": {name: len(v) for name, v in shares.items()}}
+    for other in ("nonmembers", "general"):
+        interval = auroc_interval(np.asarray(shares["memorized"]), np.asarray(shares[other]))
+        out[f"vs_{other}"] = {"auroc": interval.to_dict(),
+                              "skipped_at_99_recall": screen_savings(shares["memorized"], shares[other], 0.99)}
+    return out
 
 
 def coherent_step(model, tokenizer, probe: WorldProbe, targets, bases, rule: EditRule, kfac_ppl: float,

@@ -207,6 +207,26 @@ def frontier_section(results: dict[str, Any]) -> str:
             + "\n\n".join(frontier_markdown(results["frontier"], kfac_cost, "frontier/frontier.png")) + "\n\n")
 
 
+def flat_score_section(results: dict[str, Any]) -> str:
+    """The label-free score: AUROC of the flat-energy share, memorized windows against
+    never-trained strings and against general text (or nothing without a score)."""
+    score = results.get("flat_score")
+    if not score:
+        return ""
+    mean, n = score["mean"], score["n"]
+    rows = []
+    for other, label in (("nonmembers", "never-trained strings like them"), ("general", "fresh general text")):
+        versus = score[f"vs_{other}"]
+        rows.append(f"| memorized ({n['memorized']}) vs {label} ({n[other]}) | {format_interval(versus['auroc'])} | "
+                    f"{100 * versus['skipped_at_99_recall']:.0f}% | {mean['memorized']:.4f} vs {mean[other]:.4f} |")
+    return ("## A label-free memorization score: the flat-energy share\n\n"
+            f"The share of a window's input energy in the flattest {score['flat_fraction']:.0%} of A's eigenvectors "
+            "at the chosen placement, averaged over its targets (`curvedit score`; one forward pass, no labels). "
+            "Skipped: the share of the other group a screen keeping 99% of the memorized windows passes over.\n\n"
+            "| comparison | AUROC [95% CI] | skipped at 99% recall | mean share |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n\n")
+
+
 def layer_map_section(results: dict[str, Any]) -> str:
     """Where to cut: the layer map's figure and best placements, with a blank line after (or
     nothing without a map)."""
@@ -228,7 +248,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     notes = "\n".join(f"- **{name}**: {results['variants'][name]['settings'].get('note', '')}"
                       for name in _variants(results) if results["variants"][name]["settings"].get("note"))
     full = results.get("full", True)
-    levers = layer_map_section(results) + frontier_section(results)
+    levers = layer_map_section(results) + frontier_section(results) + flat_score_section(results)
     full_sections = f"""## Spread over label-sampling seeds
 
 The chosen K-FAC edit, re-applied with factors collected on the same text under other seeds
