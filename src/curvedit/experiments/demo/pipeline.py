@@ -379,7 +379,6 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
-
     options.validate()
     hf_logging.disable_progress_bar()  # the demo's model is tiny: loading bars are noise
     options.out.mkdir(parents=True, exist_ok=True)

@@ -435,7 +435,6 @@ def run_vision_demo(options: VisionDemoOptions) -> dict[str, Any]:
     """
     from transformers import ViTForImageClassification  # noqa: PLC0415
 
-
     options.validate()
     options.out.mkdir(parents=True, exist_ok=True)
     timer = Timer()

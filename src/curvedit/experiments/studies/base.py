@@ -156,7 +156,6 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, An
     accuracy, interval, n, chance level and whether it is usable (`score_families`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-
     def compute() -> dict[str, dict[str, Any]]:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -174,7 +173,6 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, An
 def base_losses(base_dir: Path, groups: dict[str, list[list[int]]], options: StudyOptions) -> dict[str, list[float]]:
     """The base (pre-implant) model's loss on every window of each group (the reference MIA score)."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(options.device).eval()
     return {name: [s.loss for s in sequence_stats(base, sequences, batch_size=options.batch_size)]

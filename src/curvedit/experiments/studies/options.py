@@ -224,7 +224,6 @@ class StudyOptions:
         except EditError as err:
             raise StudyError(f"[edit] {err}") from None
 
-
     def _validate_floor(self) -> None:
         """Raises: StudyError: a probe floor that is not a share in (0, 1] or a table of
         capability family (or "*") -> share."""

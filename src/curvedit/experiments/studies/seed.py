@@ -221,7 +221,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     durability attacks), under "beyond"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-
     folder = options.cache / f"seed-{seed}"
     timer = Timer(lambda name: log(f"seed {seed}: {name}"))
     stage, timings = timer.stage, timer.seconds

@@ -86,7 +86,6 @@ def flat_score(seeds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     would skip (mean over seeds). None when a seed lacks the non-members' shares."""
     import numpy as np  # noqa: PLC0415
 
-
     strata = []
     for seed in seeds:
         energy = seed.get("style_energy") or {}
