@@ -163,20 +163,15 @@ def other_factors_variant(model: Any, tokenizer: Any, targets: list[Any], data: 
     save_factors(collect_factors(model, lm_batches(text, options.factor_batch, pad_id), targets, options=(
         CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
                        description=FACTOR_DATA[kind]))), other_dir)
-    other_bases = load_bases(targets, other_dir)
-    search = bisect_amount(model, targets, other_bases, probe.ppl_text, mode="within", budget=options.ppl_budget,
-                           unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
-                           pad_id=pad_id, settings=options.edit)
-    plan = EditPlan([search.rule()], options.edit)
-    note = (f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} "
-            f"({sum(len(t) for t in text)} tokens), keep {search.amount:.3f} within {options.ppl_budget}x")
-    return edit_and_measure(model, tokenizer, targets, other_bases, plan, probe, reference, options) | {
-        "bisection": search.to_dict(), "note": note}
+    tokens = sum(len(t) for t in text)
+    return within_budget_variant(model, tokenizer, targets, load_bases(targets, other_dir), probe, reference, options,
+                                 unedited_ppl, pad_id, lambda amount: (
+                                     f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} ({tokens} "
+                                     f"tokens), keep {amount:.3f} within {options.ppl_budget}x"))
 
 
 def paper_placement(model: Any, tokenizer: Any, factor_dir: Path, paper_layers: str, probe: SeedProbe,
-                    reference: Any, options: StudyOptions, ppl_text: Sequence[Sequence[int]], unedited_ppl: float,
-                    pad_id: int) -> dict[str, Any]:
+                    reference: Any, options: StudyOptions, unedited_ppl: float, pad_id: int) -> dict[str, Any]:
     """The paper's kind of placement: K-FAC on gate/up of `paper_layers` only, bisected to the
     study's perplexity budget, then measured like every variant.
 
@@ -184,15 +179,27 @@ def paper_placement(model: Any, tokenizer: Any, factor_dir: Path, paper_layers: 
         The variant's measurements with its bisection and a note.
     """
     paper_targets = select_targets(model, matrices_spec("mlp-in", paper_layers))
-    paper_bases = load_bases(paper_targets, factor_dir)
-    search = bisect_amount(model, paper_targets, paper_bases, ppl_text, mode="within", budget=options.ppl_budget,
+    return within_budget_variant(model, tokenizer, paper_targets, load_bases(paper_targets, factor_dir), probe,
+                                 reference, options, unedited_ppl, pad_id, lambda amount: (
+                                     f"K-FAC on gate/up of blocks {paper_layers} only, keep {amount:.3f} within "
+                                     f"{options.ppl_budget}x perplexity"))
+
+
+def within_budget_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], probe: SeedProbe,
+                          reference: Any, options: StudyOptions, unedited_ppl: float, pad_id: int,
+                          note: Callable[[float], str]) -> dict[str, Any]:
+    """K-FAC on `targets` with `bases`, its amount bisected to the study's perplexity budget on
+    the probe's perplexity text, then measured like every variant.
+
+    Returns:
+        The variant's measurements with its bisection and `note(amount)`.
+    """
+    search = bisect_amount(model, targets, bases, probe.ppl_text, mode="within", budget=options.ppl_budget,
                            unedited_ppl=unedited_ppl, steps=options.bisect_steps, batch_size=options.batch_size,
                            pad_id=pad_id, settings=options.edit)
     plan = EditPlan([search.rule()], options.edit)
-    note = (f"K-FAC on gate/up of blocks {paper_layers} only, keep {search.amount:.3f} within "
-            f"{options.ppl_budget}x perplexity")
-    return edit_and_measure(model, tokenizer, paper_targets, paper_bases, plan, probe, reference, options) | {
-        "bisection": search.to_dict(), "note": note}
+    return edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
+        "bisection": search.to_dict(), "note": note(search.amount)}
 
 
 def protected_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], kfac_plan: EditPlan,
@@ -338,7 +345,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         paper_layers = (middle_three(1 + max(t.layer for t in targets_all)) if options.paper_layers == "middle"
                         else options.paper_layers)
         variant("paper_placement", lambda: paper_placement(
-            model, tokenizer, factor_dir, paper_layers, probe, reference, options, ppl_text, unedited_ppl, pad_id),
+            model, tokenizer, factor_dir, paper_layers, probe, reference, options, unedited_ppl, pad_id),
             paper_layers)
     for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
         variant(variant_name(band), lambda band=band, families=families: protected_variant(
