@@ -83,3 +83,12 @@ def safetensors_metadata(path: str | Path, error: type[Exception]) -> dict[str, 
             return dict(handle.metadata() or {})
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise error(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def display_path(path: str | Path) -> str:
+    """`path` relative to the working directory when it lies below it (what a report shows, so
+    it reads the same on another machine), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

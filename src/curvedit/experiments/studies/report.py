@@ -9,6 +9,7 @@ from typing import Any
 from curvedit.diagnostics.frontier import FrontierResult
 from curvedit.evaluate.intervals import Interval, format_interval, wilson
 from curvedit.experiments.studies.retention import IMPLANT_DRIFT_POINTS, IMPLANT_PPL_RATIO, PAPER_BANDS
+from curvedit.io import display_path
 from curvedit.plots import pyplot, save_figure
 
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
@@ -412,7 +413,7 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
     seeds = [s["seed"] for s in results["seeds"]]
     sections = [
         f"# curvedit on a real pretrained LM: {model['name']}",
-        f"Reproduce: `{results.get('command', COMMAND)}`; stages are cached in `{opts['out']}/cache`. "
+        f"Reproduce: `{results.get('command', COMMAND)}`; stages are cached in `{display_path(opts['out'])}/cache`. "
         f"This run: device {results['device']}, seeds {seeds}; {results['wall_s'] / 60:.0f} min of wall time for "
         "this invocation (a stage read back from the cache counts only its reading).",
         f"Model: {model['name']} ({model['parameters'] / 1e6:.0f}M parameters) from "

@@ -42,7 +42,7 @@ from curvedit.experiments.studies.options import StudyOptions
 from curvedit.experiments.studies.report import write_study_report
 from curvedit.experiments.studies.seed import run_seed
 from curvedit.experiments.studies.summary import summarize, usable_families
-from curvedit.io import write_json
+from curvedit.io import display_path, write_json
 from curvedit.memorize.implant import general_split
 
 
@@ -93,7 +93,7 @@ def write_results(seeds: list[dict[str, Any]], options: StudyOptions, base: dict
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "base_probes": base_probe, "seeds": seeds, "summary": summarize(seeds, base_probe, options),
         "wall_s": round(time.perf_counter() - start, 1),
-        "command": f"curvedit study run {options.config}" if options.config else "curvedit study smollm2",
+        "command": f"curvedit study run {display_path(options.config)}" if options.config else "curvedit study smollm2",
     }
     write_json(options.out / "results.json", results)
     write_study_report(results, options.out)
