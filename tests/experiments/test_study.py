@@ -208,3 +208,25 @@ def test_protected_variants_take_each_band_s_usable_families_and_leave_the_share
     bases = {t.name: eigenbasis(general.targets[t.name]) for t in targets}
     copies = protected_bases(model, bases, targets, [[6, 7, 8, 9], [9, 8, 7, 6]], pad_id=0, seed=0)
     assert all(b.protect is None for b in bases.values()) and all(c.protect is not None for c in copies.values())
+
+
+def test_a_protected_edit_is_matched_to_k_fac_s_removal_by_bisecting_its_keep_fraction():
+    """Recall falls in steps as less is kept; the match lands on an amount at the target's step."""
+    from types import SimpleNamespace
+
+    from curvedit.experiments.studies.seed import match_recall
+
+    state = {"amount": 1.0}
+
+    def apply(amount: float) -> SimpleNamespace:
+        state["amount"] = amount
+        return SimpleNamespace(stats=[SimpleNamespace(kept=round(100 * amount), total=100)],
+                               undo=lambda: state.update(amount=1.0))
+
+    def recall() -> float:  # 1.0 above keep 0.7, 0.5 down to 0.3, 0.0 below
+        return 1.0 if state["amount"] > 0.7 else 0.5 if state["amount"] > 0.3 else 0.0
+
+    matched = match_recall(apply, recall, 0.5, steps=8)
+    assert matched["reached"] == 0.5 and 0.3 < matched["amount"] <= 0.7 and state["amount"] == 1.0
+    assert [s["recall"] for s in matched["steps"]][-1] == 0.5  # the exact hit ends the search
+    assert match_recall(apply, recall, 0.0, steps=8)["amount"] <= 0.3

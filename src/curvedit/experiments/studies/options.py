@@ -89,6 +89,9 @@ class StudyOptions:
         protect_items: items per family the protected variants collect their protect factors on
             (one variant per band of arithmetic / common facts / rare facts with a usable family;
             0: none).
+        protect_match: also a protected variant per band whose keep fraction is bisected to
+            K-FAC's tune-half loose recall ("..._matched"): protection compared at the same
+            removal, not the same amount.
         frontier_keep: on the `beyond_seeds`, the frontier's keep fractions (`curvedit.diagnostics.frontier`:
             every method's held-out forgetting against its cost at the chosen placement; empty:
             none).
@@ -147,6 +150,7 @@ class StudyOptions:
     factor_data: str = "pydoc"
     factor_variants: tuple[str, ...] = ("self", "mix")
     protect_items: int = 100
+    protect_match: bool = True
     layer_map_keep: float | None = 0.9
     frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8)
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)

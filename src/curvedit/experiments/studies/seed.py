@@ -15,8 +15,8 @@ from curvedit.data import default_pad_id, lm_batches
 from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
 from curvedit.diagnostics.layer_map import middle_three
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
-from curvedit.editing.budget import bisect_amount, match_tolerance
-from curvedit.editing.edit import EditPlan, EditRule
+from curvedit.editing.budget import bisect_amount, bisect_edit, match_tolerance
+from curvedit.editing.edit import EditPlan, EditRule, apply_edit
 from curvedit.editing.sweep import (
     SweepGrid,
     SweepOptions,
@@ -27,6 +27,7 @@ from curvedit.editing.sweep import (
     matrices_spec,
     run_sweep,
 )
+from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import next_token_rankings
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.stages import Timer, cached, content_key
@@ -204,21 +205,58 @@ def within_budget_variant(model: Any, tokenizer: Any, targets: list[Any], bases:
 
 def protected_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], kfac_plan: EditPlan,
                       band: str, families: list[str], probe: SeedProbe, reference: Any, options: StudyOptions,
-                      pad_id: int, seed: int) -> dict[str, Any]:
-    """K-FAC at the chosen amount with one capability band protected (`edit --protect`).
+                      pad_id: int, seed: int, match_tune_loose: float | None = None) -> dict[str, Any]:
+    """K-FAC with one capability band protected (`edit --protect`): at the chosen amount, or,
+    with `match_tune_loose`, at the keep fraction whose tune-half loose recall matches K-FAC's
+    (the same removal on the half the edit was chosen on; the held-out half stays unseen).
 
     The protect texts are in-sample: a fact family is its whole list, and 1-digit arithmetic
     has fewer items than the probes take; 2-digit arithmetic draws other items from the same
     seeds' stream.
 
     Returns:
-        The variant's measurements with a note and what was protected.
+        The variant's measurements with a note and what was protected (and, matched, the
+        bisection of the keep fraction).
     """
     texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
     copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
-    return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
-        "note": f"K-FAC at the chosen amount with {band} protected", "protected": {
-            "band": band, "families": families, "items": len(texts)}}
+    protected = {"protected": {"band": band, "families": families, "items": len(texts)}}
+    if match_tune_loose is None:
+        return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
+            "note": f"K-FAC at the chosen amount with {band} protected", **protected}
+    matched = match_recall(
+        lambda amount: apply_edit(targets, EditPlan([EditRule(keep_fraction=amount)], options.edit), copies),
+        lambda: evaluate_recitation(model, probe.tune, pad_id=pad_id, batch_size=options.batch_size)[0].loose,
+        match_tune_loose, options.bisect_steps)
+    plan = EditPlan([EditRule(keep_fraction=matched["amount"])], options.edit)
+    reached = matched["reached"]
+    return edit_and_measure(model, tokenizer, targets, copies, plan, probe, reference, options) | {
+        "note": (f"K-FAC with {band} protected, keep {matched['amount']:.3f} bisected to K-FAC's tune-half loose "
+                 f"recall ({match_tune_loose:.3f}; reached {'-' if reached is None else f'{reached:.3f}'})"),
+        "matched_tune": matched, **protected}
+
+
+def match_recall(apply: Callable[[float], Any], recall: Callable[[], float], target: float, steps: int
+                 ) -> dict[str, Any]:
+    """The keep fraction whose recall (which falls as less is kept) comes closest to `target`,
+    by bisection; the first amount that hits it exactly ends the search.
+
+    Args:
+        apply: amount -> the edit applied in memory (an `AppliedEdit`).
+        recall: the recall of the model as it is now.
+        target: the recall to reach.
+        steps: candidates at most.
+
+    Returns:
+        `amount` (1.0 when no candidate removed anything), `reached` (its recall, None then),
+        `target` and every step's amount and recall.
+    """
+    # bisect_edit moves towards smaller amounts while the value is at most the target; with the
+    # value -recall that is while recall is still at least the target
+    found = bisect_edit(apply, lambda: -recall(), -target, mode="match", gap=lambda value: abs(value + target),
+                        steps=steps, description=f"keep for recall {target:.3f}")
+    return {"target": target, "amount": found.amount, "reached": None if found.value is None else -found.value,
+            "steps": [{"amount": s.amount, "recall": -s.value} for s in found.steps]}
 
 
 def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
@@ -351,6 +389,10 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         variant(variant_name(band), lambda band=band, families=families: protected_variant(
             model, tokenizer, targets, bases, kfac_plan, band, families, probe, reference, options, pad_id, seed),
             options.protect_items)
+        if options.protect_match:
+            variant(variant_name(band) + "_matched", lambda band=band, families=families: protected_variant(
+                model, tokenizer, targets, bases, kfac_plan, band, families, probe, reference, options, pad_id,
+                seed, match_tune_loose=chosen["loose"]), [options.protect_items, "tune-loose"])
     extra = None
     if beyond:
         def compute_beyond() -> dict[str, Any]:
