@@ -73,7 +73,11 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         frontier_keep=(0.5,))
     results = run_study(options, log=lambda _: None)
     seed = results["seeds"][0]
-    assert set(seed["variants"]) == {*VARIANTS, "kfac_self_factors"}  # the factor text it did not use
+    assert set(seed["variants"]) == {*VARIANTS, "kfac_self_factors", "step"}  # + the factor text it did not use
+    step = seed["variants"]["step"]  # the coherent step stays within K-FAC's perplexity
+    assert step["perplexity"] <= seed["variants"]["kfac"]["perplexity"] * 1.001 or step["step"]["norm"] == 0
+    assert 0 <= step["step"]["gradient_share_in_block"] <= 1 and step["step"]["norm"] <= 4 * step["step"][
+        "deletion_norm"] + 1e-9
     assert "sampled itself" in seed["variants"]["kfac_self_factors"]["note"]
     assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
     assert results["model"]["quantization"] == "F32" and results["model"]["name"] == "tiny"  # the file's own name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -115,9 +115,11 @@ def measure(model: torch.nn.Module, tokenizer: Any, probe: SeedProbe, reference:
     }
 
 
-def edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) -> dict[str, Any]:
-    """Apply `plan` in memory, measure the variant (`measure`), and undo the edit."""
-    applied = apply_edit(targets, plan, bases)
+def edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options,
+                     apply: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Apply `plan` in memory (or call `apply`, which returns what undoes its own edit, such as a
+    coherent step), measure the variant (`measure`), and undo the edit."""
+    applied = apply() if apply is not None else apply_edit(targets, plan, bases)
     try:
         metrics = measure(model, tokenizer, probe, reference, options)
     finally:

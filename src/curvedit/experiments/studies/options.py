@@ -92,6 +92,8 @@ class StudyOptions:
         protect_match: also a protected variant per band whose keep fraction is bisected to
             K-FAC's tune-half loose recall ("..._matched"): protection compared at the same
             removal, not the same amount.
+        step_variant: also a coherent step from the tune half (`edit --step-from`) in the block
+            the chosen K-FAC edit deletes, at the largest norm within K-FAC's perplexity.
         frontier_keep: on the `beyond_seeds`, the frontier's keep fractions (`curvedit.diagnostics.frontier`:
             every method's held-out forgetting against its cost at the chosen placement; empty:
             none).
@@ -151,6 +153,7 @@ class StudyOptions:
     factor_variants: tuple[str, ...] = ("self", "mix")
     protect_items: int = 100
     protect_match: bool = True
+    step_variant: bool = True
     layer_map_keep: float | None = 0.9
     frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8)
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)

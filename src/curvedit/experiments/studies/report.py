@@ -17,6 +17,7 @@ LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "
           "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl",
           "kfac_protect_arithmetic": "K-FAC, arithmetic protected", "kfac_protect_facts_common":
           "K-FAC, common facts protected", "kfac_protect_facts_rare": "K-FAC, rare facts protected",
+          "step": "coherent step from the tune half, K-FAC's ppl",
           "kfac_protect_arithmetic_matched": "K-FAC, arithmetic protected, K-FAC's tune removal",
           "kfac_protect_facts_common_matched": "K-FAC, common facts protected, K-FAC's tune removal",
           "kfac_protect_facts_rare_matched": "K-FAC, rare facts protected, K-FAC's tune removal",

@@ -17,6 +17,7 @@ from curvedit.diagnostics.layer_map import middle_three
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, bisect_edit, match_tolerance
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
+from curvedit.editing.step import apply_step, forget_gradients, step_directions, step_within_budget
 from curvedit.editing.sweep import (
     SweepGrid,
     SweepOptions,
@@ -236,6 +237,31 @@ def protected_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dic
         "matched_tune": matched, **protected}
 
 
+def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], kfac_plan: EditPlan,
+                 kfac_ppl: float, unedited_ppl: float, probe: SeedProbe, reference: Any, options: StudyOptions,
+                 pad_id: int) -> dict[str, Any]:
+    """A coherent step from the tune half (`edit --step-from`, `curvedit.editing.step`) in the
+    block the chosen K-FAC edit deletes, at the largest norm (up to 4x the deletion's) within
+    K-FAC's perplexity, measured on the held-out canaries it never saw.
+
+    Returns:
+        The variant's measurements with the step's norm, the deletion's norm, the share of the
+        forget gradient inside the block, and a note.
+    """
+    rule = kfac_plan.rules[0]
+    step = step_directions(forget_gradients(model, probe.tune, targets, pad_id=pad_id, batch_size=options.batch_size),
+                           targets, bases, rule)
+    norm, search = step_within_budget(model, targets, step, probe.ppl_text, budget=max(1.0, kfac_ppl / unedited_ppl),
+                                      unedited_ppl=unedited_ppl, max_norm=4 * step.deletion_norm,
+                                      steps=options.bisect_steps + 4, pad_id=pad_id, batch_size=options.batch_size)
+    return edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference, options,
+                            apply=lambda: apply_step(targets, step, norm, options.edit)) | {
+        "step": {"norm": norm, "deletion_norm": step.deletion_norm, "gradient_share_in_block": step.gradient_share,
+                 "bisection": [{"amount": s.amount, "perplexity": s.value} for s in search.steps]},
+        "note": (f"one coherent step up the tune half's suffix loss in the block K-FAC deletes, norm {norm:.4g} "
+                 f"({norm / step.deletion_norm:.2f} x the deletion's), the largest within K-FAC's perplexity")}
+
+
 def match_recall(apply: Callable[[float], Any], recall: Callable[[], float], target: float, steps: int
                  ) -> dict[str, Any]:
     """The keep fraction whose recall (which falls as less is kept) comes closest to `target`,
@@ -385,6 +411,9 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         variant("paper_placement", lambda: paper_placement(
             model, tokenizer, factor_dir, paper_layers, probe, reference, options, unedited_ppl, pad_id),
             paper_layers)
+    if options.step_variant:
+        variant("step", lambda: step_variant(model, tokenizer, targets, bases, kfac_plan, kfac_ppl, unedited_ppl, probe,
+                                             reference, options, pad_id), ["step", 4, options.bisect_steps + 4])
     for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
         variant(variant_name(band), lambda band=band, families=families: protected_variant(
             model, tokenizer, targets, bases, kfac_plan, band, families, probe, reference, options, pad_id, seed),
@@ -429,15 +458,11 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         frontier_result = stage("frontier", lambda: cached(folder / "frontier.json", frontier_key, compute_frontier),
                                 folder / "frontier.json")
 
-    def energy() -> dict[str, Any]:
-
-        windows = tune + heldout
-        return style_energy(model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
-                            batch_size=options.batch_size, nonmembers=nonmembers)
-
-    style_energy_result = stage("style_energy", lambda: cached(folder / "style_energy.json",
-                                                               content_key({"variants": variant_key, "v": 2}), energy),
-                                folder / "style_energy.json")
+    windows = tune + heldout
+    style_energy_result = stage("style_energy", lambda: cached(
+        folder / "style_energy.json", content_key({"variants": variant_key, "v": 2}), lambda: style_energy(
+            model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
+            batch_size=options.batch_size, nonmembers=nonmembers)), folder / "style_energy.json")
     layers = sorted({t.layer for t in targets})
     shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
     stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
