@@ -102,3 +102,15 @@ def test_edit_in_float32_is_close_to_float64_and_bad_precisions_are_refused(tmp_
         torch.testing.assert_close(f32[name], f64[name], rtol=0, atol=1e-4)
     bad = run(*common, "--out", tmp_path / "bad", "--eigh-precision", "half")
     assert bad.exit_code != 0 and "eigh precision must be one of ['float64', 'float32'], got 'half'" in bad.output
+
+
+def test_a_plan_s_masses_and_a_method_flag_are_merged_before_they_are_checked(tmp_path, lm_dir):
+    """--method identity needs masses saliency; here the plan file gives them."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"rules": [{"pattern": "*", "keep_fraction": 0.5}], "masses": "saliency"}))
+    result = CliRunner().invoke(app, ["edit", "--model", str(lm_dir), "--plan", str(plan), "--method", "identity",
+                                      "--out", str(tmp_path / "pruned"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "pruned" / "curvedit-edit.json").read_text())
+    assert (manifest["plan"]["method"], manifest["plan"]["masses"]) == ("identity", "saliency")
+

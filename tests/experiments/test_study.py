@@ -156,7 +156,9 @@ def test_the_smollm2_study_file_states_the_study_s_own_settings():
     ("paper_layers = '40-42'\n", "paper_layers: layer group"),
     ("[edit]\nmethod = 'magic'\n", "\\[edit\\] unknown method 'magic'"),
     ("[edit]\nrho = 0.5\n", "unknown \\[edit\\] field"), ("[edit]\nseed = 'one'\n", "\\[edit\\] seed must be"),
-    ("compute_dtype = 'float32'\n", "unknown field")])
+    ("compute_dtype = 'float32'\n", "compute_dtype moved into the \\[edit\\] table"),
+    ("[edit]\nmethod = 'random'\n", "method, masses and seed belong to each variant"),
+    ("[edit]\nseed = 3\n", "drop seed = 3")])
 def test_a_bad_study_file_is_refused_by_name(tmp_path, text, message):
     from curvedit.experiments.studies.config import load_study_config
     from curvedit.experiments.studies.options import StudyError

@@ -126,24 +126,22 @@ def edit_command(
                                             heldout_max_tokens=heldout_max_tokens, text_field=text_field),
                    progress=progress, overwrite=overwrite)
         return
-    _check_heldout(ppl_budget, heldout)
     block_shares = _amount_flags(rho, keep_fraction, plan_file, ppl_budget, side, block)
+    _check_heldout(ppl_budget, heldout)
     masses = _forget_masses(forget, masses)
     protect_amount = _protect_amount(protect, protect_rho, protect_keep_fraction, ppl_budget)
-    settings = EditSettings(method=method or "kfac", masses=masses or "kfac", seed=seed or 0,
-                            compute_dtype=compute_dtype or "float64", eigh_precision=eigh_precision, device=device)
+    given = {"method": method, "seed": seed, "compute_dtype": compute_dtype, "masses": masses,
+             "eigh_precision": eigh_precision, "device": device}
+    # with --plan the file's settings and the flags are merged first (EditPlan.from_json), then checked
+    plan = (replace(EditPlan.from_json(plan_file, **given), protect=protect_amount) if plan_file is not None
+            else None)
+    settings = plan.settings if plan is not None else EditSettings(**{k: v for k, v in given.items() if v is not None})
     check_output(out, kind="dir", overwrite=overwrite, model=model,
                  inputs=[p for p in (forget, protect) if p is not None])
     if heldout is not None:
         check_corpus_source(heldout)
     search = None
-    if ppl_budget is not None:
-        plan = None
-    elif plan_file is not None:
-        plan = replace(EditPlan.from_json(plan_file, method=method, seed=seed, compute_dtype=compute_dtype,
-                                          masses=masses, eigh_precision=eigh_precision, device=device),
-                       protect=protect_amount)
-    else:
+    if plan is None and ppl_budget is None:
         plan = EditPlan([EditRule("*", rho=rho, keep_fraction=keep_fraction, side=side, block=block_shares)],
                         settings, protect=protect_amount)
     loaded = load_model(model, device=device, progress=progress)
@@ -165,7 +163,7 @@ def edit_command(
             typer.echo(search.table(), err=True)
             fail(f"no {budget_knob} below 1 keeps the perplexity within x{ppl_budget:g} of the unedited "
                  f"{search.unedited_perplexity:.4f}; nothing written (raise --ppl-budget or edit fewer targets)")
-    manifest = edit_manifest(applied, model, factors, loaded.source)
+    manifest = edit_manifest(applied, model, factors, model_source=loaded.source)
     if forget is not None:
         manifest["forget"] = {"path": str(forget), "windows": len(forget_windows)}
     if protect is not None:
@@ -292,7 +290,7 @@ def _step_edit(model: str, factors: Optional[Path], out: Path, spec: TargetSpec,
             fail(f"no step norm keeps the perplexity within x{ppl_budget:g} (the smallest tried was "
                  f"{(1 - search.steps[-1].amount) * step.deletion_norm:.4g}); nothing written")
     applied = apply_step(chosen, step, step_norm, settings)
-    manifest = edit_manifest(applied, model, factors, loaded.source)
+    manifest = edit_manifest(applied, model, factors, model_source=loaded.source)
     manifest["step"] = {"from": str(step_from), "windows": len(windows), "norm": step_norm,
                         "deletion_norm": step.deletion_norm, "gradient_share_in_block": step.gradient_share,
                         **({"budget": ppl_budget, "heldout": str(heldout),

@@ -539,7 +539,7 @@ def prepare_bases(model: nn.Module, targets: list[Target], factor_dir: str | Pat
     return bases
 
 
-def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None,
+def edit_manifest(applied: AppliedEdit, model_name: str, factor_dir: str | Path | None, *,
                   model_source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON description of an edit: plan, factor identity, eigh precision, per-target
     statistics, and the model's non-HF origin (`LoadedModel.source`, e.g. a GGUF file and its

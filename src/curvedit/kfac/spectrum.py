@@ -65,9 +65,6 @@ class Eigenbasis:
                           move(self.forget), protect)
 
 
-MASSES = ("kfac", "ekfac", "targeted", "saliency")
-
-
 def identity_bases(targets: list[Target]) -> dict[str, "Eigenbasis"]:
     """The standard basis for every target (A = I, G = I): components are weight entries and
     every K-FAC mass is 1 (the `identity` method's control; with saliency masses it ranks entries by

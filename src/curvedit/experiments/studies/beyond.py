@@ -55,7 +55,7 @@ def beyond_paper(model, tokenizer, targets, bases, factor_dir: Path, factor_text
     eigencorrect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets, factor_dir,
                          options=CollectOptions(seed=seed, progress=options.progress,
                                                 total_tokens=sum(len(s) for s in factor_text)))
-    corrected = load_bases(targets, factor_dir)
+    corrected = load_bases(targets, factor_dir, options.edit.device, options.edit.eigh_precision)
     attach_forget_masses(corrected, forget_masses(model, probe.tune, targets, corrected, pad_id=pad_id,
                                                   batch_size=options.batch_size))
     out: dict[str, Any] = {"variants": {}, "attacks": {}, "settings": asdict(BEYOND)}

@@ -74,6 +74,9 @@ def load_study_config(path: str | Path) -> StudyOptions:
     base = StudyOptions()
     tables = {name: data.pop(name, {}) for name in _TABLES}
     allowed = {f.name for f in fields(StudyOptions)} - _NOT_IN_FILES - set(_TABLES)
+    if "compute_dtype" in data:
+        raise StudyError(f"{path}: compute_dtype moved into the [edit] table: write `[edit]` and "
+                         f"`compute_dtype = {data['compute_dtype']!r}` under it")
     unknown = sorted(set(data) - allowed) + [f"{name} (must be a table)" for name, table in tables.items()
                                              if not isinstance(table, dict)]
     if unknown:

@@ -69,8 +69,9 @@ class StudyOptions:
         matrices: matrix selections tried by the sweep.
         ppl_budget: the edit may raise held-out perplexity to this times unedited.
         bisect_steps: bisection steps per sweep cell (matched controls take 2 more).
-        edit: how every edit of the study is made (`curvedit.editing.settings.EditSettings`, an
-            `[edit]` table in a study file); each variant sets its own method, masses and seed.
+        edit: how every edit of the study is computed (`curvedit.editing.settings.EditSettings`,
+            an `[edit]` table in a study file): compute_dtype, eigh_precision and device; each
+            variant sets its own method, masses and seed (from the implant seed).
             The study's default basis change is float32 (it halves the sweep's time on a CPU;
             the library's default is float64).
         probe_items: items per capability family (`curvedit.evaluate.capabilities`; fact
@@ -230,6 +231,12 @@ class StudyOptions:
             self.edit.validate()
         except EditError as err:
             raise StudyError(f"[edit] {err}") from None
+        per_variant = {k: getattr(self.edit, k) for k in ("method", "masses", "seed")
+                       if getattr(self.edit, k) != getattr(EditSettings(), k)}
+        if per_variant:
+            raise StudyError(f"[edit] sets how every edit is computed (compute_dtype, eigh_precision, device); "
+                             f"method, masses and seed belong to each variant (and the implant seed): drop "
+                             f"{', '.join(f'{k} = {v!r}' for k, v in per_variant.items())}")
 
     def _validate_floor(self) -> None:
         """Raises: StudyError: a probe floor that is not a share in (0, 1] or a table of

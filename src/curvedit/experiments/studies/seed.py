@@ -166,7 +166,8 @@ def other_factors_variant(model: Any, tokenizer: Any, targets: list[Any], data: 
         CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
                        description=FACTOR_DATA[kind]))), other_dir)
     tokens = sum(len(t) for t in text)
-    return within_budget_variant(model, tokenizer, targets, load_bases(targets, other_dir), probe, reference, options,
+    other_bases = load_bases(targets, other_dir, options.edit.device, options.edit.eigh_precision)
+    return within_budget_variant(model, tokenizer, targets, other_bases, probe, reference, options,
                                  unedited_ppl, pad_id, lambda amount: (
                                      f"K-FAC at the chosen placement with factors on {FACTOR_DATA[kind]} ({tokens} "
                                      f"tokens), keep {amount:.3f} within {options.ppl_budget}x"))
@@ -181,7 +182,8 @@ def paper_placement(model: Any, tokenizer: Any, factor_dir: Path, paper_layers: 
         The variant's measurements with its bisection and a note.
     """
     paper_targets = select_targets(model, matrices_spec("mlp-in", paper_layers))
-    return within_budget_variant(model, tokenizer, paper_targets, load_bases(paper_targets, factor_dir), probe,
+    paper_bases = load_bases(paper_targets, factor_dir, options.edit.device, options.edit.eigh_precision)
+    return within_budget_variant(model, tokenizer, paper_targets, paper_bases, probe,
                                  reference, options, unedited_ppl, pad_id, lambda amount: (
                                      f"K-FAC on gate/up of blocks {paper_layers} only, keep {amount:.3f} within "
                                      f"{options.ppl_budget}x perplexity"))
@@ -256,6 +258,8 @@ def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str
                                       steps=options.bisect_steps + 4, pad_id=pad_id, batch_size=options.batch_size)
     return edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference, options,
                             apply=lambda: apply_step(targets, step, norm, options.edit)) | {
+        "plan": {"step_from": "the tune half", "block": "the components the chosen K-FAC edit deletes",
+                 "rule": kfac_plan.to_dict()["rules"][0]},
         "step": {"norm": norm, "deletion_norm": step.deletion_norm, "gradient_share_in_block": step.gradient_share,
                  "bisection": [{"amount": s.amount, "perplexity": s.value} for s in search.steps]},
         "note": (f"one coherent step up the tune half's suffix loss in the block K-FAC deletes, norm {norm:.4g} "
@@ -360,7 +364,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                          f"seed-{seed}/sweep.json")
     chosen = swept["points"][chosen_index]
     targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
-    bases = load_bases(targets, factor_dir)
+    bases = load_bases(targets, factor_dir, options.edit.device, options.edit.eigh_precision)
     text = data.heldout
     implanted = [c["text"] for c in manifest["canaries"]]
     nonmembers = canary_token_ids(nonmember_canaries(options, seed, implanted), tokenizer,
