@@ -206,3 +206,27 @@ def step_within_budget(model: nn.Module, targets: list[Target], step: StepDirect
                         mode="within", gap=lambda ppl: abs(ppl / target - 1), steps=steps, progress=progress,
                         description=f"step norm for ppl {target:.4g}")
     return ((1 - found.amount) * top if found.edited else 0.0), found
+
+
+def step_at_cost(model: nn.Module, targets: list[Target], bases: dict[str, Eigenbasis], block: EditRule,
+                 windows: Sequence[Window], heldout: Sequence[Sequence[int]], *, budget: float, unedited_ppl: float,
+                 max_multiple: float = 4.0, steps: int = 10, pad_id: int = 0, batch_size: int = 16
+                 ) -> tuple[StepDirections, float, Bisection]:
+    """The coherent step from `windows` in the components `block` deletes, at the largest norm
+    (up to `max_multiple` x the deletion's) within `budget` x the unedited perplexity: what
+    `edit --step-from ... --ppl-budget` takes, and what the demo and the study compare with
+    K-FAC at its own cost.
+
+    Returns:
+        (the step's directions, the chosen norm (0.0 when none fits), the bisection).
+
+    Raises:
+        StepError: as `step_directions` and `step_within_budget`.
+    """
+    step = step_directions(forget_gradients(model, windows, targets, pad_id=pad_id, batch_size=batch_size), targets,
+                           bases, block)
+    norm, search = step_within_budget(model, targets, step, heldout, budget=max(1.0, budget), unedited_ppl=unedited_ppl,
+                                      max_norm=max_multiple * step.deletion_norm, steps=steps, pad_id=pad_id,
+                                      batch_size=batch_size)
+    return step, norm, search
+

@@ -25,7 +25,7 @@ from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, match_tolerance
 from curvedit.editing.edit import AppliedEdit, EditPlan, EditRule, apply_edit
 from curvedit.editing.settings import EditSettings
-from curvedit.editing.step import apply_step, forget_gradients, step_directions, step_within_budget
+from curvedit.editing.step import apply_step, step_at_cost
 from curvedit.editing.sweep import SweepGrid, SweepOptions, matrices_spec, run_sweep
 from curvedit.editing.targeted import attach_forget_masses, forget_masses
 from curvedit.errors import CurveditError
@@ -565,13 +565,8 @@ def coherent_step(model, tokenizer, probe: WorldProbe, targets, bases, rule: Edi
                   unedited_ppl: float) -> tuple[Any, float, Any]:
     """The coherent step from the tune half (`curvedit.editing.step`) in the block the chosen K-FAC
     edit deletes, at the largest norm (up to 4x the deletion's) within K-FAC's perplexity."""
-    pad_id = default_pad_id(tokenizer)
-    step = step_directions(forget_gradients(model, probe.tune, targets, pad_id=pad_id, batch_size=64), targets,
-                           bases, rule)
-    norm, search = step_within_budget(model, targets, step, probe.text, budget=max(1.0, kfac_ppl / unedited_ppl),
-                                      unedited_ppl=unedited_ppl, max_norm=4 * step.deletion_norm, steps=14,
-                                      pad_id=pad_id, batch_size=64)
-    return step, norm, search
+    return step_at_cost(model, targets, bases, rule, probe.tune, probe.text, budget=kfac_ppl / unedited_ppl,
+                        unedited_ppl=unedited_ppl, steps=14, pad_id=default_pad_id(tokenizer), batch_size=64)
 
 
 def demo_frontier(model, tokenizer, factor_dir: Path, targets, probe: WorldProbe, options: DemoOptions

@@ -17,7 +17,7 @@ from curvedit.diagnostics.layer_map import middle_three
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, bisect_edit, match_tolerance
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
-from curvedit.editing.step import apply_step, forget_gradients, step_directions, step_within_budget
+from curvedit.editing.step import apply_step, step_at_cost
 from curvedit.editing.sweep import (
     SweepGrid,
     SweepOptions,
@@ -250,11 +250,8 @@ def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str
         The variant's measurements with the step's norm, the deletion's norm, the share of the
         forget gradient inside the block, and a note.
     """
-    rule = kfac_plan.rules[0]
-    step = step_directions(forget_gradients(model, probe.tune, targets, pad_id=pad_id, batch_size=options.batch_size),
-                           targets, bases, rule)
-    norm, search = step_within_budget(model, targets, step, probe.ppl_text, budget=max(1.0, kfac_ppl / unedited_ppl),
-                                      unedited_ppl=unedited_ppl, max_norm=4 * step.deletion_norm,
+    step, norm, search = step_at_cost(model, targets, bases, kfac_plan.rules[0], probe.tune, probe.ppl_text,
+                                      budget=kfac_ppl / unedited_ppl, unedited_ppl=unedited_ppl,
                                       steps=options.bisect_steps + 4, pad_id=pad_id, batch_size=options.batch_size)
     return edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference, options,
                             apply=lambda: apply_step(targets, step, norm, options.edit)) | {
