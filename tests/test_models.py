@@ -1,4 +1,4 @@
-"""`restored`: what a block changes in a model is undone when it ends."""
+"""`restored` undoes what a block changes in a model; `display_path` shows paths as a report should."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def test_only_the_named_weights_come_back_and_also_after_an_error() -> None:
         raise RuntimeError("a failing stage")
     assert torch.equal(model[0].weight, first)
     assert torch.equal(model[2].weight, torch.zeros_like(last))
+
+
+def test_a_report_shows_a_path_below_the_working_directory_relative_to_it(tmp_path, monkeypatch):
+    from curvedit.io import display_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "studies").mkdir()
+    assert display_path(tmp_path / "studies" / "study.toml") == "studies/study.toml"
+    assert display_path("/elsewhere/study.toml") == "/elsewhere/study.toml"
