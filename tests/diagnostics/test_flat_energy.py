@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from curvedit.cli import app
 from curvedit.data import lm_batches
-from curvedit.diagnostics.flat_energy import FlatEnergyError, flat_energy_shares
+from curvedit.diagnostics.flat_energy import FlatEnergyError, flat_energy_by_group, flat_energy_shares
 from curvedit.kfac.collect import CollectOptions, collect_factors
 from curvedit.kfac.spectrum import eigenbasis
 from curvedit.kfac.targets import TargetSpec, select_targets
@@ -57,6 +57,21 @@ def test_bad_requests_are_refused(kwargs, message):
     args = {"sequences": [[1, 2, 3]], **kwargs}
     with pytest.raises(FlatEnergyError, match=message):
         flat_energy_shares(model, targets, bases, args.pop("sequences"), **args)
+
+
+def test_shares_by_group_are_the_shares_of_one_pass_split_in_order():
+    model = tiny_gpt2(vocab=11)
+    targets = select_targets(model, TargetSpec(preset="mlp-in"))
+    ids = torch.randint(1, 11, (9, 6), generator=torch.Generator().manual_seed(1)).tolist()
+    factors = collect_factors(model, lm_batches(ids[:5], 5, 0), targets, options=CollectOptions(progress=False))
+    bases = {t.name: eigenbasis(factors.targets[t.name]) for t in targets}
+    sequences, groups = ids[5:], ["b", "a", "b", "c"]
+    every = flat_energy_shares(model, targets, bases, sequences, batch_size=3)
+    split = flat_energy_by_group(model, targets, bases, sequences, groups, batch_size=3)
+    assert list(split) == ["b", "a", "c"]
+    assert split == {"b": [every[0], every[2]], "a": [every[1]], "c": [every[3]]}
+    with pytest.raises(FlatEnergyError, match="3 group names for 4 sequences"):
+        flat_energy_by_group(model, targets, bases, sequences, groups[:3])
 
 
 def test_cli_score_writes_one_score_per_sequence(tmp_path, lm_dir, text_jsonl):

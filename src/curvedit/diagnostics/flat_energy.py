@@ -14,7 +14,7 @@ the study also uses it to ask where a canary style's energy sits against general
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -90,6 +90,33 @@ def flat_energy_shares(model: nn.Module, targets: Sequence[Target], bases: Mappi
     visit_target_inputs(model, targets, ProbeSet([list(s) for s in sequences], spans), visit, batch_size=batch_size,
                         pad_id=pad_id)
     return (shares / len(targets)).tolist()
+
+
+def flat_energy_by_group(model: nn.Module, targets: Sequence[Target], bases: Mapping[str, Eigenbasis],
+                         sequences: Sequence[Sequence[int]], groups: Sequence[str], **kwargs: Any
+                         ) -> dict[str, list[float]]:
+    """`flat_energy_shares` of `sequences` in one pass, split by each sequence's group.
+
+    Args:
+        model: as `flat_energy_shares`.
+        targets: as `flat_energy_shares`.
+        bases: as `flat_energy_shares`.
+        sequences: token-id sequences, read in this order.
+        groups: each sequence's group name.
+        **kwargs: `flat_fraction`, `batch_size`, `pad_id` of `flat_energy_shares`.
+
+    Returns:
+        Group -> its sequences' shares in order, groups in order of first appearance.
+
+    Raises:
+        FlatEnergyError: not one group per sequence, or as `flat_energy_shares`.
+    """
+    if len(groups) != len(sequences):
+        raise FlatEnergyError(f"{len(groups)} group names for {len(sequences)} sequences")
+    out: dict[str, list[float]] = {}
+    for group, share in zip(groups, flat_energy_shares(model, targets, bases, sequences, **kwargs)):
+        out.setdefault(group, []).append(share)
+    return out
 
 
 def screen_savings(member_scores: Sequence[float], nonmember_scores: Sequence[float], recall: float = 0.99) -> float:

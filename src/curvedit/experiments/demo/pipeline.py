@@ -19,7 +19,7 @@ from curvedit.data import Record, default_pad_id, lm_batches
 from curvedit.diagnostics.analysis import BandOptions, band_analysis, task_family_shares, write_task_families
 from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve
 from curvedit.diagnostics.converge import ConvergeOptions, plot_convergence, run_convergence
-from curvedit.diagnostics.flat_energy import flat_energy_shares, screen_savings
+from curvedit.diagnostics.flat_energy import flat_energy_by_group, screen_savings
 from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, match_tolerance
@@ -546,11 +546,9 @@ def label_free_score(model, tokenizer, targets, bases, probe: WorldProbe, flat_f
     members = [w.prefix_ids + w.suffix_ids for w in probe.tune + probe.heldout + probe.quotes]
     general = probe.text[: 2 * len(members)]
     groups = {"memorized": members, "nonmembers": probe.nonmembers, "general": general}
-    flat = flat_energy_shares(model, targets, bases, [s for g in groups.values() for s in g],
-                              flat_fraction=flat_fraction, batch_size=64, pad_id=default_pad_id(tokenizer))
-    shares, start = {}, 0
-    for name, sequences in groups.items():
-        shares[name], start = flat[start:start + len(sequences)], start + len(sequences)
+    shares = flat_energy_by_group(model, targets, bases, [s for g in groups.values() for s in g],
+                                  [name for name, g in groups.items() for _ in g], flat_fraction=flat_fraction,
+                                  batch_size=64, pad_id=default_pad_id(tokenizer))
     out: dict[str, Any] = {"flat_fraction": flat_fraction,
                            "mean": {name: sum(v) / len(v) for name, v in shares.items()},
                            "n": {name: len(v) for name, v in shares.items()}}

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from curvedit.data import lm_batches
-from curvedit.diagnostics.flat_energy import flat_energy_shares
+from curvedit.diagnostics.flat_energy import flat_energy_by_group
 from curvedit.diagnostics.layer_map import LayerMapOptions, layer_map
 from curvedit.editing.protect import attach_protect_masses
 from curvedit.evaluate.capabilities import FAMILIES, capability_tasks
@@ -93,10 +93,10 @@ def style_energy(model: torch.nn.Module, targets: list[Target], bases: dict[str,
     groups = [*styles, *["general"] * len(general), *["nonmember"] * len(nonmembers)]
     sequences = ([list(w.prefix_ids) + list(w.suffix_ids) for w in windows] + [list(s) for s in general]
                  + [list(s) for s in nonmembers])
-    shares = flat_energy_shares(model, targets, bases, sequences, flat_fraction=flat_fraction, pad_id=pad_id,
-                                batch_size=batch_size)  # one pass over every window and the general text
+    shares = flat_energy_by_group(model, targets, bases, sequences, groups, flat_fraction=flat_fraction,
+                                  pad_id=pad_id, batch_size=batch_size)  # one pass over every window and the text
     out: dict[str, Any] = {"flat_fraction": flat_fraction}
     for group in [*sorted(set(styles)), "general", *(["nonmember"] if nonmembers else [])]:
-        mine = [share for share, g in zip(shares, groups) if g == group]
+        mine = shares[group]
         out[group] = {"mean": sum(mine) / len(mine), "n": len(mine), "per_window": mine}
     return out
