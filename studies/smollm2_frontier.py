@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
 from curvedit.editing.sweep import matrices_spec
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.studies.base import general_sequences
 from curvedit.experiments.studies.config import load_study_config
+from curvedit.experiments.studies.seed import seed_frontier
 from curvedit.kfac.targets import select_targets
 from curvedit.memorize.implant import general_split
 
@@ -51,12 +50,9 @@ def main() -> None:
     _, general = general_split(general_sequences(tokenizer, options.implant.seq_len, options.general),
                                options.heldout_share, 0)
     start = time.perf_counter()
-    result = run_frontier(model, tokenizer, folder / "factors", targets, heldout, general[: options.ppl_sequences],
-                          FrontierOptions(keep_fractions=options.frontier_keep,
-                                          settings=replace(options.edit, seed=args.seed),
-                                          batch_size=options.batch_size))
-    out = STUDY / f"seed-{args.seed}" / "frontier"
-    result.write(out)
+    result = seed_frontier(model, tokenizer, folder / "factors", targets, heldout, general[: options.ppl_sequences],
+                           options, args.seed)
+    out = options.out / f"seed-{args.seed}" / "frontier"
     print(f"layers {chosen['layers']} {chosen['matrices']}: {len(heldout)} held-out canaries, "
           f"{time.perf_counter() - start:.0f} s; wrote {out}")
     for point in result.points:

@@ -4,6 +4,7 @@ measured, each stage cached by what it depends on.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -206,24 +207,35 @@ def within_budget_variant(model: Any, tokenizer: Any, targets: list[Any], bases:
         "bisection": search.to_dict(), "note": note(search.amount)}
 
 
-def protected_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], kfac_plan: EditPlan,
-                      band: str, families: list[str], probe: SeedProbe, reference: Any, options: StudyOptions,
-                      pad_id: int, seed: int, match_tune_loose: float | None = None) -> dict[str, Any]:
-    """K-FAC with one capability band protected (`edit --protect`): at the chosen amount, or,
-    with `match_tune_loose`, at the keep fraction whose tune-half loose recall matches K-FAC's
-    (the same removal on the half the edit was chosen on; the held-out half stays unseen).
+def band_protection(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], families: list[str],
+                    options: StudyOptions, pad_id: int, seed: int) -> tuple[dict[str, Any], int]:
+    """Copies of `bases` carrying the protect masses of factors collected on a band's items.
 
     The protect texts are in-sample: a fact family is its whole list, and 1-digit arithmetic
     has fewer items than the probes take; 2-digit arithmetic draws other items from the same
     seeds' stream.
 
     Returns:
+        (the protected bases, the number of protect texts).
+    """
+    texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
+    return protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed), len(texts)
+
+
+def protected_variant(model: Any, tokenizer: Any, targets: list[Any], protection: tuple[dict[str, Any], int],
+                      kfac_plan: EditPlan, band: str, families: list[str], probe: SeedProbe, reference: Any,
+                      options: StudyOptions, pad_id: int, match_tune_loose: float | None = None) -> dict[str, Any]:
+    """K-FAC with one capability band protected (`edit --protect`): at the chosen amount, or,
+    with `match_tune_loose`, at the keep fraction whose tune-half loose recall matches K-FAC's
+    (the same removal on the half the edit was chosen on; the held-out half stays unseen).
+    `protection` is the band's protected bases and protect-text count (`band_protection`).
+
+    Returns:
         The variant's measurements with a note and what was protected (and, matched, the
         bisection of the keep fraction).
     """
-    texts = family_texts(tokenizer, families, options.protect_items, seed=PROBE_SEED + 7)
-    copies = protected_bases(model, bases, targets, texts, pad_id=pad_id, seed=seed)
-    protected = {"protected": {"band": band, "families": families, "items": len(texts)}}
+    copies, items = protection
+    protected = {"protected": {"band": band, "families": families, "items": items}}
     if match_tune_loose is None:
         return edit_and_measure(model, tokenizer, targets, copies, kfac_plan, probe, reference, options) | {
             "note": f"K-FAC at the chosen amount with {band} protected", **protected}
@@ -261,6 +273,21 @@ def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str
                  "bisection": [{"amount": s.amount, "perplexity": s.value} for s in search.steps]},
         "note": (f"one coherent step up the tune half's suffix loss in the block K-FAC deletes, norm {norm:.4g} "
                  f"({norm / step.deletion_norm:.2f} x the deletion's), the largest within K-FAC's perplexity")}
+
+
+def seed_frontier(model: Any, tokenizer: Any, factor_dir: Path, targets: list[Any], heldout: Sequence[Window],
+                  ppl_text: Sequence[Sequence[int]], options: StudyOptions, seed: int) -> Any:
+    """The frontier of every method at a seed's chosen placement (`curvedit.diagnostics.frontier`,
+    the study's `frontier_keep` amounts), written to `out/seed-N/frontier/`.
+
+    Returns:
+        The `FrontierResult`.
+    """
+    result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
+        keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed), batch_size=options.batch_size,
+        progress=options.progress))
+    result.write(options.out / f"seed-{seed}" / "frontier")
+    return result
 
 
 def match_recall(apply: Callable[[float], Any], recall: Callable[[], float], target: float, steps: int
@@ -416,13 +443,17 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         variant("step", lambda: step_variant(model, tokenizer, targets, bases, kfac_plan, kfac_ppl, unedited_ppl, probe,
                                              reference, options, pad_id), ["step", 4, options.bisect_steps + 4])
     for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
-        variant(variant_name(band), lambda band=band, families=families: protected_variant(
-            model, tokenizer, targets, bases, kfac_plan, band, families, probe, reference, options, pad_id, seed),
+        # collected once per band, and only when a variant of it is not read back from the cache
+        protection = functools.cache(lambda families=families: band_protection(
+            model, tokenizer, targets, bases, families, options, pad_id, seed))
+        variant(variant_name(band), lambda band=band, families=families, protection=protection: protected_variant(
+            model, tokenizer, targets, protection(), kfac_plan, band, families, probe, reference, options, pad_id),
             options.protect_items)
         if options.protect_match:
-            variant(variant_name(band) + "_matched", lambda band=band, families=families: protected_variant(
-                model, tokenizer, targets, bases, kfac_plan, band, families, probe, reference, options, pad_id,
-                seed, match_tune_loose=chosen["loose"]), [options.protect_items, "tune-loose"])
+            variant(variant_name(band) + "_matched", lambda band=band, families=families, protection=protection:
+                    protected_variant(model, tokenizer, targets, protection(), kfac_plan, band, families, probe,
+                                      reference, options, pad_id, match_tune_loose=chosen["loose"]),
+                    [options.protect_items, "tune-loose"])
     extra = None
     if beyond:
         def compute_beyond() -> dict[str, Any]:
@@ -449,12 +480,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     frontier_result = None
     if beyond and options.frontier_keep:
         def compute_frontier() -> dict[str, Any]:
-
-            result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
-                keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed),
-                batch_size=options.batch_size, progress=options.progress))
-            result.write(options.out / f"seed-{seed}" / "frontier")
-            return result.to_dict()
+            return seed_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, options, seed).to_dict()
         frontier_key = content_key({"variants": variant_key, "keep": list(options.frontier_keep), "v": 1})
         frontier_result = stage("frontier", lambda: cached(folder / "frontier.json", frontier_key, compute_frontier),
                                 folder / "frontier.json")
