@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -114,9 +115,13 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert [d["seed"] for d in results["summary"]["implant_drift"]] == [0]
     assert (options.out / "report.md").read_text().count("|") > 50
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
-    # every stage is cached: a second run reads the same numbers back
-    again = run_study(options, log=lambda _: None)
+    # every stage is cached: a second run reads the same numbers back; without the beyond edits the
+    # beyond seed keeps its layer map and frontier
+    again = run_study(replace(options, beyond_edits=False), log=lambda _: None)
     assert json.dumps(again["seeds"][0]["variants"], sort_keys=True) == json.dumps(seed["variants"], sort_keys=True)
+    assert "beyond" not in again["seeds"][0]
+    for part in ("layer_map", "frontier"):
+        assert json.dumps(again["seeds"][0][part], sort_keys=True) == json.dumps(seed[part], sort_keys=True)
 
 
 def test_the_base_model_cache_is_keyed_by_the_gguf_s_content_not_its_size(tmp_path):

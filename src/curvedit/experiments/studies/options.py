@@ -117,6 +117,8 @@ class StudyOptions:
         batch_size: sequences per evaluation batch.
         beyond_seeds: seeds that also get the work beyond the paper (EK-FAC, targeted edit,
             durability attacks; `beyond_paper`), run after every seed's main results are written.
+        beyond_edits: on the `beyond_seeds`, the EK-FAC and targeted edits and the durability
+            attacks (False: only the layer map and the frontier, whichever is set).
         progress: show progress bars.
         config: the study file these options came from (`curvedit.experiments.studies.config`), if any.
     """
@@ -156,12 +158,13 @@ class StudyOptions:
     protect_match: bool = True
     step_variant: bool = True
     layer_map_keep: float | None = 0.9
-    frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8)
+    frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
     bsn_ratios: tuple[float, ...] = (0.01, 0.03)
     bsn_epochs: int = 4
     bsn_lr: float = 2.0
     batch_size: int = 16
     beyond_seeds: tuple[int, ...] = (0,)
+    beyond_edits: bool = True
     progress: bool = True
     config: Path | None = None
 

@@ -455,7 +455,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                       reference, options, pad_id, match_tune_loose=chosen["loose"]),
                     [options.protect_items, "tune-loose"])
     extra = None
-    if beyond:
+    if beyond and options.beyond_edits:
         def compute_beyond() -> dict[str, Any]:
             return beyond_paper(model, tokenizer, targets, bases, factor_dir, factor_text, probe, reference, options,
                                 seed=seed, kfac_plan=kfac_plan, kfac_ppl=kfac_ppl, unedited_ppl=unedited_ppl,
