@@ -305,11 +305,50 @@ def frontier_markdown(data: dict[str, Any], budget_nats: float, figure: str) -> 
             f"![frontier]({figure})"]
 
 
+def map_versus_sweep(seed: dict[str, Any]) -> list[str]:
+    """Does the layer map predict which of the sweep's placements keep the probe families? Per
+    swept placement of the map's matrices: the map's mean cost over the placement's single blocks
+    (probe points lost on the probe floor's families, forgetting per perplexity rise) beside
+    whether the sweep's edit there met the floor. Empty without a map or a floor."""
+    lm, sweep = seed.get("layer_map"), seed["sweep"]
+    if not lm or not sweep.get("floor"):
+        return []
+    singles = {int(p["layers"]): p for p in lm["placements"] if p["size"] == 1}
+    base = lm["unedited"]["probes"]
+    held = [f for f in sweep["floor"] if f in base]
+    rows, ranked = [], []
+    for point, why in zip(sweep["points"], sweep["excluded"].values()):
+        if point["matrices"] != lm["options"]["matrices"]:
+            continue
+        span = [int(x) for x in point["layers"].split("-")]
+        blocks = [singles[b] for b in range(span[0], span[-1] + 1) if b in singles]
+        if not blocks or not held:
+            continue
+        lost = sum(100 * (base[f] - b["probes"][f]) for b in blocks for f in held) / (len(blocks) * len(held))
+        per_ppl = sum(b["per_ppl"] for b in blocks) / len(blocks)
+        met = "kept" not in why  # `exclusion` names a family below its floor as "<family> kept ..."
+        ranked.append((lost, point["layers"], met))
+        rows.append([point["layers"], f"{lost:.1f}", f"{per_ppl:.2f}", "yes" if met else f"no ({why})"])
+    if not rows:
+        return []
+    order = [layers for _, layers, _ in sorted(ranked)]
+    passed = [layers for _, layers, met in ranked if met]
+    verdict = ("the placements that met it are the map's cheapest" if passed and set(order[:len(passed)]) == set(passed)
+               else "the map's cheapest placements are not the ones that met it" if passed else "no placement met it")
+    return [f"Seed {seed['seed']}: does the map predict the probe floor? Per swept {lm['options']['matrices']} "
+            f"placement, the map's mean over its single blocks (probe points lost on the floor's families "
+            f"{', '.join(held)}; forgetting per perplexity rise) beside the sweep's edit there. Ranked by the map's "
+            f"probe cost: {', '.join(order)}; the sweep's floor: {verdict}.",
+            _table(["blocks", "map: probe points lost per block", "map: forgetting / ppl rise",
+                    "sweep's edit met the probe floor"], rows)]
+
+
 def layer_map_section(results: dict[str, Any]) -> list[str]:
-    """Per seed with a layer map: its figure, where the middle three blocks rank, and the best
-    placements."""
+    """Per seed with a layer map: its figure, where the middle three blocks rank, the best
+    placements, and the map against the sweep's probe floor."""
     return [part for s in results["seeds"] if s.get("layer_map")
-            for part in layer_map_markdown(s["layer_map"], f"seed-{s['seed']}/layer_map.png", f"Seed {s['seed']}")]
+            for part in [*layer_map_markdown(s["layer_map"], f"seed-{s['seed']}/layer_map.png", f"Seed {s['seed']}"),
+                         *map_versus_sweep(s)]]
 
 
 def energy_table(results: dict[str, Any]) -> str | None:
