@@ -161,8 +161,9 @@ def test_edit_step_from_through_the_cli(tmp_path, lm_dir, text_jsonl):
     out = tmp_path / "stepped"
     result = CliRunner().invoke(app, ["edit", "--model", str(lm_dir), "--factors", str(factors), "--out", str(out),
                                       "--keep-fraction", "0.5", "--step-from", str(memorized), "--step-norm", "0.1",
-                                      "--no-progress"])
+                                      "--compute-dtype", "float32", "--no-progress"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "curvedit-edit.json").read_text())
+    assert manifest["plan"]["compute_dtype"] == "float32"  # the step takes the edit's settings flags too
     assert manifest["step"]["norm"] == 0.1 and manifest["step"]["windows"] == 1
     assert 0 < manifest["step"]["gradient_share_in_block"] <= 1 and "wrote stepped model" in result.output

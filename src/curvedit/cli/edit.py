@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -105,11 +105,12 @@ def edit_command(
     from curvedit.data import check_corpus_source, default_pad_id
     from curvedit.editing.budget import edit_within_budget
     from curvedit.editing.edit import EditPlan, EditRule, edit_manifest, edit_model, save_edited_model
-    from curvedit.editing.settings import EditSettings
     from curvedit.evaluate.runner import EvaluateOptions, load_heldout
     from curvedit.kfac.targets import select_targets
     from curvedit.models import load_model
 
+    given = {"method": method, "seed": seed, "compute_dtype": compute_dtype, "masses": masses,
+             "eigh_precision": eigh_precision, "device": device}
     if step_from is not None or step_norm is not None:
         _check_step_flags(step_from, step_norm, rho, keep_fraction, ppl_budget, {
             "--plan": plan_file, "--method": method, "--masses": masses, "--forget": forget, "--side": side,
@@ -120,7 +121,7 @@ def edit_command(
             check_corpus_source(heldout)
         _step_edit(model, factors, out, target_spec(preset, targets, layers), EditRule("*", rho=rho,
                    keep_fraction=keep_fraction), step_from, step_norm, ppl_budget, heldout,
-                   settings=EditSettings(seed=seed or 0, eigh_precision=eigh_precision, device=device),
+                   settings=_flag_settings(given),
                    budget_steps=budget_steps, batch_size=batch_size,
                    evaluate=EvaluateOptions(heldout=heldout, heldout_seq_len=heldout_seq_len,
                                             heldout_max_tokens=heldout_max_tokens, text_field=text_field),
@@ -128,14 +129,12 @@ def edit_command(
         return
     block_shares = _amount_flags(rho, keep_fraction, plan_file, ppl_budget, side, block)
     _check_heldout(ppl_budget, heldout)
-    masses = _forget_masses(forget, masses)
+    given["masses"] = _forget_masses(forget, masses)
     protect_amount = _protect_amount(protect, protect_rho, protect_keep_fraction, ppl_budget)
-    given = {"method": method, "seed": seed, "compute_dtype": compute_dtype, "masses": masses,
-             "eigh_precision": eigh_precision, "device": device}
     # with --plan the file's settings and the flags are merged first (EditPlan.from_json), then checked
     plan = (replace(EditPlan.from_json(plan_file, **given), protect=protect_amount) if plan_file is not None
             else None)
-    settings = plan.settings if plan is not None else EditSettings(**{k: v for k, v in given.items() if v is not None})
+    settings = plan.settings if plan is not None else _flag_settings(given)
     check_output(out, kind="dir", overwrite=overwrite, model=model,
                  inputs=[p for p in (forget, protect) if p is not None])
     if heldout is not None:
@@ -223,6 +222,13 @@ def _amount_flags(rho: Optional[float], keep_fraction: Optional[float], plan_fil
     if plan_file is not None and (rho is not None or keep_fraction is not None):
         fail("--plan gives the amounts: give it without --rho or --keep-fraction")
     return block_shares
+
+
+def _flag_settings(given: dict[str, Any]) -> EditSettings:
+    """The edit settings the flags give; a flag left out keeps `EditSettings`' default."""
+    from curvedit.editing.settings import EditSettings
+
+    return EditSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def _forget_masses(forget: Optional[Path], masses: Optional[str]) -> Optional[str]:
