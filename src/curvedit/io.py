@@ -1,5 +1,7 @@
 """Atomic file writes: write beside the destination, then rename, so a crash never leaves
-a half-written file that looks whole."""
+a half-written file that looks whole; and the journal of a long job's finished items, so an
+interrupted job resumes where it stopped.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from curvedit.errors import CurveditError
+
+
+class JournalError(CurveditError):
+    """A journal that belongs to another run, or that cannot be read."""
 
 
 def _default_mode() -> int:
@@ -92,3 +100,73 @@ def display_path(path: str | Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def digest(data: Any) -> str:
+    """SHA-256 of `data` as sorted-key JSON (paths and other objects by `str`)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Journal:
+    """An append-only JSONL file of a long job's finished items, tied to one run by a key.
+
+    The first line holds the key (a digest of everything the items depend on); each later
+    line is one finished item, flushed to disk before the next item starts. Opening an
+    existing journal gives its items back, so the job skips them; a line cut off by a kill
+    is dropped. A journal whose key differs belongs to another run and is refused, so a
+    resume never mixes two runs.
+
+    Args:
+        path: the journal file (created with its folder by the first item).
+        key: the run's key (`digest` of what the items depend on).
+        what: what the job is, for messages ("sweep").
+
+    Raises:
+        JournalError: the file holds another run's items, or is not a journal.
+    """
+
+    def __init__(self, path: str | Path, key: str, what: str) -> None:
+        """Open (or start) the journal at `path`; see the class."""
+        self.path, self.key, self.what = Path(path), key, what
+        self.items: list[dict[str, Any]] = self._read() if self.path.exists() else []
+
+    def _read(self) -> list[dict[str, Any]]:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        rows = []
+        for number, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) - 1 and number > 0:  # the item a kill cut off: redo it
+                    self._write_lines(rows)
+                    break
+                raise JournalError(f"{self.path}: line {number + 1} is not JSON; not a {self.what} journal") from None
+        header = rows[0] if rows else {}
+        if not isinstance(header, dict) or header.get("journal") != self.what:
+            raise JournalError(f"{self.path} is not a {self.what} journal; give another path or remove it")
+        if header.get("key") != self.key:
+            raise JournalError(f"{self.path} holds another {self.what}'s finished items (other model, data or "
+                               "settings); remove it to start this one afresh, or give another path")
+        return rows[1:]
+
+    def _write_lines(self, rows: list[dict[str, Any]]) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+
+        _atomic(self.path, write)
+
+    def append(self, item: dict[str, Any]) -> None:
+        """Record one finished item (written and synced before returning; the file, with its
+        key, is created by the first)."""
+        if not self.path.exists():
+            self._write_lines([{"journal": self.what, "key": self.key}])
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(item, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.items.append(item)
+
+    def remove(self) -> None:
+        """Delete the journal (the job finished and its result is written elsewhere)."""
+        self.path.unlink(missing_ok=True)

@@ -76,6 +76,8 @@ def ws(tmp_path_factory) -> Workspace:
     shutil.copytree(w.factors, root / "factors-bad-json")
     shutil.copytree(w.factors, root / "factors-copy")
     (root / "factors-bad-json" / "factors.json").write_text('{"format_version": 1, "targets": {')
+    (root / "unfinished-sweep").mkdir()  # an interrupted sweep of other settings
+    (root / "unfinished-sweep" / "sweep.journal.jsonl").write_text('{"journal": "sweep", "key": "another run"}\n')
     (root / "remote-code").mkdir()  # a folder whose config asks to run its own Python file
     shutil.copy(w.model / "config.json", root / "remote-code" / "config.json")
     remote = json.loads((root / "remote-code" / "config.json").read_text())
@@ -407,6 +409,15 @@ ROWS += [
      lambda w: edit(w, w.model, w.out("e"), "--protect-rho", 0.9), "give the protect factors"),
     ("edit: --protect factors altered under an intact header",
      lambda w: edit(w, w.model, w.out("e"), "--protect", w.root / "factors-tampered"), "checksum"),
+    ("sweep: an unfinished run in --out, no --resume",
+     lambda w: sweep(w, w.model, w.root / "unfinished-sweep"), "pass --resume to continue it"),
+    ("sweep: --resume with no unfinished run", lambda w: sweep(w, w.model, w.out("sweep")) + ["--resume"],
+     "no unfinished run"),
+    ("sweep: --resume of another sweep's journal",
+     lambda w: sweep(w, w.model, w.root / "unfinished-sweep") + ["--resume"], "another sweep's finished items"),
+    ("layer-map: --resume with no unfinished run",
+     lambda w: ["layer-map", "--model", w.model, "--factors", w.factors, "--memorized", w.memorized, "--heldout",
+                w.corpus, "--out", w.out("map"), "--resume", "--no-progress"], "no unfinished run"),
     ("layer-map: --keep-fraction 1 (edits nothing)",
      lambda w: ["layer-map", "--model", w.model, "--factors", w.factors, "--memorized", w.memorized, "--heldout",
                 w.corpus, "--keep-fraction", 1, "--out", w.out("map"), "--no-progress"], "keep fraction"),

@@ -219,3 +219,77 @@ def test_sweep_protected_by_the_general_factors_is_the_plain_sweep(world):
     with pytest.raises(SweepError, match="svd"):
         run_sweep(model, None, factors, SweepGrid(layers=("0",), keep_fraction=(0.5,)), windows, heldout,
                   quiet(settings=EditSettings(method="svd")), protect_dir=factors)
+
+
+def test_an_interrupted_sweep_resumes_at_its_next_point_and_ends_as_an_uninterrupted_one(world, tmp_path,
+                                                                                         monkeypatch):
+    import curvedit.editing.sweep as sweep_module
+
+    model, factors, windows, heldout = world
+    grid = SweepGrid(layers=("0", "1"), matrices=("mlp-in",), rho=(0.5, 0.9))
+    journal = tmp_path / "sweep.journal.jsonl"
+    real, calls = sweep_module._evaluate, []
+
+    def killed_at_the_third_point(*args):
+        calls.append(1)
+        if len(calls) == 4:  # the unedited model, two points, then the kill
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sweep_module, "_evaluate", killed_at_the_third_point)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model, None, factors, grid, windows, heldout, quiet(ppl_budget=1.5), journal=journal)
+    assert len(journal.read_text().splitlines()) == 1 + 1 + 2  # key, the unedited model, two points
+    calls.clear()
+    resumed = run_sweep(model, None, factors, grid, windows, heldout, quiet(ppl_budget=1.5), journal=journal)
+    assert len(calls) == 2  # only the two points left were evaluated
+    monkeypatch.setattr(sweep_module, "_evaluate", real)
+    whole = run_sweep(model, None, factors, grid, windows, heldout, quiet(ppl_budget=1.5))  # bases read back as above
+    assert resumed.to_dict() == whole.to_dict() and not journal.exists()
+
+
+@pytest.mark.parametrize("change", ["grid", "weights", "windows"])  # weights outside the swept targets too
+def test_a_sweep_refuses_the_journal_of_another_sweep(world, tmp_path, monkeypatch, change):
+    import curvedit.editing.sweep as sweep_module
+    from curvedit.io import JournalError
+
+    model, factors, windows, heldout = world
+    journal = tmp_path / "sweep.journal.jsonl"
+    grid = SweepGrid(layers=("0",), matrices=("mlp-in",), rho=(0.5,))
+    real = sweep_module._evaluate
+    monkeypatch.setattr(sweep_module, "_evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if journal.exists() else real(*a))  # killed after the unedited model
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model, None, factors, grid, windows, heldout, quiet(), journal=journal)
+    monkeypatch.setattr(sweep_module, "_evaluate", real)
+    if change == "grid":
+        grid = SweepGrid(layers=("0",), matrices=("mlp-in",), rho=(0.7,))
+    elif change == "weights":
+        with torch.no_grad():
+            model.transformer.h[0].attn.c_attn.weight[0, 0] += 1e-3
+    else:
+        windows = windows[:1]
+    with pytest.raises(JournalError, match="another sweep"):
+        run_sweep(model, None, factors, grid, windows, heldout, quiet(), journal=journal)
+
+
+def test_cli_sweep_interrupted_then_resumed(tmp_path, lm_dir, text_jsonl, monkeypatch):
+    import curvedit.editing.sweep as sweep_module
+
+    factors, memorized = factors_and_windows(tmp_path, lm_dir, text_jsonl)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(lm_dir), "--factors", str(factors), "--layers-grid", "0;0-1",
+            "--matrices", "mlp-in", "--rho-grid", "0.9", "--memorized", str(memorized),
+            "--heldout", str(text_jsonl), "--heldout-seq-len", "16", "--out", str(out), "--no-progress"]
+    real, calls = sweep_module._evaluate, []
+    monkeypatch.setattr(sweep_module, "_evaluate", lambda *a: calls.append(1) or (
+        (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == 3 else real(*a)))
+    runner = CliRunner()
+    killed = runner.invoke(app, args)
+    assert killed.exit_code == 130 and "--resume" in killed.output and (out / "sweep.journal.jsonl").is_file()
+    assert runner.invoke(app, args).exit_code == 2  # an unfinished run is not silently restarted
+    calls.clear()
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(calls) == 1 and len(json.loads((out / "sweep.json").read_text())["points"]) == 2
+    assert not (out / "sweep.journal.jsonl").exists()

@@ -27,9 +27,24 @@ from curvedit.cli.common import (
     overwrite_option,
     preset_option,
     read_windows,
+    resumable,
     target_spec,
     targets_option,
 )
+
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --out (its finished points are "
+                                                 "read back).")
+
+
+def _journal(out: Path, name: str, resume: bool) -> Path:
+    """The journal of the run in `out`: must exist with --resume; without it a stale one goes
+    (check_output let it through only with --overwrite)."""
+    path = out / name
+    if resume and not path.is_file():
+        fail(f"--resume: no unfinished run in {out} (no {name})")
+    if not resume:
+        path.unlink(missing_ok=True)
+    return path
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -107,6 +122,7 @@ def sweep_command(
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     overwrite: bool = overwrite_option("Replace sweep.json and sweep.png in --out."),
+    resume: bool = ResumeOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Sweep layers x matrices x amounts in memory; write all points, the Pareto front and the chosen point.
@@ -116,7 +132,15 @@ def sweep_command(
     """
     from curvedit.data import check_corpus_source
     from curvedit.editing.settings import EditSettings
-    from curvedit.editing.sweep import SWEEP_JSON, SWEEP_PNG, SweepGrid, SweepOptions, parse_probe_floor, run_sweep
+    from curvedit.editing.sweep import (
+        SWEEP_JOURNAL,
+        SWEEP_JSON,
+        SWEEP_PNG,
+        SweepGrid,
+        SweepOptions,
+        parse_probe_floor,
+        run_sweep,
+    )
     from curvedit.evaluate.tasks import load_tasks
 
     grid = SweepGrid(layers=_groups(layers_grid), matrices=_groups(matrices), rho=float_list(rho_grid, "--rho-grid"),
@@ -131,13 +155,16 @@ def sweep_command(
     if probe_floor and tasks is None:
         fail("--probe-floor needs --tasks (the probe families it holds)")
     probe_tasks = load_tasks(tasks) if tasks is not None else []
-    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG))
+    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(SWEEP_JSON, SWEEP_PNG, SWEEP_JOURNAL),
+                 state=(SWEEP_JOURNAL,), resume=resume)
+    journal = _journal(out, SWEEP_JOURNAL, resume)
     check_corpus_source(heldout)
     loaded, windows, heldout_seqs = _model_windows_heldout(
         model, memorized, heldout, device=device, dtype=dtype, progress=progress, seq_len=heldout_seq_len,
         max_tokens=heldout_max_tokens, text_field=text_field)
-    result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options,
-                       tasks=probe_tasks, protect_dir=protect)
+    with resumable(out, "every finished point"):
+        result = run_sweep(loaded.model, loaded.preprocessor, factors, grid, windows, heldout_seqs, options,
+                           tasks=probe_tasks, protect_dir=protect, journal=journal)
     paths = result.write(out)
     base = result.baseline
     typer.echo(f"{'point':<44} {'strict':>7} {'loose':>7} {'dist':>7} {'ppl':>9} {'kept':>7}  front")
@@ -257,11 +284,18 @@ def layer_map_command(
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     overwrite: bool = overwrite_option("Replace layer_map files in --out."),
+    resume: bool = ResumeOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Where to cut: the same small edit at every block and run of blocks, alone; forgetting per unit of cost."""
     from curvedit.data import check_corpus_source
-    from curvedit.diagnostics.layer_map import LAYER_MAP_JSON, LAYER_MAP_PNG, LayerMapOptions, layer_map
+    from curvedit.diagnostics.layer_map import (
+        LAYER_MAP_JOURNAL,
+        LAYER_MAP_JSON,
+        LAYER_MAP_PNG,
+        LayerMapOptions,
+        layer_map,
+    )
     from curvedit.evaluate.tasks import load_tasks
 
     options = LayerMapOptions(matrices=matrices, keep_fraction=keep_fraction,
@@ -269,12 +303,16 @@ def layer_map_command(
                               progress=progress)
     options.validate()
     probe_tasks = load_tasks(tasks) if tasks is not None else []
-    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(LAYER_MAP_JSON, LAYER_MAP_PNG))
+    check_output(out, kind="dir", overwrite=overwrite, model=model,
+                 names=(LAYER_MAP_JSON, LAYER_MAP_PNG, LAYER_MAP_JOURNAL), state=(LAYER_MAP_JOURNAL,), resume=resume)
+    journal = _journal(out, LAYER_MAP_JOURNAL, resume)
     check_corpus_source(heldout)
     loaded, windows, sequences = _model_windows_heldout(
         model, memorized, heldout, device=device, dtype=dtype, progress=progress, seq_len=heldout_seq_len,
         max_tokens=heldout_max_tokens, text_field=text_field)
-    result = layer_map(loaded.model, loaded.preprocessor, factors, windows, sequences, options, tasks=probe_tasks)
+    with resumable(out, "every finished placement"):
+        result = layer_map(loaded.model, loaded.preprocessor, factors, windows, sequences, options, tasks=probe_tasks,
+                           journal=journal)
     paths = result.write(out)
     typer.echo(f"{'blocks':<10} {'forgetting':>10} {'ppl rise':>9} {'per ppl':>9} {'probe pts':>9}")
     for p in result.placements:

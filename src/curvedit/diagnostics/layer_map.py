@@ -32,6 +32,7 @@ from curvedit.kfac.targets import select_targets
 from curvedit.plots import pyplot, save_figure
 
 LAYER_MAP_JSON, LAYER_MAP_PNG = "layer_map.json", "layer_map.png"
+LAYER_MAP_JOURNAL = "layer_map.journal.jsonl"  # the finished placements of an unfinished map
 
 
 class LayerMapError(CurveditError):
@@ -162,7 +163,7 @@ def placements_of(n_layers: int, sizes: Sequence[int]) -> list[str]:
 
 def layer_map(model: nn.Module, tokenizer: Any, factor_dir: str | Path, windows: Sequence[Window],
               heldout: Sequence[Sequence[int]], options: LayerMapOptions | None = None,
-              tasks: Sequence[Task] = ()) -> LayerMap:
+              tasks: Sequence[Task] = (), journal: str | Path | None = None) -> LayerMap:
     """Apply the same small edit at every placement, alone, and measure what it buys and costs.
 
     Args:
@@ -173,6 +174,8 @@ def layer_map(model: nn.Module, tokenizer: Any, factor_dir: str | Path, windows:
         heldout: held-out sequences for perplexity.
         options: `LayerMapOptions`.
         tasks: probe tasks (the capability suite); optional.
+        journal: a file each finished placement is recorded in, so a rerun resumes
+            (`curvedit.editing.sweep.run_sweep`'s journal); removed on return.
 
     Returns:
         The `LayerMap` (the model is left as it was).
@@ -192,7 +195,7 @@ def layer_map(model: nn.Module, tokenizer: Any, factor_dir: str | Path, windows:
     grid = SweepGrid(layers=tuple(groups), matrices=(options.matrices,), keep_fraction=(options.keep_fraction,))
     swept = run_sweep(model, tokenizer, factor_dir, grid, windows, heldout,
                       SweepOptions(ppl_budget=None, batch_size=options.batch_size, progress=options.progress),
-                      tasks=tasks)
+                      tasks=tasks, journal=journal)
     base, usable = swept.baseline, swept.usable_probes
     rows = []
     for point in swept.points:

@@ -32,6 +32,12 @@ Bisection mode (`SweepOptions.bisect_budget`): instead of grid amounts, each (la
 x matrices) cell gets one point, at the strongest edit within the perplexity budget
 (`curvedit.editing.budget.bisect_amount` on the keep fraction or rho); its steps are recorded in
 the point's `bisection`. These points go through the same front and choice.
+
+Resume (`run_sweep(journal=...)`): each finished point is appended to a journal
+(`curvedit.io.Journal`) keyed by everything the points depend on (the targets' weights, the
+factors, the grid, the options, the memorized windows, the held-out text and the probes); a
+rerun with the same journal reads those points back and evaluates only the rest, and a journal
+of another sweep is refused. The journal is removed when the sweep returns.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -55,13 +62,15 @@ from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
 from curvedit.evaluate.windows import Window
-from curvedit.io import write_json
+from curvedit.io import Journal, digest, write_json
+from curvedit.kfac.factors import model_identity
 from curvedit.kfac.targets import PRESETS, Target, TargetError, TargetSpec, parse_layers, select_targets
 from curvedit.plots import pyplot, save_figure, spans
 
 METRICS = ("strict", "loose", "similarity")
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
+SWEEP_JOURNAL = "sweep.journal.jsonl"  # the finished points of an unfinished sweep (`run_sweep(journal=...)`)
 
 
 class SweepError(CurveditError):
@@ -455,7 +464,7 @@ def _evaluate(model: nn.Module, tokenizer: Any, windows: Sequence[Window], heldo
 def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | None, grid: SweepGrid,
               memorized_windows: Sequence[Window], heldout_sequences: Sequence[Sequence[int]],
               options: SweepOptions | None = None, tasks: Sequence[Task] = (),
-              protect_dir: str | Path | None = None) -> SweepResult:
+              protect_dir: str | Path | None = None, journal: str | Path | None = None) -> SweepResult:
     """Evaluate every grid point in memory (edit, evaluate, undo) and mark front and choice.
 
     With `options.bisect_budget`, each (layers x matrices) cell gives one point instead,
@@ -476,6 +485,8 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             or `curvedit.evaluate.tasks.load_tasks`); needed by `options.probe_floor`.
         protect_dir: protect factors (`curvedit.editing.protect`): every point also keeps their top mass
             at its own amount.
+        journal: a file each finished point is recorded in; a rerun with the same file and the
+            same sweep reads those points back (see the module docstring). Removed on return.
 
     Returns:
         A `SweepResult` (call `.write(out_dir)` for JSON + PNG).
@@ -485,6 +496,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             a grid point that selects no target, or a probe floor without probes (or with
             no family the unedited model gets clearly above chance).
         curvedit.kfac.factors.FactorError: factors that do not match the model.
+        curvedit.io.JournalError: a journal of another sweep.
     """
     options = options or SweepOptions()
     options.validate()
@@ -506,24 +518,32 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         except TargetError as err:
             raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
     union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
+    record = None if journal is None else Journal(journal, _journal_key(  # another sweep's: refused before any work
+        model, union, factor_dir, protect_dir, grid, options, memorized_windows, heldout_sequences, tasks), "sweep")
     try:
         bases = method_bases(model, union, factor_dir, options.settings, protect_dir=protect_dir)
     except EditError as err:  # a method that needs factors without any, or protection it cannot take
         raise SweepError(str(err)) from None
     pad_id = default_pad_id(tokenizer)
-    unedited, unedited_probes = _evaluate(model, tokenizer, memorized_windows, heldout_sequences, tasks, pad_id,
-                                          options)
-    baseline = SweepPoint(**unedited)
-    usable = [s.family for s in score_families(unedited_probes, options.probe_margin) if s.usable]
+    if record is not None and record.items:
+        baseline, usable = SweepPoint(**record.items[0]["baseline"]), record.items[0]["usable"]
+    else:
+        unedited, unedited_probes = _evaluate(model, tokenizer, memorized_windows, heldout_sequences, tasks, pad_id,
+                                              options)
+        baseline = SweepPoint(**unedited)
+        usable = [s.family for s in score_families(unedited_probes, options.probe_margin) if s.usable]
+        if record is not None:
+            record.append({"baseline": asdict(baseline), "usable": usable})
     if options.probe_floor is not None and not any(family_floor(options.probe_floor, f) for f in usable):
         raise SweepError("no probe family the floor holds is clearly above chance on the unedited model, so the "
                          "floor has nothing to hold ("
                          f"{', '.join(f'{k} {v:.0%}' for k, v in baseline.probes.items())})")
-    points: list[SweepPoint] = []
     # bisection: one setting per cell, its amount (1.0 here) chosen below
     settings = ([(*cell, options.bisect_knob, 1.0) for cell in point_targets] if options.bisect_budget
                 else grid.settings())
-    bar = tqdm(settings, unit="point", desc="sweep", disable=not options.progress)
+    points = [SweepPoint(**item) for item in record.items[1:]] if record is not None else []
+    bar = tqdm(settings[len(points):], unit="point", desc="sweep", disable=not options.progress,
+               total=len(settings), initial=len(points))
     for layers, matrices, kind, value in bar:
         bisection = None
         if options.bisect_budget:
@@ -544,6 +564,8 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
                                  method=options.settings.method,
                                  kept=sum(s.kept for s in applied.stats), total=sum(s.total for s in applied.stats),
                                  targets=stats, bisection=bisection, **metrics))
+        if record is not None:
+            record.append(asdict(points[-1]))
         bar.set_postfix(**{options.metric: f"{memorization_value(points[-1], options.metric):.3f}",
                            "ppl": f"{metrics['perplexity']:.3f}"})
     front = pareto_front(points, options.metric)
@@ -553,8 +575,30 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             point.excluded = exclusion(point, baseline, options.ppl_budget, options.probe_floor, usable)
         chosen = choose_point(points, baseline.perplexity, options.ppl_budget, options.metric,
                               allowed=[not p.excluded for p in points])
+    if record is not None:
+        record.remove()
     return SweepResult(grid=grid, options=options, baseline=baseline, points=points, front=front, chosen=chosen,
                        usable_probes=usable)
+
+
+def _journal_key(model: nn.Module, targets: Sequence[Target], factor_dir: str | Path | None,
+                 protect_dir: str | Path | None, grid: SweepGrid, options: SweepOptions, windows: Sequence[Window],
+                 heldout: Sequence[Sequence[int]], tasks: Sequence[Task]) -> str:
+    """What a sweep's points depend on, as one digest (the key of its journal)."""
+    def factors(folder: str | Path | None) -> str | None:
+        meta = None if folder is None else Path(folder) / "factors.json"
+        return None if meta is None or not meta.is_file() else digest(meta.read_text())
+
+    weights = {k: v for k, v in model_identity(model, list(targets)).items() if k != "name"}  # not where it was read
+    with torch.no_grad():  # every other weight by its sums: the points depend on the whole model
+        sums = [[name, float(w.double().sum()), float(w.double().square().sum())]
+                for name, w in model.named_parameters()]
+    return digest({"model": weights, "all weights": sums, "factors": factors(factor_dir),
+                   "protect": factors(protect_dir), "grid": asdict(grid),
+                   "options": {k: v for k, v in asdict(options).items() if k != "progress"},
+                   "windows": [[list(w.prefix_ids), list(w.suffix_ids)] for w in windows],
+                   "heldout": [list(s) for s in heldout],
+                   "tasks": [[t.name, [asdict(item) for item in t.items]] for t in tasks]})
 
 
 def plot_sweep(result: SweepResult, out: str | Path) -> Path:

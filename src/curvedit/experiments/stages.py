@@ -4,13 +4,12 @@ that keeps a stage's result under the key of what it depends on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from curvedit.io import write_json
+from curvedit.io import digest, write_json
 
 
 class Timer:
@@ -50,7 +49,7 @@ class Timer:
 
 def content_key(data: Any) -> str:
     """A short SHA-256 of `data` as sorted JSON (the key a cached stage is stored under)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(data)[:16]
 
 
 def cached(path: Path, key: str, compute: Callable[[], Any]) -> Any:

@@ -32,7 +32,7 @@ from torch import nn
 
 from curvedit import __version__
 from curvedit.errors import CurveditError
-from curvedit.io import safetensors_metadata, write_json, write_safetensors
+from curvedit.io import digest, safetensors_metadata, write_json, write_safetensors
 from curvedit.kfac.targets import Target
 
 FORMAT_VERSION = 2
@@ -116,7 +116,7 @@ def config_hash(model: nn.Module) -> str:
     if config is None:
         return ""
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(data)
 
 
 def model_identity(model: nn.Module, targets: list[Target], name: str | None = None) -> dict[str, Any]:

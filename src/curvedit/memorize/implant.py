@@ -45,7 +45,7 @@ from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.windows import Window
-from curvedit.io import write_json, write_safetensors
+from curvedit.io import digest, write_json, write_safetensors
 from curvedit.memorize.canaries import Canary
 from curvedit.models import context_window
 
@@ -239,9 +239,6 @@ def step_batch(step: int, canary_ids: Sequence[Sequence[int]], canaries: Sequenc
 
 def _fingerprint(model_hash: str, canary_ids: Sequence[Sequence[int]], counts: Sequence[int],
                  general: Sequence[Sequence[int]], options: ImplantOptions) -> dict[str, str]:
-    def digest(data: Any) -> str:
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
     return {"base model weights": model_hash, "canaries": digest([list(c) for c in canary_ids]),
             "canary counts": digest(list(counts)),
             "general text": digest([list(g) for g in general]), "settings": digest(options.fingerprint_fields())}

@@ -7,7 +7,6 @@ tokenizer) that `from_pretrained` loads. Trained models are cached by the hash o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from curvedit.chartok import build_char_tokenizer
 from curvedit.experiments.demo.world import ALPHABET, WorldConfig, build_world, pack, training_lines
-from curvedit.io import write_json
+from curvedit.io import digest, write_json
 
 TRAIN_META = "curvedit-train.json"
 
@@ -53,7 +52,7 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """A short hash of every setting (the cache key)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return digest(asdict(self))[:12]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

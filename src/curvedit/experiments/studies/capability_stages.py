@@ -70,12 +70,13 @@ def variant_name(band: str) -> str:
 
 def run_layer_map(model: torch.nn.Module, tokenizer: Any, factor_dir: Path, windows: Sequence[Window],
                   heldout: Sequence[Sequence[int]], out: Path, *, keep_fraction: float, tasks: Sequence[Any],
-                  batch_size: int, progress: bool) -> dict[str, Any]:
+                  batch_size: int, progress: bool, journal: Path | None = None) -> dict[str, Any]:
     """The layer map on mlp-in (singles and runs of three), written to `out`; returns its
-    dictionary with the paper's kind of placement and the best placements."""
+    dictionary with the paper's kind of placement and the best placements. With `journal`, an
+    interrupted map resumes at its next placement."""
     result = layer_map(model, tokenizer, factor_dir, windows, heldout,
                        LayerMapOptions(keep_fraction=keep_fraction, batch_size=batch_size, progress=progress),
-                       tasks=tasks)
+                       tasks=tasks, journal=journal)
     result.write(out)
     ranked = sorted((p for p in result.placements if p.size == 3), key=lambda p: -p.per_ppl)
     rank = next((i + 1 for i, p in enumerate(ranked) if p.layers == result.mark), None)

@@ -14,12 +14,13 @@ import torch
 
 from curvedit.data import default_pad_id, lm_batches
 from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
-from curvedit.diagnostics.layer_map import middle_three
+from curvedit.diagnostics.layer_map import LAYER_MAP_JOURNAL, middle_three
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, bisect_edit, match_tolerance
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
 from curvedit.editing.step import apply_step, step_at_cost
 from curvedit.editing.sweep import (
+    SWEEP_JOURNAL,
     SweepGrid,
     SweepOptions,
     SweepPoint,
@@ -374,7 +375,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
     def sweep() -> dict[str, Any]:
         result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options,
-                           tasks=study_tasks(held, options.probe_items) if floor is not None else ())
+                           tasks=study_tasks(held, options.probe_items) if floor is not None else (),
+                           journal=folder / SWEEP_JOURNAL)  # an interrupted study resumes at the next cell
         result.write(options.out / f"seed-{seed}")
         return result.to_dict()
 
@@ -470,7 +472,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
             few = study_tasks(probes_used, LAYER_MAP_PROBE_ITEMS)
             return run_layer_map(model, tokenizer, factor_dir, tune, ppl_text, options.out / f"seed-{seed}",
                                  keep_fraction=options.layer_map_keep, tasks=few, batch_size=options.batch_size,
-                                 progress=options.progress)
+                                 progress=options.progress, journal=folder / LAYER_MAP_JOURNAL)
         map_key = content_key({"factors": factor_key, "tune": halves["tune"], "keep": options.layer_map_keep,
                         "ppl": options.ppl_sequences,
                         "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
