@@ -415,6 +415,8 @@ ROWS += [
      "no unfinished run"),
     ("sweep: --resume of another sweep's journal",
      lambda w: sweep(w, w.model, w.root / "unfinished-sweep") + ["--resume"], "another sweep's finished items"),
+    ("frontier: --resume with no unfinished run", lambda w: frontier(w, w.out("f"), "--factors", w.factors, "--resume"),
+     "no unfinished run"),
     ("layer-map: --resume with no unfinished run",
      lambda w: ["layer-map", "--model", w.model, "--factors", w.factors, "--memorized", w.memorized, "--heldout",
                 w.corpus, "--out", w.out("map"), "--resume", "--no-progress"], "no unfinished run"),

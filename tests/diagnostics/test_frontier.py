@@ -67,3 +67,38 @@ def test_frontier_through_the_cli(tmp_path, lm_dir, text_jsonl):
     data = json.loads((out / "frontier.json").read_text())
     assert [p["method"] for p in data["points"]] == ["kfac", "kfac", "magnitude", "magnitude", "noise", "noise"]
     assert (out / "frontier.png").is_file() and "nats/token" in result.output
+
+
+def test_an_interrupted_frontier_resumes_at_its_next_point(tmp_path, lm_dir, text_jsonl, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import curvedit.diagnostics.frontier as frontier_module
+    from curvedit.io import JournalError
+
+    factors, _ = factors_and_windows(tmp_path, lm_dir, text_jsonl)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    targets = select_targets(model, TargetSpec(preset="mlp-in"))
+    windows = [Window([5, 6, 7, 8], [9, 10, 11])]
+    heldout = [[i % 20 + 3 for i in range(j, j + 16)] for j in range(4)]
+    options = FrontierOptions(methods=("kfac", "noise", "svd"), keep_fractions=(0.9, 0.5), progress=False)
+    journal = tmp_path / "frontier.journal.jsonl"
+    real, edits = frontier_module.apply_edit, []
+
+    def killed_at_the_fourth_edit(*args):
+        edits.append(1)
+        if len(edits) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(frontier_module, "apply_edit", killed_at_the_fourth_edit)
+    with pytest.raises(KeyboardInterrupt):
+        run_frontier(model, None, factors, targets, windows, heldout, options, journal=journal)
+    edits.clear()
+    resumed = run_frontier(model, None, factors, targets, windows, heldout, options, journal=journal)
+    assert len(edits) == 3 and not journal.exists()  # the three points left
+    monkeypatch.setattr(frontier_module, "apply_edit", real)
+    whole = run_frontier(model, None, factors, targets, windows, heldout, options)
+    assert resumed.to_dict() == whole.to_dict()
+    journal.write_text('{"journal": "frontier", "key": "of other amounts"}\n{"method": "kfac"}\n')
+    with pytest.raises(JournalError, match="another frontier"):
+        run_frontier(model, None, factors, targets, windows, heldout, options, journal=journal)

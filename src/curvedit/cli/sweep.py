@@ -344,11 +344,18 @@ def frontier_command(
     device: str = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     overwrite: bool = overwrite_option("Replace frontier files in --out."),
+    resume: bool = ResumeOpt,
     progress: bool = ProgressOpt,
 ) -> None:
     """Is curvature the lever? Held-out forgetting against cost (nats per token) for every method, on one figure."""
     from curvedit.data import check_corpus_source
-    from curvedit.diagnostics.frontier import FRONTIER_JSON, FRONTIER_PNG, FrontierOptions, run_frontier
+    from curvedit.diagnostics.frontier import (
+        FRONTIER_JOURNAL,
+        FRONTIER_JSON,
+        FRONTIER_PNG,
+        FrontierOptions,
+        run_frontier,
+    )
     from curvedit.editing.settings import EditSettings
     from curvedit.evaluate.tasks import load_tasks
     from curvedit.kfac.targets import select_targets
@@ -361,14 +368,17 @@ def frontier_command(
     if factors is None and set(options.methods) - {"magnitude", "svd"}:
         fail("--factors is needed for every method but magnitude and svd")
     probe_tasks = load_tasks(tasks) if tasks is not None else []
-    check_output(out, kind="dir", overwrite=overwrite, model=model, names=(FRONTIER_JSON, FRONTIER_PNG))
+    check_output(out, kind="dir", overwrite=overwrite, model=model,
+                 names=(FRONTIER_JSON, FRONTIER_PNG, FRONTIER_JOURNAL), state=(FRONTIER_JOURNAL,), resume=resume)
+    journal = _journal(out, FRONTIER_JOURNAL, resume)
     check_corpus_source(heldout)
     loaded, windows, sequences = _model_windows_heldout(
         model, memorized, heldout, device=device, dtype=dtype, progress=progress, seq_len=heldout_seq_len,
         max_tokens=heldout_max_tokens, text_field=text_field)
     chosen = select_targets(loaded.model, target_spec(preset or ("mlp-in" if not targets else None), targets, layers))
-    result = run_frontier(loaded.model, loaded.preprocessor, factors, chosen, windows, sequences, options,
-                          tasks=probe_tasks)
+    with resumable(out, "every finished point"):
+        result = run_frontier(loaded.model, loaded.preprocessor, factors, chosen, windows, sequences, options,
+                              tasks=probe_tasks, journal=journal)
     paths = result.write(out)
     typer.echo(result.table())
     typer.echo(f"wrote {paths[0]} and {paths[1]}")

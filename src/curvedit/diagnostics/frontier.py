@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from curvedit.data import default_pad_id
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit, method_bases
 from curvedit.editing.settings import EditSettings
+from curvedit.editing.sweep import journal_key
 from curvedit.errors import CurveditError
 from curvedit.evaluate.intervals import bootstrap_ratio, wilson
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import PerplexityResult, perplexity
 from curvedit.evaluate.tasks import Task, TaskOptions, run_tasks
 from curvedit.evaluate.windows import Window
-from curvedit.io import write_json
+from curvedit.io import Journal, write_json
 from curvedit.kfac.targets import Target
 from curvedit.plots import pyplot, save_figure
 
@@ -46,6 +47,7 @@ FRONTIER_METHODS: dict[str, tuple[str, str]] = {"kfac": ("kfac", "kfac"), "salie
                                                 "magnitude": ("identity", "saliency"), "noise": ("noise", "kfac"),
                                                 "random": ("random", "kfac"), "svd": ("svd", "kfac")}
 FRONTIER_JSON = "frontier.json"
+FRONTIER_JOURNAL = "frontier.journal.jsonl"  # the finished points of an unfinished frontier
 FRONTIER_PNG = "frontier.png"
 
 
@@ -171,7 +173,7 @@ def _nats(edited: PerplexityResult, unedited: PerplexityResult) -> dict[str, Any
 
 def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | None, targets: list[Target],
                  windows: Sequence[Window], heldout: Sequence[Sequence[int]], options: FrontierOptions | None = None,
-                 tasks: Sequence[Task] = ()) -> FrontierResult:
+                 tasks: Sequence[Task] = (), journal: str | Path | None = None) -> FrontierResult:
     """Trace every method's forgetting against its cost (module docstring); the model is left
     exactly as it was.
 
@@ -184,6 +186,8 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
         heldout: general held-out token sequences.
         options: `FrontierOptions`.
         tasks: task probes (e.g. `curvedit capabilities`); optional.
+        journal: a file each finished point is recorded in; a rerun with the same file and the
+            same frontier measures only the points left (`curvedit.io.Journal`). Removed on return.
 
     Returns:
         The `FrontierResult`.
@@ -191,12 +195,16 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
     Raises:
         FrontierError: bad options, no window, no held-out sequence or no target.
         curvedit.editing.edit.EditError, curvedit.kfac.factors.FactorError: factors missing or of another model.
+        curvedit.io.JournalError: a journal of another frontier.
     """
     options = options or FrontierOptions()
     options.validate()
     if not windows or not heldout or not targets:
         raise FrontierError("the frontier needs memorized windows, held-out sequences and at least one target")
     pad_id = default_pad_id(tokenizer)
+    record = None if journal is None else Journal(journal, journal_key(
+        model, targets, windows, heldout, tasks, folders=(factor_dir,),
+        settings={k: v for k, v in asdict(options).items() if k != "progress"}), "frontier")
     kinds = {"identity": "identity", "svd": "svd"}  # every other method edits in the K-FAC eigenbasis
     needs = {kinds.get(FRONTIER_METHODS[m][0], "kfac") for m in options.methods}
     loaded = {kind: method_bases(model, targets, factor_dir, replace(
@@ -220,9 +228,10 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
 
     total = sum(math.prod(t.shape_oi) for t in targets)
     baseline, base_ppl = measure("unedited", 1.0, total, total, None, {})
-    points = []
+    points = [FrontierPoint(**item) for item in record.items] if record is not None else []
     settings = [(m, k) for m in options.methods for k in options.keep_fractions]
-    for name, amount in tqdm(settings, unit="point", desc="frontier", disable=not options.progress):
+    for name, amount in tqdm(settings[len(points):], unit="point", desc="frontier", disable=not options.progress,
+                             total=len(settings), initial=len(points)):
         method, masses = FRONTIER_METHODS[name]
         plan = EditPlan([EditRule("*", keep_fraction=amount)], replace(options.settings, method=method, masses=masses))
         applied = apply_edit(targets, plan, loaded[kinds.get(method, "kfac")])
@@ -232,6 +241,10 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
         finally:
             applied.undo()
         points.append(point)
+        if record is not None:
+            record.append(asdict(point))
+    if record is not None:
+        record.remove()
     return FrontierResult(options=options, baseline=baseline, points=points)
 
 

@@ -518,8 +518,10 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
         except TargetError as err:
             raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
     union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
-    record = None if journal is None else Journal(journal, _journal_key(  # another sweep's: refused before any work
-        model, union, factor_dir, protect_dir, grid, options, memorized_windows, heldout_sequences, tasks), "sweep")
+    record = None if journal is None else Journal(journal, journal_key(  # another sweep's: refused before any work
+        model, union, memorized_windows, heldout_sequences, tasks, folders=(factor_dir, protect_dir),
+        settings={"grid": asdict(grid), "options": {k: v for k, v in asdict(options).items() if k != "progress"}}),
+        "sweep")
     try:
         bases = method_bases(model, union, factor_dir, options.settings, protect_dir=protect_dir)
     except EditError as err:  # a method that needs factors without any, or protection it cannot take
@@ -581,10 +583,21 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
                        usable_probes=usable)
 
 
-def _journal_key(model: nn.Module, targets: Sequence[Target], factor_dir: str | Path | None,
-                 protect_dir: str | Path | None, grid: SweepGrid, options: SweepOptions, windows: Sequence[Window],
-                 heldout: Sequence[Sequence[int]], tasks: Sequence[Task]) -> str:
-    """What a sweep's points depend on, as one digest (the key of its journal)."""
+def journal_key(model: nn.Module, targets: Sequence[Target], windows: Sequence[Window],
+                heldout: Sequence[Sequence[int]], tasks: Sequence[Task], *, folders: Sequence[str | Path | None],
+                settings: dict[str, Any]) -> str:
+    """What an in-memory edit-and-measure job (a sweep, a frontier) depends on, as one digest:
+    the key of its journal (`curvedit.io.Journal`).
+
+    Args:
+        model: the model (its config, the targets' weights, and every weight's sum and sum of squares).
+        targets: the targets the job edits.
+        windows: the memorized windows it measures.
+        heldout: the held-out sequences.
+        tasks: the task probes.
+        folders: factor folders (their `factors.json`; None: no folder).
+        settings: the job's own settings (grid, options), JSON-able.
+    """
     def factors(folder: str | Path | None) -> str | None:
         meta = None if folder is None else Path(folder) / "factors.json"
         return None if meta is None or not meta.is_file() else digest(meta.read_text())
@@ -593,10 +606,8 @@ def _journal_key(model: nn.Module, targets: Sequence[Target], factor_dir: str | 
     with torch.no_grad():  # every other weight by its sums: the points depend on the whole model
         sums = [[name, float(w.double().sum()), float(w.double().square().sum())]
                 for name, w in model.named_parameters()]
-    return digest({"model": weights, "all weights": sums, "factors": factors(factor_dir),
-                   "protect": factors(protect_dir), "grid": asdict(grid),
-                   "options": {k: v for k, v in asdict(options).items() if k != "progress"},
-                   "windows": [[list(w.prefix_ids), list(w.suffix_ids)] for w in windows],
+    return digest({"model": weights, "all weights": sums, "factors": [factors(f) for f in folders],
+                   "settings": settings, "windows": [[list(w.prefix_ids), list(w.suffix_ids)] for w in windows],
                    "heldout": [list(s) for s in heldout],
                    "tasks": [[t.name, [asdict(item) for item in t.items]] for t in tasks]})
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from curvedit.data import default_pad_id, lm_batches
-from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
+from curvedit.diagnostics.frontier import FRONTIER_JOURNAL, FrontierOptions, run_frontier
 from curvedit.diagnostics.layer_map import LAYER_MAP_JOURNAL, middle_three
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, bisect_edit, match_tolerance
@@ -279,15 +279,17 @@ def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str
 def seed_frontier(model: Any, tokenizer: Any, factor_dir: Path, targets: list[Any], heldout: Sequence[Window],
                   ppl_text: Sequence[Sequence[int]], options: StudyOptions, seed: int) -> Any:
     """The frontier of every method at a seed's chosen placement (`curvedit.diagnostics.frontier`,
-    the study's `frontier_keep` amounts), written to `out/seed-N/frontier/`.
+    the study's `frontier_keep` amounts), written to `out/seed-N/frontier/`; an interrupted one
+    resumes from its journal in the seed's cache folder.
 
     Returns:
         The `FrontierResult`.
     """
+    out = options.out / f"seed-{seed}" / "frontier"
     result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
         keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed), batch_size=options.batch_size,
-        progress=options.progress))
-    result.write(options.out / f"seed-{seed}" / "frontier")
+        progress=options.progress), journal=options.cache / f"seed-{seed}" / FRONTIER_JOURNAL)
+    result.write(out)
     return result
 
 
