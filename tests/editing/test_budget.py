@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import curvedit.editing.budget
 from curvedit.cli import app
 from curvedit.data import lm_batches
-from curvedit.editing.budget import BudgetError, bisect_amount, edit_within_budget
+from curvedit.editing.budget import BudgetError, bisect_amount, bisect_edit, edit_within_budget
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit
 from curvedit.editing.settings import EditSettings
 from curvedit.editing.sweep import SweepError, SweepGrid, SweepOptions, run_sweep
@@ -267,3 +267,33 @@ def test_an_svd_amount_that_would_keep_nothing_is_skipped_as_too_strong(trained)
     assert len(search.steps) < 12  # the amounts that keep nothing were skipped, not measured
     assert all(step.kept >= 1 for step in search.steps) and search.edited
     assert search.amount == min(step.amount for step in search.steps)
+
+
+class _Applied:
+    """An in-memory edit of `amount` that keeps `amount` of 1024 components (a stand-in)."""
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+        self.stats = [SimpleNamespace(kept=int(amount * 1024), total=1024)]
+
+    def undo(self) -> None:
+        pass
+
+
+def test_bisect_edit_finds_the_least_edit_that_brings_a_value_down_to_a_bound():
+    current: list[float] = []
+
+    def apply(amount: float) -> _Applied:
+        current[:] = [amount]
+        return _Applied(amount)
+
+    def recall() -> float:  # recall falls as less is kept: here it is the amount itself
+        return current[0]
+
+    least = bisect_edit(apply, lambda: -recall(), -0.3, mode="least", gap=lambda v: abs(v + 0.3), steps=10)
+    assert least.edited and least.amount <= 0.3 < least.amount + 2 ** -10  # the largest amount with recall <= 0.3
+    assert -least.value <= 0.3
+    within = bisect_edit(apply, lambda: 1 - recall(), 0.7, mode="within", gap=lambda v: abs(v - 0.7), steps=10)
+    assert within.amount - 2 ** -10 < 0.3 <= within.amount  # the smallest amount with 1 - recall <= 0.7
+    never = bisect_edit(apply, lambda: -recall(), -1e-9, mode="least", gap=lambda v: 0.0, steps=4)
+    assert not never.edited and never.amount == 1.0  # no candidate reached the bound: nothing chosen

@@ -103,3 +103,26 @@ def test_the_report_sets_the_layer_map_against_the_sweep_s_probe_floor():
     assert "the map's cheapest placements are not the ones that met it" in map_versus_sweep(
         {"seed": 3, "layer_map": lm, "sweep": sweep})[0]
     assert map_versus_sweep({"seed": 3, "layer_map": None, "sweep": sweep}) == []
+
+
+def test_the_report_sets_each_protected_edit_beside_the_unprotected_one_at_each_operating_point():
+    from curvedit.experiments.studies.report import protection_section
+
+    ci = {"value": 0.5, "low": 0.4, "high": 0.6, "n": 10, "method": "wilson"}
+    names = ["kfac", "kfac_protect_arithmetic", "kfac_protect_arithmetic_matched", "kfac_strict",
+             "kfac_protect_arithmetic_strict"]
+    variants = {n: {"intervals": {k: ci for k in ("heldout_strict", "heldout_loose", "ppl_ratio")}} for n in names}
+    keep = {"kfac": 0.6, "kfac_protect_arithmetic": 0.6, "kfac_protect_arithmetic_matched": 0.5, "kfac_strict": 0.7,
+            "kfac_protect_arithmetic_strict": 0.4}
+    seeds = [{"variants": {n: {"plan": {"rules": [{"keep_fraction": keep[n] + d}]}} for n in names}}
+             for d in (0.0, 0.1)]
+    bands = {n: {"arithmetic": {"retention": ci}} for n in names}
+    parts = protection_section({"seeds": seeds, "summary": {"variants": variants, "paper_bands": bands}})
+    titles = [p for p in parts if p.startswith("Protection")]
+    assert titles == ["Protection at the chosen K-FAC amount:", "Protection at K-FAC's tune-half loose recall:",
+                      "Protection at the least edit with tune-half strict recall <= the bound:"]
+    amount, matched, strict = (parts[i + 1] for i in range(0, 6, 2))
+    assert "| K-FAC | 0.650 |" in amount and "| K-FAC, arithmetic protected | 0.650 |" in amount
+    assert "tune removal" not in amount and "tune strict" not in amount  # each point's own variants only
+    assert "| K-FAC, arithmetic protected, K-FAC's tune removal | 0.550 |" in matched
+    assert "| K-FAC, least edit with tune strict <= bound | 0.750 |" in strict and "| - |" in strict  # no closed-book

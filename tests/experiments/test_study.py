@@ -74,7 +74,12 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
         frontier_keep=(0.5,))
     results = run_study(options, log=lambda _: None)
     seed = results["seeds"][0]
-    assert set(seed["variants"]) == {*VARIANTS, "kfac_self_factors", "step"}  # + the factor text it did not use
+    assert set(seed["variants"]) == {*VARIANTS, "kfac_self_factors", "step", "kfac_strict"}  # + the other factor text
+    strict = seed["variants"]["kfac_strict"]  # the least K-FAC edit that brings the tune half to strict <= 5%
+    if strict["strict_tune"]["reached"]:
+        assert strict["tune"]["strict"] <= 0.05
+        assert all(s["strict"] > 0.05 for s in strict["strict_tune"]["steps"] if s["amount"] > strict["strict_tune"][
+            "amount"])  # every weaker edit tried left more
     step = seed["variants"]["step"]  # the coherent step stays within K-FAC's perplexity
     assert step["perplexity"] <= seed["variants"]["kfac"]["perplexity"] * 1.001 or step["step"]["norm"] == 0
     assert 0 <= step["step"]["gradient_share_in_block"] <= 1 and step["step"]["norm"] <= 4 * step["step"][

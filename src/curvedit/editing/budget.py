@@ -281,8 +281,10 @@ def bisect_edit(apply: Callable[[float], AppliedEdit], measure: Callable[[], flo
             `AppliedEdit`, such as a coherent step of a norm that grows as the amount falls).
         measure: the value of the model as it is now.
         target: the value aimed at.
-        mode: "within" (the smallest amount whose value is at most `target`) or "match"
-            (the amount whose value is closest to `target` by `gap`).
+        mode: "within" (the smallest amount whose value is at most `target`), "match"
+            (the amount whose value is closest to `target` by `gap`) or "least" (the largest
+            amount whose value is at least `target`: the least edit that reaches it, e.g. a
+            recall brought down to a bound, with the value -recall).
         gap: value -> its distance from the target.
         steps: candidates at most (resolution `2**-steps`).
         tolerance: stop once a candidate that removes something is within this `gap` (in
@@ -311,15 +313,15 @@ def bisect_edit(apply: Callable[[float], AppliedEdit], measure: Callable[[], flo
             value = measure()
         finally:
             applied.undo()
-        fits = value <= target
+        fits = value >= target if mode == "least" else value <= target
         step = BisectionStep(amount=mid, value=value, kept=sum(s.kept for s in applied.stats),
                              total=sum(s.total for s in applied.stats), fits=fits)
         tried.append(step)
         removes = step.kept < step.total
-        if removes and (fits if mode == "within" else not edited or gap(value) < gap(reached)):
+        if removes and (fits if mode in ("within", "least") else not edited or gap(value) < gap(reached)):
             amount, reached, edited = mid, value, True
         bar.set_postfix(amount=f"{mid:.4f}", value=f"{value:.4f}")
-        lo, hi = (lo, mid) if fits else (mid, hi)
+        lo, hi = ((mid, hi) if fits else (lo, mid)) if mode == "least" else ((lo, mid) if fits else (mid, hi))
         if removes and gap(value) <= tolerance and (fits or mode == "match"):
             break
     return Bisection(amount=amount, value=reached, edited=edited, steps=tried)

@@ -93,6 +93,10 @@ class StudyOptions:
         protect_match: also a protected variant per band whose keep fraction is bisected to
             K-FAC's tune-half loose recall ("..._matched"): protection compared at the same
             removal, not the same amount.
+        protect_strict: also, at the least edit whose tune-half strict recall is at most this,
+            K-FAC (`kfac_strict`) and each band's protected edit (`..._strict`; keep bisected
+            to the largest that reaches it): protection compared at one strict removal
+            (None: none).
         step_variant: also a coherent step from the tune half (`edit --step-from`) in the block
             the chosen K-FAC edit deletes, at the largest norm within K-FAC's perplexity.
         frontier_keep: on the `beyond_seeds`, the frontier's keep fractions (`curvedit.diagnostics.frontier`:
@@ -156,6 +160,7 @@ class StudyOptions:
     factor_variants: tuple[str, ...] = ("self", "mix")
     protect_items: int = 100
     protect_match: bool = True
+    protect_strict: float | None = 0.05
     step_variant: bool = True
     layer_map_keep: float | None = 0.9
     frontier_keep: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
@@ -198,6 +203,8 @@ class StudyOptions:
                   (self.probe_items >= 1, f"probe_items must be >= 1, got {self.probe_items}"),
                   (self.replay_samples >= 0, f"replay_samples must be >= 0, got {self.replay_samples}"),
                   (self.protect_items >= 0, f"protect_items must be >= 0, got {self.protect_items}"),
+                  (self.protect_strict is None or 0 <= self.protect_strict < 1,
+                   f"protect_strict must be in [0, 1), got {self.protect_strict}"),
                   (all(0 < k < 1 for k in self.frontier_keep),
                    f"frontier_keep must be in (0, 1), got {list(self.frontier_keep)}"),
                   (self.layer_map_keep is None or 0 < self.layer_map_keep < 1,

@@ -21,6 +21,10 @@ LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "
           "kfac_protect_arithmetic_matched": "K-FAC, arithmetic protected, K-FAC's tune removal",
           "kfac_protect_facts_common_matched": "K-FAC, common facts protected, K-FAC's tune removal",
           "kfac_protect_facts_rare_matched": "K-FAC, rare facts protected, K-FAC's tune removal",
+          "kfac_strict": "K-FAC, least edit with tune strict <= bound",
+          "kfac_protect_arithmetic_strict": "K-FAC, arithmetic protected, tune strict <= bound",
+          "kfac_protect_facts_common_strict": "K-FAC, common facts protected, tune strict <= bound",
+          "kfac_protect_facts_rare_strict": "K-FAC, rare facts protected, tune strict <= bound",
           "paper_placement": "K-FAC, the paper's placement", "kfac_self_factors": "K-FAC, factors on its own samples",
           "kfac_mix_factors": "K-FAC, factors half pydoc half own samples",
           "kfac_pydoc_factors": "K-FAC, factors on pydoc text"}
@@ -192,6 +196,42 @@ def bands_table(results: dict[str, Any]) -> list[str]:
                      else "rare facts do not fall further than common ones (the paper found they do)")
             clear = "" if rare["high"] < common["low"] or common["high"] < rare["low"] else " (intervals overlap)"
             parts.append(f"{LABELS[name]}: common facts keep {_ci(common)}, rare facts {_ci(rare)}: {order}{clear}.")
+    return parts
+
+
+PROTECTION_GROUPS = (("at the chosen K-FAC amount", "kfac", ""),
+                     ("at K-FAC's tune-half loose recall", "kfac", "_matched"),
+                     ("at the least edit with tune-half strict recall <= the bound", "kfac_strict", "_strict"))
+
+
+def protection_section(results: dict[str, Any]) -> list[str]:
+    """What protection buys and costs, at each operating point: the unprotected edit and each
+    band's protected one, with held-out recall, perplexity and the retention of the arithmetic
+    and closed-book bands (pooled over seeds, 95% intervals) and the mean keep fraction."""
+    variants, bands = results["summary"]["variants"], results["summary"].get("paper_bands") or {}
+
+    def keep(name: str) -> str:
+        amounts = [s["variants"][name].get("plan", {}).get("rules", [{}])[0].get("keep_fraction") for s in
+                   results["seeds"]]
+        return "-" if None in amounts else f"{sum(amounts) / len(amounts):.3f}"
+
+    def band(name: str, which: str) -> str:
+        cell = bands.get(name, {}).get(which)
+        return _ci(cell["retention"]) if cell else "-"
+
+    parts = []
+    for title, plain, suffix in PROTECTION_GROUPS:
+        names = [plain, *sorted(n for n in variants if n.startswith("kfac_protect_")
+                                and n.removeprefix("kfac_protect_").endswith(suffix)
+                                and (suffix or not n.endswith(("_matched", "_strict"))))]
+        if plain not in variants or len(names) == 1:
+            continue
+        rows = [[LABELS.get(n, n), keep(n), _ci(variants[n]["intervals"]["heldout_strict"]),
+                 _ci(variants[n]["intervals"]["heldout_loose"]), _ci(variants[n]["intervals"]["ppl_ratio"], False),
+                 band(n, "arithmetic"), band(n, "closed-book")] for n in names]
+        parts += [f"Protection {title}:", _table(["variant", "keep (seed mean)", "held-out strict", "held-out loose",
+                                                  "ppl / unedited", "arithmetic retention", "closed-book retention"],
+                                                 rows)]
     return parts
 
 
@@ -519,6 +559,12 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
            "Retention of every usable family of a band, pooled over seeds (paired bootstrap over items), against "
            "the paper's range for its K-FAC edit on OLMo-2; a band holds when the interval meets the range.",
            *parts] if (parts := bands_table(results)) else []),
+        *(["## What protection buys and costs (pooled over seeds, 95% intervals)",
+           "Each band's protected edit (`edit --protect` with factors on the band's own items) beside the "
+           "unprotected K-FAC edit at three operating points: the same amount, the same removal on the tune half "
+           "(loose recall), and the least edit that brings the tune half's strict recall to the bound. Held-out "
+           "canaries are never seen by any of the searches.", *parts]
+          if (parts := protection_section(results)) else []),
         *(["## Where each style's activation energy sits",
             "Mean share of the canary windows' (and held-out general text's) input activation energy in the "
             "flattest half of A's eigenvectors at the edited targets (`curvedit score`; higher = more in the "

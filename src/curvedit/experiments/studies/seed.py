@@ -252,6 +252,35 @@ def protected_variant(model: Any, tokenizer: Any, targets: list[Any], protection
         "matched_tune": matched, **protected}
 
 
+def strict_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], label: str,
+                   probe: SeedProbe, reference: Any, options: StudyOptions, pad_id: int) -> dict[str, Any]:
+    """An edit (K-FAC, or one with a band protected: `bases` carries the protect masses) at the
+    least amount that brings the tune half's strict recall down to `options.protect_strict`:
+    the keep fraction bisected to the largest that reaches it, then measured (held-out
+    canaries unseen by the search).
+
+    Returns:
+        The variant's measurements with the bisection (`strict_tune`) and a note; when no
+        candidate reached the bound, the strongest one tried, and the note says so.
+    """
+    bound = options.protect_strict
+
+    def apply(amount: float) -> Any:
+        return apply_edit(targets, EditPlan([EditRule(keep_fraction=amount)], options.edit), bases)
+
+    found = bisect_edit(apply, lambda: -evaluate_recitation(model, probe.tune, pad_id=pad_id,
+                                                            batch_size=options.batch_size)[0].strict,
+                        -bound, mode="least", gap=lambda value: abs(value + bound), steps=options.bisect_steps + 2)
+    amount = found.amount if found.edited else min(s.amount for s in found.steps)
+    plan = EditPlan([EditRule(keep_fraction=amount)], options.edit)
+    search = {"bound": bound, "amount": amount, "reached": found.edited,
+              "steps": [{"amount": s.amount, "strict": -s.value} for s in found.steps]}
+    return edit_and_measure(model, tokenizer, targets, bases, plan, probe, reference, options) | {
+        "note": (f"{label}, keep {amount:.4f}: the largest whose tune-half strict recall is at most {bound:.0%}"
+                 if found.edited else f"{label}: no keep fraction tried reached tune-half strict recall "
+                 f"{bound:.0%}; the strongest tried ({amount:.4f})"), "strict_tune": search}
+
+
 def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str, Any], kfac_plan: EditPlan,
                  kfac_ppl: float, unedited_ppl: float, probe: SeedProbe, reference: Any, options: StudyOptions,
                  pad_id: int) -> dict[str, Any]:
@@ -314,6 +343,37 @@ def match_recall(apply: Callable[[float], Any], recall: Callable[[], float], tar
                         steps=steps, description=f"keep for recall {target:.3f}")
     return {"target": target, "amount": found.amount, "reached": None if found.value is None else -found.value,
             "steps": [{"amount": s.amount, "recall": -s.value} for s in found.steps]}
+
+
+def protection_variants(variant: Callable[..., None], model: Any, tokenizer: Any, targets: list[Any],
+                        bases: dict[str, Any], kfac_plan: EditPlan, kfac_tune_loose: float, probe: SeedProbe,
+                        reference: Any, options: StudyOptions, probes_used: Sequence[str], pad_id: int,
+                        seed: int) -> None:
+    """K-FAC at the strict bound (`protect_strict`), and per band with a usable family its
+    protected edits: at K-FAC's amount, at K-FAC's tune loose recall (`protect_match`) and at
+    the strict bound. `variant(name, compute, settings)` measures one or reads it back; a
+    band's protect factors are collected once, and only when one of its variants is measured."""
+    if options.protect_strict is not None:
+        variant("kfac_strict", lambda: strict_variant(model, tokenizer, targets, bases, "K-FAC", probe, reference,
+                                                      options, pad_id), ["tune-strict", options.protect_strict])
+    for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
+        # collected once per band, and only when a variant of it is not read back from the cache
+        protection = functools.cache(lambda families=families: band_protection(
+            model, tokenizer, targets, bases, families, options, pad_id, seed))
+        variant(variant_name(band), lambda band=band, families=families, protection=protection: protected_variant(
+            model, tokenizer, targets, protection(), kfac_plan, band, families, probe, reference, options, pad_id),
+            options.protect_items)
+        if options.protect_match:
+            variant(variant_name(band) + "_matched", lambda band=band, families=families, protection=protection:
+                    protected_variant(model, tokenizer, targets, protection(), kfac_plan, band, families, probe,
+                                      reference, options, pad_id, match_tune_loose=kfac_tune_loose),
+                    [options.protect_items, "tune-loose"])
+        if options.protect_strict is not None:
+            variant(variant_name(band) + "_strict", lambda band=band, families=families, protection=protection:
+                    strict_variant(model, tokenizer, targets, protection()[0], f"K-FAC with {band} protected", probe,
+                                   reference, options, pad_id)
+                    | {"protected": {"band": band, "families": families, "items": protection()[1]}},
+                    [options.protect_items, "tune-strict", options.protect_strict])
 
 
 def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
@@ -446,18 +506,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     if options.step_variant:
         variant("step", lambda: step_variant(model, tokenizer, targets, bases, kfac_plan, kfac_ppl, unedited_ppl, probe,
                                              reference, options, pad_id), ["step", 4, options.bisect_steps + 4])
-    for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
-        # collected once per band, and only when a variant of it is not read back from the cache
-        protection = functools.cache(lambda families=families: band_protection(
-            model, tokenizer, targets, bases, families, options, pad_id, seed))
-        variant(variant_name(band), lambda band=band, families=families, protection=protection: protected_variant(
-            model, tokenizer, targets, protection(), kfac_plan, band, families, probe, reference, options, pad_id),
-            options.protect_items)
-        if options.protect_match:
-            variant(variant_name(band) + "_matched", lambda band=band, families=families, protection=protection:
-                    protected_variant(model, tokenizer, targets, protection(), kfac_plan, band, families, probe,
-                                      reference, options, pad_id, match_tune_loose=chosen["loose"]),
-                    [options.protect_items, "tune-loose"])
+    protection_variants(variant, model, tokenizer, targets, bases, kfac_plan, chosen["loose"], probe, reference,
+                        options, probes_used, pad_id, seed)
     extra = None
     if beyond and options.beyond_edits:
         def compute_beyond() -> dict[str, Any]:

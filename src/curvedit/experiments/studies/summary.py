@@ -140,7 +140,7 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
     band_of = {f: base_probe[f]["band"] for f in base_probe}
     for name, row in table.items():
         row["retention_ci"] = {f: retention_interval(seeds, name, [f]) for f in kept}
-    bands = {name: paper_bands(seeds, name, kept, band_of) for name in ("kfac", "paper_placement") if name in table}
+    bands = {name: paper_bands(seeds, name, kept, band_of) for name in table}
     drift = implant_drift(seeds, base_probe, used)
     checks = []
     for s, d in zip(seeds, drift):
