@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -36,7 +37,11 @@ def test_each_placement_is_the_sweep_point_of_its_blocks_and_the_ratios_follow(w
         assert placement.forgetting == pytest.approx(direct.baseline.loose - point.loose)
         assert placement.per_ppl == pytest.approx(placement.forgetting / max(rise, 1e-3))
         assert placement.probe_points_lost is None and placement.per_probe_point is None
-    assert result.best(1) in result.placements[:2]
+        held = point.suffix_nll - direct.baseline.suffix_nll  # the memorized suffixes' loss, teacher-forced
+        assert placement.suffix_nll_rise == pytest.approx(held)
+        assert placement.loss_rise == pytest.approx(math.log(point.perplexity / direct.baseline.perplexity))
+        assert placement.per_nats == pytest.approx(held / max(placement.loss_rise, 1e-3))
+    assert result.best(1) in result.placements[:2] and result.best(1, "per_nats") in result.placements[:2]
 
 
 @pytest.mark.parametrize("changes, message", [({"keep_fraction": 1.0}, "keep fraction"),

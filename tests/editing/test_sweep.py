@@ -23,6 +23,7 @@ from curvedit.editing.sweep import (
 )
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
+from curvedit.evaluate.privacy import suffix_nll
 from curvedit.kfac.spectrum import load_bases
 from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.helpers import factors_and_windows
@@ -53,9 +54,10 @@ def test_a_two_by_two_grid_gives_four_points_and_leaves_the_model_bit_identical(
                          EditPlan([EditRule(rho=0.5)]), load_bases(select_targets(model, TargetSpec(preset="mlp-in")),
                                                                    factors))
     recitation, _ = evaluate_recitation(model, windows)
-    direct = perplexity(model, heldout).perplexity
+    direct, held = perplexity(model, heldout).perplexity, suffix_nll(model, windows)
     applied.undo()
     assert result.points[2].loose == recitation.loose and result.points[2].perplexity == direct
+    assert result.points[2].suffix_nll == held > result.baseline.suffix_nll  # the edit loosened the suffixes
     assert result.baseline.perplexity == perplexity(model, heldout).perplexity
 
     calls.clear()

@@ -21,6 +21,7 @@ from curvedit.evaluate.privacy import (
     membership_inference,
     membership_scores,
     sequence_stats,
+    suffix_nll,
     zlib_entropy,
 )
 from tests.reciter import HELDOUT, MEMORIZED, PREFIX, SUFFIX, reciter_gpt2, trained_reciter
@@ -54,6 +55,23 @@ def test_sequence_stats_match_a_float64_loop_over_positions_and_vocabulary():
             tempered = torch.log_softmax(logits[t - 1] / 0.7, dim=-1)
             assert got.tempered_logprob[t - 1] == pytest.approx(float(tempered[seq[t]]), abs=1e-5)
         assert got.loss == pytest.approx(-float(np.mean(got.logprob)))
+
+
+def test_suffix_nll_is_the_mean_loss_over_every_window_s_suffix_tokens_alone():
+    from curvedit.errors import EvaluateError
+    from curvedit.evaluate.windows import Window
+
+    model = reciter_gpt2(23, seed=3).double()
+    windows = [Window([5, 9, 2], [7, 7, 3]), Window([4], [8, 1, 6, 2]), Window([6, 6, 6, 6], [6])]
+    losses = []
+    for w in windows:  # one window at a time, unpadded, in float64
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([w.prefix_ids + w.suffix_ids])).logits[0], dim=-1)
+        losses += [-float(logp[len(w.prefix_ids) + i - 1, t]) for i, t in enumerate(w.suffix_ids)]
+    expected = sum(losses) / len(losses)
+    assert suffix_nll(model, windows, batch_size=2) == pytest.approx(expected, abs=1e-6)  # its logits are float32
+    with pytest.raises(EvaluateError, match="at least one window"):
+        suffix_nll(model, [])
 
 
 def test_auroc_matches_scikit_learn_with_ties():

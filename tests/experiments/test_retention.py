@@ -87,7 +87,8 @@ def test_the_report_sets_the_layer_map_against_the_sweep_s_probe_floor():
     from curvedit.experiments.studies.report import map_versus_sweep
 
     def block(b: int, facts: float) -> dict:
-        return {"layers": str(b), "size": 1, "per_ppl": float(b), "probes": {"facts_common": facts, "cloze": 0.5}}
+        return {"layers": str(b), "size": 1, "per_ppl": float(b), "per_nats": 2.0 * b,
+                "probes": {"facts_common": facts, "cloze": 0.5}}
 
     lm = {"options": {"matrices": "mlp-in"}, "unedited": {"probes": {"facts_common": 0.8, "cloze": 0.5}},
           "placements": [block(0, 0.4), block(1, 0.6), block(2, 0.8), block(3, 0.7)]}
@@ -97,7 +98,8 @@ def test_the_report_sets_the_layer_map_against_the_sweep_s_probe_floor():
     line, table = map_versus_sweep({"seed": 3, "layer_map": lm, "sweep": sweep})
     assert "Ranked by the map's probe cost: 2-3, 0-1" in line  # 0-1 loses 30 points per block, 2-3 loses 5
     assert "the placements that met it are the map's cheapest" in line
-    assert "| 0-1 | 30.0 | 0.50 | no (facts_common kept 10% < 70%) |" in table and "| 2-3 | 5.0 | 2.50 | yes |" in table
+    assert "| 0-1 | 30.0 | 0.50 | 1.00 | no (facts_common kept 10% < 70%) |" in table
+    assert "| 2-3 | 5.0 | 2.50 | 5.00 | yes |" in table
     assert "0-3" not in table  # the map measured mlp-in only
     sweep["excluded"] = {"a": "", "b": "facts_common kept 10% < 70%", "c": ""}
     assert "the map's cheapest placements are not the ones that met it" in map_versus_sweep(

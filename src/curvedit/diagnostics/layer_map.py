@@ -9,7 +9,10 @@ measure, undo). For each placement:
 - cost = the perplexity rise on held-out text (edited / unedited - 1) and, with probes, the
   mean accuracy lost over the families the unedited model gets above chance (points);
 - efficiency = forgetting / perplexity rise (and forgetting / probe points lost), each
-  denominator floored at `floor` so a free edit does not divide by zero.
+  denominator floored at `floor` so a free edit does not divide by zero;
+- selectivity = the rise of the memorized windows' suffix loss (teacher-forced, nats per
+  token) over the rise of the general text's loss (nats per token): continuous where recall
+  is all-or-nothing, so it still ranks placements whose small edit recites every window.
 
 A placement that forgets much for little perplexity is where an edit should go; whether the
 map also predicts which placements keep the probe families is read off the same table.
@@ -17,6 +20,7 @@ map also predicts which placements keep the probe families is read off the same 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,6 +86,12 @@ class Placement:
         probe_points_lost: mean accuracy lost over the usable families, in points (None without probes).
         per_ppl: forgetting / max(ppl_rise, floor).
         per_probe_point: forgetting / max(points lost, 100 * floor) (None without probes).
+        suffix_nll_rise: the memorized windows' loss per suffix token, edited minus unedited
+            (nats; a continuous forgetting that a small edit moves before recall does).
+        loss_rise: the general text's loss per token, edited minus unedited (nats: log of
+            the perplexity ratio).
+        per_nats: suffix_nll_rise / max(loss_rise, floor): how selectively the placement
+            forgets, in nats on the memorized suffixes per nat on general text.
         strict, loose, perplexity: the edited model's values.
         probes: the edited model's probe accuracy per family.
     """
@@ -94,6 +104,9 @@ class Placement:
     probe_points_lost: float | None
     per_ppl: float
     per_probe_point: float | None
+    suffix_nll_rise: float
+    loss_rise: float
+    per_nats: float
     strict: float
     loose: float
     perplexity: float
@@ -202,22 +215,26 @@ def layer_map(model: nn.Module, tokenizer: Any, factor_dir: str | Path, windows:
         span = [int(x) for x in point.layers.split("-")]
         forgetting = base.loose - point.loose
         rise = point.perplexity / base.perplexity - 1
+        held, loss = point.suffix_nll - base.suffix_nll, math.log(point.perplexity / base.perplexity)
         lost = (100 * sum(base.probes[f] - point.probes[f] for f in usable) / len(usable)) if usable else None
         rows.append(Placement(
             layers=point.layers, size=span[-1] - span[0] + 1, first=span[0], forgetting=forgetting, ppl_rise=rise,
             probe_points_lost=lost, per_ppl=forgetting / max(rise, options.floor),
             per_probe_point=None if lost is None else forgetting / max(lost, 100 * options.floor),
+            suffix_nll_rise=held, loss_rise=loss, per_nats=held / max(loss, options.floor),
             strict=point.strict, loose=point.loose, perplexity=point.perplexity, probes=dict(point.probes)))
-    unedited = {"loose": base.loose, "strict": base.strict, "perplexity": base.perplexity, "probes": base.probes}
+    unedited = {"loose": base.loose, "strict": base.strict, "perplexity": base.perplexity, "probes": base.probes,
+                "suffix_nll": base.suffix_nll}
     return LayerMap(options=options, unedited=unedited, usable_probes=list(usable), placements=rows,
                     n_layers=n_layers)
 
 
 def plot_layer_map(result: LayerMap, path: str | Path) -> Path:
     """Forgetting per unit of perplexity rise against the first block, one line per group size;
-    with probes, a second panel per probe point lost."""
+    beside it the suffix-loss selectivity (`per_nats`), and with probes a panel per probe point lost."""
     plt = pyplot()
-    panels = [("per_ppl", "loose recall drop / perplexity rise")]
+    panels = [("per_ppl", "loose recall drop / perplexity rise"),
+              ("per_nats", "memorized suffix loss rise / general loss rise")]
     if result.usable_probes:
         panels.append(("per_probe_point", "loose recall drop / probe point lost"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)

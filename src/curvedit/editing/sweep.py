@@ -60,6 +60,7 @@ from curvedit.errors import CurveditError
 from curvedit.evaluate.capabilities import score_families
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
+from curvedit.evaluate.privacy import suffix_nll
 from curvedit.evaluate.tasks import Task, TaskOptions, TaskResult, run_tasks
 from curvedit.evaluate.windows import Window
 from curvedit.io import Journal, digest, write_json
@@ -219,6 +220,8 @@ class SweepPoint:
         strict: strict recitation accuracy on the memorized set.
         loose: loose recitation accuracy.
         avg_normalized_distance: mean d / L (higher = less memorization).
+        suffix_nll: the memorized windows' mean loss per suffix token, teacher-forced
+            (`curvedit.evaluate.privacy.suffix_nll`; higher = held less firmly).
         perplexity: held-out perplexity.
         kept: components kept, summed over the point's targets.
         total: components in all, summed over the point's targets.
@@ -237,6 +240,7 @@ class SweepPoint:
     strict: float = 0.0
     loose: float = 0.0
     avg_normalized_distance: float = 0.0
+    suffix_nll: float = 0.0
     perplexity: float = 0.0
     kept: int = 0
     total: int = 0
@@ -454,10 +458,12 @@ def _evaluate(model: nn.Module, tokenizer: Any, windows: Sequence[Window], heldo
     recitation, _ = evaluate_recitation(model, windows, pad_id=pad_id, batch_size=options.batch_size,
                                         loose_threshold=options.loose_threshold)
     ppl = perplexity(model, heldout, pad_id=pad_id, batch_size=options.batch_size)
+    held = suffix_nll(model, windows, pad_id=pad_id, batch_size=options.batch_size)
     results = (run_tasks(model, tokenizer, tasks, TaskOptions(batch_size=options.batch_size), pad_id=pad_id)
                if tasks else [])
     return {"strict": recitation.strict, "loose": recitation.loose,
-            "avg_normalized_distance": recitation.avg_normalized_distance, "perplexity": ppl.perplexity,
+            "avg_normalized_distance": recitation.avg_normalized_distance, "suffix_nll": held,
+            "perplexity": ppl.perplexity,
             "probes": {r.name: r.accuracy for r in results}}, results
 
 

@@ -171,6 +171,28 @@ def sequence_stats(
     return map_batches(sequences, batch_size, batch_stats)
 
 
+def suffix_nll(model: torch.nn.Module, windows: Sequence[Any], *, pad_id: int = 0, batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per suffix token of memorized windows, teacher-forced on
+    prefix + suffix (one forward pass per batch): a continuous measure of how firmly the
+    model holds them, where recitation is its greedy all-or-nothing view.
+
+    Args:
+        model: an HF causal LM in eval mode.
+        windows: `curvedit.evaluate.windows.Window`s (prefix_ids, suffix_ids).
+        pad_id: padding id.
+        batch_size: windows per forward pass.
+
+    Raises:
+        EvaluateError: no window (or one `sequence_stats` refuses).
+    """
+    if not windows:
+        raise EvaluateError("the suffix loss needs at least one window")
+    stats = sequence_stats(model, [list(w.prefix_ids) + list(w.suffix_ids) for w in windows], pad_id=pad_id,
+                           batch_size=batch_size)
+    logprobs = np.concatenate([s.logprob[len(s.logprob) - len(w.suffix_ids):] for s, w in zip(stats, windows)])
+    return float(-logprobs.mean())
+
+
 def zlib_entropy(text: str) -> int:
     """Bytes of the zlib-compressed UTF-8 text (Carlini et al.'s zlib entropy)."""
     return len(zlib.compress(text.encode("utf-8")))

@@ -72,16 +72,24 @@ def run_layer_map(model: torch.nn.Module, tokenizer: Any, factor_dir: Path, wind
                   heldout: Sequence[Sequence[int]], out: Path, *, keep_fraction: float, tasks: Sequence[Any],
                   batch_size: int, progress: bool, journal: Path | None = None) -> dict[str, Any]:
     """The layer map on mlp-in (singles and runs of three), written to `out`; returns its
-    dictionary with the paper's kind of placement and the best placements. With `journal`, an
-    interrupted map resumes at its next placement."""
+    dictionary with the paper's kind of placement, where it ranks among the runs of three and
+    the best placements, by recall per perplexity rise and by suffix-loss selectivity. With
+    `journal`, an interrupted map resumes at its next placement."""
     result = layer_map(model, tokenizer, factor_dir, windows, heldout,
                        LayerMapOptions(keep_fraction=keep_fraction, batch_size=batch_size, progress=progress),
                        tasks=tasks, journal=journal)
     result.write(out)
-    ranked = sorted((p for p in result.placements if p.size == 3), key=lambda p: -p.per_ppl)
-    rank = next((i + 1 for i, p in enumerate(ranked) if p.layers == result.mark), None)
-    best = {size: dataclasses.asdict(p) for size in (1, 3) if (p := result.best(size)) is not None}
-    return result.to_dict() | {"mark_rank": rank, "groups_of_three": len(ranked), "best": best}
+    threes = [p for p in result.placements if p.size == 3]
+
+    def rank(by: str) -> int | None:
+        ranked = sorted(threes, key=lambda p: -getattr(p, by))
+        return next((i + 1 for i, p in enumerate(ranked) if p.layers == result.mark), None)
+
+    def best(by: str) -> dict[int, dict[str, Any]]:
+        return {size: dataclasses.asdict(p) for size in (1, 3) if (p := result.best(size, by)) is not None}
+
+    return result.to_dict() | {"mark_rank": rank("per_ppl"), "mark_rank_nats": rank("per_nats"),
+                               "groups_of_three": len(threes), "best": best("per_ppl"), "best_nats": best("per_nats")}
 
 
 def style_energy(model: torch.nn.Module, targets: list[Target], bases: dict[str, Eigenbasis],

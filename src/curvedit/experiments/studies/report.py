@@ -303,7 +303,8 @@ def retention_figure(results: dict[str, Any], path: Path) -> Path | None:
 
 def layer_map_markdown(lm: dict[str, Any], figure: str, label: str) -> list[str]:
     """One layer map (`curvedit.experiments.studies.capability_stages.run_layer_map`'s dictionary): a line
-    with its figure and where the middle three blocks rank, and a table of the best placements.
+    with its figure and where the middle three blocks rank, and a table of the best placements
+    by recall per perplexity rise and (maps that measured it) by suffix-loss selectivity.
 
     Args:
         lm: the map's dictionary.
@@ -313,19 +314,27 @@ def layer_map_markdown(lm: dict[str, Any], figure: str, label: str) -> list[str]
     opts = lm["options"]
 
     def row(name: str, p: dict[str, Any]) -> list[str]:
+        nats = p.get("per_nats")
         return [name, p["layers"], f"{p['forgetting']:.3f}", f"{p['ppl_rise']:.4f}", f"{p['per_ppl']:.2f}",
+                "-" if nats is None else f"{p['suffix_nll_rise']:.4f}", "-" if nats is None else f"{nats:.2f}",
                 "-" if p["probe_points_lost"] is None else f"{p['probe_points_lost']:.1f}"]
 
-    rows = [row(str(size), p) for size, p in sorted(lm["best"].items())]
+    rows = [row(f"{size}, by recall", p) for size, p in sorted(lm["best"].items())]
+    rows += [row(f"{size}, by selectivity", p) for size, p in sorted((lm.get("best_nats") or {}).items())]
     mark = next((p for p in lm["placements"] if p["layers"] == lm["mark"]), None)
     if mark is not None:
         rows.append(row(f"{mark['size']} (the paper's kind)", mark))
-    rank = (f"the middle three blocks ({lm['mark']}) rank {lm['mark_rank']} of {lm['groups_of_three']} runs "
-            "of three by forgetting per perplexity rise" if lm.get("mark_rank") else "")
-    return [f"{label}: {opts['matrices']} at keep {opts['keep_fraction']} in each placement alone"
+    ranks = [f"{lm[key]} of {lm['groups_of_three']} by {what}" for key, what in
+             (("mark_rank", "forgetting per perplexity rise"), ("mark_rank_nats", "suffix-loss selectivity"))
+             if lm.get(key)]
+    rank = f"the middle three blocks ({lm['mark']}) rank " + " and ".join(ranks) + " among the runs of three" if ranks \
+        else ""
+    forgets = sum(p["forgetting"] > 0 for p in lm["placements"])
+    return [f"{label}: {opts['matrices']} at keep {opts['keep_fraction']} in each placement alone; "
+            f"{forgets} of {len(lm['placements'])} placements lower the loose recall"
             + (f"; {rank}" if rank else "") + f". ![layer map]({figure})",
             _table(["blocks", "best placement", "forgetting (loose)", "ppl rise", "forgetting / ppl rise",
-                    "probe points lost"], rows)]
+                    "suffix loss rise (nats)", "suffix / general loss rise", "probe points lost"], rows)]
 
 
 def frontier_markdown(data: dict[str, Any], budget_nats: float, figure: str) -> list[str]:
@@ -348,7 +357,8 @@ def frontier_markdown(data: dict[str, Any], budget_nats: float, figure: str) -> 
 def map_versus_sweep(seed: dict[str, Any]) -> list[str]:
     """Does the layer map predict which of the sweep's placements keep the probe families? Per
     swept placement of the map's matrices: the map's mean cost over the placement's single blocks
-    (probe points lost on the probe floor's families, forgetting per perplexity rise) beside
+    (probe points lost on the probe floor's families, forgetting per perplexity rise, suffix-loss
+    selectivity) beside
     whether the sweep's edit there met the floor. Empty without a map or a floor."""
     lm, sweep = seed.get("layer_map"), seed["sweep"]
     if not lm or not sweep.get("floor"):
@@ -366,9 +376,11 @@ def map_versus_sweep(seed: dict[str, Any]) -> list[str]:
             continue
         lost = sum(100 * (base[f] - b["probes"][f]) for b in blocks for f in held) / (len(blocks) * len(held))
         per_ppl = sum(b["per_ppl"] for b in blocks) / len(blocks)
+        nats = [b["per_nats"] for b in blocks if "per_nats" in b]
         met = "kept" not in why  # `exclusion` names a family below its floor as "<family> kept ..."
         ranked.append((lost, point["layers"], met))
-        rows.append([point["layers"], f"{lost:.1f}", f"{per_ppl:.2f}", "yes" if met else f"no ({why})"])
+        rows.append([point["layers"], f"{lost:.1f}", f"{per_ppl:.2f}",
+                     f"{sum(nats) / len(nats):.2f}" if nats else "-", "yes" if met else f"no ({why})"])
     if not rows:
         return []
     order = [layers for _, layers, _ in sorted(ranked)]
@@ -380,7 +392,7 @@ def map_versus_sweep(seed: dict[str, Any]) -> list[str]:
             f"{', '.join(held)}; forgetting per perplexity rise) beside the sweep's edit there. Ranked by the map's "
             f"probe cost: {', '.join(order)}; the sweep's floor: {verdict}.",
             _table(["blocks", "map: probe points lost per block", "map: forgetting / ppl rise",
-                    "sweep's edit met the probe floor"], rows)]
+                    "map: suffix / general loss rise", "sweep's edit met the probe floor"], rows)]
 
 
 def layer_map_section(results: dict[str, Any]) -> list[str]:
