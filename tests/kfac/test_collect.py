@@ -163,7 +163,7 @@ def test_kfac_is_exact_for_one_linear_layer_and_one_repeated_input():
     fisher = sum(torch.outer(g, g) for g in grads) / len(grads)
     torch.testing.assert_close(torch.kron(tf.G, tf.A), fisher, rtol=1e-10, atol=1e-14)
     # True Fisher: sampled labels converge to sum_y p(y) vec(grad_y) vec(grad_y)^T.
-    probs = torch.softmax(model(x), -1)
+    probs = torch.softmax(model(x), -1).detach()
     exact = 0
     for y in range(3):
         model.zero_grad()
