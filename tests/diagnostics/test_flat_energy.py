@@ -17,12 +17,18 @@ from curvedit.kfac.targets import TargetSpec, select_targets
 from tests.tiny_models import tiny_gpt2
 
 
-def test_the_share_equals_a_per_sequence_brute_force_and_does_not_depend_on_batching():
+def tiny_bases(factor_ids: list[list[int]]) -> tuple:
+    """A tiny GPT-2, its mlp-in targets and their eigenbases from factors on `factor_ids` (one batch)."""
     model = tiny_gpt2(vocab=11)
     targets = select_targets(model, TargetSpec(preset="mlp-in"))
+    factors = collect_factors(model, lm_batches(factor_ids, len(factor_ids), 0), targets,
+                              options=CollectOptions(progress=False))
+    return model, targets, {t.name: eigenbasis(factors.targets[t.name]) for t in targets}
+
+
+def test_the_share_equals_a_per_sequence_brute_force_and_does_not_depend_on_batching():
     ids = torch.randint(1, 11, (8, 9), generator=torch.Generator().manual_seed(0)).tolist()
-    factors = collect_factors(model, lm_batches(ids[:5], 5, 0), targets, options=CollectOptions(progress=False))
-    bases = {t.name: eigenbasis(factors.targets[t.name]) for t in targets}
+    model, targets, bases = tiny_bases(ids[:5])
     sequences = [ids[5][:7], ids[6], ids[7][:4]]
     got = flat_energy_shares(model, targets, bases, sequences, flat_fraction=0.25, batch_size=2)
     for seq, share in zip(sequences, got):
@@ -50,21 +56,15 @@ def test_the_share_equals_a_per_sequence_brute_force_and_does_not_depend_on_batc
                                              ({"sequences": []}, "no sequence"),
                                              ({"spans": [(2, 2)]}, "no counted position")])
 def test_bad_requests_are_refused(kwargs, message):
-    model = tiny_gpt2(vocab=11)
-    targets = select_targets(model, TargetSpec(preset="mlp-in"))
-    factors = collect_factors(model, lm_batches([[1, 2, 3, 4]], 1, 0), targets, options=CollectOptions(progress=False))
-    bases = {t.name: eigenbasis(factors.targets[t.name]) for t in targets}
+    model, targets, bases = tiny_bases([[1, 2, 3, 4]])
     args = {"sequences": [[1, 2, 3]], **kwargs}
     with pytest.raises(FlatEnergyError, match=message):
         flat_energy_shares(model, targets, bases, args.pop("sequences"), **args)
 
 
 def test_shares_by_group_are_the_shares_of_one_pass_split_in_order():
-    model = tiny_gpt2(vocab=11)
-    targets = select_targets(model, TargetSpec(preset="mlp-in"))
     ids = torch.randint(1, 11, (9, 6), generator=torch.Generator().manual_seed(1)).tolist()
-    factors = collect_factors(model, lm_batches(ids[:5], 5, 0), targets, options=CollectOptions(progress=False))
-    bases = {t.name: eigenbasis(factors.targets[t.name]) for t in targets}
+    model, targets, bases = tiny_bases(ids[:5])
     sequences, groups = ids[5:], ["b", "a", "b", "c"]
     every = flat_energy_shares(model, targets, bases, sequences, batch_size=3)
     split = flat_energy_by_group(model, targets, bases, sequences, groups, batch_size=3)
