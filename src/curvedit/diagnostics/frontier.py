@@ -203,8 +203,7 @@ def run_frontier(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path
         raise FrontierError("the frontier needs memorized windows, held-out sequences and at least one target")
     pad_id = default_pad_id(tokenizer)
     record = None if journal is None else Journal(journal, journal_key(
-        model, targets, windows, heldout, tasks, folders=(factor_dir,),
-        settings={k: v for k, v in asdict(options).items() if k != "progress"}), "frontier")
+        model, targets, windows, heldout, tasks, folders=(factor_dir,), options=options), "frontier")
     kinds = {"identity": "identity", "svd": "svd"}  # every other method edits in the K-FAC eigenbasis
     needs = {kinds.get(FRONTIER_METHODS[m][0], "kfac") for m in options.methods}
     loaded = {kind: method_bases(model, targets, factor_dir, replace(

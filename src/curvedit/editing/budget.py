@@ -321,7 +321,8 @@ def bisect_edit(apply: Callable[[float], AppliedEdit], measure: Callable[[], flo
         if removes and (fits if mode in ("within", "least") else not edited or gap(value) < gap(reached)):
             amount, reached, edited = mid, value, True
         bar.set_postfix(amount=f"{mid:.4f}", value=f"{value:.4f}")
-        lo, hi = ((mid, hi) if fits else (lo, mid)) if mode == "least" else ((lo, mid) if fits else (mid, hi))
+        keep_more = fits if mode == "least" else not fits  # "least" climbs while it reaches the target
+        lo, hi = (mid, hi) if keep_more else (lo, mid)
         if removes and gap(value) <= tolerance and (fits or mode == "match"):
             break
     return Bisection(amount=amount, value=reached, edited=edited, steps=tried)

@@ -525,9 +525,8 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
             raise SweepError(f"grid point layers={layers!r} matrices={matrices!r}: {err}") from None
     union = list({t.name: t for targets in point_targets.values() for t in targets}.values())
     record = None if journal is None else Journal(journal, journal_key(  # another sweep's: refused before any work
-        model, union, memorized_windows, heldout_sequences, tasks, folders=(factor_dir, protect_dir),
-        settings={"grid": asdict(grid), "options": {k: v for k, v in asdict(options).items() if k != "progress"}}),
-        "sweep")
+        model, union, memorized_windows, heldout_sequences, tasks, folders=(factor_dir, protect_dir), options=options,
+        grid=grid), "sweep")
     try:
         bases = method_bases(model, union, factor_dir, options.settings, protect_dir=protect_dir)
     except EditError as err:  # a method that needs factors without any, or protection it cannot take
@@ -591,7 +590,7 @@ def run_sweep(model: nn.Module, tokenizer: Any | None, factor_dir: str | Path | 
 
 def journal_key(model: nn.Module, targets: Sequence[Target], windows: Sequence[Window],
                 heldout: Sequence[Sequence[int]], tasks: Sequence[Task], *, folders: Sequence[str | Path | None],
-                settings: dict[str, Any]) -> str:
+                options: Any, grid: SweepGrid | None = None) -> str:
     """What an in-memory edit-and-measure job (a sweep, a frontier) depends on, as one digest:
     the key of its journal (`curvedit.io.Journal`).
 
@@ -602,7 +601,8 @@ def journal_key(model: nn.Module, targets: Sequence[Target], windows: Sequence[W
         heldout: the held-out sequences.
         tasks: the task probes.
         folders: factor folders (their `factors.json`; None: no folder).
-        settings: the job's own settings (grid, options), JSON-able.
+        options: the job's options dataclass (every field but `progress`, which changes no point).
+        grid: the sweep's grid, if any.
     """
     def factors(folder: str | Path | None) -> str | None:
         meta = None if folder is None else Path(folder) / "factors.json"
@@ -613,7 +613,9 @@ def journal_key(model: nn.Module, targets: Sequence[Target], windows: Sequence[W
         sums = [[name, float(w.double().sum()), float(w.double().square().sum())]
                 for name, w in model.named_parameters()]
     return digest({"model": weights, "all weights": sums, "factors": [factors(f) for f in folders],
-                   "settings": settings, "windows": [[list(w.prefix_ids), list(w.suffix_ids)] for w in windows],
+                   "options": {k: v for k, v in asdict(options).items() if k != "progress"},
+                   "grid": None if grid is None else asdict(grid),
+                   "windows": [[list(w.prefix_ids), list(w.suffix_ids)] for w in windows],
                    "heldout": [list(s) for s in heldout],
                    "tasks": [[t.name, [asdict(item) for item in t.items]] for t in tasks]})
 

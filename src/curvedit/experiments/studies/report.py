@@ -204,6 +204,11 @@ PROTECTION_GROUPS = (("at the chosen K-FAC amount", "kfac", ""),
                      ("at the least edit with tune-half strict recall <= the bound", "kfac_strict", "_strict"))
 
 
+def _point_of(name: str) -> str:
+    """The operating point a protected variant's name ends in ("_matched", "_strict", or "")."""
+    return next((point for point in ("_matched", "_strict") if name.endswith(point)), "")
+
+
 def protection_section(results: dict[str, Any]) -> list[str]:
     """What protection buys and costs, at each operating point: the unprotected edit and each
     band's protected one, with held-out recall, perplexity and the retention of the arithmetic
@@ -221,9 +226,7 @@ def protection_section(results: dict[str, Any]) -> list[str]:
 
     parts = []
     for title, plain, suffix in PROTECTION_GROUPS:
-        names = [plain, *sorted(n for n in variants if n.startswith("kfac_protect_")
-                                and n.removeprefix("kfac_protect_").endswith(suffix)
-                                and (suffix or not n.endswith(("_matched", "_strict"))))]
+        names = [plain, *sorted(n for n in variants if n.startswith("kfac_protect_") and _point_of(n) == suffix)]
         if plain not in variants or len(names) == 1:
             continue
         rows = [[LABELS.get(n, n), keep(n), _ci(variants[n]["intervals"]["heldout_strict"]),
