@@ -10,9 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from curvedit.cli import app
-from curvedit.diagnostics.frontier import FrontierError, FrontierOptions, run_frontier
+from curvedit.diagnostics.frontier import FrontierError, FrontierOptions, FrontierPoint, FrontierResult, run_frontier
 from curvedit.editing.edit import EditPlan, EditRule, apply_edit, method_bases
 from curvedit.editing.settings import EditSettings
+from curvedit.evaluate.intervals import wilson
 from curvedit.evaluate.memorization import evaluate_recitation
 from curvedit.evaluate.perplexity import perplexity
 from curvedit.evaluate.windows import Window
@@ -47,6 +48,29 @@ def test_each_point_is_its_method_s_edit_measured_and_the_model_is_left_as_it_wa
         assert p.nats["low"] <= p.nats["value"] <= p.nats["high"] and p.loose["low"] <= p.loose["value"]
     magnitude = next(p for p in result.points if p.method == "magnitude" and p.keep_fraction == 0.5)
     assert abs(magnitude.kept / magnitude.total - 0.5) < 0.01  # half the weight entries
+
+
+def _point(method: str, keep: float, recalled: int, nats: float, n: int = 20) -> FrontierPoint:
+    loose = wilson(recalled, n).to_dict()
+    return FrontierPoint(method=method, keep_fraction=keep, kept=0, total=1, strict=loose, loose=loose,
+                         nats={"value": nats, "low": nats, "high": nats}, perplexity=1.0)
+
+
+def test_compare_within_judges_each_method_by_its_best_point_within_the_cost_and_the_intervals():
+    points = [_point("kfac", 0.9, 18, 0.01), _point("kfac", 0.5, 1, 0.04), _point("kfac", 0.3, 0, 0.20),
+              _point("noise", 0.5, 4, 0.03),        # 4/20 overlaps kfac's 1/20 at 0.04
+              _point("saliency", 0.5, 19, 0.01),    # 19/20 lies clearly above 1/20
+              _point("svd", 0.9, 20, 0.50),         # nothing within 0.05
+              _point("magnitude", 0.9, 0, 0.001)]   # 0/20 within the cost: K-FAC is not lower
+    frontier = FrontierResult(FrontierOptions(methods=("kfac", "noise", "saliency", "svd", "magnitude")),
+                              _point("unedited", 1.0, 20, 0.0), points)
+    assert frontier.compare_within(0.05) == {"noise": "on", "saliency": "below", "svd": "beyond the cost",
+                                             "magnitude": "on"}
+    # at a cost only K-FAC's keep 0.9 point (18/20) meets, magnitude's 0/20 lies clearly under it
+    assert frontier.compare_within(0.015)["magnitude"] == "above"
+    assert frontier.compare_within(0.0005) == {"kfac": "beyond the cost"}
+    with pytest.raises(FrontierError, match="no method 'random'"):
+        frontier.compare_within(0.05, reference="random")
 
 
 def test_bad_frontier_options_are_refused():

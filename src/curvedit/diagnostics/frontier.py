@@ -155,6 +155,40 @@ class FrontierResult:
                                default=None)
         return best
 
+    def compare_within(self, nats: float, reference: str = "kfac") -> dict[str, str]:
+        """Where `reference`'s frontier lies against each other method's, judged by their points of
+        lowest loose recall within `nats` per token (`best_within`) and their 95% intervals.
+
+        Returns:
+            Per other method: "below" (the reference's loose interval lies wholly under the
+            method's: it removes clearly more at that cost), "above" (wholly over it), "on"
+            (the intervals overlap: no clear difference), or "beyond the cost" (every point of
+            the method costs more); for the reference itself, "beyond the cost" when it has no
+            point within `nats`, else nothing.
+
+        Raises:
+            FrontierError: `reference` is not one of the traced methods.
+        """
+        if reference not in self.options.methods:
+            raise FrontierError(f"no method {reference!r} on this frontier (it traced {list(self.options.methods)})")
+        best = self.best_within(nats)
+        ref = best[reference]
+        if ref is None:
+            return {reference: "beyond the cost"}
+        relation: dict[str, str] = {}
+        for method, point in best.items():
+            if method == reference:
+                continue
+            if point is None:
+                relation[method] = "beyond the cost"
+            elif ref.loose["high"] < point.loose["low"]:
+                relation[method] = "below"
+            elif ref.loose["low"] > point.loose["high"]:
+                relation[method] = "above"
+            else:
+                relation[method] = "on"
+        return relation
+
     def table(self) -> str:
         """The points as a text table."""
         lines = [f"{'method':<10} {'keep':>6} {'strict':>8} {'loose':>8} {'nats/token':>24}"]

@@ -354,7 +354,27 @@ def frontier_markdown(data: dict[str, Any], budget_nats: float, figure: str) -> 
             "paired bootstrap; `curvedit frontier`). Per method, its lowest held-out loose recall at a cost within "
             f"the chosen K-FAC edit's ({budget_nats:.5f} nats / token):",
             _table(["method", "keep", "held-out strict", "held-out loose", "nats / token"], rows),
+            *([verdict] if (verdict := frontier_verdict(frontier, budget_nats)) else []),
             f"![frontier]({figure})"]
+
+
+VERDICT_WORDS = {"below": "lies below {} (clearly less held-out loose recall at that cost, the 95% intervals apart)",
+                 "on": "lies on {} (the intervals overlap: no clear difference)",
+                 "above": "lies above {} (clearly more recall left)",
+                 "beyond the cost": "meets no point of {} (every one costs more)"}
+
+
+def frontier_verdict(frontier: FrontierResult, budget_nats: float) -> str | None:
+    """Is curvature the lever? One sentence from `FrontierResult.compare_within`: where K-FAC's
+    frontier lies against each other method's within `budget_nats` (None without K-FAC)."""
+    if "kfac" not in frontier.options.methods:
+        return None
+    relation = frontier.compare_within(budget_nats)
+    if relation.get("kfac") == "beyond the cost":
+        return "**Verdict:** no K-FAC point lies within that cost."
+    clauses = [VERDICT_WORDS[kind].format(", ".join(m for m, r in relation.items() if r == kind))
+               for kind in VERDICT_WORDS if kind in relation.values()]
+    return "**Verdict:** within that cost K-FAC's frontier " + "; it ".join(clauses) + "."
 
 
 def map_versus_sweep(seed: dict[str, Any]) -> list[str]:
