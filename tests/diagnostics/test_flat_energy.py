@@ -95,3 +95,18 @@ def test_a_screen_keeping_99_percent_of_members_skips_the_non_members_below_its_
     assert screen_savings(members, nonmembers, 0.5) == pytest.approx(4 / 5)  # below the median 5.0
     with pytest.raises(FlatEnergyError, match="member and non-member"):
         screen_savings([], nonmembers)
+
+
+def test_score_separation_pairs_members_only_with_their_own_stratum_and_averages_the_screen():
+    from curvedit.diagnostics.flat_energy import score_separation
+
+    # each stratum alone separates perfectly, but stratum 2's members score below stratum 1's
+    # non-members: pooled they would not, stratified they do
+    strata = [([0.9, 0.8, 0.7], [0.5, 0.4]), ([0.3, 0.2], [0.1, 0.05, 0.0])]
+    result = score_separation(strata)
+    assert result["auroc"]["value"] == pytest.approx(1.0)
+    assert result["skipped_at_99_recall"] == pytest.approx(1.0)  # below the least member in each stratum
+    one = score_separation([([0.3, 0.9], [0.5, 0.1])])  # 3 of the 4 member/non-member pairs ordered right
+    assert one["auroc"]["value"] == pytest.approx(0.75) and one["skipped_at_99_recall"] == pytest.approx(0.5)
+    with pytest.raises(FlatEnergyError, match="every stratum"):
+        score_separation([([0.1], [])])

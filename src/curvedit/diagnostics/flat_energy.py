@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from curvedit.diagnostics.analysis import ProbeSet, visit_target_inputs
 from curvedit.errors import CurveditError
+from curvedit.evaluate.privacy import stratified_auroc_interval
 from curvedit.kfac.spectrum import Eigenbasis
 from curvedit.kfac.targets import Target
 
@@ -134,3 +136,27 @@ def screen_savings(member_scores: Sequence[float], nonmember_scores: Sequence[fl
     threshold = float(torch.quantile(torch.tensor(member_scores, dtype=torch.float64), 1 - recall,
                                      interpolation="lower"))
     return sum(s < threshold for s in nonmember_scores) / len(nonmember_scores)
+
+
+def score_separation(strata: Sequence[tuple[Sequence[float], Sequence[float]]], recall: float = 0.99
+                     ) -> dict[str, Any]:
+    """How well a score tells members from non-members, over one or more strata (e.g. seeds).
+
+    Args:
+        strata: per stratum, (member scores, non-member scores); higher = more member-like.
+        recall: the share of members a screen keeps.
+
+    Returns:
+        "auroc": the AUROC with its stratified bootstrap 95% interval (members are compared only
+        with non-members of their own stratum; `Interval.to_dict`); "skipped_at_99_recall" (named
+        for the default recall): the mean over strata of `screen_savings`.
+
+    Raises:
+        FlatEnergyError: no stratum, or a stratum with an empty group.
+    """
+    if not strata or any(not m or not n for m, n in strata):
+        raise FlatEnergyError("a separation needs member and non-member scores in every stratum")
+    interval = stratified_auroc_interval([(np.asarray(m, dtype=float), np.asarray(n, dtype=float))
+                                          for m, n in strata])
+    skipped = [screen_savings(m, n, recall) for m, n in strata]
+    return {"auroc": interval.to_dict(), "skipped_at_99_recall": sum(skipped) / len(skipped)}

@@ -13,13 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-
 from curvedit.data import Record, default_pad_id, lm_batches
 from curvedit.diagnostics.analysis import BandOptions, band_analysis, task_family_shares, write_task_families
 from curvedit.diagnostics.attack import RelearnOptions, quantization_rows, recall_and_perplexity, relearn_curve
 from curvedit.diagnostics.converge import ConvergeOptions, plot_convergence, run_convergence
-from curvedit.diagnostics.flat_energy import flat_energy_by_group, screen_savings
+from curvedit.diagnostics.flat_energy import flat_energy_by_group, score_separation
 from curvedit.diagnostics.frontier import FrontierOptions, run_frontier
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
 from curvedit.editing.budget import bisect_amount, match_tolerance
@@ -31,7 +29,6 @@ from curvedit.editing.targeted import attach_forget_masses, forget_masses
 from curvedit.errors import CurveditError
 from curvedit.evaluate.memorization import FindOptions, find_memorized
 from curvedit.evaluate.perplexity import next_token_rankings
-from curvedit.evaluate.privacy import auroc_interval
 from curvedit.experiments.demo.measure import (
     FAMILIES,
     WorldProbe,
@@ -553,9 +550,7 @@ def label_free_score(model, tokenizer, targets, bases, probe: WorldProbe, flat_f
                            "mean": {name: sum(v) / len(v) for name, v in shares.items()},
                            "n": {name: len(v) for name, v in shares.items()}}
     for other in ("nonmembers", "general"):
-        interval = auroc_interval(np.asarray(shares["memorized"]), np.asarray(shares[other]))
-        out[f"vs_{other}"] = {"auroc": interval.to_dict(),
-                              "skipped_at_99_recall": screen_savings(shares["memorized"], shares[other], 0.99)}
+        out[f"vs_{other}"] = score_separation([(shares["memorized"], shares[other])])
     return out
 
 

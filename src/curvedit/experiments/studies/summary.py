@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from curvedit.diagnostics.flat_energy import screen_savings
+from curvedit.diagnostics.flat_energy import score_separation
 from curvedit.editing.budget import BudgetSearch, BudgetStep
 from curvedit.evaluate.intervals import Interval, bootstrap_mean, bootstrap_ratio, wilson
 from curvedit.evaluate.privacy import MIA_SCORES, stratified_auroc_interval
@@ -84,8 +84,6 @@ def flat_score(seeds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     AUROC of the recited canaries against never-implanted ones, stratified by seed with its
     bootstrap interval, and the share of non-members a screen keeping 99% of the members
     would skip (mean over seeds). None when a seed lacks the non-members' shares."""
-    import numpy as np  # noqa: PLC0415
-
     strata = []
     for seed in seeds:
         energy = seed.get("style_energy") or {}
@@ -94,10 +92,8 @@ def flat_score(seeds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         members = [x for group, v in energy.items() if group not in ("flat_fraction", "general", "nonmember")
                    for x in v["per_window"]]
         strata.append((members, energy["nonmember"]["per_window"]))
-    interval = stratified_auroc_interval([(np.asarray(m), np.asarray(n)) for m, n in strata])
-    skipped = [screen_savings(m, n, 0.99) for m, n in strata]
-    return {"auroc": interval.to_dict(), "skipped_at_99_recall": sum(skipped) / len(skipped),
-            "members": sum(len(m) for m, _ in strata), "nonmembers": sum(len(n) for _, n in strata)}
+    return score_separation(strata) | {"members": sum(len(m) for m, _ in strata),
+                                       "nonmembers": sum(len(n) for _, n in strata)}
 
 
 def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]], options: StudyOptions
