@@ -62,7 +62,8 @@ def test_never_implanted_canaries_are_fewer_when_the_prose_passages_do_not_go_ro
     assert not {c.text for c in controls} & set(implanted)
 
 
-def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path):
+def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # results.json names what lies below the working directory relative to it
     gguf = write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "tiny.gguf")  # few-shot prompts
     options = StudyOptions(
         out=tmp_path / "study", gguf=gguf, seeds=(0,), canaries=8, counts=(2, 4),
@@ -117,8 +118,10 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert [r["step"] for r in beyond["attacks"]["kfac"]["relearn_tune"]] == [0, 10, 30]
     assert "## Beyond the paper" in report and "## How the edit was chosen" in report
     assert "## Is curvature the lever?" in report and (options.out / "seed-0" / "frontier" / "frontier.png").is_file()
+    assert "**Verdict:**" in report.split("## Is curvature the lever?")[1]
     assert [d["seed"] for d in results["summary"]["implant_drift"]] == [0]
     assert (options.out / "report.md").read_text().count("|") > 50
+    assert str(tmp_path) not in (options.out / "results.json").read_text() and results["options"]["out"] == "study"
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
     # every stage is cached: a second run reads the same numbers back; without the beyond edits the
     # beyond seed keeps its layer map and frontier

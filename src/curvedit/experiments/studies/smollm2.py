@@ -86,11 +86,12 @@ def write_results(seeds: list[dict[str, Any]], options: StudyOptions, base: dict
                   base_probe: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
     """Summarize the seeds, write `results.json` and the report; return the results."""
     results = {
-        "model": base, "device": options.device,
+        "model": base | {k: display_path(base[k]) for k in ("gguf", "source") if base.get(k)},
+        "device": options.device,
         "data": {"general": options.general or "pydoc_data.topics", "train_sequences": len(data.train),
                  "heldout_sequences": len(data.heldout),
                  "seq_len": options.implant.seq_len},
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "options": {k: (display_path(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "base_probes": base_probe, "seeds": seeds, "summary": summarize(seeds, base_probe, options),
         "wall_s": round(time.perf_counter() - start, 1),
         "command": f"curvedit study run {display_path(options.config)}" if options.config else "curvedit study smollm2",
