@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from curvedit.experiments.studies.retention import implant_drift, paper_bands, retention_interval, verdict
@@ -68,7 +70,8 @@ def test_the_report_states_the_bands_the_drift_and_the_choice():
     base = {f: {"accuracy": 1.0, "correct": 10, "n": 10, "ci": [0.7, 1.0], "band": b} for f, b in bands.items()}
     s["sweep"] = {"chosen": {"layers": "10-19", "matrices": "mlp", "amount": 0.8, "perplexity": 21.0},
                   "baseline": {"perplexity": 20.0}, "floor": {"facts_common": 0.7}, "floor_met": False,
-                  "excluded": {"layers 0-29 mlp keep_fraction=0.5": "facts_common kept 10% < 70%", "other": ""}}
+                  "points": [{"label": "layers 0-29 mlp keep_fraction=0.5", "excluded": "facts_common kept 10% < 70%"},
+                             {"label": "other", "excluded": ""}]}
     results = {"seeds": [s], "base_probes": base, "summary": {
         "variants": {name: {"retention_ci": {f: retention_interval([s], name, [f]) for f in items}}
                      for name in ("kfac", "paper_placement")},
@@ -92,16 +95,19 @@ def test_the_report_sets_the_layer_map_against_the_sweep_s_probe_floor():
 
     lm = {"options": {"matrices": "mlp-in"}, "unedited": {"probes": {"facts_common": 0.8, "cloze": 0.5}},
           "placements": [block(0, 0.4), block(1, 0.6), block(2, 0.8), block(3, 0.7)]}
-    points = [{"layers": lay, "matrices": m} for lay, m in (("0-1", "mlp-in"), ("2-3", "mlp-in"), ("0-3", "mlp"))]
-    sweep = {"floor": {"facts_common": 0.7}, "points": points,
-             "excluded": {"a": "facts_common kept 10% < 70%", "b": "", "c": "perplexity 1.2x > 1.05x"}}
+    def sweep_of(*why: str) -> dict:  # labels sort otherwise than the points run, as in a sorted-key results.json
+        points = [{"label": label, "layers": lay, "matrices": m, "excluded": w} for (label, lay, m), w in zip(
+            (("z 0-1", "0-1", "mlp-in"), ("b 2-3", "2-3", "mlp-in"), ("a 0-3", "0-3", "mlp")), why)]
+        return json.loads(json.dumps({"floor": {"facts_common": 0.7}, "points": points}, sort_keys=True))
+
+    sweep = sweep_of("facts_common kept 10% < 70%", "", "perplexity 1.2x > 1.05x")
     line, table = map_versus_sweep({"seed": 3, "layer_map": lm, "sweep": sweep})
     assert "Ranked by the map's probe cost: 2-3, 0-1" in line  # 0-1 loses 30 points per block, 2-3 loses 5
     assert "the placements that met it are the map's cheapest" in line
     assert "| 0-1 | 30.0 | 0.50 | 1.00 | no (facts_common kept 10% < 70%) |" in table
     assert "| 2-3 | 5.0 | 2.50 | 5.00 | yes |" in table
     assert "0-3" not in table  # the map measured mlp-in only
-    sweep["excluded"] = {"a": "", "b": "facts_common kept 10% < 70%", "c": ""}
+    sweep = sweep_of("", "facts_common kept 10% < 70%", "")
     assert "the map's cheapest placements are not the ones that met it" in map_versus_sweep(
         {"seed": 3, "layer_map": lm, "sweep": sweep})[0]
     assert map_versus_sweep({"seed": 3, "layer_map": None, "sweep": sweep}) == []

@@ -11,6 +11,7 @@ from curvedit.evaluate.capabilities import FAMILIES
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.studies.canary_stage import split_halves
 from curvedit.experiments.studies.options import StudyOptions
+from curvedit.experiments.studies.report import write_study_report
 from curvedit.experiments.studies.smollm2 import run_study
 from curvedit.experiments.studies.summary import VARIANTS
 from curvedit.memorize.implant import ImplantOptions
@@ -122,6 +123,8 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert [d["seed"] for d in results["summary"]["implant_drift"]] == [0]
     assert (options.out / "report.md").read_text().count("|") > 50
     assert str(tmp_path) not in (options.out / "results.json").read_text() and results["options"]["out"] == "study"
+    again = write_study_report(json.loads((options.out / "results.json").read_text()), tmp_path / "from-file")
+    assert again.read_text() == report  # the file (its keys sorted) writes the run's own report
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
     # every stage is cached: a second run reads the same numbers back; without the beyond edits the
     # beyond seed keeps its layer map and frontier

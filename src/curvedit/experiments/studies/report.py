@@ -12,22 +12,24 @@ from curvedit.experiments.studies.retention import IMPLANT_DRIFT_POINTS, IMPLANT
 from curvedit.io import display_path
 from curvedit.plots import pyplot, save_figure
 
+# every variant's label, in the order the study measures them (and the report shows them)
 LABELS = {"unedited": "unedited (implanted)", "kfac": "K-FAC", "random_count": "random, K-FAC's count",
           "random_ppl": "random, matched ppl", "svd": "SVD, matched ppl", "bsn": "BalancedSubnet",
-          "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl",
-          "kfac_protect_arithmetic": "K-FAC, arithmetic protected", "kfac_protect_facts_common":
-          "K-FAC, common facts protected", "kfac_protect_facts_rare": "K-FAC, rare facts protected",
-          "step": "coherent step from the tune half, K-FAC's ppl",
-          "kfac_protect_arithmetic_matched": "K-FAC, arithmetic protected, K-FAC's tune removal",
-          "kfac_protect_facts_common_matched": "K-FAC, common facts protected, K-FAC's tune removal",
-          "kfac_protect_facts_rare_matched": "K-FAC, rare facts protected, K-FAC's tune removal",
-          "kfac_strict": "K-FAC, least edit with tune strict <= bound",
-          "kfac_protect_arithmetic_strict": "K-FAC, arithmetic protected, tune strict <= bound",
-          "kfac_protect_facts_common_strict": "K-FAC, common facts protected, tune strict <= bound",
-          "kfac_protect_facts_rare_strict": "K-FAC, rare facts protected, tune strict <= bound",
-          "paper_placement": "K-FAC, the paper's placement", "kfac_self_factors": "K-FAC, factors on its own samples",
+          "kfac_self_factors": "K-FAC, factors on its own samples",
           "kfac_mix_factors": "K-FAC, factors half pydoc half own samples",
-          "kfac_pydoc_factors": "K-FAC, factors on pydoc text"}
+          "kfac_pydoc_factors": "K-FAC, factors on pydoc text", "paper_placement": "K-FAC, the paper's placement",
+          "step": "coherent step from the tune half, K-FAC's ppl",
+          "kfac_strict": "K-FAC, least edit with tune strict <= bound",
+          "kfac_protect_arithmetic": "K-FAC, arithmetic protected",
+          "kfac_protect_arithmetic_matched": "K-FAC, arithmetic protected, K-FAC's tune removal",
+          "kfac_protect_arithmetic_strict": "K-FAC, arithmetic protected, tune strict <= bound",
+          "kfac_protect_facts_common": "K-FAC, common facts protected",
+          "kfac_protect_facts_common_matched": "K-FAC, common facts protected, K-FAC's tune removal",
+          "kfac_protect_facts_common_strict": "K-FAC, common facts protected, tune strict <= bound",
+          "kfac_protect_facts_rare": "K-FAC, rare facts protected",
+          "kfac_protect_facts_rare_matched": "K-FAC, rare facts protected, K-FAC's tune removal",
+          "kfac_protect_facts_rare_strict": "K-FAC, rare facts protected, tune strict <= bound",
+          "ekfac": "EK-FAC masses, matched ppl", "targeted": "targeted (forget = tune half), matched ppl"}
 COMMAND = "curvedit study smollm2"
 
 
@@ -129,7 +131,9 @@ def seed_table(results: dict[str, Any]) -> str:
 def style_table(results: dict[str, Any]) -> str:
     """Held-out strict / loose per canary style, pooled over seeds, with 95% Wilson intervals."""
     variants = results["summary"]["variants"]
-    styles = list(next(iter(variants.values()))["by_style"])
+    implanted = list(results["options"]["styles"])  # in the order the study file names them
+    styles = sorted(next(iter(variants.values()))["by_style"],
+                    key=lambda st: implanted.index(st) if st in implanted else len(implanted))
     rows = [[LABELS.get(n, n), *[_rates([w for s in results["seeds"] for w in s["variants"][n]["heldout"]["per_window"]
                                          if w["style"] == st]) for st in styles]] for n in variants]
     return _table(["variant", *[f"{st} strict / loose" for st in styles]], rows)
@@ -141,7 +145,7 @@ def probe_table(results: dict[str, Any]) -> str:
     base = results["base_probes"]
     names = list(results["summary"]["variants"])
     rows = []
-    for family, score in base.items():
+    for family, score in sorted(base.items()):
         n = score["n"]
         per = [[s["variants"][v]["probes"].get(family) for s in results["seeds"] if v in s["variants"]]
                for v in names]
@@ -271,7 +275,7 @@ def choice_section(results: dict[str, Any]) -> list[str]:
             head += (f" under the probe floor {', '.join(f'{k} {v:.0%}' for k, v in floor.items())}: "
                      + ("met" if sweep.get("floor_met") else "**no point kept it; this is the perplexity-only "
                                                              "choice**"))
-        excluded = [[label, reason] for label, reason in (sweep.get("excluded") or {}).items() if reason]
+        excluded = [[p["label"], p["excluded"]] for p in sweep["points"] if p["excluded"]]
         parts += [head + "."] + ([_table(["point", "excluded because"], excluded)] if excluded else [])
     return parts
 
@@ -390,9 +394,10 @@ def map_versus_sweep(seed: dict[str, Any]) -> list[str]:
     base = lm["unedited"]["probes"]
     held = [f for f in sweep["floor"] if f in base]
     rows, ranked = [], []
-    for point, why in zip(sweep["points"], sweep["excluded"].values()):
+    for point in sweep["points"]:
         if point["matrices"] != lm["options"]["matrices"]:
             continue
+        why = point["excluded"]
         span = [int(x) for x in point["layers"].split("-")]
         blocks = [singles[b] for b in range(span[0], span[-1] + 1) if b in singles]
         if not blocks or not held:
@@ -448,8 +453,7 @@ def energy_table(results: dict[str, Any]) -> str | None:
 
 def targets_table(results: dict[str, Any]) -> str:
     """The issue's targets, per seed."""
-    checks = results["summary"]["targets"]
-    keys = [k for k in checks[0] if k != "seed"]
+    checks, keys = results["summary"]["targets"], results["summary"]["target_names"]
     return _table(["seed", *keys], [[str(c["seed"]), *["met" if c[k] else "**not met**" for k in keys]]
                                     for c in checks])
 
@@ -522,8 +526,34 @@ def recall_figure(results: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# a seed's stages in the order it runs them (`curvedit.experiments.studies.seed.run_seed`)
+STAGES = ("implant", "find_memorized", "collect", "sweep", *LABELS, "beyond", "layer_map", "frontier", "style_energy",
+          "analysis")
+
+
+def _in_order(named: dict[str, Any]) -> dict[str, Any]:
+    """`named` (variant or stage name -> anything) in `STAGES` order, names it does not know last."""
+    order = {name: i for i, name in enumerate(STAGES)}
+    return dict(sorted(named.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def in_study_order(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` with every variant mapping (the summary's, each seed's, the attacked variants) and
+    each seed's timings in the order the study measures them, as it holds them in memory; `results.json` keeps its keys
+    sorted, so a report written from the file reads the same as one written by the run."""
+    def seed(s: dict[str, Any]) -> dict[str, Any]:
+        beyond = s.get("beyond")
+        return s | {"variants": _in_order(s["variants"]), "timings_s": _in_order(s["timings_s"])} | (
+            {"beyond": beyond | {"attacks": _in_order(beyond["attacks"])}} if beyond else {})
+
+    return results | {"summary": results["summary"] | {"variants": _in_order(results["summary"]["variants"])},
+                      "seeds": [seed(s) for s in results["seeds"]]}
+
+
 def write_study_report(results: dict[str, Any], out: Path) -> Path:
-    """Write `report.md`, `recall_vs_ppl.png` and `retention.png` into `out`."""
+    """Write `report.md`, `recall_vs_ppl.png` and `retention.png` into `out` (from the run's
+    results, or from its `results.json`: the same report)."""
+    results = in_study_order(results)
     recall_figure(results, out / "recall_vs_ppl.png")
     retention = retention_figure(results, out / "retention.png")
     model = results["model"]
@@ -543,7 +573,8 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
         f"{results['data']['train_sequences']} for training and factors, {results['data']['heldout_sequences']} "
         "held out.",
         f"Per seed: {opts['canaries']} canaries (styles {' / '.join(opts['styles'])}, repeat counts "
-        f"{opts['counts']} per pass) implanted by full fine-tuning with general text in every step"
+        f"{' / '.join(map(str, opts['counts']))} per pass) implanted by full fine-tuning with general text in "
+        "every step"
         + (" (KL to the base model's next-token distribution on it" + (f", {opts['replay_samples']} of the base "
            "model's own samples among it" if opts.get("replay_samples") else "") + ")"
            if opts["implant"].get("preserve") == "kl" else "") + "; recited canaries split into tune and "

@@ -553,9 +553,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
             "layer_map": layer_map_result, "frontier": frontier_result, "style_energy": style_energy_result,
             "canaries": manifest["canaries"], "found": {"tune": len(tune), "heldout": len(heldout)},
             "sweep": {"chosen": chosen, "floor": floor, "floor_met": floor_met if floor is not None else None,
-                      "excluded": {p["label"]: p["excluded"] for p in swept["points"]},
-                      "points": [{k: p[k] for k in ("layers", "matrices", "amount", "kept", "total",
-                                                                      "strict", "loose", "perplexity")}
-                                                   for p in swept["points"]],
+                      "points": [{k: p[k] for k in ("label", "layers", "matrices", "amount", "kept", "total",
+                                                    "strict", "loose", "perplexity", "excluded")}
+                                 for p in swept["points"]],
                       "baseline": swept["baseline"]},
             "variants": variants, "timings_s": timings, **({"beyond": extra} if extra is not None else {})}
