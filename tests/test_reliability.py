@@ -285,3 +285,15 @@ def test_a_temporary_file_left_by_a_killed_write_neither_blocks_the_folder_nor_s
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert not os.path.exists(leftover) and (out / "factors.safetensors").is_file()
+
+
+def test_a_json_file_gives_its_writer_s_key_order_back(tmp_path):
+    import json
+
+    from curvedit.io import write_json
+
+    data = {"unedited": 1, "kfac": {"z": 1, "a": 2}, "bsn": [{"y": 0, "b": 1}]}
+    write_json(tmp_path / "r.json", data)
+    back = json.loads((tmp_path / "r.json").read_text())
+    assert back == data and list(back) == ["unedited", "kfac", "bsn"] and list(back["kfac"]) == ["z", "a"]
+    assert list(back["bsn"][0]) == ["y", "b"]

@@ -52,11 +52,12 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON (indented, sorted keys) atomically."""
+    """Write JSON (indented) atomically, each mapping's keys in the order they were given, so a
+    reader gets the writer's order back (a report written from the file reads as the run's own)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
+            json.dump(data, handle, indent=2)
             handle.write("\n")
 
     _atomic(Path(path), write)
