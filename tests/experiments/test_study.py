@@ -118,13 +118,15 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
                                                                                             "targeted", "bsn"}
     assert [r["step"] for r in beyond["attacks"]["kfac"]["relearn_tune"]] == [0, 10, 30]
     assert "## Beyond the paper" in report and "## How the edit was chosen" in report
+    beyond_part = report.split("## Beyond the paper")[1]  # the targeted edit beside the step, with intervals
+    assert "| coherent step from the tune half, K-FAC's ppl |" in beyond_part and "% [" in beyond_part
     assert "## Is curvature the lever?" in report and (options.out / "seed-0" / "frontier" / "frontier.png").is_file()
     assert "**Verdict:**" in report.split("## Is curvature the lever?")[1]
     assert [d["seed"] for d in results["summary"]["implant_drift"]] == [0]
     assert (options.out / "report.md").read_text().count("|") > 50
     assert str(tmp_path) not in (options.out / "results.json").read_text() and results["options"]["out"] == "study"
     again = write_study_report(json.loads((options.out / "results.json").read_text()), tmp_path / "from-file")
-    assert again.read_text() == report  # the file (its keys sorted) writes the run's own report
+    assert again.read_text() == report  # read back from the file, the run writes its own report again
     assert (options.out / "recall_vs_ppl.png").is_file() and (options.out / "seed-0" / "sweep.json").is_file()
     # every stage is cached: a second run reads the same numbers back; without the beyond edits the
     # beyond seed keeps its layer map and frontier
