@@ -131,9 +131,7 @@ def seed_table(results: dict[str, Any]) -> str:
 def style_table(results: dict[str, Any]) -> str:
     """Held-out strict / loose per canary style, pooled over seeds, with 95% Wilson intervals."""
     variants = results["summary"]["variants"]
-    implanted = list(results["options"]["styles"])  # in the order the study file names them
-    styles = sorted(next(iter(variants.values()))["by_style"],
-                    key=lambda st: implanted.index(st) if st in implanted else len(implanted))
+    styles = list(next(iter(variants.values()))["by_style"])
     rows = [[LABELS.get(n, n), *[_rates([w for s in results["seeds"] for w in s["variants"][n]["heldout"]["per_window"]
                                          if w["style"] == st]) for st in styles]] for n in variants]
     return _table(["variant", *[f"{st} strict / loose" for st in styles]], rows)
@@ -453,7 +451,8 @@ def energy_table(results: dict[str, Any]) -> str | None:
 
 def targets_table(results: dict[str, Any]) -> str:
     """The issue's targets, per seed."""
-    checks, keys = results["summary"]["targets"], results["summary"]["target_names"]
+    checks = results["summary"]["targets"]
+    keys = [k for k in checks[0] if k != "seed"]
     return _table(["seed", *keys], [[str(c["seed"]), *["met" if c[k] else "**not met**" for k in keys]]
                                     for c in checks])
 
@@ -528,34 +527,9 @@ def recall_figure(results: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-# a seed's stages in the order it runs them (`curvedit.experiments.studies.seed.run_seed`)
-STAGES = ("implant", "find_memorized", "collect", "sweep", *LABELS, "beyond", "layer_map", "frontier", "style_energy",
-          "analysis")
-
-
-def _in_order(named: dict[str, Any]) -> dict[str, Any]:
-    """`named` (variant or stage name -> anything) in `STAGES` order, names it does not know last."""
-    order = {name: i for i, name in enumerate(STAGES)}
-    return dict(sorted(named.items(), key=lambda item: order.get(item[0], len(order))))
-
-
-def in_study_order(results: dict[str, Any]) -> dict[str, Any]:
-    """`results` with every variant mapping (the summary's, each seed's, the attacked variants) and
-    each seed's timings in the order the study measures them, as it holds them in memory; `results.json` keeps its keys
-    sorted, so a report written from the file reads the same as one written by the run."""
-    def seed(s: dict[str, Any]) -> dict[str, Any]:
-        beyond = s.get("beyond")
-        return s | {"variants": _in_order(s["variants"]), "timings_s": _in_order(s["timings_s"])} | (
-            {"beyond": beyond | {"attacks": _in_order(beyond["attacks"])}} if beyond else {})
-
-    return results | {"summary": results["summary"] | {"variants": _in_order(results["summary"]["variants"])},
-                      "seeds": [seed(s) for s in results["seeds"]]}
-
-
 def write_study_report(results: dict[str, Any], out: Path) -> Path:
     """Write `report.md`, `recall_vs_ppl.png` and `retention.png` into `out` (from the run's
     results, or from its `results.json`: the same report)."""
-    results = in_study_order(results)
     recall_figure(results, out / "recall_vs_ppl.png")
     retention = retention_figure(results, out / "retention.png")
     model = results["model"]

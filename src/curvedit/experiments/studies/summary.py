@@ -156,5 +156,4 @@ def summarize(seeds: list[dict[str, Any]], base_probe: dict[str, dict[str, Any]]
             "svd_loose>=2x_kfac": v["svd"]["heldout"]["loose"] >= 2 * kfac["heldout"]["loose"] - 1e-12,
         })
     return {"variants": table, "probes_used": used, "probes_for_retention": kept, "targets": checks,
-            "target_names": [k for k in checks[0] if k != "seed"],  # in order (results.json sorts the keys)
             "paper_bands": bands, "implant_drift": drift, "flat_score": flat_score(seeds)}
