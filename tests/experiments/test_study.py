@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
 
 from curvedit.evaluate.capabilities import FAMILIES
 from curvedit.evaluate.windows import Window
+from curvedit.experiments.studies import implanted
 from curvedit.experiments.studies.canary_stage import split_halves
-from curvedit.experiments.studies.options import StudyOptions
+from curvedit.experiments.studies.options import StudyError, StudyOptions
 from curvedit.experiments.studies.report import write_study_report
 from curvedit.experiments.studies.smollm2 import run_study
 from curvedit.experiments.studies.summary import VARIANTS
@@ -63,7 +65,7 @@ def test_never_implanted_canaries_are_fewer_when_the_prose_passages_do_not_go_ro
     assert not {c.text for c in controls} & set(implanted)
 
 
-def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path, monkeypatch):
+def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_records_back(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # results.json names what lies below the working directory relative to it
     gguf = write_tiny_llama_gguf(tiny_llama(context=1024), tmp_path / "tiny.gguf")  # few-shot prompts
     options = StudyOptions(
@@ -90,7 +92,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
     assert results["model"]["quantization"] == "F32" and results["model"]["name"] == "tiny"  # the file's own name
     assert seed["implant"]["kl_after"] is not None  # the KL implant replayed the model's own samples
-    assert (options.cache / "seed-0" / "self-samples.json").is_file()  # half the factor text: its own samples
+    assert (options.records / "seed-0" / "self-samples.json").is_file()  # half the factor text: its own samples
     assert [p["layers"] for p in seed["layer_map"]["placements"]] == ["0", "1"]  # the 2-block model's map
     assert (options.out / "seed-0" / "layer_map.png").is_file()
     energy = seed["style_energy"]
@@ -135,6 +137,23 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_cache_back(tmp_path
     assert "beyond" not in again["seeds"][0]
     for part in ("layer_map", "frontier"):
         assert json.dumps(again["seeds"][0][part], sort_keys=True) == json.dumps(seed[part], sort_keys=True)
+    # the records alone carry the study to another machine: without the cache (models, factors) a
+    # recorded seed is read back without implanting or collecting
+    shutil.rmtree(options.cache / "seed-0")
+    monkeypatch.setattr(implanted, "implant_seed", lambda *a, **k: pytest.fail("implanted again"))
+    monkeypatch.setattr(implanted, "collect_factors", lambda *a, **k: pytest.fail("collected again"))
+    moved = run_study(options, log=lambda _: None)
+    assert json.dumps(moved["seeds"][0]["variants"], sort_keys=True) == json.dumps(seed["variants"], sort_keys=True)
+    monkeypatch.undo()
+    # a stage still to run on a model implanted anew that differs from the recorded one stops the
+    # study rather than mixing two runs
+    record = options.records / "seed-0" / "implant.json"
+    stored = json.loads(record.read_text())
+    stored["value"]["weights_sha256"] = "0" * 64
+    record.write_text(json.dumps(stored))
+    (options.records / "seed-0" / "variants" / "svd.json").unlink()
+    with pytest.raises(StudyError, match="not the one the records"):
+        run_study(options, log=lambda _: None)
 
 
 def test_the_base_model_cache_is_keyed_by_the_gguf_s_content_not_its_size(tmp_path):

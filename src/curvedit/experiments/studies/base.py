@@ -164,7 +164,7 @@ def base_probes(base_dir: Path, options: StudyOptions) -> dict[str, dict[str, An
                             pad_id=default_pad_id(tokenizer))
         return {s.family: s.to_dict() for s in score_families(results, options.probe_margin)}
 
-    return cached(options.cache / "base-probes.json",
+    return cached(options.records / "base-probes.json",
                   content_key({"items": options.probe_items, "margin": options.probe_margin, "v": 2,
                         "model": json.loads((base_dir / "study-base.json").read_text())["sha256"],
                         **({"families": list(options.probe_families)} if options.probe_families else {})}), compute)

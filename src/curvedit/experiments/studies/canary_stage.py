@@ -58,17 +58,30 @@ def nonmember_canaries(options: StudyOptions, seed: int, implanted: Sequence[str
     return generate_canaries(n, seed + NONMEMBER_SEED, styles, options.counts, avoid=implanted)
 
 
+def implant_key(seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any]) -> str:
+    """The content key of a seed's implant: the base model, the canaries and every implant setting."""
+    implant_options = replace(options.implant, seed=seed, progress=options.progress)
+    canaries = generate_canaries(options.canaries, seed, options.styles, options.counts)
+    return content_key({"base": base["sha256"], "canaries": options.canaries, "counts": options.counts,
+                        "implant": implant_options.fingerprint_fields(), "data": content_key(data.train),
+                        **({"replay": options.replay_samples} if options.replay_samples else {}),
+                        "texts": content_key([c.to_dict() for c in canaries])})
+
+
 def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any]) -> Path:
-    """Implant the seed's canaries into the base model (cached by its settings)."""
+    """Implant the seed's canaries into the base model, or reuse the implanted model in the
+    cache when it was made with the same settings (`implant_key`); an interrupted implant
+    resumes from its checkpoint.
+
+    Returns:
+        The implanted model's folder (its `study-key.json` holds the key).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     out = options.cache / f"seed-{seed}" / "implanted"
     implant_options = replace(options.implant, seed=seed, progress=options.progress)
     canaries = generate_canaries(options.canaries, seed, options.styles, options.counts)
-    key = content_key({"base": base["sha256"], "canaries": options.canaries, "counts": options.counts,
-                "implant": implant_options.fingerprint_fields(), "data": content_key(data.train),
-                **({"replay": options.replay_samples} if options.replay_samples else {}),
-                "texts": content_key([c.to_dict() for c in canaries])})
+    key = implant_key(seed, data, options, base)
     stamp = out / "study-key.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return out
@@ -107,7 +120,7 @@ def factor_sequences(model: torch.nn.Module, tokenizer: Any, data: StudyData, op
             n=count, seq_len=seq_len, seed=seed + FACTOR_SAMPLE_SEED, batch_size=64, progress=options.progress))
 
     key = content_key({"model": model_key, "n": count, "seq_len": seq_len, "seed": seed + FACTOR_SAMPLE_SEED})
-    samples = cached(options.cache / f"seed-{seed}" / "self-samples.json", key, draw)
+    samples = cached(options.records / f"seed-{seed}" / "self-samples.json", key, draw)
     own, total = [], 0
     for seq in samples:
         if wanted - total < 2:

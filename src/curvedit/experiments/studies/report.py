@@ -537,9 +537,10 @@ def write_study_report(results: dict[str, Any], out: Path) -> Path:
     seeds = [s["seed"] for s in results["seeds"]]
     sections = [
         f"# curvedit on a real pretrained LM: {model['name']}",
-        f"Reproduce: `{results.get('command', COMMAND)}`; stages are cached in `{display_path(opts['out'])}/cache`. "
-        f"This run: device {results['device']}, seeds {seeds}; {results['wall_s'] / 60:.0f} min of wall time for "
-        "this invocation (a stage read back from the cache counts only its reading).",
+        f"Reproduce: `{results.get('command', COMMAND)}`; every stage is recorded in `{display_path(opts['out'])}/"
+        f"records` (the models and factors it was measured on in `cache`). This run: device {results['device']}, "
+        f"seeds {seeds}; {results['wall_s'] / 60:.0f} min of wall time for this invocation (a stage read back from "
+        "its record counts only its reading).",
         f"Model: {model['name']} ({model['parameters'] / 1e6:.0f}M parameters) from "
         f"`{Path(model.get('gguf') or model.get('source') or model['name']).name}`"
         + (f" ({model['quantization']}, dequantized to float32" + (f"; wheel {model['wheel']}" if model.get('wheel')

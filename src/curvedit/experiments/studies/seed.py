@@ -1,18 +1,16 @@
 """Every stage of one implant seed: implant, find, collect, sweep, then every variant
-measured, each stage cached by what it depends on.
+measured, each stage recorded under the key of what it depends on (`ImplantedSeed` makes the
+model and factors only when a stage has to run).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
-from curvedit.data import default_pad_id, lm_batches
+from curvedit.data import lm_batches
 from curvedit.diagnostics.frontier import FRONTIER_JOURNAL, FrontierOptions, run_frontier
 from curvedit.diagnostics.layer_map import LAYER_MAP_JOURNAL, middle_three
 from curvedit.editing.balanced_subnet import BSNOptions, bsn_within_budget
@@ -31,15 +29,13 @@ from curvedit.editing.sweep import (
     run_sweep,
 )
 from curvedit.evaluate.memorization import evaluate_recitation
-from curvedit.evaluate.perplexity import next_token_rankings
 from curvedit.evaluate.windows import Window
 from curvedit.experiments.stages import Timer, cached, content_key
-from curvedit.experiments.studies.base import PROBE_SEED, StudyData, base_losses, study_tasks
+from curvedit.experiments.studies.base import PROBE_SEED, StudyData, study_tasks
 from curvedit.experiments.studies.beyond import BEYOND, beyond_paper
 from curvedit.experiments.studies.canary_stage import (
     factor_sequences,
     find_canaries,
-    implant_seed,
     nonmember_canaries,
     split_halves,
     style_of,
@@ -52,6 +48,7 @@ from curvedit.experiments.studies.capability_stages import (
     style_energy,
     variant_name,
 )
+from curvedit.experiments.studies.implanted import ImplantedSeed
 from curvedit.experiments.studies.measure import (
     SeedProbe,
     edit_and_measure,
@@ -60,10 +57,11 @@ from curvedit.experiments.studies.measure import (
     run_band_analysis,
 )
 from curvedit.experiments.studies.options import FACTOR_DATA, StudyError, StudyOptions
+from curvedit.experiments.studies.variant_kit import VariantKit
 from curvedit.kfac.collect import CollectOptions, collect_factors
 from curvedit.kfac.factors import save_factors
 from curvedit.kfac.spectrum import load_bases
-from curvedit.kfac.targets import TargetSpec, select_targets
+from curvedit.kfac.targets import select_targets
 from curvedit.memorize.implant import canary_token_ids
 from curvedit.models import restored
 
@@ -163,7 +161,7 @@ def other_factors_variant(model: Any, tokenizer: Any, targets: list[Any], data: 
         The variant's measurements with the bisection and a note.
     """
     text = factor_sequences(model, tokenizer, data, replace(options, factor_data=kind), seed, model_key)
-    other_dir = folder / f"factors-{kind}"
+    other_dir = folder / f"factors-{kind}"  # in the seed's cache
     save_factors(collect_factors(model, lm_batches(text, options.factor_batch, pad_id), targets, options=(
         CollectOptions(seed=seed, progress=options.progress, total_tokens=sum(len(t) for t in text),
                        description=FACTOR_DATA[kind]))), other_dir)
@@ -305,19 +303,21 @@ def step_variant(model: Any, tokenizer: Any, targets: list[Any], bases: dict[str
                  f"({norm / step.deletion_norm:.2f} x the deletion's), the largest within K-FAC's perplexity")}
 
 
-def seed_frontier(model: Any, tokenizer: Any, factor_dir: Path, targets: list[Any], heldout: Sequence[Window],
-                  ppl_text: Sequence[Sequence[int]], options: StudyOptions, seed: int) -> Any:
+def seed_frontier(seeded: ImplantedSeed, targets: list[Any], heldout: Sequence[Window],
+                  ppl_text: Sequence[Sequence[int]], options: StudyOptions) -> Any:
     """The frontier of every method at a seed's chosen placement (`curvedit.diagnostics.frontier`,
     the study's `frontier_keep` amounts), written to `out/seed-N/frontier/`; an interrupted one
-    resumes from its journal in the seed's cache folder.
+    resumes from its journal in the seed's records.
 
     Returns:
         The `FrontierResult`.
     """
+    seed = seeded.seed
     out = options.out / f"seed-{seed}" / "frontier"
-    result = run_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, FrontierOptions(
-        keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed), batch_size=options.batch_size,
-        progress=options.progress), journal=options.cache / f"seed-{seed}" / FRONTIER_JOURNAL)
+    frontier_options = FrontierOptions(keep_fractions=options.frontier_keep, settings=replace(options.edit, seed=seed),
+                                       batch_size=options.batch_size, progress=options.progress)
+    result = run_frontier(seeded.model, seeded.tokenizer, seeded.factor_dir, targets, heldout, ppl_text,
+                          frontier_options, journal=seeded.records / FRONTIER_JOURNAL)
     result.write(out)
     return result
 
@@ -345,58 +345,54 @@ def match_recall(apply: Callable[[float], Any], recall: Callable[[], float], tar
             "steps": [{"amount": s.amount, "recall": -s.value} for s in found.steps]}
 
 
-def protection_variants(variant: Callable[..., None], model: Any, tokenizer: Any, targets: list[Any],
-                        bases: dict[str, Any], kfac_plan: EditPlan, kfac_tune_loose: float, probe: SeedProbe,
-                        reference: Any, options: StudyOptions, probes_used: Sequence[str], pad_id: int,
-                        seed: int) -> None:
+def protection_variants(variant: Callable[..., None], kit: VariantKit, kfac_plan: EditPlan, kfac_tune_loose: float,
+                        options: StudyOptions, probes_used: Sequence[str]) -> None:
     """K-FAC at the strict bound (`protect_strict`), and per band with a usable family its
     protected edits: at K-FAC's amount, at K-FAC's tune loose recall (`protect_match`) and at
     the strict bound. `variant(name, compute, settings)` measures one or reads it back; a
-    band's protect factors are collected once, and only when one of its variants is measured."""
+    band's protect factors are collected once, only when one of its variants is measured."""
+    seeded = kit.seeded
+    tokenizer, pad_id, seed = seeded.tokenizer, seeded.pad_id, seeded.seed
     if options.protect_strict is not None:
-        variant("kfac_strict", lambda: strict_variant(model, tokenizer, targets, bases, "K-FAC", probe, reference,
-                                                      options, pad_id), ["tune-strict", options.protect_strict])
+        variant("kfac_strict", lambda: strict_variant(seeded.model, tokenizer, kit.targets, kit.bases, "K-FAC",
+                                                      kit.probe, kit.reference, options, pad_id),
+                ["tune-strict", options.protect_strict])
     for band, families in (protect_bands(probes_used).items() if options.protect_items else ()):
-        # collected once per band, and only when a variant of it is not read back from the cache
         protection = functools.cache(lambda families=families: band_protection(
-            model, tokenizer, targets, bases, families, options, pad_id, seed))
+            seeded.model, tokenizer, kit.targets, kit.bases, families, options, pad_id, seed))
         variant(variant_name(band), lambda band=band, families=families, protection=protection: protected_variant(
-            model, tokenizer, targets, protection(), kfac_plan, band, families, probe, reference, options, pad_id),
-            options.protect_items)
+            seeded.model, tokenizer, kit.targets, protection(), kfac_plan, band, families, kit.probe, kit.reference,
+            options, pad_id), options.protect_items)
         if options.protect_match:
             variant(variant_name(band) + "_matched", lambda band=band, families=families, protection=protection:
-                    protected_variant(model, tokenizer, targets, protection(), kfac_plan, band, families, probe,
-                                      reference, options, pad_id, match_tune_loose=kfac_tune_loose),
+                    protected_variant(seeded.model, tokenizer, kit.targets, protection(), kfac_plan, band, families,
+                                      kit.probe, kit.reference, options, pad_id, match_tune_loose=kfac_tune_loose),
                     [options.protect_items, "tune-loose"])
         if options.protect_strict is not None:
             variant(variant_name(band) + "_strict", lambda band=band, families=families, protection=protection:
-                    strict_variant(model, tokenizer, targets, protection()[0], f"K-FAC with {band} protected", probe,
-                                   reference, options, pad_id)
+                    strict_variant(seeded.model, tokenizer, kit.targets, protection()[0],
+                                   f"K-FAC with {band} protected", kit.probe, kit.reference, options, pad_id)
                     | {"protected": {"band": band, "families": families, "items": protection()[1]}},
                     [options.protect_items, "tune-strict", options.protect_strict])
 
 
 def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, base: dict[str, Any],
              probes_used: Sequence[str], log: Callable[[str], None], beyond: bool = False) -> dict[str, Any]:
-    """Every stage for one implant seed; returns its results (also cached per stage). With
-    `beyond`, also the work beyond the paper (`beyond_paper`: EK-FAC masses, the targeted edit,
-    durability attacks), under "beyond"."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-
-    folder = options.cache / f"seed-{seed}"
+    """Every stage for one implant seed; returns its results. Each stage is recorded in
+    `options.records` under the key of what it depends on and read back from there; the
+    implanted model and the factors are made (`ImplantedSeed`) only when a stage has to run.
+    With `beyond`, also the work beyond the paper (`beyond_paper`: EK-FAC masses, the targeted
+    edit, durability attacks), under "beyond"."""
+    seeded = ImplantedSeed(base_dir, seed, data, options, base)
+    folder = seeded.records
     timer = Timer(lambda name: log(f"seed {seed}: {name}"))
     stage, timings = timer.stage, timer.seconds
 
-    implanted = stage("implant", lambda: implant_seed(base_dir, seed, data, options, base),
-                      options.cache / f"seed-{seed}" / "implanted" / "study-key.json")
-    manifest = json.loads((implanted / "curvedit-implant.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(implanted, dtype=torch.float32).to(options.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(implanted)
-    pad_id = default_pad_id(tokenizer)
-    model_key = content_key({"implant": json.loads((implanted / "study-key.json").read_text())["key"]})
+    manifest = stage("implant", lambda: seeded.implant, folder / "implant.json")["manifest"]
+    tokenizer, model_key = seeded.tokenizer, seeded.model_key
 
     def found() -> dict[str, Any]:
-        windows, styles = find_canaries(model, tokenizer, manifest, options)
+        windows, styles = find_canaries(seeded.model, tokenizer, manifest, options)
         tune, heldout = split_halves(windows, styles, seed)
         return {"tune": [asdict(w) for w in tune], "heldout": [asdict(w) for w in heldout]}
 
@@ -406,22 +402,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         raise StudyError(f"seed {seed}: the {len(tune) + len(heldout)} recited canaries leave the tune or the "
                          "held-out half empty (the halves split each style, so a style needs two recited canaries): "
                          "raise the canaries, the implant steps or the learning rate")
-    targets_all = select_targets(model, TargetSpec(preset="mlp"))
-    factor_dir = folder / "factors"
-    factor_key = content_key({"model": model_key, "tokens": options.factor_tokens, "batch": options.factor_batch,
-                       **({"data": options.factor_data} if options.factor_data != "pydoc" else {})})
-
-    factor_text = factor_sequences(model, tokenizer, data, options, seed, model_key)
-
-    def collect() -> str:
-        total = sum(len(s) for s in factor_text)
-        factors = collect_factors(model, lm_batches(factor_text, options.factor_batch, pad_id), targets_all,
-                                  options=CollectOptions(seed=seed, progress=options.progress, total_tokens=total,
-                                                         description=FACTOR_DATA[options.factor_data]))
-        save_factors(factors, factor_dir)
-        return str(factor_dir)
-
-    stage("collect", lambda: cached(folder / "factors.key.json", factor_key, collect), folder / "factors.key.json")
+    factor_key = seeded.factor_key
+    stage("collect", lambda: seeded.factors, folder / "factors.key.json")
     ppl_text = data.ppl_subset(options.ppl_sequences)
     tasks = study_tasks(probes_used, options.probe_items)
     floor = held_floor(options.probe_floor, probes_used)
@@ -436,7 +418,7 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                              "tune": halves["tune"], "ppl": options.ppl_sequences})
 
     def sweep() -> dict[str, Any]:
-        result = run_sweep(model, tokenizer, factor_dir, grid, tune, ppl_text, sweep_options,
+        result = run_sweep(seeded.model, tokenizer, seeded.factor_dir, grid, tune, ppl_text, sweep_options,
                            tasks=study_tasks(held, options.probe_items) if floor is not None else (),
                            journal=folder / SWEEP_JOURNAL)  # an interrupted study resumes at the next cell
         result.write(options.out / f"seed-{seed}")
@@ -451,23 +433,20 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         raise StudyError(f"seed {seed}: no sweep point within {options.ppl_budget}x perplexity; see {options.out}/"
                          f"seed-{seed}/sweep.json")
     chosen = swept["points"][chosen_index]
-    targets = select_targets(model, matrices_spec(chosen["matrices"], chosen["layers"]))
-    bases = load_bases(targets, factor_dir, options.edit.device, options.edit.eigh_precision)
-    text = data.heldout
+    pad_id = seeded.pad_id
     implanted = [c["text"] for c in manifest["canaries"]]
     nonmembers = canary_token_ids(nonmember_canaries(options, seed, implanted), tokenizer,
                                   options.implant.prefix_len + options.implant.suffix_len)
-    members = [w.prefix_ids + w.suffix_ids for w in heldout]
-    probe = SeedProbe(tune=tune, heldout=heldout, text=text, ppl_text=ppl_text,
-                      tasks=tasks,
-                      filler=[t for s in text[-4:] for t in s], nonmembers=nonmembers,
-                      texts={"members": [tokenizer.decode(ids) for ids in members],
-                             "nonmembers": [tokenizer.decode(ids) for ids in nonmembers]},
-                      reference_losses=base_losses(base_dir, {"members": members, "nonmembers": nonmembers}, options))
-    reference = next_token_rankings(model, ppl_text, pad_id=pad_id, batch_size=options.batch_size)
+    kit = VariantKit(seeded, chosen, tune, heldout, nonmembers, tasks, data)
     kfac_plan = EditPlan([EditRule(**{chosen["amount_kind"]: chosen["amount"]})], options.edit)
     variant_key = content_key({"sweep": sweep_key, "chosen": chosen_index, "halves": halves, "v": 4,
                                "probes": [options.probe_items, list(probes_used)]})
+
+    @functools.cache
+    def kfac_ppl() -> float:
+        return cached(folder / "kfac_perplexity.json", variant_key, lambda: perplexity_after(
+            seeded.model, kit.targets, kit.bases, kfac_plan, ppl_text, pad_id, options.batch_size))
+
     bsn_settings = [options.bsn_ratios, options.bsn_epochs, options.bsn_lr]
     variants: dict[str, Any] = {}
 
@@ -477,43 +456,43 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         key = variant_key if settings is None else content_key({"variants": variant_key, name: settings})
         variants[name] = stage(name, lambda: cached(record, key, compute), record)
 
-    variant("unedited", lambda: measure(model, tokenizer, probe, reference, options))
-    variant("kfac", lambda: edit_and_measure(model, tokenizer, targets, bases, kfac_plan, probe, reference,
-                                              options))
+    variant("unedited", lambda: measure(seeded.model, tokenizer, kit.probe, kit.reference, options))
+    variant("kfac", lambda: edit_and_measure(seeded.model, tokenizer, kit.targets, kit.bases, kfac_plan, kit.probe,
+                                              kit.reference, options))
     kept_share = variants["kfac"]["kept_components"] / variants["kfac"]["total_components"]
     variant("random_count", lambda: edit_and_measure(
-        model, tokenizer, targets, bases, EditPlan([EditRule(keep_fraction=kept_share)],
-                                                       replace(options.edit, method="random", seed=seed)),
-        probe, reference, options) | {"note": "random components, as many as K-FAC keeps"})
+        seeded.model, tokenizer, kit.targets, kit.bases, EditPlan([EditRule(keep_fraction=kept_share)],
+                                                                  replace(options.edit, method="random", seed=seed)),
+        kit.probe, kit.reference, options) | {"note": "random components, as many as K-FAC keeps"})
     unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
-    kfac_ppl = perplexity_after(model, targets, bases, kfac_plan, ppl_text, pad_id, options.batch_size)
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
-        variant(name, lambda method=method: matched_control(model, tokenizer, targets, bases, method, kfac_ppl,
-                                                            unedited_ppl, probe, reference, options, pad_id, seed))
+        variant(name, lambda method=method: matched_control(
+            seeded.model, tokenizer, kit.targets, kit.bases, method, kfac_ppl(), unedited_ppl, kit.probe,
+            kit.reference, options, pad_id, seed))
 
-    variant("bsn", lambda: bsn_variant(model, tokenizer, targets, data, probe, reference, options, unedited_ppl,
-                                       pad_id, seed), bsn_settings)
+    variant("bsn", lambda: bsn_variant(seeded.model, tokenizer, kit.targets, data, kit.probe, kit.reference, options,
+                                       unedited_ppl, pad_id, seed), bsn_settings)
     for kind in (k for k in options.factor_variants if k != options.factor_data):
         variant(f"kfac_{kind}_factors", lambda kind=kind: other_factors_variant(
-            model, tokenizer, targets, data, kind, folder, model_key, probe, reference, options, unedited_ppl,
-            pad_id, seed), [kind, options.factor_tokens, options.factor_batch])
+            seeded.model, tokenizer, kit.targets, data, kind, seeded.cache, model_key, kit.probe, kit.reference,
+            options, unedited_ppl, pad_id, seed), [kind, options.factor_tokens, options.factor_batch])
     if options.paper_layers is not None:
-        paper_layers = (middle_three(1 + max(t.layer for t in targets_all)) if options.paper_layers == "middle"
-                        else options.paper_layers)
+        paper_layers = middle_three(seeded.n_layers) if options.paper_layers == "middle" else options.paper_layers
         variant("paper_placement", lambda: paper_placement(
-            model, tokenizer, factor_dir, paper_layers, probe, reference, options, unedited_ppl, pad_id),
-            paper_layers)
+            seeded.model, tokenizer, seeded.factor_dir, paper_layers, kit.probe, kit.reference, options, unedited_ppl,
+            pad_id), paper_layers)
     if options.step_variant:
-        variant("step", lambda: step_variant(model, tokenizer, targets, bases, kfac_plan, kfac_ppl, unedited_ppl, probe,
-                                             reference, options, pad_id), ["step", 4, options.bisect_steps + 4])
-    protection_variants(variant, model, tokenizer, targets, bases, kfac_plan, chosen["loose"], probe, reference,
-                        options, probes_used, pad_id, seed)
+        variant("step", lambda: step_variant(seeded.model, tokenizer, kit.targets, kit.bases, kfac_plan, kfac_ppl(),
+                                             unedited_ppl, kit.probe, kit.reference, options, pad_id),
+                ["step", 4, options.bisect_steps + 4])
+    protection_variants(variant, kit, kfac_plan, chosen["loose"], options, probes_used)
     extra = None
     if beyond and options.beyond_edits:
         def compute_beyond() -> dict[str, Any]:
-            return beyond_paper(model, tokenizer, targets, bases, factor_dir, factor_text, probe, reference, options,
-                                seed=seed, kfac_plan=kfac_plan, kfac_ppl=kfac_ppl, unedited_ppl=unedited_ppl,
-                                bsn_ratio=variants["bsn"]["bsn"]["ratio"], retain=data.train)
+            return beyond_paper(seeded.model, tokenizer, kit.targets, kit.bases, seeded.factor_dir, seeded.factor_text,
+                                kit.probe, kit.reference, options, seed=seed, kfac_plan=kfac_plan, kfac_ppl=kfac_ppl(),
+                                unedited_ppl=unedited_ppl, bsn_ratio=variants["bsn"]["bsn"]["ratio"],
+                                retain=data.train)
         beyond_key = content_key({"variants": variant_key, "bsn": bsn_settings, "beyond": asdict(BEYOND), "v": 1})
         extra = stage("beyond", lambda: cached(folder / "beyond.json", beyond_key, compute_beyond),
                       folder / "beyond.json")
@@ -522,19 +501,20 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
         def compute_map() -> dict[str, Any]:
             few = study_tasks(probes_used, LAYER_MAP_PROBE_ITEMS)
-            return run_layer_map(model, tokenizer, factor_dir, tune, ppl_text, options.out / f"seed-{seed}",
-                                 keep_fraction=options.layer_map_keep, tasks=few, batch_size=options.batch_size,
-                                 progress=options.progress, journal=folder / LAYER_MAP_JOURNAL)
+            return run_layer_map(seeded.model, tokenizer, seeded.factor_dir, tune, ppl_text,
+                                 options.out / f"seed-{seed}", keep_fraction=options.layer_map_keep, tasks=few,
+                                 batch_size=options.batch_size, progress=options.progress,
+                                 journal=folder / LAYER_MAP_JOURNAL)
         map_key = content_key({"factors": factor_key, "tune": halves["tune"], "keep": options.layer_map_keep,
-                        "ppl": options.ppl_sequences,
-                        "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
+                               "ppl": options.ppl_sequences,
+                               "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
         layer_map_result = stage("layer_map", lambda: cached(folder / "layer_map.json", map_key, compute_map),
                                  folder / "layer_map.json")
 
     frontier_result = None
     if beyond and options.frontier_keep:
         def compute_frontier() -> dict[str, Any]:
-            return seed_frontier(model, tokenizer, factor_dir, targets, heldout, ppl_text, options, seed).to_dict()
+            return seed_frontier(seeded, kit.targets, heldout, ppl_text, options).to_dict()
         frontier_key = content_key({"variants": variant_key, "keep": list(options.frontier_keep), "v": 1})
         frontier_result = stage("frontier", lambda: cached(folder / "frontier.json", frontier_key, compute_frontier),
                                 folder / "frontier.json")
@@ -542,12 +522,17 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     windows = tune + heldout
     style_energy_result = stage("style_energy", lambda: cached(
         folder / "style_energy.json", content_key({"variants": variant_key, "v": 2}), lambda: style_energy(
-            model, targets, bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
+            seeded.model, kit.targets, kit.bases, windows, [style_of(w) for w in windows], ppl_text, pad_id=pad_id,
             batch_size=options.batch_size, nonmembers=nonmembers)), folder / "style_energy.json")
-    layers = sorted({t.layer for t in targets})
-    shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
-    stage("analysis", lambda: run_band_analysis(model, [t for t in targets if t.layer in shown], bases, heldout, text,
-                                                options.out / f"seed-{seed}", pad_id))
+
+    def analysis() -> None:
+        layers = sorted({t.layer for t in kit.targets})
+        shown = {layers[round(i * (len(layers) - 1) / 2)] for i in range(3)} if len(layers) > 3 else set(layers)
+        run_band_analysis(seeded.model, [t for t in kit.targets if t.layer in shown], kit.bases, heldout, data.heldout,
+                          options.out / f"seed-{seed}", pad_id)
+
+    stage("analysis", lambda: cached(folder / "analysis.json", content_key({"variants": variant_key, "v": 1}),
+                                     analysis), folder / "analysis.json")
     implant_keys = ("steps", "recall", "perplexity_before", "perplexity_after", "kl_after", "stopped", "history")
     return {"seed": seed, "implant": {k: manifest["result"].get(k) for k in implant_keys},
             "layer_map": layer_map_result, "frontier": frontier_result, "style_energy": style_energy_result,
