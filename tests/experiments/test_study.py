@@ -15,6 +15,7 @@ from curvedit.experiments.studies.canary_stage import split_halves
 from curvedit.experiments.studies.options import StudyError, StudyOptions
 from curvedit.experiments.studies.report import write_study_report
 from curvedit.experiments.studies.smollm2 import run_study
+from curvedit.experiments.studies.status import SeedStatus, estimate_left
 from curvedit.experiments.studies.summary import VARIANTS
 from curvedit.memorize.implant import ImplantOptions
 from tests.gguf_files import write_tiny_llama_gguf
@@ -231,6 +232,31 @@ def test_study_run_takes_any_model_and_general_text_from_a_file(tmp_path):
     assert results["data"]["general"].endswith("general.jsonl") and results["model"]["name"] == "model"
     assert set(results["base_probes"]) == {"add_1d", "copying"}
     assert "curvedit study run" in (tmp_path / "study" / "report.md").read_text()
+    status = CliRunner().invoke(app, ["study", "status", str(tmp_path / "study.toml")])
+    assert status.exit_code == 0 and "| 0 |" in status.stdout and "| done |" in status.stdout
+    # records measured on another implant are refused by name through the command line, and kept
+    record = tmp_path / "study" / "records" / "seed-0" / "implant.json"
+    stored = json.loads(record.read_text())
+    stored["value"]["weights_sha256"] = "f" * 64
+    record.write_text(json.dumps(stored))
+    shutil.rmtree(tmp_path / "study" / "cache" / "seed-0")
+    (tmp_path / "study" / "records" / "seed-0" / "variants" / "kfac.json").unlink()
+    result = CliRunner().invoke(app, ["study", "run", str(tmp_path / "study.toml"), "--no-progress"])
+    assert result.exit_code == 2 and "error:" in result.output and "not the one the records" in result.output
+    assert json.loads(record.read_text()) == stored
+    status = CliRunner().invoke(app, ["study", "status", str(tmp_path / "study.toml")])
+    assert status.exit_code == 0 and "| variants/kfac.json |" in status.stdout  # the next stage to run
+
+
+def test_the_status_estimates_what_a_seed_lacks_from_the_other_seeds_records():
+    done = SeedStatus(seed=0, recorded={"implant.json": 100.0, "variants/kfac.json": 30.0, "beyond.json": 500.0})
+    half = SeedStatus(seed=1, recorded={"implant.json": 90.0}, next_record="variants/kfac.json")
+    fresh = SeedStatus(seed=2, next_record="implant.json")
+    statuses = [done, half, fresh]
+    assert estimate_left(half, statuses, beyond=False) == 30.0  # the beyond seed's own stages left out
+    assert estimate_left(fresh, statuses, beyond=True) == 630.0
+    assert estimate_left(half, [half], beyond=False) is None  # no seed has recorded more
+    assert done.recorded_s == 630.0
 
 
 def test_protected_variants_take_each_band_s_usable_families_and_leave_the_shared_bases_alone():

@@ -108,6 +108,19 @@ def run_command(
                f"{results['wall_s'] / 60:.0f} min")
 
 
+@study_app.command("status")
+def status_command(
+    config: Path = typer.Argument(..., help="A study file (TOML), as `study run` takes it."),
+) -> None:
+    """Say per seed which stages the study's records hold, the next one to run and about how long
+    the rest takes; computes nothing (the base model is prepared, as `study run` prepares it)."""
+    from curvedit.experiments.studies.config import load_study_config
+    from curvedit.experiments.studies.status import status_table, study_status
+
+    options = replace(load_study_config(config), progress=False)
+    typer.echo(status_table(study_status(options, log=lambda line: typer.echo(line, err=True))))
+
+
 def register(app: typer.Typer) -> None:
     """Add the `study` command group to the `curvedit` app."""
     app.add_typer(study_app, name="study")

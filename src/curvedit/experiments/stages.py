@@ -1,13 +1,16 @@
 """The stage kit the demo and the studies share: a timer of named stages, and a JSON cache
-that keeps a stage's result under the key of what it depends on.
+that keeps a stage's result under the key of what it depends on (read-only inside
+`records_only`, which is how `curvedit study status` sees what is left to run).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from curvedit.io import digest, write_json
 
@@ -52,13 +55,45 @@ def content_key(data: Any) -> str:
     return digest(data)[:16]
 
 
+class NotRecorded(Exception):
+    """A stage with no record of its key, met inside `records_only` (where nothing is computed).
+
+    Attributes:
+        path: the stage's record file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Name the record that is missing or holds another key."""
+        super().__init__(f"{path} holds no record of this stage")
+        self.path = path
+
+
+_RECORDS_ONLY: ContextVar[bool] = ContextVar("records_only", default=False)
+
+
+@contextmanager
+def records_only() -> Iterator[None]:
+    """Within this block `cached` only reads: a stage it would compute raises `NotRecorded`."""
+    token = _RECORDS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _RECORDS_ONLY.reset(token)
+
+
 def cached(path: Path, key: str, compute: Callable[[], Any]) -> Any:
     """Read `path` when it holds the result of `key`, else compute, write (with the seconds
-    the computation took) and return it."""
+    the computation took) and return it.
+
+    Raises:
+        NotRecorded: inside `records_only`, when `path` holds no result of `key`.
+    """
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
             return stored["value"]
+    if _RECORDS_ONLY.get():
+        raise NotRecorded(path)
     start = time.perf_counter()
     value = compute()
     write_json(path, {"key": key, "value": value, "seconds": round(time.perf_counter() - start, 1)})

@@ -65,6 +65,8 @@ from curvedit.kfac.targets import select_targets
 from curvedit.memorize.implant import canary_token_ids
 from curvedit.models import restored
 
+BEYOND_RECORD, LAYER_MAP_RECORD, FRONTIER_RECORD = "beyond.json", "layer_map.json", "frontier.json"
+BEYOND_RECORDS = (BEYOND_RECORD, LAYER_MAP_RECORD, FRONTIER_RECORD)  # the records only the beyond seeds hold
 LAYER_MAP_PROBE_ITEMS = 10  # per family: the layer map scores each of its placements on a short suite
 
 
@@ -494,8 +496,8 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
                                 unedited_ppl=unedited_ppl, bsn_ratio=variants["bsn"]["bsn"]["ratio"],
                                 retain=data.train)
         beyond_key = content_key({"variants": variant_key, "bsn": bsn_settings, "beyond": asdict(BEYOND), "v": 1})
-        extra = stage("beyond", lambda: cached(folder / "beyond.json", beyond_key, compute_beyond),
-                      folder / "beyond.json")
+        extra = stage("beyond", lambda: cached(folder / BEYOND_RECORD, beyond_key, compute_beyond),
+                      folder / BEYOND_RECORD)
     layer_map_result = None
     if beyond and options.layer_map_keep is not None:
 
@@ -508,16 +510,16 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
         map_key = content_key({"factors": factor_key, "tune": halves["tune"], "keep": options.layer_map_keep,
                                "ppl": options.ppl_sequences,
                                "probes": [LAYER_MAP_PROBE_ITEMS, list(probes_used)], "v": 1})
-        layer_map_result = stage("layer_map", lambda: cached(folder / "layer_map.json", map_key, compute_map),
-                                 folder / "layer_map.json")
+        layer_map_result = stage("layer_map", lambda: cached(folder / LAYER_MAP_RECORD, map_key, compute_map),
+                                 folder / LAYER_MAP_RECORD)
 
     frontier_result = None
     if beyond and options.frontier_keep:
         def compute_frontier() -> dict[str, Any]:
             return seed_frontier(seeded, kit.targets, heldout, ppl_text, options).to_dict()
         frontier_key = content_key({"variants": variant_key, "keep": list(options.frontier_keep), "v": 1})
-        frontier_result = stage("frontier", lambda: cached(folder / "frontier.json", frontier_key, compute_frontier),
-                                folder / "frontier.json")
+        frontier_result = stage("frontier", lambda: cached(folder / FRONTIER_RECORD, frontier_key, compute_frontier),
+                                folder / FRONTIER_RECORD)
 
     windows = tune + heldout
     style_energy_result = stage("style_energy", lambda: cached(

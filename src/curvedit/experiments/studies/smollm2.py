@@ -25,9 +25,11 @@ first (`base`); then per implant seed (`seed.run_seed`):
 6. the band analysis (Figure 2) on the chosen targets; on `beyond_seeds` also `beyond`.
 
 `summary` pools the seeds and `retention` sets what each edit keeps against the paper's
-bands; `report` writes the Markdown. Every stage is cached under `cache/seed-N/` by a key
-of what it depends on (`cache`), so a rerun with the same settings reads the results back
-(minutes), and a changed setting reruns only what depends on it.
+bands; `report` writes the Markdown. Every stage is recorded under `records/seed-N/` by a
+key of what it depends on (`stages.cached`), so a rerun with the same settings reads the
+results back (minutes), on this machine or another one, and a changed setting reruns only
+what depends on it; the models and factors the records were measured on stay in `cache/`
+(`implanted.ImplantedSeed`), and `status` says what is left to run.
 """
 
 from __future__ import annotations
