@@ -93,7 +93,7 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_records_back(tmp_pa
     assert seed["found"]["tune"] >= 1 and seed["found"]["heldout"] >= 1
     assert results["model"]["quantization"] == "F32" and results["model"]["name"] == "tiny"  # the file's own name
     assert seed["implant"]["kl_after"] is not None  # the KL implant replayed the model's own samples
-    assert (options.records / "seed-0" / "self-samples.json").is_file()  # half the factor text: its own samples
+    assert list((options.records / "seed-0").glob("self-samples-*.json"))  # half the factor text: its own samples
     assert [p["layers"] for p in seed["layer_map"]["placements"]] == ["0", "1"]  # the 2-block model's map
     assert (options.out / "seed-0" / "layer_map.png").is_file()
     energy = seed["style_energy"]
@@ -154,6 +154,9 @@ def test_study_runs_every_stage_on_a_tiny_gguf_and_reads_its_records_back(tmp_pa
     record.write_text(json.dumps(stored))
     (options.records / "seed-0" / "variants" / "svd.json").unlink()
     with pytest.raises(StudyError, match="not the one the records"):
+        run_study(options, log=lambda _: None)
+    record.unlink()  # later records with no implant record: what they were measured on is unknown
+    with pytest.raises(StudyError, match="cannot be checked"):
         run_study(options, log=lambda _: None)
 
 

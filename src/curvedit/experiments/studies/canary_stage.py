@@ -101,6 +101,7 @@ def implant_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptio
     return out
 
 
+SELF_SAMPLES = "self-samples-{count}.json"  # a seed's record of its own samples, per count ("self" and "mix" differ)
 FACTOR_SAMPLE_SEED = 7919  # offset of the factor samples' seed from the implant seed (replay uses the seed itself)
 
 
@@ -120,7 +121,7 @@ def factor_sequences(model: torch.nn.Module, tokenizer: Any, data: StudyData, op
             n=count, seq_len=seq_len, seed=seed + FACTOR_SAMPLE_SEED, batch_size=64, progress=options.progress))
 
     key = content_key({"model": model_key, "n": count, "seq_len": seq_len, "seed": seed + FACTOR_SAMPLE_SEED})
-    samples = cached(options.records / f"seed-{seed}" / "self-samples.json", key, draw)
+    samples = cached(options.records / f"seed-{seed}" / SELF_SAMPLES.format(count=count), key, draw)
     own, total = [], 0
     for seq in samples:
         if wanted - total < 2:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from fnmatch import fnmatch
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from curvedit.data import default_pad_id, lm_batches
 from curvedit.experiments.stages import cached, content_key
 from curvedit.experiments.studies.base import StudyData
-from curvedit.experiments.studies.canary_stage import factor_sequences, implant_key, implant_seed
+from curvedit.experiments.studies.canary_stage import SELF_SAMPLES, factor_sequences, implant_key, implant_seed
 from curvedit.experiments.studies.options import FACTOR_DATA, StudyError, StudyOptions
 from curvedit.io import write_json
 from curvedit.kfac.collect import CollectOptions, collect_factors
@@ -33,8 +34,8 @@ from curvedit.memorize.implant import model_weights_sha256
 
 def factor_folder_sha256(folder: Path) -> str:
     """The content of a factor folder: the SHA-256 of every target's A and G as `factors.json`
-    lists them (independent of when or by which version it was written, and of an EK-FAC
-    correction added to it later)."""
+    lists them (independent of when it was written, and of an EK-FAC correction added to it
+    later)."""
     meta = json.loads((folder / "factors.json").read_text())
     return content_key({name: {k: target["sha256"][k] for k in ("A", "G")} for name, target in meta["targets"].items()})
 
@@ -67,11 +68,27 @@ class ImplantedSeed:
         """The key every stage measured on the implanted model depends on."""
         return content_key({"implant": self.implant_key})
 
+    def _first_records(self, record: str, allowed: tuple[str, ...]) -> None:
+        """Refuse to write `record` (a model's or factors' fingerprint) into a seed folder that
+        already holds records measured downstream of it (any but the `allowed` name patterns):
+        which model those were measured on could no longer be checked."""
+        names = (p.relative_to(self.records).as_posix() for p in self.records.rglob("*.json"))
+        later = sorted(n for n in names if not any(fnmatch(n, pattern) for pattern in (record, *allowed)))
+        if later:
+            raise StudyError(f"seed {self.seed}: {self.records} holds {', '.join(later[:3])}"
+                             f"{' ...' if len(later) > 3 else ''} but no {record} of this run, so what they were "
+                             "measured on cannot be checked; move that folder aside to measure the seed afresh")
+
     @cached_property
     def implant(self) -> dict[str, Any]:
         """The implant's record: the implanted weights' SHA-256 and the implant manifest
-        (canaries, result); implants the model only when no record holds this key."""
+        (canaries, result); implants the model only when no record holds this key.
+
+        Raises:
+            StudyError: the seed's records hold later stages but no implant record of this key.
+        """
         def compute() -> dict[str, Any]:
+            self._first_records("implant.json", ())
             folder, digest = self._implanted[0], self._implanted[1]
             return {"weights_sha256": digest,
                     "manifest": json.loads((folder / "curvedit-implant.json").read_text())}
@@ -136,8 +153,16 @@ class ImplantedSeed:
 
     @cached_property
     def factors(self) -> dict[str, Any]:
-        """The factors' record (their SHA-256); collects them only when no record holds this key."""
-        return cached(self.records / "factors.key.json", self.factor_key, lambda: {"sha256": self._collected})
+        """The factors' record (their SHA-256); collects them only when no record holds this key.
+
+        Raises:
+            StudyError: the seed's records hold later stages but no factor record of this key.
+        """
+        def compute() -> dict[str, Any]:
+            self._first_records("factors.key.json", ("implant.json", "found.json", SELF_SAMPLES.format(count="*")))
+            return {"sha256": self._collected}
+
+        return cached(self.records / "factors.key.json", self.factor_key, compute)
 
     @cached_property
     def factor_dir(self) -> Path:
@@ -157,9 +182,11 @@ class ImplantedSeed:
 
     @cached_property
     def _collected(self) -> str:
-        """The SHA-256 of the cached factor folder, collecting it first when it is missing or stale."""
+        """The SHA-256 of the cached factor folder, collecting it first when it is missing, stale
+        or collected on another model than the recorded one."""
         folder, stamp = self.cache / "factors", self.cache / "factors" / "study-key.json"
-        if not (stamp.is_file() and json.loads(stamp.read_text()).get("key") == self.factor_key):
+        model = {"key": self.factor_key, "weights_sha256": self.implant["weights_sha256"]}
+        if not (stamp.is_file() and {k: json.loads(stamp.read_text()).get(k) for k in model} == model):
             start = time.perf_counter()
             text = self.factor_text
             targets = select_targets(self.model, TargetSpec(preset="mlp"))
@@ -168,5 +195,5 @@ class ImplantedSeed:
                                                              total_tokens=sum(len(s) for s in text),
                                                              description=FACTOR_DATA[self.options.factor_data]))
             save_factors(factors, folder)
-            write_json(stamp, {"key": self.factor_key, "seconds": round(time.perf_counter() - start, 1)})
+            write_json(stamp, model | {"seconds": round(time.perf_counter() - start, 1)})
         return factor_folder_sha256(folder)

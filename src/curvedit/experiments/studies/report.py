@@ -497,8 +497,8 @@ def beyond_tables(results: dict[str, Any]) -> list[str]:
 
 
 def timing_table(results: dict[str, Any]) -> str:
-    """Seconds per stage and seed, as computed (a stage read back from the cache shows the time of
-    the run that computed it; "-" where the cache predates kept timings)."""
+    """Seconds per stage and seed, as computed (a stage read back from its record shows the time of
+    the run that computed it; "-" where the record keeps none)."""
     seeds = results["seeds"]
     stages = list(dict.fromkeys(k for s in seeds for k in s["timings_s"]))
     rows = [[stage, *["-" if s["timings_s"].get(stage) is None else f"{s['timings_s'][stage]:.0f}" for s in seeds]]

@@ -49,7 +49,7 @@ from curvedit.memorize.implant import general_split
 
 
 def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or read back from the cache) every stage for every seed; write `results.json`,
+    """Run (or read back from its record) every stage for every seed; write `results.json`,
     `report.md` and figures into `options.out`.
 
     Returns:

@@ -11,13 +11,15 @@ stages.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from curvedit.experiments.stages import NotRecorded, compute_seconds, records_only
 from curvedit.experiments.studies.base import StudyData, base_probes, general_sequences, prepare_base
-from curvedit.experiments.studies.options import StudyOptions
+from curvedit.experiments.studies.implanted import ImplantedSeed
+from curvedit.experiments.studies.options import StudyError, StudyOptions
 from curvedit.experiments.studies.seed import BEYOND_RECORDS, run_seed
 from curvedit.experiments.studies.summary import usable_families
 from curvedit.memorize.implant import general_split
@@ -35,6 +37,7 @@ class SeedStatus:
         cached_model: the cache holds an implanted model for this seed.
         cached_factors: the cache holds factors for this seed.
         left_s: an estimate of the seconds left (None: no other seed recorded those stages).
+        stopped: why the recorded stages end the seed (a `StudyError`), else None.
     """
 
     seed: int
@@ -43,6 +46,7 @@ class SeedStatus:
     cached_model: bool = False
     cached_factors: bool = False
     left_s: float | None = None
+    stopped: str | None = None
 
     @property
     def recorded_s(self) -> float:
@@ -50,17 +54,26 @@ class SeedStatus:
         return sum(s for s in self.recorded.values() if s is not None)
 
 
+def stamp_key(folder: Path) -> str | None:
+    """The key a cached artifact's `study-key.json` holds (None when there is none)."""
+    stamp = folder / "study-key.json"
+    return json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+
+
 def seed_records(folder: Path) -> dict[str, float | None]:
-    """Every stage record under `folder` (journals left out) with the compute seconds it holds."""
+    """Every stage record under `folder` (journals left out) with the compute seconds it holds
+    (a record of another key counts too: the estimate is rough by design)."""
     return {p.relative_to(folder).as_posix(): compute_seconds(p) for p in sorted(folder.rglob("*.json"))}
 
 
 def study_status(options: StudyOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Read a study's records stage by stage, computing nothing, as `run_study` would.
+    """Read a study's records stage by stage as `run_study` would, running no stage (the base
+    model is prepared as `run_study` prepares it: fetched and converted into the cache when
+    missing).
 
     Args:
         options: the study's settings (`load_study_config`).
-        log: progress lines (the base model is prepared as `run_study` prepares it).
+        log: progress lines of preparing the base model.
 
     Returns:
         `base_probes_recorded` and `seeds`, one `SeedStatus` per seed of the study.
@@ -82,13 +95,16 @@ def study_status(options: StudyOptions, log: Callable[[str], None] = print) -> d
                     "seeds": [SeedStatus(seed=s, next_record="base-probes.json") for s in options.seeds]}
         for seed in options.seeds:
             folder, cache = options.records / f"seed-{seed}", options.cache / f"seed-{seed}"
-            status = SeedStatus(seed=seed, cached_model=(cache / "implanted" / "study-key.json").is_file(),
-                                cached_factors=(cache / "factors" / "study-key.json").is_file())
+            seeded = ImplantedSeed(base_dir, seed, data, options, base)
+            status = SeedStatus(seed=seed, cached_model=stamp_key(cache / "implanted") == seeded.implant_key,
+                                cached_factors=stamp_key(cache / "factors") == seeded.factor_key)
             try:
                 run_seed(base_dir, seed, data, options, base, used, log=lambda _: None,
                          beyond=seed in options.beyond_seeds)
             except NotRecorded as missing:
                 status.next_record = missing.path.relative_to(folder).as_posix()
+            except StudyError as stopped:  # the records say the seed cannot go on (no usable half, no point)
+                status.stopped = str(stopped)
             status.recorded = seed_records(folder) if folder.is_dir() else {}
             statuses.append(status)
     for status in statuses:
@@ -116,7 +132,8 @@ def status_table(status: dict[str, Any]) -> str:
     for s in status["seeds"]:
         cache = ", ".join(part for part, held in (("model", s.cached_model), ("factors", s.cached_factors)) if held)
         left = "-" if s.next_record is None else "?" if s.left_s is None else f"{s.left_s / 3600:.1f} h"
-        rows.append(f"| {s.seed} | {len(s.recorded)} | {s.recorded_s / 3600:.1f} h | {s.next_record or 'done'} | "
+        step = f"stopped: {s.stopped}" if s.stopped else s.next_record or "done"
+        rows.append(f"| {s.seed} | {len(s.recorded)} | {s.recorded_s / 3600:.1f} h | {step} | "
                     f"{cache or 'empty'} | {left} |")
     if not status["base_probes_recorded"]:
         rows.append("\nThe base model's probes are not recorded yet: the study starts there.")
