@@ -461,12 +461,17 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
     variant("unedited", lambda: measure(seeded.model, tokenizer, kit.probe, kit.reference, options))
     variant("kfac", lambda: edit_and_measure(seeded.model, tokenizer, kit.targets, kit.bases, kfac_plan, kit.probe,
                                               kit.reference, options))
+    unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
+    # the factor-data variants first: the choice of the study's factor text (pydoc, own samples, a mix) rests on them
+    for kind in (k for k in options.factor_variants if k != options.factor_data):
+        variant(f"kfac_{kind}_factors", lambda kind=kind: other_factors_variant(
+            seeded.model, tokenizer, kit.targets, data, kind, seeded.cache, model_key, kit.probe, kit.reference,
+            options, unedited_ppl, pad_id, seed), [kind, options.factor_tokens, options.factor_batch])
     kept_share = variants["kfac"]["kept_components"] / variants["kfac"]["total_components"]
     variant("random_count", lambda: edit_and_measure(
         seeded.model, tokenizer, kit.targets, kit.bases, EditPlan([EditRule(keep_fraction=kept_share)],
                                                                   replace(options.edit, method="random", seed=seed)),
         kit.probe, kit.reference, options) | {"note": "random components, as many as K-FAC keeps"})
-    unedited_ppl = swept["baseline"]["perplexity"]  # the sweep measured the unedited model on the same text
     for name, method in (("random_ppl", "random"), ("svd", "svd")):
         variant(name, lambda method=method: matched_control(
             seeded.model, tokenizer, kit.targets, kit.bases, method, kfac_ppl(), unedited_ppl, kit.probe,
@@ -474,10 +479,6 @@ def run_seed(base_dir: Path, seed: int, data: StudyData, options: StudyOptions, 
 
     variant("bsn", lambda: bsn_variant(seeded.model, tokenizer, kit.targets, data, kit.probe, kit.reference, options,
                                        unedited_ppl, pad_id, seed), bsn_settings)
-    for kind in (k for k in options.factor_variants if k != options.factor_data):
-        variant(f"kfac_{kind}_factors", lambda kind=kind: other_factors_variant(
-            seeded.model, tokenizer, kit.targets, data, kind, seeded.cache, model_key, kit.probe, kit.reference,
-            options, unedited_ppl, pad_id, seed), [kind, options.factor_tokens, options.factor_batch])
     if options.paper_layers is not None:
         paper_layers = middle_three(seeded.n_layers) if options.paper_layers == "middle" else options.paper_layers
         variant("paper_placement", lambda: paper_placement(
