@@ -113,7 +113,7 @@ def status_command(
     config: Path = typer.Argument(..., help="A study file (TOML), as `study run` takes it."),
 ) -> None:
     """Say per seed which stages the study's records hold, the next one to run and about how long
-    the rest takes; computes nothing (the base model is prepared, as `study run` prepares it)."""
+    the rest takes; runs no stage (the base model is prepared, as `study run` prepares it)."""
     from curvedit.experiments.studies.config import load_study_config
     from curvedit.experiments.studies.status import status_table, study_status
 

@@ -89,7 +89,7 @@ class ImplantedSeed:
         """
         def compute() -> dict[str, Any]:
             self._first_records("implant.json", ())
-            folder, digest = self._implanted[0], self._implanted[1]
+            folder, digest, _ = self._implanted
             return {"weights_sha256": digest,
                     "manifest": json.loads((folder / "curvedit-implant.json").read_text())}
 
